@@ -1,0 +1,96 @@
+"""The one method registry: the engine, the CLI, the evaluation and the Slicer panel list and run
+fusion methods through it, so a method registered here appears everywhere at once.
+
+Contract of a method (see DESIGN.md): ``fn(anatomical, functional_y) -> fused_y`` on float tensors
+of shape [B, 1, H, W] in [0, 1], on any device, returning the same shape in [0, 1]. A slice must
+fuse to the same result alone or in a batch (no batch statistics). H and W are arbitrary: a method
+that needs sizes divisible by something pads and crops itself.
+
+Family modules in ``methods/`` and ``networks/`` register their methods at import time with
+:func:`register`; :func:`all_methods` imports every module of both packages once.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import FusionError
+
+FuseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FusionMethod:
+    """A registered fusion method.
+
+    name: registry key used on the command line and in the panel.
+    description: one line for ``medicalfusion methods`` and the panel tooltip.
+    reference: the paper (authors, venue, year) the method follows.
+    family: 'basic' | 'pyramid' | 'classic' | 'network'.
+    build: ``build(device) -> FuseFn``; called once per run (networks load their weights here).
+    chroma_scale: the output keeps Cb/Cr = 0.5 + chroma_scale * (functional Cb/Cr - 0.5); 1.0 keeps
+        the functional's colour, 0.5 is Slicer's 50 % foreground blend over a grey background.
+    bytes_per_pixel: working memory per slice pixel, used to size batches.
+    available: ``available() -> (ok, reason)``; a method whose weights are missing says why.
+    """
+
+    name: str
+    description: str
+    reference: str
+    family: str
+    build: Callable[[torch.device], FuseFn]
+    chroma_scale: float = 1.0
+    bytes_per_pixel: int = 256
+    available: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""))
+
+
+_REGISTRY: dict[str, FusionMethod] = {}
+_FAMILY_ORDER = ("basic", "pyramid", "classic", "network")
+_loaded = False
+
+
+def register(method: FusionMethod) -> FusionMethod:
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise RuntimeError(f"fusion method '{method.name}' registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def register_function(name: str, fn: FuseFn, description: str, reference: str, family: str, **kw) -> FusionMethod:
+    """Register a stateless function (no weights): ``build`` just returns it."""
+    return register(FusionMethod(name=name, description=description, reference=reference, family=family,
+                                 build=lambda device: fn, **kw))
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for pkg_name in ("MedicalFusionLib.methods", "MedicalFusionLib.networks"):
+        pkg = importlib.import_module(pkg_name.replace("MedicalFusionLib", __package__.rsplit(".", 1)[0]))
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def all_methods() -> list[FusionMethod]:
+    """Every registered method, grouped by family in a stable order."""
+    _load_all()
+    order = {f: i for i, f in enumerate(_FAMILY_ORDER)}
+    return sorted(_REGISTRY.values(), key=lambda m: order.get(m.family, len(order)))
+
+
+def method_names() -> list[str]:
+    return [m.name for m in all_methods()]
+
+
+def get_method(name: str) -> FusionMethod:
+    _load_all()
+    if name not in _REGISTRY:
+        raise FusionError(f"unknown method '{name}': run 'medicalfusion methods' to list them")
+    return _REGISTRY[name]

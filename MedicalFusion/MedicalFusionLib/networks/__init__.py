@@ -1,0 +1,1 @@
+"""Fusion networks (MRDFN, LYWNet, DM-FNet) and their weight loading."""

@@ -1,0 +1,1 @@
+"""Training of the fusion networks on the aanlib train split."""
