@@ -1,0 +1,134 @@
+"""Differentiable losses shared by the fusion-network trainers.
+
+All functions take float tensors [B, 1, H, W] in [0, 1] and return a scalar tensor (mean over the
+batch) unless said otherwise.
+
+- :func:`ssim`: mean SSIM (Wang et al., IEEE TIP 2004) with an 11x11 Gaussian window, sigma 1.5,
+  C1 = (0.01)^2, C2 = (0.03)^2 for data range 1; 'valid' filtering (no padding), as skimage does
+  with ``gaussian_weights=True``, minus skimage's border crop.
+- :func:`sobel_gradient`: |Gx| + |Gy| with the 3x3 Sobel kernels and replicate padding (same shape).
+- :func:`gradient_difference`: L1 between the Sobel gradient magnitudes of two images.
+- :func:`cosine_intensity`: 1 - cosine similarity of the flattened images (LYWNet's intensity loss).
+- :func:`mrdfn_loss`, :func:`lywnet_loss`: the weighted sums the two trainers use (see their docs).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_window_cpu(window: int, sigma: float) -> torch.Tensor:
+    r = torch.arange(window, dtype=torch.float32) - (window - 1) / 2.0
+    g = torch.exp(-(r ** 2) / (2.0 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def _gaussian_window(window: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    return _gaussian_window_cpu(window, sigma).to(device=like.device, dtype=like.dtype)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
+             data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel SSIM map [B, 1, H-window+1, W-window+1]."""
+    w = _gaussian_window(window, sigma, x)
+    c1 = (0.01 * data_range) ** 2
+    c2 = (0.03 * data_range) ** 2
+    mu_x = F.conv2d(x, w)
+    mu_y = F.conv2d(y, w)
+    mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
+    s_xx = F.conv2d(x * x, w) - mu_xx
+    s_yy = F.conv2d(y * y, w) - mu_yy
+    s_xy = F.conv2d(x * y, w) - mu_xy
+    num = (2 * mu_xy + c1) * (2 * s_xy + c2)
+    den = (mu_xx + mu_yy + c1) * (s_xx + s_yy + c2)
+    return num / den
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor:
+    """Mean SSIM of ``x`` against ``y`` (a similarity in [-1, 1]; use ``1 - ssim`` as a loss)."""
+    return ssim_map(x, y, window=window).mean()
+
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def sobel_xy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel derivatives (Gx, Gy), same shape as ``x`` (replicate padding)."""
+    kx = _SOBEL_X.to(device=x.device, dtype=x.dtype)[None, None]
+    ky = kx.transpose(2, 3)
+    c = x.shape[1]
+    xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(xp, kx.expand(c, 1, 3, 3), groups=c)
+    gy = F.conv2d(xp, ky.expand(c, 1, 3, 3), groups=c)
+    return gx, gy
+
+
+def sobel_gradient(x: torch.Tensor) -> torch.Tensor:
+    """|Gx| + |Gy| of the 3x3 Sobel operator, same shape as ``x`` (any channel count)."""
+    gx, gy = sobel_xy(x)
+    return gx.abs() + gy.abs()
+
+
+def gradient_difference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean |sobel_gradient(x) - sobel_gradient(y)|."""
+    return (sobel_gradient(x) - sobel_gradient(y)).abs().mean()
+
+
+def cosine_intensity(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over the batch of 1 - cos(x, y), each image flattened to a vector."""
+    return (1.0 - F.cosine_similarity(x.flatten(1), y.flatten(1), dim=1, eps=eps)).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainers' objectives.  Both networks are trained for fusion (two sources in, one image out)
+# with losses measured against BOTH sources, as MRDFN's paper describes. Each term is kept, and the
+# targets the terms are aimed at are chosen so that the result keeps the brighter structure and the
+# stronger edge of the two sources (the 'max' targets) while staying structurally similar to each.
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_MRDFN_WEIGHTS = {"mse": 1.0, "ssim": 1.0, "grad": 4.0}
+DEFAULT_LYWNET_WEIGHTS = {"mse": 1.0, "cos": 1.0, "edge": 4.0, "ssim": 1.0}
+
+
+def mrdfn_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: dict | None = None
+               ) -> tuple[torch.Tensor, dict]:
+    """MRDFN objective: MSE + SSIM + gradient-difference terms, each against both sources.
+
+    - MSE term: MSE(F, max(A, B)), the intensity target both sources contribute to;
+    - SSIM term: 1 - (SSIM(F, A) + SSIM(F, B)) / 2;
+    - gradient-difference term: L1(|grad F|, max(|grad A|, |grad B|)).
+    Returns (total, {term: float}).
+    """
+    w = dict(DEFAULT_MRDFN_WEIGHTS, **(weights or {}))
+    l_mse = F.mse_loss(fused, torch.maximum(a, b))
+    l_ssim = 1.0 - 0.5 * (ssim(fused, a) + ssim(fused, b))
+    l_grad = F.l1_loss(sobel_gradient(fused), torch.maximum(sobel_gradient(a), sobel_gradient(b)))
+    total = w["mse"] * l_mse + w["ssim"] * l_ssim + w["grad"] * l_grad
+    return total, {"mse": float(l_mse), "ssim": float(l_ssim), "grad": float(l_grad)}
+
+
+def lywnet_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: dict | None = None
+                ) -> tuple[torch.Tensor, dict]:
+    """LYWNet objective: MSE similarity + cosine intensity + Sobel edge terms (+ SSIM to both).
+
+    - MSE term: MSE(F, max(A, B));
+    - cosine intensity term: 1 - cos(F, max(A, B));
+    - Sobel edge term: L1(|grad F|, max(|grad A|, |grad B|));
+    - SSIM term: 1 - (SSIM(F, A) + SSIM(F, B)) / 2 (weight 0 gives the paper's three terms only).
+    """
+    w = dict(DEFAULT_LYWNET_WEIGHTS, **(weights or {}))
+    target = torch.maximum(a, b)
+    l_mse = F.mse_loss(fused, target)
+    l_cos = cosine_intensity(fused, target)
+    l_edge = F.l1_loss(sobel_gradient(fused), torch.maximum(sobel_gradient(a), sobel_gradient(b)))
+    total = w["mse"] * l_mse + w["cos"] * l_cos + w["edge"] * l_edge
+    terms = {"mse": float(l_mse), "cos": float(l_cos), "edge": float(l_edge)}
+    if w.get("ssim", 0.0):
+        l_ssim = 1.0 - 0.5 * (ssim(fused, a) + ssim(fused, b))
+        total = total + w["ssim"] * l_ssim
+        terms["ssim"] = float(l_ssim)
+    return total, terms
