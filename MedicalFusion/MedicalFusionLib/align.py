@@ -1,0 +1,62 @@
+"""Put the functional image on the anatomical grid with SimpleITK, honouring the full
+index-to-physical geometry (origin, spacing, direction cosines, flipped axes). The anatomical is
+never resampled: the fused output has exactly its grid.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import FusionError
+
+
+def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned physical bounding box of the voxel extents (corners at index -0.5, size-0.5)."""
+    size = image.GetSize()
+    corners = []
+    for c in itertools.product(*[(-0.5, s - 0.5) for s in size]):
+        corners.append(image.TransformContinuousIndexToPhysicalPoint(c))
+    pts = np.array(corners)
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def overlap_fraction(reference: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None) -> float:
+    """Fraction of the reference's voxel centres that fall inside the moving image (physically)."""
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8)
+    ones.CopyInformation(moving)
+    ones += 1
+    mask = sitk.Resample(ones, reference, transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return float(sitk.GetArrayViewFromImage(mask).mean())
+
+
+def resample_to_reference(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
+                          interpolator: int = sitk.sitkLinear) -> sitk.Image:
+    """Resample ``moving`` (scalar or RGB) onto ``reference``'s grid; outside the moving image is 0.
+
+    ``transform`` maps reference physical points to moving physical points (ITK's convention; in
+    Slicer it is the functional's parent transform relative to the anatomical's). Raises
+    FusionError when the two images do not overlap in physical space.
+    """
+    if moving.GetDimension() != reference.GetDimension():
+        raise FusionError("the anatomical and functional images have different dimensions: give two 2D images or two 3D volumes")
+    frac = overlap_fraction(reference, moving, transform)
+    if frac == 0.0:
+        lo_r, hi_r = physical_bounds(reference)
+        lo_m, hi_m = physical_bounds(moving)
+        raise FusionError(
+            "the functional image does not overlap the anatomical one in physical space "
+            f"(anatomical {np.round(lo_r, 1).tolist()}..{np.round(hi_r, 1).tolist()} mm, functional "
+            f"{np.round(lo_m, 1).tolist()}..{np.round(hi_m, 1).tolist()} mm): register them first")
+    same_grid = (transform is None and moving.GetSize() == reference.GetSize()
+                 and np.allclose(moving.GetSpacing(), reference.GetSpacing())
+                 and np.allclose(moving.GetOrigin(), reference.GetOrigin())
+                 and np.allclose(moving.GetDirection(), reference.GetDirection()))
+    if same_grid:
+        return moving
+    out_type = moving.GetPixelID()
+    if moving.GetNumberOfComponentsPerPixel() == 1:
+        moving = sitk.Cast(moving, sitk.sitkFloat32)
+        out_type = sitk.sitkFloat32
+    return sitk.Resample(moving, reference, transform or sitk.Transform(), interpolator, 0.0, out_type)

@@ -1,0 +1,212 @@
+"""The whole fusion of one registered pair, from two SimpleITK images to an RGB result.
+
+sources -> align -> prepare -> engine -> recombine -> (metrics). The CLI reads files into
+SimpleITK images; the Slicer logic (scene.py) turns MRML nodes into the same images; both call
+:func:`fuse_images` and write what it returns.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import colour
+from .align import resample_to_reference
+from .device import pick_device
+from .engine import CancelFn, ProgressFn, fuse_volume
+from .errors import FusionError
+from .methods import get_method
+from .sources import as_3d, rgb_is_gray
+
+AXES = ("axial", "coronal", "sagittal")
+
+
+@dataclass
+class FusionOptions:
+    """What the user chose. ``None`` windows are computed from the images (see :func:`prepare`)."""
+
+    method: str = "lp"
+    colormap: str | None = None          # scalar functional: Slicer colour map name (default PET-Heat)
+    anatomical_window: tuple[float, float] | None = None
+    functional_window: tuple[float, float] | None = None
+    axis: str | int = "axial"            # anatomical name or array axis (0 = ITK z)
+    device: str = "auto"
+    batch_size: int | None = None
+    compute_metrics: bool = True
+
+
+@dataclass
+class Prepared:
+    """Inputs on the anatomical grid, normalised: anatomical [Z,Y,X] and functional YCbCr [Z,Y,X,3]."""
+
+    reference: sitk.Image
+    anatomical: np.ndarray
+    functional_ycc: np.ndarray
+    grayscale: bool
+    anatomical_window: tuple[float, float]
+    functional_window: tuple[float, float] | None
+    colormap: str | None
+
+
+@dataclass
+class FusionResult:
+    rgb: np.ndarray                      # uint8 [Z, Y, X, 3] on the anatomical grid
+    reference: sitk.Image                # the anatomical image (geometry of the output)
+    method: str
+    device: str
+    seconds: float
+    axis: int
+    grayscale: bool
+    metrics: dict = field(default_factory=dict)   # key -> (mean, std, slices)
+    prepared: Prepared | None = None
+
+    def rgb_image(self) -> sitk.Image:
+        """The fused RGB as a 3D vector image with the anatomical's geometry."""
+        img = sitk.GetImageFromArray(self.rgb, isVector=True)
+        img.CopyInformation(self.reference)
+        return img
+
+
+def array_axis(reference: sitk.Image, axis: str | int) -> int:
+    """Numpy axis (of the [Z, Y, X] array) to slice along for 'axial' / 'coronal' / 'sagittal'.
+
+    ITK directions are LPS: axial slices stack along S (row 2), coronal along P (row 1),
+    sagittal along L (row 0). The index axis whose direction column is closest to that physical
+    axis is chosen, so oblique and permuted volumes slice the way the user sees them.
+    """
+    if isinstance(axis, (int, np.integer)):
+        if axis not in (0, 1, 2):
+            raise FusionError(f"axis {axis} does not exist: use 0, 1, 2 or axial/coronal/sagittal")
+        return int(axis)
+    name = str(axis).lower()
+    if name.isdigit():
+        return array_axis(reference, int(name))
+    if name not in AXES:
+        raise FusionError(f"unknown slice orientation '{axis}': use axial, coronal or sagittal")
+    if reference.GetSize()[2] == 1:   # a 2D image: its only slice
+        return 0
+    d = np.array(reference.GetDirection()).reshape(3, 3)
+    row = {"axial": 2, "coronal": 1, "sagittal": 0}[name]
+    index_axis = int(np.argmax(np.abs(d[row])))
+    return 2 - index_axis
+
+
+def _is_display_ready_uint8(image: sitk.Image) -> bool:
+    return image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
+
+
+def anatomical_unit(image: sitk.Image, window: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Anatomical to [0, 1]: by ``window``; else 8-bit images as they are (0..255), else the
+    0.5-99.5 % percentiles of the non-background voxels (robust auto window)."""
+    if image.GetNumberOfComponentsPerPixel() == 3:   # an RGB anatomical: use its luma
+        arr = colour.rgb_to_ycbcr(sitk.GetArrayViewFromImage(image).astype(np.float32) / 255.0)[..., 0] * 255.0
+        image_is_8bit = True
+    else:
+        arr = sitk.GetArrayViewFromImage(image)
+        image_is_8bit = _is_display_ready_uint8(image)
+    if window is None:
+        window = (0.0, 255.0) if image_is_8bit else colour.robust_window(arr)
+    return colour.window_to_unit(arr, *window), (float(window[0]), float(window[1]))
+
+
+def functional_window_default(image: sitk.Image) -> tuple[float, float]:
+    """Default window of a scalar functional: 0..255 for 8-bit images, else its minimum to the
+    99.5th percentile of the non-background voxels (PET/SPECT background is the minimum)."""
+    if _is_display_ready_uint8(image):
+        return 0.0, 255.0
+    arr = sitk.GetArrayViewFromImage(image)
+    _, hi = colour.robust_window(arr, 0.0, 99.5)
+    return float(arr.min()), hi
+
+
+def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colormap: str | None):
+    """Functional to YCbCr in [0, 1]. RGB pseudo-colour converts directly; a scalar goes through
+    the colour map (default PET-Heat) over ``window`` (default :func:`functional_window_default`).
+    Returns (ycc, window or None, colormap or None)."""
+    if image.GetNumberOfComponentsPerPixel() == 3:
+        rgb = sitk.GetArrayViewFromImage(image).astype(np.float32) / 255.0
+        return colour.rgb_to_ycbcr(rgb), None, None
+    name = colormap or colour.DEFAULT_COLORMAP
+    window = window or functional_window_default(image)
+    unit = colour.window_to_unit(sitk.GetArrayViewFromImage(image), *window)
+    return colour.rgb_to_ycbcr(colour.apply_colormap(unit, name)), (float(window[0]), float(window[1])), name
+
+
+def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions,
+            transform: sitk.Transform | None = None) -> Prepared:
+    """Check both images, put the functional on the anatomical grid and normalise both.
+
+    A scalar functional is resampled as values (linear, as Slicer's reslicing shows it) and then
+    coloured; its default window comes from its own voxels, not the resampled ones.
+    """
+    anatomical, _ = as_3d(anatomical, "anatomical")
+    functional, _ = as_3d(functional, "functional")
+    if rgb_is_gray(functional):
+        functional = sitk.VectorIndexSelectionCast(functional, 0)
+    if rgb_is_gray(anatomical):
+        anatomical = sitk.VectorIndexSelectionCast(anatomical, 0)
+    a01, awin = anatomical_unit(anatomical, options.anatomical_window)
+    fwin = options.functional_window
+    if fwin is None and functional.GetNumberOfComponentsPerPixel() == 1:
+        fwin = functional_window_default(functional)
+    aligned = resample_to_reference(functional, anatomical, transform)
+    ycc, fwin, cmap = functional_ycc(aligned, fwin, options.colormap)
+    grayscale = bool(np.allclose(ycc[..., 1:], 0.5, atol=1.0 / 512))
+    return Prepared(anatomical, a01.astype(np.float32), ycc.astype(np.float32), grayscale, awin, fwin, cmap)
+
+
+def recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: float, grayscale: bool) -> np.ndarray:
+    """Fused luma + the functional's Cb/Cr (scaled toward neutral by ``chroma_scale``) -> RGB uint8."""
+    if grayscale:
+        return np.repeat(colour.to_uint8(fused_y)[..., None], 3, axis=-1)
+    ycc = np.empty(fused_y.shape + (3,), dtype=np.float32)
+    ycc[..., 0] = fused_y
+    ycc[..., 1:] = 0.5 + chroma_scale * (functional_ycc[..., 1:] - 0.5)
+    return colour.to_uint8(colour.ycbcr_to_rgb(ycc))
+
+
+def source_gray8(prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """The two sources as the metrics see them: 8-bit grayscale (BT.601 luma of the functional's RGB)."""
+    a8 = colour.to_uint8(prepared.anatomical)
+    if prepared.grayscale:
+        b8 = colour.to_uint8(prepared.functional_ycc[..., 0])
+    else:
+        b8 = colour.gray8(colour.to_uint8(colour.ycbcr_to_rgb(prepared.functional_ycc)))
+    return a8, b8
+
+
+def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: ProgressFn | None = None,
+                  cancel: CancelFn | None = None) -> FusionResult:
+    method = get_method(options.method)
+    ok, reason = method.available()
+    if not ok:
+        raise FusionError(reason)
+    device = pick_device(options.device)
+    axis = array_axis(prepared.reference, options.axis)
+    t0 = time.perf_counter()
+    fused_y = fuse_volume(prepared.anatomical, prepared.functional_ycc[..., 0], method, axis=axis, device=device,
+                          batch_size=options.batch_size, progress=progress, cancel=cancel)
+    rgb = recombine(fused_y, prepared.functional_ycc, method.chroma_scale, prepared.grayscale)
+    seconds = time.perf_counter() - t0
+    result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
+                          seconds=seconds, axis=axis, grayscale=prepared.grayscale, prepared=prepared)
+    if options.compute_metrics:
+        from .metrics import volume_metrics  # noqa: PLC0415  (scipy/skimage only when asked)
+
+        a8, b8 = source_gray8(prepared)
+        result.metrics = volume_metrics(a8, b8, colour.gray8(rgb), axis=axis)
+    return result
+
+
+def fuse_images(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions | None = None,
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                transform: sitk.Transform | None = None) -> FusionResult:
+    """Fuse a registered pair of SimpleITK images (2D or 3D; functional scalar or RGB)."""
+    options = options or FusionOptions()
+    get_method(options.method)               # unknown method: fail before any work
+    if options.colormap is not None:
+        colour.colormap_table(options.colormap)
+    prepared = prepare(anatomical, functional, options, transform)
+    return fuse_prepared(prepared, options, progress, cancel)
