@@ -1,0 +1,40 @@
+# MedicalFusion: every target sets up what it needs in .venv (Python 3.9+, torch 2.13 CPU build).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+DATA   ?= ../shared/data
+
+.PHONY: setup demo test bench evaluate train clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+## the main job on the embedded sample: out/demo/{fused.nrrd,preview.png,metrics.csv}
+demo: setup
+	$(VENV)/bin/medicalfusion demo --output out/demo
+
+## the test suite (tests that need ../shared/data skip with a reason when it is absent)
+test: setup
+	$(PY) -m pytest -q
+
+## speed and memory benchmarks, written to docs/BENCHMARKS.md
+bench: setup
+	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
+
+## the evaluation tables on the aanlib test split, written to out/evaluation
+evaluate: setup
+	$(VENV)/bin/medicalfusion evaluate --dataset $(DATA)/aanlib --split test --output out/evaluation
+
+## retrain a network, e.g. make train METHOD=mrdfn
+train: setup
+	$(VENV)/bin/medicalfusion train --method $(METHOD) --data $(DATA)/aanlib
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,215 @@
+"""The ``medicalfusion`` command: fuse, methods, evaluate, train, demo.
+
+Every user error ends in one line on stderr (``medicalfusion: error: ...``) and exit status 2;
+nothing is written unless the whole run succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from . import __version__
+from .errors import FusionCancelled, FusionError
+
+EXIT_USER_ERROR = 2
+
+
+def _progress_bar(desc: str, enabled: bool):
+    """A tqdm-backed ``progress(done, total)`` callback and a closer."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm  # noqa: PLC0415
+
+    bar = {"b": None}
+
+    def progress(done: int, total: int) -> None:
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=total, desc=desc, unit="slice", leave=False, file=sys.stderr)
+        bar["b"].n = done
+        bar["b"].refresh()
+
+    def close() -> None:
+        if bar["b"] is not None:
+            bar["b"].close()
+
+    return progress, close
+
+
+def cmd_fuse(args) -> int:
+    from . import colour, outputs  # noqa: PLC0415
+    from .methods import get_method  # noqa: PLC0415
+    from .metrics import metrics_table_rows  # noqa: PLC0415
+    from .pipeline import FusionOptions, fuse_images, source_gray8  # noqa: PLC0415
+    from .sources import read_source  # noqa: PLC0415
+
+    get_method(args.method)
+    if args.colormap:
+        colour.colormap_table(args.colormap)
+    inputs = [args.anatomical, args.functional]
+    out = outputs.check_output_path(args.output, inputs, "output")
+    metrics_path = outputs.check_output_path(args.metrics, inputs, "metrics file") if args.metrics else None
+    preview_path = outputs.check_output_path(args.preview, inputs, "preview") if args.preview else None
+    anat = read_source(args.anatomical, "anatomical")
+    func = read_source(args.functional, "functional")
+    options = FusionOptions(method=args.method, colormap=args.colormap,
+                            anatomical_window=tuple(args.window) if args.window else None,
+                            functional_window=tuple(args.functional_window) if args.functional_window else None,
+                            axis=args.axis, device=args.device, batch_size=args.batch_size,
+                            compute_metrics=metrics_path is not None)
+    progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
+    try:
+        result = fuse_images(anat.image, func.image, options, progress=progress)
+    finally:
+        close()
+    as_2d = anat.was_2d and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+    outputs.write_image_atomic(outputs.fused_image_for_file(result.rgb, result.reference, as_2d), out)
+    if preview_path:
+        a8, _ = source_gray8(result.prepared)
+        func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
+        outputs.write_preview(outputs.preview_montage(a8, func_rgb, result.rgb, result.reference, args.axis),
+                              preview_path)
+    if metrics_path:
+        extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
+                 "version": __version__}
+        outputs.write_metrics_csv(metrics_table_rows(result.metrics), metrics_path, extra)
+    if not args.quiet:
+        print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {out}")
+        if metrics_path:
+            shown = ", ".join(f"{k} {v[0]:.3f}" for k, v in result.metrics.items() if k in ("SSIM_avg", "Qabf", "VIF", "MI_bits"))
+            print(f"metrics ({shown}) -> {metrics_path}")
+        if preview_path:
+            print(f"preview -> {preview_path}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import all_methods  # noqa: PLC0415
+
+    for m in all_methods():
+        ok, reason = m.available()
+        note = "" if ok else f"  [unavailable: {reason}]"
+        print(f"{m.name:14s} {m.description}{note}")
+        if args.verbose:
+            print(f"{'':14s} {m.family}; {m.reference}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate  # noqa: PLC0415
+
+    evaluate(args.dataset, args.split, args.methods, args.output, pairs=args.pairs, device=args.device,
+             limit=args.limit, quiet=args.quiet)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import train  # noqa: PLC0415
+
+    entry = train(args.method, args.data, out_dir=args.out, minutes=args.minutes, resume=not args.no_resume,
+                  seed=args.seed, device=args.device)
+    print(f"trained {args.method}: {entry.get('file', '')} sha256 {str(entry.get('sha256', ''))[:12]}...")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .sample import write_sample  # noqa: PLC0415
+
+    out = pathlib.Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    anat, func = write_sample(out / "sample")
+    print(f"sample: {anat} (MNI152 T1, 1 mm) and {func} (simulated FDG-PET, 4 mm, oblique)")
+    fuse_args = build_parser().parse_args([
+        "fuse", "--anatomical", str(anat), "--functional", str(func), "--method", args.method,
+        "-o", str(out / "fused.nrrd"), "--metrics", str(out / "metrics.csv"), "--preview", str(out / "preview.png"),
+        "--device", args.device] + (["--quiet"] if args.quiet else []))
+    return cmd_fuse(fuse_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .device import DEVICE_CHOICES  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(prog="medicalfusion", description="Multimodal medical image fusion (MRI/CT + PET/SPECT).")
+    p.add_argument("--version", action="version", version=f"medicalfusion {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fuse", help="fuse a registered anatomical + functional pair")
+    f.add_argument("--anatomical", "-a", required=True, help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
+    f.add_argument("--functional", "-f", required=True, help="PET/SPECT values (scalar) or pseudo-colour RGB")
+    f.add_argument("--method", "-m", default="lp", help="fusion method (see 'medicalfusion methods'); default lp")
+    f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
+                   "Rainbow, Grey, ...); default PET-Heat; use Grey for CT (grayscale fusion)")
+    f.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="anatomical window (default: auto)")
+    f.add_argument("--functional-window", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="functional window for the colour map (default: minimum .. 99.5th percentile)")
+    f.add_argument("--axis", default="axial", help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
+    f.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",), help="torch device; default auto")
+    f.add_argument("--batch-size", type=int, help="slices per batch (default: sized to the device memory)")
+    f.add_argument("--output", "-o", required=True, help="fused RGB output (.nrrd, .nii.gz, .mha; .png for 2D)")
+    f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
+    f.add_argument("--preview", help="write a PNG: anatomical | functional | fused")
+    f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    f.set_defaults(func=cmd_fuse)
+
+    m = sub.add_parser("methods", help="list the fusion methods")
+    m.add_argument("--verbose", "-v", action="store_true", help="also show family and reference")
+    m.set_defaults(func=cmd_methods)
+
+    e = sub.add_parser("evaluate", help="evaluate methods on the aanlib pairs of a split")
+    e.add_argument("--dataset", required=True, help="the aanlib folder (with split.csv)")
+    e.add_argument("--split", default="test", choices=("train", "test"))
+    e.add_argument("--methods", nargs="+", help="methods to evaluate (default: every available method)")
+    e.add_argument("--pairs", nargs="+", default=None, help="CT-MRI PET-MRI SPECT-MRI (default: all)")
+    e.add_argument("--output", default="out/evaluation", help="folder for the CSV, markdown and montage files")
+    e.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
+    e.add_argument("--limit", type=int, help="at most this many pairs per modality (quick runs)")
+    e.add_argument("--quiet", "-q", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    t = sub.add_parser("train", help="train a fusion network on the aanlib train split (CPU is fine)")
+    t.add_argument("--method", required=True, help="network to train (mrdfn, lywnet, dmfnet)")
+    t.add_argument("--data", required=True, help="the aanlib folder (with split.csv)")
+    t.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
+    t.add_argument("--out", help="weights folder (default: the repository's weights/)")
+    t.add_argument("--no-resume", action="store_true", help="start over instead of resuming the checkpoint")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="fuse the embedded sample (MNI152 T1 + simulated PET)")
+    d.add_argument("--output", default="out/demo", help="folder for sample, fused volume, preview and metrics")
+    d.add_argument("--method", default="lp")
+    d.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
+    d.add_argument("--quiet", "-q", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FusionError as exc:
+        print(f"medicalfusion: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FusionCancelled:
+        print("medicalfusion: cancelled; nothing was written", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("medicalfusion: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("medicalfusion: error: out of memory: use --batch-size 1 or --device cpu", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line unless --debug
+        if args.debug:
+            raise
+        print(f"medicalfusion: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
