@@ -1,0 +1,468 @@
+"""MRML scene <-> fusion pipeline: the logic behind the 3D Slicer panel, with no Qt and no application.
+
+Everything here takes the ``vtkMRMLScene`` as an argument (never ``slicer.mrmlScene``), so it runs in
+Slicer and, outside it, on a scene from the ``slicer-core`` wheel (that is how the tests drive it).
+This is the only core module that imports ``slicer``; nothing else in the package imports this one.
+
+What :func:`fuse_nodes` does, node to node:
+
+1. reads both volume nodes: voxels (copied), geometry (IJKToRAS), and from their display nodes the
+   window/level and, for a scalar functional, the colour node;
+2. turns them into SimpleITK images in ITK's LPS convention (direction = diag(-1,-1,1) @ IJKToRAS
+   direction, origin likewise, spacing from the node);
+3. expresses the nodes' parent transforms as one SimpleITK transform from the anatomical's local
+   space to the functional's (linear: an affine; non-linear: a displacement field sampled on the
+   anatomical grid). Neither node is hardened or otherwise touched;
+4. runs :func:`MedicalFusionLib.pipeline.fuse_images` with progress and cancel callbacks;
+5. only after it succeeded, writes a ``vtkMRMLVectorVolumeNode`` (RGB uint8, the anatomical's exact
+   IJKToRAS, under the anatomical's parent transform) and a ``vtkMRMLTableNode`` of metrics.
+
+Cancel (:class:`FusionCancelled`) or an error (:class:`FusionError`) therefore leaves the scene as
+it was: no node is created and output nodes passed in are not modified.
+
+Colour of a scalar functional: ``FusionOptions.colormap`` when given; otherwise the colour node its
+display node uses. A colour node of the shipped list (PET-Heat, Rainbow, Grey, ...) is passed to the
+pipeline by name; any other colour node is honoured by colouring the functional here, through that
+node's own lookup table and window, and handing the pipeline an RGB functional. A display node
+without a colour node falls back to PET-Heat with a logged warning.
+
+Windows: ``FusionOptions`` windows when given; otherwise (``use_display_windows=True``) each input's
+display window/level, i.e. what the user sees in the slice views; otherwise the pipeline's defaults.
+
+The metrics table has one row per metric and the columns ``metric, mean, std, slices,
+description``. How the result was made is stored as node attributes on both outputs (see
+:data:`ATTRIBUTE_PREFIX`): method, device, seconds, slice axis, windows, colour map, inputs, versions.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__, colour
+from .errors import FusionError
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of the attributes written on the output volume and table nodes.
+ATTRIBUTE_PREFIX = "MedicalFusion."
+#: Node classes that hold more than one 3D frame (time series, diffusion, multi-volume).
+#: (vtkMRMLVectorVolumeNode derives from vtkMRMLTensorVolumeNode, so the tensor base class is not listed.)
+FOUR_D_CLASSES = ("vtkMRMLMultiVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode")
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _slicer():
+    import slicer  # noqa: PLC0415  (only this module needs slicer; import when used)
+
+    return slicer
+
+
+def _vtk():
+    import vtk  # noqa: PLC0415
+
+    return vtk
+
+
+# --------------------------------------------------------------------------------------------------
+# reading nodes
+
+
+def _resolve(scene, node, role: str):
+    """A node object or ID -> the node, checked to be in ``scene``."""
+    if node is None or node == "":
+        return None
+    if isinstance(node, str):
+        found = scene.GetNodeByID(node)
+        if found is None:
+            raise FusionError(f"the {role} node '{node}' is not in the scene")
+        return found
+    if node.GetScene() is not scene:
+        raise FusionError(f"the {role} node '{node.GetName()}' belongs to another scene")
+    return node
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    """The node's 4x4 IJKToRAS matrix (its own geometry, without parent transforms)."""
+    vtk = _vtk()
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def lps_geometry(node) -> tuple[tuple, tuple, tuple]:
+    """(origin, spacing, direction) of a volume node in ITK's LPS convention."""
+    m = ijk_to_ras(node)
+    spacing = np.array(node.GetSpacing(), dtype=float)
+    direction_ras = m[:3, :3] / spacing[None, :]
+    direction = _RAS_TO_LPS @ direction_ras
+    origin = _RAS_TO_LPS @ m[:3, 3]
+    return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
+
+
+def image_from_node(node) -> sitk.Image:
+    """A copy of a volume node's voxels as a 3D SimpleITK image (scalar or vector) in LPS."""
+    slicer = _slicer()
+    arr = slicer.util.arrayFromVolume(node)      # a view [K, J, I] or [K, J, I, C]; copied below
+    vector = arr.ndim == 4
+    if vector and arr.shape[-1] == 1:
+        arr, vector = arr[..., 0], False
+    image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=vector)
+    origin, spacing, direction = lps_geometry(node)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
+
+
+@dataclass
+class DisplaySettings:
+    """What a volume's display node shows: window (lo, hi), colour node ID and its 256x3 table."""
+
+    window: tuple[float, float] | None = None
+    color_node_id: str | None = None
+    colormap: str | None = None           # name in the shipped list, when the node is one of them
+    table: np.ndarray | None = None       # the colour node's own table when it is not
+
+
+def display_settings(node) -> DisplaySettings:
+    """Read (never change) the window/level and colour node of a volume's display node."""
+    out = DisplaySettings()
+    dn = node.GetDisplayNode()
+    if dn is None:
+        return out
+    if hasattr(dn, "GetWindow"):
+        w, level = float(dn.GetWindow()), float(dn.GetLevel())
+        if np.isfinite(w) and np.isfinite(level) and w > 0:
+            out.window = (level - w / 2.0, level + w / 2.0)
+    out.color_node_id = dn.GetColorNodeID()
+    if out.color_node_id:
+        by_id = {v: k for k, v in colour.SLICER_COLOR_NODE_IDS.items()}
+        out.colormap = by_id.get(out.color_node_id)
+        if out.colormap is None:
+            color_node = dn.GetColorNode()
+            lut = color_node.GetLookupTable() if color_node is not None else None
+            if lut is not None and lut.GetNumberOfTableValues() > 0:
+                out.table = np.array([lut.GetTableValue(i)[:3] for i in range(lut.GetNumberOfTableValues())],
+                                     dtype=np.float32)
+    return out
+
+
+def _number_of_components(node) -> int:
+    image = node.GetImageData()
+    return int(image.GetNumberOfScalarComponents()) if image is not None else 0
+
+
+def _sequence_of(scene, node):
+    """The sequence browser node that has ``node`` as a proxy (a 4D time series), else None."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+        if browser.IsProxyNodeID(node.GetID()):
+            return browser
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# parent transforms
+
+
+def _transformed_ras_bounds(node) -> np.ndarray:
+    b = [0.0] * 6
+    node.GetRASBounds(b)          # world bounds: parent transforms applied
+    return np.array(b).reshape(3, 2)
+
+
+def functional_transform(anatomical, functional) -> sitk.Transform | None:
+    """SimpleITK transform from the anatomical's physical (LPS, local) space to the functional's.
+
+    It combines both parent transforms: functional-local <- world <- anatomical-local. None when
+    neither node has a parent transform. Non-linear transforms become a displacement field sampled
+    at the anatomical's voxel centres (exact at the points the pipeline resamples).
+    """
+    slicer, vtk = _slicer(), _vtk()
+    a_parent = anatomical.GetParentTransformNode()
+    f_parent = functional.GetParentTransformNode()
+    if a_parent is None and f_parent is None:
+        return None
+    m = vtk.vtkMatrix4x4()
+    if slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(a_parent, f_parent, m):
+        ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        lps = flip @ ras @ flip
+        if np.allclose(lps, np.eye(4)):
+            return None
+        t = sitk.AffineTransform(3)
+        t.SetMatrix(lps[:3, :3].ravel().tolist())
+        t.SetTranslation(lps[:3, 3].tolist())
+        return t
+    general = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(a_parent, f_parent, general)
+    return _displacement_field(anatomical, general)
+
+
+def _displacement_field(anatomical, general) -> sitk.Transform:
+    """Sample a VTK (RAS) transform at the anatomical's voxel centres as an ITK displacement field."""
+    vtk = _vtk()
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    dims = anatomical.GetImageData().GetDimensions()
+    m = ijk_to_ras(anatomical)
+    k, j, i = np.meshgrid(np.arange(dims[2]), np.arange(dims[1]), np.arange(dims[0]), indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)], axis=0)
+    ras = (m @ ijk)[:3].T.astype(np.float64)
+    points = vtk.vtkPoints()
+    points.SetData(numpy_support.numpy_to_vtk(ras, deep=True))
+    moved = vtk.vtkPoints()
+    general.TransformPoints(points, moved)
+    ras_moved = numpy_support.vtk_to_numpy(moved.GetData()).astype(np.float64)
+    disp = (ras_moved - ras) * np.array([-1.0, -1.0, 1.0])
+    field = sitk.GetImageFromArray(disp.reshape(dims[2], dims[1], dims[0], 3), isVector=True)
+    origin, spacing, direction = lps_geometry(anatomical)
+    field.SetOrigin(origin)
+    field.SetSpacing(spacing)
+    field.SetDirection(direction)
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def validate_inputs(scene, anatomical, functional, output_volume=None, output_table=None) -> tuple[bool, str]:
+    """(ok, reason) for the panel: what stops fusion, as one line the user can act on.
+
+    Checks: both inputs selected and in ``scene``, image data present, no label map, no 4D
+    volume (multi-volume, diffusion, sequence proxy, more than 3 components), the output not one of
+    the inputs, and the two volumes overlapping in world space (parent transforms applied).
+    """
+    try:
+        anatomical = _resolve(scene, anatomical, "anatomical")
+        functional = _resolve(scene, functional, "functional")
+        output_volume = _resolve(scene, output_volume, "output volume")
+        output_table = _resolve(scene, output_table, "output table")
+    except FusionError as exc:
+        return False, str(exc)
+    if anatomical is None:
+        return False, "Select an anatomical volume (MRI or CT)."
+    if functional is None:
+        return False, "Select a functional volume (PET, SPECT or an RGB pseudo-colour image)."
+    if anatomical is functional:
+        return False, "The anatomical and functional volumes are the same node: select two different volumes."
+    for role, node in (("anatomical", anatomical), ("functional", functional)):
+        name = node.GetName()
+        if node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return False, f"The {role} volume '{name}' is a label map (segmentation): select an image volume."
+        if any(node.IsA(c) for c in FOUR_D_CLASSES):
+            return False, f"The {role} volume '{name}' is 4D ({node.GetClassName()}): extract one 3D frame first."
+        if not node.IsA("vtkMRMLScalarVolumeNode"):
+            return False, f"The {role} node '{name}' is not an image volume: select a scalar or RGB volume."
+        if node.GetImageData() is None or 0 in node.GetImageData().GetDimensions():
+            return False, f"The {role} volume '{name}' has no voxels: load an image into it first."
+        browser = _sequence_of(scene, node)
+        if browser is not None:
+            return False, (f"The {role} volume '{name}' is a frame of the sequence '{browser.GetName()}' (4D): "
+                           "extract one 3D frame first (Sequences module) and fuse that.")
+        ncomp = _number_of_components(node)
+        if role == "anatomical" and ncomp not in (1, 3):
+            return False, f"The anatomical volume '{name}' has {ncomp} components per voxel (4D): select a 3D scalar volume."
+        if role == "functional" and ncomp not in (1, 3, 4):
+            return False, (f"The functional volume '{name}' has {ncomp} components per voxel (4D): "
+                           "select a scalar or RGB volume.")
+    if output_volume is not None:
+        if output_volume is anatomical or output_volume is functional:
+            return False, (f"The output volume '{output_volume.GetName()}' is one of the inputs: "
+                           "choose 'Create new volume' so the input is not overwritten.")
+        if not output_volume.IsA("vtkMRMLVectorVolumeNode"):
+            return False, f"The output volume '{output_volume.GetName()}' must be a vector (RGB) volume."
+    if output_table is not None and not output_table.IsA("vtkMRMLTableNode"):
+        return False, f"The output table '{output_table.GetName()}' is not a table node."
+    a_box, f_box = _transformed_ras_bounds(anatomical), _transformed_ras_bounds(functional)
+    lo = np.maximum(a_box[:, 0], f_box[:, 0])
+    hi = np.minimum(a_box[:, 1], f_box[:, 1])
+    # 2D images have zero thickness on one axis: allow touching boxes there.
+    if np.any(lo > hi + 1e-6):
+        return False, (f"The functional volume '{functional.GetName()}' does not overlap the anatomical "
+                       f"'{anatomical.GetName()}' in space (anatomical {np.round(a_box[:, 0], 1).tolist()}.."
+                       f"{np.round(a_box[:, 1], 1).tolist()} mm, functional {np.round(f_box[:, 0], 1).tolist()}.."
+                       f"{np.round(f_box[:, 1], 1).tolist()} mm RAS): register them or fix the transform.")
+    return True, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# fusion
+
+
+@dataclass
+class SceneFusionResult:
+    """What :func:`fuse_nodes` wrote: the output nodes, the pipeline result and timings."""
+
+    volume_node: object
+    table_node: object | None
+    result: object                    # MedicalFusionLib.pipeline.FusionResult
+    seconds: float                    # whole scene round trip (read nodes, fuse, write nodes)
+    created_node_ids: list[str] = field(default_factory=list)
+    colormap: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _colour_functional(image: sitk.Image, window: tuple[float, float], table: np.ndarray) -> sitk.Image:
+    """A scalar functional through a colour node's own table -> RGB uint8 image (same geometry)."""
+    unit = colour.window_to_unit(sitk.GetArrayViewFromImage(image), *window)
+    rgb = colour.to_uint8(colour.apply_colormap(unit, table))
+    out = sitk.GetImageFromArray(rgb, isVector=True)
+    out.CopyInformation(image)
+    return out
+
+
+def prepare_inputs(scene, anatomical, functional, options=None, use_display_windows: bool = True):
+    """Nodes -> (anatomical image, functional image, options filled from display nodes, transform, info).
+
+    Nothing in the scene is changed. Options given explicitly win over the display nodes.
+    """
+    from .pipeline import FusionOptions, functional_window_default  # noqa: PLC0415  (torch only when fusing)
+
+    options = FusionOptions(**vars(options)) if options is not None else FusionOptions()
+    a_img = image_from_node(anatomical)
+    f_img = image_from_node(functional)
+    info = {"anatomical": anatomical.GetName(), "functional": functional.GetName()}
+    a_disp, f_disp = display_settings(anatomical), display_settings(functional)
+    if use_display_windows and options.anatomical_window is None and a_img.GetNumberOfComponentsPerPixel() == 1:
+        options.anatomical_window = a_disp.window
+    scalar_functional = f_img.GetNumberOfComponentsPerPixel() == 1
+    if scalar_functional:
+        if use_display_windows and options.functional_window is None:
+            options.functional_window = f_disp.window
+        if options.colormap is None:
+            if f_disp.colormap is not None:
+                options.colormap = f_disp.colormap
+            elif f_disp.table is not None:
+                window = options.functional_window or functional_window_default(f_img)
+                f_img = _colour_functional(f_img, window, f_disp.table)
+                info["colormap"] = f"{f_disp.color_node_id} (its own table)"
+                info["functional_window"] = window
+                options.functional_window = None
+                if np.ptp(f_disp.table, axis=1).max() == 0:
+                    # A grey table: the pipeline would take grey RGB for a scalar and colour it
+                    # again with its default map, so hand it the grey levels through 'Grey'.
+                    f_img = sitk.VectorIndexSelectionCast(f_img, 0)
+                    options.colormap, options.functional_window = "Grey", (0.0, 255.0)
+            else:
+                logger.warning("MedicalFusion: the functional volume '%s' has no colour node; using %s",
+                               functional.GetName(), colour.DEFAULT_COLORMAP)
+                options.colormap = colour.DEFAULT_COLORMAP
+    transform = functional_transform(anatomical, functional)
+    return a_img, f_img, options, transform, info
+
+
+def _new_or_existing(scene, node, cls: str, name: str, created: list):
+    if node is not None:
+        return node
+    node = scene.AddNewNodeByClass(cls, scene.GenerateUniqueName(name))
+    created.append(node.GetID())
+    return node
+
+
+def _set_attributes(node, info: dict) -> None:
+    for key, value in info.items():
+        node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
+
+
+def write_volume(node, anatomical, rgb: np.ndarray) -> None:
+    """Fill a vector volume node with RGB uint8 voxels on the anatomical's exact grid."""
+    slicer, vtk = _slicer(), _vtk()
+    m = vtk.vtkMatrix4x4()
+    anatomical.GetIJKToRASMatrix(m)
+    node.SetIJKToRASMatrix(m)
+    node.SetAndObserveTransformNodeID(anatomical.GetTransformNodeID())
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(rgb, dtype=np.uint8))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+
+
+def write_table(node, rows: list[dict]) -> None:
+    """Replace a table node's content with one row per metric: metric, mean, std, slices, description."""
+    vtk = _vtk()
+    table = vtk.vtkTable()
+    columns = {
+        "metric": vtk.vtkStringArray(), "mean": vtk.vtkDoubleArray(), "std": vtk.vtkDoubleArray(),
+        "slices": vtk.vtkIntArray(), "description": vtk.vtkStringArray(),
+    }
+    for name, array in columns.items():
+        array.SetName(name)
+        array.SetNumberOfValues(len(rows))
+    for r, row in enumerate(rows):
+        columns["metric"].SetValue(r, str(row["metric"]))
+        columns["mean"].SetValue(r, float(row["mean"]))
+        columns["std"].SetValue(r, float(row["std"]))
+        columns["slices"].SetValue(r, int(row["slices"]))
+        columns["description"].SetValue(r, str(row["description"]))
+    for array in columns.values():
+        table.AddColumn(array)
+    node.SetAndObserveTable(table)
+    node.SetColumnDescription("mean", "Mean over the non-empty slices")
+    node.SetColumnDescription("std", "Population standard deviation over the non-empty slices")
+    node.SetColumnDescription("slices", "Number of non-empty slices the metric was averaged over")
+
+
+def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, output_table=None,
+               use_display_windows: bool = True, progress: Callable[[int, int], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> SceneFusionResult:
+    """Fuse two volume nodes of ``scene`` into an RGB vector volume node (and a metrics table node).
+
+    ``options`` is a :class:`~MedicalFusionLib.pipeline.FusionOptions`; its ``colormap`` and windows,
+    when None, come from the display nodes (see the module docstring). ``output_volume`` /
+    ``output_table``: existing nodes (or IDs) to overwrite, or None to create new ones. The table is
+    written only when ``options.compute_metrics``. Raises FusionError (bad input) or FusionCancelled;
+    in both cases nothing in the scene has changed.
+    """
+    from .pipeline import fuse_images  # noqa: PLC0415  (torch only when fusing)
+
+    t0 = time.perf_counter()
+    ok, reason = validate_inputs(scene, anatomical, functional, output_volume, output_table)
+    if not ok:
+        raise FusionError(reason)
+    anatomical = _resolve(scene, anatomical, "anatomical")
+    functional = _resolve(scene, functional, "functional")
+    output_volume = _resolve(scene, output_volume, "output volume")
+    output_table = _resolve(scene, output_table, "output table")
+
+    a_img, f_img, opts, transform, info = prepare_inputs(scene, anatomical, functional, options, use_display_windows)
+    result = fuse_images(a_img, f_img, opts, progress=progress, cancel=cancel, transform=transform)
+
+    # Success: only now touch the scene.
+    prepared = result.prepared
+    info.update(method=result.method, device=result.device, seconds_engine=round(result.seconds, 3),
+                axis=opts.axis, version=__version__, grayscale=result.grayscale)
+    if prepared is not None:
+        info["anatomical_window"] = prepared.anatomical_window
+        info.setdefault("functional_window", prepared.functional_window)
+        info.setdefault("colormap", prepared.colormap)
+    created: list[str] = []
+    try:
+        volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
+                                  f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
+        write_volume(volume, anatomical, result.rgb)
+        table = None
+        if opts.compute_metrics and result.metrics:
+            from .metrics import metrics_table_rows  # noqa: PLC0415
+
+            table = _new_or_existing(scene, output_table, "vtkMRMLTableNode",
+                                     f"Fusion metrics ({result.method})", created)
+            write_table(table, metrics_table_rows(result.metrics))
+        seconds = time.perf_counter() - t0
+        info["seconds"] = round(seconds, 3)
+        for node in (volume, table):
+            if node is not None:
+                _set_attributes(node, info)
+    except Exception:
+        for node_id in created:   # leave the scene as it was
+            node = scene.GetNodeByID(node_id)
+            if node is not None:
+                scene.RemoveNode(node)
+        raise
+    return SceneFusionResult(volume_node=volume, table_node=table, result=result, seconds=seconds,
+                             created_node_ids=created, colormap=info.get("colormap"), info=info)
