@@ -466,3 +466,55 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
         raise
     return SceneFusionResult(volume_node=volume, table_node=table, result=result, seconds=seconds,
                              created_node_ids=created, colormap=info.get("colormap"), info=info)
+
+
+# --------------------------------------------------------------------------------------------------
+# a generated phantom (Slicer self-test and demos: no download needed)
+
+
+def add_phantom_pair(scene, shift_ras=(6.0, -4.0, 3.0)):
+    """Add an anatomical / functional phantom pair to ``scene`` and return (anatomical, functional).
+
+    The anatomical is a 64x72x40 "head" on a 1 x 1 x 1.5 mm grid with a flipped (RAS) axis; the
+    functional is a PET-like volume with two hot spots on a coarser 2 x 2 x 3 mm grid, placed with a
+    parent linear transform (translation ``shift_ras``) and its origin moved back by the same amount,
+    so it lines up with the anatomical only when the transform is honoured. Its display node uses
+    PET-Heat when that colour node is in the scene.
+    """
+    slicer, vtk = _slicer(), _vtk()
+    z, y, x = np.mgrid[0:40, 0:72, 0:64].astype(np.float32)
+    r = np.sqrt(((x - 32) / 28) ** 2 + ((y - 36) / 32) ** 2 + ((z - 20) / 18) ** 2)
+    head = (r < 0.9).astype(np.float32)
+    texture = 0.6 + 0.25 * np.sin(x / 3.0 + np.sin(y / 7.0)) * np.cos(y / 4.0 + z / 9.0)
+    skull = np.exp(-((r - 0.95) / 0.04) ** 2)
+    anat = (800.0 * (head * texture + skull)).astype(np.int16)
+
+    fz, fy, fx = np.mgrid[0:20, 0:36, 0:32].astype(np.float32)
+    spots = (np.exp(-(((fx - 20) / 4) ** 2 + ((fy - 14) / 5) ** 2 + ((fz - 10) / 4) ** 2))
+             + 0.6 * np.exp(-(((fx - 11) / 5) ** 2 + ((fy - 24) / 4) ** 2 + ((fz - 8) / 3) ** 2)))
+    pet = (spots * 12.0 + 0.3 * (np.sqrt(((fx - 16) / 14) ** 2 + ((fy - 18) / 16) ** 2 + ((fz - 10) / 9) ** 2) < 0.9))
+    pet = pet.astype(np.float32)
+
+    anatomical = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName("Phantom MRI"))
+    slicer.util.updateVolumeFromArray(anatomical, anat)
+    anatomical.SetSpacing(1.0, 1.0, 1.5)
+    anatomical.SetIJKToRASDirections(-1, 0, 0, 0, 1, 0, 0, 0, 1)
+    anatomical.SetOrigin(32.0, -36.0, -30.0)
+    anatomical.CreateDefaultDisplayNodes()
+
+    functional = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName("Phantom PET"))
+    slicer.util.updateVolumeFromArray(functional, pet)
+    functional.SetSpacing(2.0, 2.0, 3.0)
+    functional.SetIJKToRASDirections(-1, 0, 0, 0, 1, 0, 0, 0, 1)
+    shift = np.asarray(shift_ras, dtype=float)
+    functional.SetOrigin(*(np.array([32.5, -35.5, -29.25]) - shift))
+    functional.CreateDefaultDisplayNodes()
+    if scene.GetNodeByID(colour.SLICER_COLOR_NODE_IDS["PET-Heat"]) is not None:
+        functional.GetDisplayNode().SetAndObserveColorNodeID(colour.SLICER_COLOR_NODE_IDS["PET-Heat"])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", scene.GenerateUniqueName("Phantom PET placement"))
+    m = vtk.vtkMatrix4x4()
+    for i in range(3):
+        m.SetElement(i, 3, float(shift[i]))
+    transform.SetMatrixTransformToParent(m)
+    functional.SetAndObserveTransformNodeID(transform.GetID())
+    return anatomical, functional

@@ -402,3 +402,21 @@ def test_colour_node_outside_the_shipped_list_is_used_through_its_table(scene):
     b = 255.0 - slicer.util.arrayFromVolume(ct).astype(float)
     expected = (a + b) / 2
     assert np.abs(fused[..., 0] - expected).mean() < 2.0
+
+
+# ------------------------------------------------------------------------------------------------
+# the generated phantom the Slicer self-test uses (no data needed)
+
+
+def test_self_test_phantom_fuses_and_its_transform_matters(scene):
+    anatomical, functional = fscene.add_phantom_pair(scene)
+    assert fscene.validate_inputs(scene, anatomical, functional) == (True, "")
+    before = fingerprint(functional)
+    out = fscene.fuse_nodes(scene, anatomical, functional, FusionOptions(method="alpha", compute_metrics=False))
+    np.testing.assert_array_equal(matrix(out.volume_node), matrix(anatomical))
+    assert out.colormap == "PET-Heat"
+    assert fingerprint(functional) == before
+    with_transform = slicer.util.arrayFromVolume(out.volume_node).astype(int)
+    functional.SetAndObserveTransformNodeID(None)
+    without = fscene.fuse_nodes(scene, anatomical, functional, FusionOptions(method="alpha", compute_metrics=False))
+    assert np.abs(slicer.util.arrayFromVolume(without.volume_node).astype(int) - with_transform).max() > 50
