@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Rainbow, Grey, ...); default PET-Heat; use Grey for CT (grayscale fusion)")
     f.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="anatomical window (default: auto)")
     f.add_argument("--functional-window", nargs=2, type=float, metavar=("LO", "HI"),
-                   help="functional window for the colour map (default: minimum .. 99.5th percentile)")
+                   help="functional window for the colour map (default: minimum .. 99.9th percentile)")
     f.add_argument("--axis", default="axial", help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
     f.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",), help="torch device; default auto")
     f.add_argument("--batch-size", type=int, help="slices per batch (default: sized to the device memory)")

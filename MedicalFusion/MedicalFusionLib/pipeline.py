@@ -113,11 +113,12 @@ def anatomical_unit(image: sitk.Image, window: tuple[float, float] | None) -> tu
 
 def functional_window_default(image: sitk.Image) -> tuple[float, float]:
     """Default window of a scalar functional: 0..255 for 8-bit images, else its minimum to the
-    99.5th percentile of the non-background voxels (PET/SPECT background is the minimum)."""
+    99.9th percentile of the non-background voxels (PET/SPECT background is the minimum; the
+    high percentile keeps hot spots such as lesions from saturating the colour map)."""
     if _is_display_ready_uint8(image):
         return 0.0, 255.0
     arr = sitk.GetArrayViewFromImage(image)
-    _, hi = colour.robust_window(arr, 0.0, 99.5)
+    _, hi = colour.robust_window(arr, 0.0, 99.9)
     return float(arr.min()), hi
 
 

@@ -61,14 +61,11 @@ def simulate_pet(gm: sitk.Image, wm: sitk.Image, seed: int = 0, spacing: float =
     brain = np.clip(g + w, 0, 1)
     uptake = 10.0 * g + 2.5 * w + 0.6 * (brain > 0.05) * (1 - brain)
     # a hot lesion: 12 mm radius sphere in the right frontal white matter, 3x grey matter uptake
-    img = sitk.GetImageFromArray(uptake)
-    img.CopyInformation(gm)
     centre = np.array(gm.TransformContinuousIndexToPhysicalPoint([s / 2 for s in gm.GetSize()])) + np.array([-25.0, -30.0, 15.0])
-    zz, yy, xx = np.indices(uptake.shape)
-    pts = np.stack([xx, yy, zz], -1).reshape(-1, 3).astype(np.float64)
-    d = np.array(gm.GetDirection()).reshape(3, 3) * np.array(gm.GetSpacing())
-    phys = pts @ d.T + np.array(gm.GetOrigin())
-    lesion = (np.linalg.norm(phys - centre, axis=1) < 12.0).reshape(uptake.shape)
+    ci = np.array(gm.TransformPhysicalPointToContinuousIndex(centre.tolist()))[::-1]   # z, y, x
+    radius_vox = 12.0 / np.array(gm.GetSpacing())[::-1]
+    zz, yy, xx = np.ogrid[: uptake.shape[0], : uptake.shape[1], : uptake.shape[2]]
+    lesion = ((zz - ci[0]) / radius_vox[0]) ** 2 + ((yy - ci[1]) / radius_vox[1]) ** 2 + ((xx - ci[2]) / radius_vox[2]) ** 2 < 1
     uptake[lesion] = 30.0
     img = sitk.GetImageFromArray(uptake)
     img.CopyInformation(gm)

@@ -6,6 +6,8 @@ Kolczynski, ICCV 1993; Li, Manjunath & Mitra, Graph. Models Image Process. 1995)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -63,8 +65,16 @@ def choose_abs_max(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(x.abs() >= y.abs(), x, y)
 
 
+def usable_levels(x: torch.Tensor, levels: int, coarsest: int = 4) -> int:
+    """At most ``levels`` halvings that leave the coarsest band at least ``coarsest`` pixels wide."""
+    smallest = min(x.shape[-2:])
+    return max(1, min(levels, int(math.log2(max(smallest, 1))) - int(math.log2(coarsest)) + 1))
+
+
 def fuse_lp(a: torch.Tensor, b: torch.Tensor, levels: int = 4) -> torch.Tensor:
-    """Laplacian pyramid, 4 levels, binomial 5-tap kernel; base averaged, details by |max|."""
+    """Laplacian pyramid, 4 levels, binomial 5-tap kernel; base averaged, details by |max|.
+    Small images use fewer levels (the coarsest band stays at least 4 pixels wide)."""
+    levels = usable_levels(a, levels)
     a, size = pad_to_multiple(a, 2 ** levels)
     b, _ = pad_to_multiple(b, 2 ** levels)
     pa, pb = laplacian_pyramid(a, levels), laplacian_pyramid(b, levels)
@@ -95,6 +105,7 @@ def haar_idwt(ll: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
 
 def fuse_dwt(a: torch.Tensor, b: torch.Tensor, levels: int = 3) -> torch.Tensor:
     """Haar DWT, 3 levels; approximation averaged, detail coefficients by |max|."""
+    levels = usable_levels(a, levels, coarsest=2)
     a, size = pad_to_multiple(a, 2 ** levels)
     b, _ = pad_to_multiple(b, 2 ** levels)
     details = []

@@ -1,0 +1,132 @@
+"""The command line: success writes everything; every bad input is one line, exit 2, nothing written."""
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_image
+from MedicalFusionLib.cli import main
+
+
+@pytest.fixture
+def files(tmp_path, small_pair):
+    anat, pet = small_pair
+    a, f = tmp_path / "mri.nrrd", tmp_path / "pet.nii.gz"
+    sitk.WriteImage(anat, str(a))
+    sitk.WriteImage(pet, str(f))
+    return tmp_path, a, f
+
+
+def _hash(p: pathlib.Path) -> bytes:
+    return p.read_bytes()
+
+
+def test_fuse_writes_volume_metrics_and_preview(files, capsys):
+    tmp, a, f = files
+    before = (_hash(a), _hash(f))
+    rc = main(["fuse", "-a", str(a), "-f", str(f), "-m", "lp", "-o", str(tmp / "fused.nrrd"),
+               "--metrics", str(tmp / "m.csv"), "--preview", str(tmp / "p.png"), "-q"])
+    assert rc == 0
+    out = sitk.ReadImage(str(tmp / "fused.nrrd"))
+    assert out.GetNumberOfComponentsPerPixel() == 3 and out.GetPixelID() == sitk.sitkVectorUInt8
+    assert out.GetSize() == (48, 40, 8)
+    lines = (tmp / "m.csv").read_text().splitlines()
+    assert lines[0].startswith("metric,mean,std") and any(l.startswith("Qabf,") for l in lines)
+    assert sitk.ReadImage(str(tmp / "p.png")).GetNumberOfComponentsPerPixel() == 3
+    assert (_hash(a), _hash(f)) == before
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".partial")]
+
+
+def test_2d_png_pair_gives_a_2d_png(tmp_path):
+    rng = np.random.default_rng(0)
+    mri = (rng.random((32, 32)) * 255).astype(np.uint8)
+    pet = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(mri), str(tmp_path / "a.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(pet, isVector=True), str(tmp_path / "b.png"))
+    assert main(["fuse", "-a", str(tmp_path / "a.png"), "-f", str(tmp_path / "b.png"), "-m", "dwt",
+                 "-o", str(tmp_path / "f.png"), "-q"]) == 0
+    out = sitk.ReadImage(str(tmp_path / "f.png"))
+    assert out.GetDimension() == 2 and out.GetSize() == (32, 32)
+
+
+def _bad_cases(tmp: pathlib.Path, a: pathlib.Path, f: pathlib.Path):
+    (tmp / "junk.nrrd").write_text("not an image")
+    four = sitk.JoinSeries([sitk.ReadImage(str(a))] * 2)
+    sitk.WriteImage(four, str(tmp / "four_d.nrrd"))
+    sitk.WriteImage(make_image(np.full((4, 8, 8), 7.0, np.float32)), str(tmp / "const.nrrd"))
+    nan = np.ones((4, 8, 8), np.float32)
+    nan[0, 0, 0] = np.inf
+    sitk.WriteImage(make_image(nan), str(tmp / "nan.nrrd"))
+    sitk.WriteImage(make_image(np.random.default_rng(0).random((4, 8, 8)).astype(np.float32), origin=(900.0, 0, 0)),
+                    str(tmp / "far.nrrd"))
+    o = str(tmp / "out.nrrd")
+    return [
+        (["-a", str(tmp / "missing.nrrd"), "-f", str(f), "-o", o], "does not exist"),
+        (["-a", str(tmp / "junk.nrrd"), "-f", str(f), "-o", o], "not an image"),
+        (["-a", str(a), "-f", str(tmp / "four_d.nrrd"), "-o", o], "4D"),
+        (["-a", str(a), "-f", str(tmp / "const.nrrd"), "-o", o], "constant"),
+        (["-a", str(a), "-f", str(tmp / "nan.nrrd"), "-o", o], "NaN or infinite"),
+        (["-a", str(a), "-f", str(tmp / "far.nrrd"), "-o", o], "does not overlap"),
+        (["-a", str(a), "-f", str(f), "-m", "nope", "-o", o], "unknown method"),
+        (["-a", str(a), "-f", str(f), "--colormap", "Nope", "-o", o], "unknown colour map"),
+        (["-a", str(a), "-f", str(f), "-o", str(tmp / "no_such_dir" / "x.nrrd")], "does not exist"),
+        (["-a", str(a), "-f", str(f), "-o", str(a)], "is an input file"),
+        (["-a", str(a), "-f", str(f), "-o", o, "--metrics", str(f)], "is an input file"),
+        (["-a", str(a), "-f", str(f), "-o", str(tmp / "out.xyz")], "cannot write"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, capsys):
+    tmp, a, f = files
+    before = {p.name: _hash(p) for p in tmp.iterdir()}
+    for args, expected in _bad_cases(tmp, a, f):
+        made_before = set(os.listdir(tmp))
+        rc = main(["fuse", *args, "-q"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, (args, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("medicalfusion: error:") and expected in err, (expected, err)
+        assert set(os.listdir(tmp)) == made_before, f"{args} left files behind"
+    assert {p: _hash(tmp / p) for p in before} == before
+
+
+def test_unwritable_output_folder_is_refused(files, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: every folder is writable")
+    tmp, a, f = files
+    ro = tmp / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert main(["fuse", "-a", str(a), "-f", str(f), "-o", str(ro / "x.nrrd"), "-q"]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_methods_lists_every_registered_method(capsys):
+    from MedicalFusionLib.methods import method_names
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in method_names():
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+
+
+def test_evaluate_writes_tables_and_montage(shared_data, tmp_path):
+    rc = main(["evaluate", "--dataset", str(shared_data / "aanlib"), "--methods", "alpha", "max",
+               "--pairs", "PET-MRI", "--limit", "3", "--output", str(tmp_path), "-q"])
+    assert rc == 0
+    md = (tmp_path / "PET-MRI.md").read_text()
+    assert "| alpha |" in md and "| max |" in md and "±" in md
+    rows = (tmp_path / "PET-MRI.csv").read_text().splitlines()
+    assert rows[0] == "method,metric,mean,std,pairs,seconds_per_pair" and len(rows) > 10
+    assert (tmp_path / "PET-MRI_montage.png").is_file()
+
+
+def test_demo_runs_on_the_embedded_sample(tmp_path):
+    pytest.importorskip("nilearn", reason="nilearn (the MNI152 template) not installed: pip install '.[demo]'")
+    assert main(["demo", "--output", str(tmp_path), "--method", "alpha", "-q"]) == 0
+    fused = sitk.ReadImage(str(tmp_path / "fused.nrrd"))
+    anat = sitk.ReadImage(str(tmp_path / "sample" / "anatomical_t1.nrrd"))
+    assert fused.GetSize() == anat.GetSize() and fused.GetNumberOfComponentsPerPixel() == 3
+    assert (tmp_path / "preview.png").is_file() and (tmp_path / "metrics.csv").is_file()

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from MedicalFusionLib.device import pick_device
+from MedicalFusionLib.engine import batch_size_for, fuse_slices, fuse_volume
+from MedicalFusionLib.errors import FusionCancelled, FusionError
+from MedicalFusionLib.methods import all_methods, get_method
+
+
+def _stack(rng, n=5, h=37, w=45):
+    a = rng.random((n, h, w), dtype=np.float32)
+    b = rng.random((n, h, w), dtype=np.float32)
+    return a, b
+
+
+def test_auto_device_is_cpu_without_accelerators_and_forced_gpu_is_refused():
+    dev = pick_device("auto")
+    if not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        assert dev.type == "cpu"
+        with pytest.raises(FusionError, match="no GPU"):
+            pick_device("gpu")
+        with pytest.raises(FusionError, match="CUDA"):
+            pick_device("cuda")
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(FusionError, match="unknown device"):
+        pick_device("tpu")
+
+
+def test_progress_is_reported_per_batch_and_empty_slices_are_skipped(rng):
+    a, b = _stack(rng, n=6)
+    a[2] = 0
+    b[2] = 0
+    calls = []
+    out = fuse_slices(a, b, "max", batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    assert np.all(out[2] == 0)
+    assert np.allclose(out[0], np.maximum(a[0], b[0]))
+
+
+def test_cancel_between_batches_raises_and_returns_nothing(rng):
+    a, b = _stack(rng, n=6)
+    seen = []
+
+    def cancel():
+        seen.append(1)
+        return len(seen) > 1          # let one batch run, then cancel
+
+    with pytest.raises(FusionCancelled):
+        fuse_slices(a, b, "lp", batch_size=2, cancel=cancel)
+
+
+def test_fuse_volume_along_each_axis_matches_per_slice_fusion(rng):
+    a = rng.random((6, 7, 8), dtype=np.float32)
+    b = rng.random((6, 7, 8), dtype=np.float32)
+    for axis in range(3):
+        out = fuse_volume(a, b, "lp", axis=axis)
+        k = 3
+        single = fuse_slices(np.take(a, [k], axis=axis).reshape(1, *np.delete(a.shape, axis)),
+                             np.take(b, [k], axis=axis).reshape(1, *np.delete(b.shape, axis)), "lp")[0]
+        assert np.allclose(np.take(out, k, axis=axis), single, atol=1e-6)
+
+
+def test_batch_size_is_bounded_by_memory():
+    m = get_method("lp")
+    assert 1 <= batch_size_for(m, 256, 256, torch.device("cpu")) <= 64
+    huge = get_method("lp")
+    assert batch_size_for(huge, 20000, 20000, torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("method", [m.name for m in all_methods() if m.available()[0]])
+def test_every_available_method_keeps_the_contract(method, rng):
+    """Shape and range kept, any H/W, and a slice fuses the same alone or in a batch."""
+    a, b = _stack(rng, n=3, h=41, w=30)
+    batched = fuse_slices(a, b, method, batch_size=3)
+    alone = np.stack([fuse_slices(a[i:i + 1], b[i:i + 1], method, batch_size=1)[0] for i in range(3)])
+    assert batched.shape == a.shape and batched.dtype == np.float32
+    assert batched.min() >= 0.0 and batched.max() <= 1.0
+    assert np.allclose(batched, alone, atol=1e-5)
+    assert np.abs(batched).sum() > 0
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(FusionError, match="unknown method 'nope'"):
+        get_method("nope")
