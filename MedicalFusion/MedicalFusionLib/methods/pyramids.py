@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from .registry import register_function
 
-_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -26,10 +25,24 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return x, (h, w)
 
 
+_TAPS = (1.0 / 16, 4.0 / 16, 6.0 / 16, 4.0 / 16, 1.0 / 16)
+
+
 def _blur(x: torch.Tensor) -> torch.Tensor:
-    k = _BINOMIAL.to(x.device, x.dtype)
-    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5))
-    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1))
+    """Separable 5-tap binomial blur [1 4 6 4 1]/16, reflecting at the borders.
+
+    Written as weighted sums of shifted views: on the CPU this is several times faster than
+    a depthwise convolution for these small kernels.
+    """
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    rows = (xp[..., :, 0:w] + xp[..., :, 4:w + 4]) * _TAPS[0]
+    rows += (xp[..., :, 1:w + 1] + xp[..., :, 3:w + 3]) * _TAPS[1]
+    rows += xp[..., :, 2:w + 2] * _TAPS[2]
+    out = (rows[..., 0:h, :] + rows[..., 4:h + 4, :]) * _TAPS[0]
+    out += (rows[..., 1:h + 1, :] + rows[..., 3:h + 3, :]) * _TAPS[1]
+    out += rows[..., 2:h + 2, :] * _TAPS[2]
+    return out
 
 
 def _down(x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +50,10 @@ def _down(x: torch.Tensor) -> torch.Tensor:
 
 
 def _up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    up = torch.zeros(x.shape[:-2] + size, device=x.device, dtype=x.dtype)
-    up[..., ::2, ::2] = x
-    return _blur(up) * 4.0
+    """Expand: zero-insertion upsampling, then the binomial blur scaled by 4."""
+    up = x.new_zeros(x.shape[:-2] + size)
+    up[..., ::2, ::2] = x * 4.0
+    return _blur(up)
 
 
 def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
@@ -77,8 +91,8 @@ def fuse_lp(a: torch.Tensor, b: torch.Tensor, levels: int = 4) -> torch.Tensor:
     levels = usable_levels(a, levels)
     a, size = pad_to_multiple(a, 2 ** levels)
     b, _ = pad_to_multiple(b, 2 ** levels)
-    pa, pb = laplacian_pyramid(a, levels), laplacian_pyramid(b, levels)
-    fused = [choose_abs_max(x, y) for x, y in zip(pa[:-1], pb[:-1])] + [(pa[-1] + pb[-1]) * 0.5]
+    pyr = laplacian_pyramid(torch.cat([a, b], dim=1), levels)   # both sources in one pass
+    fused = [choose_abs_max(d[:, :1], d[:, 1:]) for d in pyr[:-1]] + [pyr[-1].mean(dim=1, keepdim=True)]
     return collapse_laplacian(fused)[..., : size[0], : size[1]].clamp(0.0, 1.0)
 
 
