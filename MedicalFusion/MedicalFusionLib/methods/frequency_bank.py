@@ -1,0 +1,123 @@
+"""Non-subsampled multiscale-directional filter banks built in the frequency domain.
+
+Used by the NSST (``shearlet.py``) and NSCT (``contourlet.py``) fusion methods; no method is
+registered here. A non-subsampled transform filters the image with every band filter at full
+resolution, so in the frequency domain a band is ``irfft2(rfft2(x) * H_k)``. We build real,
+zero-phase (even) frequency responses H_k ourselves:
+
+* scale: Meyer-type smooth low-pass windows P_j(r) = 1 for r <= c_j, 0 for r >= 2 c_j, with the
+  cut-off halving at each level (c_1 = 1/8 cycle/pixel); the band of level j is P_{j-1} - P_j
+  (P_0 = 1), the low-pass residual is P_J. ``radius='square'`` measures r = max(|fx|, |fy|) (the
+  concentric squares of the shearlet pseudo-polar tiling, Easley, Labate & Lim, ACHA 2008);
+  ``radius='round'`` uses the Euclidean radius (the near-circular pass-bands of the
+  non-subsampled pyramid, da Cunha, Zhou & Do, IEEE TIP 2006).
+* direction: the frequency plane is split into a horizontal cone |fy| <= |fx| and a vertical cone;
+  in each cone the slope (fy/fx or fx/fy, in [-1, 1]) is cut into n/2 equal intervals, which is
+  both the shearlet tiling (one shear per interval) and the wedge tiling of a 2^l-band directional
+  filter bank. Neighbouring wedges overlap through a Meyer transition of half a wedge.
+
+All windows form a partition of unity (sum_k H_k = 1 at every frequency), so the transform is
+undone exactly by summing the bands: the fused image is the sum of the fused bands and no inverse
+FFT is needed for synthesis. Filters are built once per (size, device, layout) and cached.
+Images are reflect-padded by ``PAD`` pixels before the FFT (to keep circular wrap-around away
+from the image) and the bands are cropped back, which commutes with the summation.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .local_filters import safe_pad
+
+PAD = 16
+_CUTOFF_FINEST = 0.125  # cycles per pixel: level-1 low-pass starts to roll off here
+
+
+def _meyer_nu(x: torch.Tensor) -> torch.Tensor:
+    """Meyer's auxiliary polynomial: 0 below 0, 1 above 1, nu(x) + nu(1-x) = 1."""
+    x = x.clamp(0.0, 1.0)
+    return x ** 4 * (35 - 84 * x + 70 * x ** 2 - 20 * x ** 3)
+
+
+def _frequency_grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(h, 1).expand(h, w // 2 + 1)
+    fx = torch.fft.rfftfreq(w, dtype=torch.float64).view(1, w // 2 + 1).expand(h, w // 2 + 1)
+    return fy, fx
+
+
+def scale_windows(fy: torch.Tensor, fx: torch.Tensor, levels: int, radius: str) -> list[torch.Tensor]:
+    """[band_1 (finest), ..., band_levels, low-pass]; they sum to one."""
+    if radius == "square":
+        r = torch.maximum(fy.abs(), fx.abs())
+    elif radius == "round":
+        r = torch.sqrt(fy ** 2 + fx ** 2)
+    else:
+        raise ValueError(radius)
+    lows = [torch.ones_like(r)]
+    for j in range(levels):
+        c = _CUTOFF_FINEST / 2 ** j
+        lows.append(1.0 - _meyer_nu(r / c - 1.0))
+    return [lows[j] - lows[j + 1] for j in range(levels)] + [lows[-1]]
+
+
+def pseudo_angle(fy: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """Direction of each frequency as a number in [0, 4), linear in slope inside each cone:
+    0 -> fy = -fx, 1 -> fy = 0, 2 -> fy = fx, 3 -> fx = 0. Even: t(-f) = t(f)."""
+    ax, ay = fx.abs(), fy.abs()
+    horizontal = ay <= ax
+    safe_fx = torch.where(fx == 0, torch.ones_like(fx), fx)
+    safe_fy = torch.where(fy == 0, torch.ones_like(fy), fy)
+    t = torch.where(horizontal, 1.0 + fy / safe_fx, 3.0 - fx / safe_fy)
+    return torch.remainder(t, 4.0)
+
+
+def directional_windows(fy: torch.Tensor, fx: torch.Tensor, n_dirs: int) -> torch.Tensor:
+    """[n_dirs, H, W//2+1] smooth wedges with equal slope steps in each cone; they sum to one."""
+    if n_dirs < 2 or n_dirs % 2:
+        raise ValueError("the number of directions must be even and >= 2")
+    t = pseudo_angle(fy, fx)
+    half = 2.0 / n_dirs
+    delta = half  # transition width: half a wedge
+    out = []
+    for k in range(n_dirs):
+        centre = (k + 0.5) * 2 * half
+        u = torch.remainder(t - centre + 2.0, 4.0) - 2.0
+        out.append(_meyer_nu((u + half) / delta + 0.5) - _meyer_nu((u - half) / delta + 0.5))
+    return torch.stack(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _bank(h: int, w: int, device: str, dtype: torch.dtype, directions: tuple[int, ...], radius: str) -> torch.Tensor:
+    fy, fx = _frequency_grid(h, w)
+    scales = scale_windows(fy, fx, len(directions), radius)
+    filters = []
+    for band, n_dirs in zip(scales[:-1], directions):
+        filters.append(band.unsqueeze(0) * directional_windows(fy, fx, n_dirs))
+    filters.append(scales[-1].unsqueeze(0))
+    return torch.cat(filters).to(device=device, dtype=dtype).contiguous()
+
+
+def band_layout(directions: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(level, direction) of every band in the order :func:`decompose` returns them; the last
+    entry, (len(directions), 0), is the low-pass residual. Level 0 is the finest."""
+    return [(j, k) for j, n in enumerate(directions) for k in range(n)] + [(len(directions), 0)]
+
+
+def padded_size(n: int) -> int:
+    """Image size plus 2*PAD, rounded up to a multiple of 16 (FFT-friendly)."""
+    return int(math.ceil((n + 2 * PAD) / 16.0) * 16)
+
+
+def decompose(x: torch.Tensor, directions: tuple[int, ...], radius: str) -> torch.Tensor:
+    """Non-subsampled decomposition of x [B,1,H,W] -> bands [B, K, H, W] (see :func:`band_layout`);
+    ``bands.sum(1)`` gives x back (up to float rounding)."""
+    h, w = x.shape[-2:]
+    hp, wp = padded_size(h), padded_size(w)
+    top, left = (hp - h) // 2, (wp - w) // 2
+    xp = safe_pad(x, left, wp - w - left, top, hp - h - top)
+    filters = _bank(hp, wp, str(x.device), x.dtype, tuple(directions), radius)
+    spectrum = torch.fft.rfft2(xp)  # [B,1,hp,wp//2+1]
+    bands = torch.fft.irfft2(spectrum * filters, s=(hp, wp))  # [B,K,hp,wp]
+    return bands[..., top:top + h, left:left + w]
