@@ -132,14 +132,18 @@ class _MethodNames:
     def __iter__(self):
         return iter(self._current())
 
+    def __contains__(self, value):
+        # The default is checked when the parameter node class is created, at Slicer start-up:
+        # answer it without importing torch and every network.
+        if self._names is None and value == DEFAULT_METHOD:
+            return True
+        return value in self._current()
+
     def __len__(self):
         return len(self._current())
 
     def __getitem__(self, index):
         return self._current()[index]
-
-    def __contains__(self, value):
-        return value in self._current()
 
     def __repr__(self):
         return repr(self._current())
@@ -161,16 +165,25 @@ class MedicalFusion(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedicalFusion developers"]
         self.parent.helpText = """
-Fuses a functional volume (PET, SPECT, or an RGB pseudo-colour image) into an anatomical one (MRI or CT)
-into a single RGB volume on the anatomical grid, slice by slice, and measures the result.
+Fuses a functional volume (PET, SPECT, or an RGB pseudo-colour image) into an anatomical one (MRI or CT):
+one RGB volume on the anatomical grid, fused slice by slice, plus a table of fusion quality metrics.
 The functional is resampled with its parent transform; its colour map and window are the ones it is shown with.
-Methods: 'alpha' reproduces Slicer's own foreground blend; 'average'/'max' are pixel baselines;
-'lp' is the Laplacian-pyramid fusion (Burt &amp; Adelson, IEEE Trans. Commun. 1983; Toet, Pattern Recognit. Lett. 1989);
-'dwt' the wavelet fusion (Li, Manjunath &amp; Mitra, Graph. Models Image Process. 1995);
-the networks follow MRDFN, LYWNet and DM-FNet (see each method's tooltip for its paper).
-Metrics (EN, SD, SF, AG, MI, FMI, SCD, VIF, Q<sup>AB/F</sup>, SSIM, PSNR, CC) follow the fusion literature's evaluators.
 Inputs are never modified; each run writes a new fused volume and metrics table unless you pick existing ones.
-See <a href="https://github.com/medicalfusion/MedicalFusion">the project page</a> and docs/SLICER.md.
+<br><br>Methods (hover one in the panel for its description and paper):
+<ul>
+<li><b>alpha</b>: what Slicer shows today, the functional as foreground at opacity 0.5; <b>average</b>, <b>max</b>: pixel baselines.</li>
+<li><b>lp</b>: Laplacian pyramid (Burt &amp; Adelson, IEEE Trans. Commun. 1983; Burt &amp; Kolczynski, ICCV 1993);
+<b>dwt</b>: wavelets (Li, Manjunath &amp; Mitra, Graph. Models Image Process. 1995).</li>
+<li><b>gff</b>: guided filtering (Li, Kang &amp; Hu, IEEE TIP 2013); <b>nsct</b> (da Cunha, Zhou &amp; Do, IEEE TIP 2006);
+<b>nsst_papcnn</b> (Yin, Liu, Liu &amp; Chen, IEEE TIM 2019); <b>lrd</b> (Li et al., IEEE TIM 2020);
+<b>jbf_lge</b> (Li et al., Information Sciences 2021).</li>
+<li>Networks: <b>mrdfn</b> (multiscale residual dense fusion network, Intelligent Oncology 2026),
+<b>lywnet</b> (multi-scale pyramid residual weight network, Quant. Imaging Med. Surg. 2025),
+<b>dmfnet</b> (DM-FNet, diffusion-trained encoder-decoder, He et al.); greyed out when their weights are missing.</li>
+</ul>
+Metrics (EN, SD, SF, AG, MI, FMI, SCD, VIF, Q<sup>AB/F</sup>, SSIM, PSNR, CC, ARI) are computed on 8-bit grayscale
+slices as the fusion literature's evaluators do.
+See <a href="https://github.com/medicalfusion/MedicalFusion">the project page</a> (docs/SLICER.md) for a walk-through.
 """
         self.parent.acknowledgementText = """
 Built on 3D Slicer's scripted module template and parameter node wrapper, SimpleITK and PyTorch.

@@ -459,10 +459,17 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
             if node is not None:
                 _set_attributes(node, info)
     except Exception:
-        for node_id in created:   # leave the scene as it was
+        for node_id in created:   # leave the scene as it was (display nodes made for it too)
             node = scene.GetNodeByID(node_id)
-            if node is not None:
-                scene.RemoveNode(node)
+            if node is None:
+                continue
+            display_ids = [node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes())] \
+                if hasattr(node, "GetNumberOfDisplayNodes") else []
+            scene.RemoveNode(node)
+            for display_id in display_ids:
+                display = scene.GetNodeByID(display_id) if display_id else None
+                if display is not None:
+                    scene.RemoveNode(display)
         raise
     return SceneFusionResult(volume_node=volume, table_node=table, result=result, seconds=seconds,
                              created_node_ids=created, colormap=info.get("colormap"), info=info)

@@ -420,3 +420,18 @@ def test_self_test_phantom_fuses_and_its_transform_matters(scene):
     functional.SetAndObserveTransformNodeID(None)
     without = fscene.fuse_nodes(scene, anatomical, functional, FusionOptions(method="alpha", compute_metrics=False))
     assert np.abs(slicer.util.arrayFromVolume(without.volume_node).astype(int) - with_transform).max() > 50
+
+
+def test_a_failure_while_writing_removes_what_was_created(scene, monkeypatch):
+    anatomical, functional = fscene.add_phantom_pair(scene)
+    state = scene_state(scene)
+    original = fscene.write_volume
+
+    def write_then_fail(node, anat, rgb):
+        original(node, anat, rgb)              # the node and its display node exist now
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(fscene, "write_volume", write_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        fscene.fuse_nodes(scene, anatomical, functional, FusionOptions(method="average", compute_metrics=False))
+    assert scene_state(scene) == state
