@@ -31,7 +31,6 @@ if str(MODULE_DIR) not in sys.path:
 
 from MedicalFusionLib import scene as fscene  # noqa: E402
 from MedicalFusionLib.errors import FusionCancelled, FusionError  # noqa: E402
-from MedicalFusionLib.metrics import METRICS  # noqa: E402
 from MedicalFusionLib.pipeline import FusionOptions, fuse_images  # noqa: E402
 
 DATA = Path(os.environ.get("MEDICALFUSION_DATA") or Path(__file__).resolve().parents[3].parent / "shared" / "data")
@@ -358,6 +357,8 @@ def test_png_pair_with_metrics_table(scene):
     before = {n.GetID(): fingerprint(n) for n in (mri, pet)}
     out = fscene.fuse_nodes(scene, mri, pet, FusionOptions(method="lp", compute_metrics=True),
                             use_display_windows=False)
+    from MedicalFusionLib.metrics import METRICS  # noqa: PLC0415
+
     table = out.table_node
     assert table is not None and table.IsA("vtkMRMLTableNode") and table.GetID() in out.created_node_ids
     names = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
