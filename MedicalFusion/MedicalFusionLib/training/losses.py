@@ -8,6 +8,7 @@ batch) unless said otherwise.
   with ``gaussian_weights=True``, minus skimage's border crop.
 - :func:`sobel_gradient`: |Gx| + |Gy| with the 3x3 Sobel kernels and replicate padding (same shape).
 - :func:`gradient_difference`: L1 between the Sobel gradient magnitudes of two images.
+- :func:`ssim_to_both`, :func:`max_gradient_target`: helpers of the objectives.
 - :func:`cosine_intensity`: 1 - cosine similarity of the flattened images (LYWNet's intensity loss).
 - :func:`mrdfn_loss`, :func:`lywnet_loss`: the weighted sums the two trainers use (see their docs).
 """
@@ -20,31 +21,31 @@ import torch.nn.functional as F
 
 
 @functools.lru_cache(maxsize=8)
-def _gaussian_window_cpu(window: int, sigma: float) -> torch.Tensor:
+def _gaussian_1d_cpu(window: int, sigma: float) -> torch.Tensor:
     r = torch.arange(window, dtype=torch.float32) - (window - 1) / 2.0
     g = torch.exp(-(r ** 2) / (2.0 * sigma ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+    return g / g.sum()
 
 
-def _gaussian_window(window: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    return _gaussian_window_cpu(window, sigma).to(device=like.device, dtype=like.dtype)
+def _gaussian_filter_valid(x: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian filter of every channel of ``x``, 'valid' borders."""
+    c = x.shape[1]
+    g = _gaussian_1d_cpu(window, sigma).to(device=x.device, dtype=x.dtype)
+    x = F.conv2d(x, g.view(1, 1, 1, window).expand(c, 1, 1, window), groups=c)
+    return F.conv2d(x, g.view(1, 1, window, 1).expand(c, 1, window, 1), groups=c)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
              data_range: float = 1.0) -> torch.Tensor:
-    """Per-pixel SSIM map [B, 1, H-window+1, W-window+1]."""
-    w = _gaussian_window(window, sigma, x)
+    """Per-pixel SSIM map [B, C, H-window+1, W-window+1]."""
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
-    mu_x = F.conv2d(x, w)
-    mu_y = F.conv2d(y, w)
+    c = x.shape[1]
+    stats = _gaussian_filter_valid(torch.cat([x, y, x * x, y * y, x * y], dim=1), window, sigma)
+    mu_x, mu_y, e_xx, e_yy, e_xy = stats.split(c, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    s_xx = F.conv2d(x * x, w) - mu_xx
-    s_yy = F.conv2d(y * y, w) - mu_yy
-    s_xy = F.conv2d(x * y, w) - mu_xy
-    num = (2 * mu_xy + c1) * (2 * s_xy + c2)
-    den = (mu_xx + mu_yy + c1) * (s_xx + s_yy + c2)
+    num = (2 * mu_xy + c1) * (2 * (e_xy - mu_xy) + c2)
+    den = (mu_xx + mu_yy + c1) * ((e_xx - mu_xx) + (e_yy - mu_yy) + c2)
     return num / den
 
 
@@ -90,8 +91,20 @@ def cosine_intensity(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> tor
 # stronger edge of the two sources (the 'max' targets) while staying structurally similar to each.
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_MRDFN_WEIGHTS = {"mse": 1.0, "ssim": 1.0, "grad": 4.0}
-DEFAULT_LYWNET_WEIGHTS = {"mse": 1.0, "cos": 1.0, "edge": 4.0, "ssim": 1.0}
+def ssim_to_both(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(SSIM(F, A) + SSIM(F, B)) / 2 in one filtering pass."""
+    return ssim(torch.cat([fused, fused], dim=0), torch.cat([a, b], dim=0))
+
+
+def max_gradient_target(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """max(|grad A|, |grad B|) (Sobel), without gradient tracking."""
+    with torch.no_grad():
+        g = sobel_gradient(torch.cat([a, b], dim=1))
+        return torch.maximum(g[:, :1], g[:, 1:2])
+
+
+DEFAULT_MRDFN_WEIGHTS = {"mse": 10.0, "ssim": 1.0, "grad": 4.0}
+DEFAULT_LYWNET_WEIGHTS = {"mse": 10.0, "cos": 1.0, "edge": 10.0, "ssim": 1.0}
 
 
 def mrdfn_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: dict | None = None
@@ -105,10 +118,10 @@ def mrdfn_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: d
     """
     w = dict(DEFAULT_MRDFN_WEIGHTS, **(weights or {}))
     l_mse = F.mse_loss(fused, torch.maximum(a, b))
-    l_ssim = 1.0 - 0.5 * (ssim(fused, a) + ssim(fused, b))
-    l_grad = F.l1_loss(sobel_gradient(fused), torch.maximum(sobel_gradient(a), sobel_gradient(b)))
+    l_ssim = 1.0 - ssim_to_both(fused, a, b)
+    l_grad = F.l1_loss(sobel_gradient(fused), max_gradient_target(a, b))
     total = w["mse"] * l_mse + w["ssim"] * l_ssim + w["grad"] * l_grad
-    return total, {"mse": float(l_mse), "ssim": float(l_ssim), "grad": float(l_grad)}
+    return total, {"mse": l_mse.item(), "ssim": l_ssim.item(), "grad": l_grad.item()}
 
 
 def lywnet_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: dict | None = None
@@ -117,18 +130,19 @@ def lywnet_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: 
 
     - MSE term: MSE(F, max(A, B));
     - cosine intensity term: 1 - cos(F, max(A, B));
-    - Sobel edge term: L1(|grad F|, max(|grad A|, |grad B|));
+    - Sobel edge term: MSE(|grad F|, max(|grad A|, |grad B|)) (the paper's edge loss is an MSE of
+      Sobel features);
     - SSIM term: 1 - (SSIM(F, A) + SSIM(F, B)) / 2 (weight 0 gives the paper's three terms only).
     """
     w = dict(DEFAULT_LYWNET_WEIGHTS, **(weights or {}))
     target = torch.maximum(a, b)
     l_mse = F.mse_loss(fused, target)
     l_cos = cosine_intensity(fused, target)
-    l_edge = F.l1_loss(sobel_gradient(fused), torch.maximum(sobel_gradient(a), sobel_gradient(b)))
+    l_edge = F.mse_loss(sobel_gradient(fused), max_gradient_target(a, b))
     total = w["mse"] * l_mse + w["cos"] * l_cos + w["edge"] * l_edge
-    terms = {"mse": float(l_mse), "cos": float(l_cos), "edge": float(l_edge)}
+    terms = {"mse": l_mse.item(), "cos": l_cos.item(), "edge": l_edge.item()}
     if w.get("ssim", 0.0):
-        l_ssim = 1.0 - 0.5 * (ssim(fused, a) + ssim(fused, b))
+        l_ssim = 1.0 - ssim_to_both(fused, a, b)
         total = total + w["ssim"] * l_ssim
-        terms["ssim"] = float(l_ssim)
+        terms["ssim"] = l_ssim.item()
     return total, terms

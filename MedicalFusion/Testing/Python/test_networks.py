@@ -1,0 +1,254 @@
+"""MRDFN and LYWNet (CPU-sized): forward contract, batch independence, BN folding, checksummed weight
+loading (corrupt / missing files), and short training runs on tiny synthetic data (the loss goes
+down, the checkpoint reloads and resumes, a manifest entry is written and loads through the
+registry). No trained weights and no shared data needed."""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedicalFusionLib.errors import FusionError
+from MedicalFusionLib.networks import weights
+from MedicalFusionLib.networks.lywnet import LYWNet, feature_distillation
+from MedicalFusionLib.networks.mrdfn import MRDFN, network_fuse_fn
+from MedicalFusionLib.training import losses
+from MedicalFusionLib.training.loop import CropSampler, TrainConfig, fit, split_cases, validation_loss
+
+NETS = {"mrdfn": (MRDFN, 2), "lywnet": (LYWNet, 16)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return NETS[name][0]()
+
+
+def _synthetic(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
+    """[n, 2, size, size] in [0, 1]: a textured disc (MRI-like) and a blurred blob (functional)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    out = np.zeros((n, 2, size, size), np.float32)
+    for i in range(n):
+        cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)
+        r = rng.uniform(size * 0.2, size * 0.35)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float32)
+        out[i, 0] = disc * (0.5 + 0.3 * (np.sin(xx / 2.0 + i) > 0))
+        by, bx = rng.uniform(size * 0.25, size * 0.75, 2)
+        out[i, 1] = 0.9 * np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * rng.uniform(4, 8) ** 2))
+    return out
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_forward_shape_range_any_size(name):
+    fn = network_fuse_fn(_model(name).eval(), torch.device("cpu"), multiple=NETS[name][1])
+    a, b = torch.rand(2, 1, 37, 50), torch.rand(2, 1, 37, 50)
+    out = fn(a, b)
+    assert out.shape == (2, 1, 37, 50)
+    assert out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_batch_independence(name):
+    model = _model(name).eval()
+    fn = network_fuse_fn(model, torch.device("cpu"), multiple=NETS[name][1])
+    a, b = torch.rand(3, 1, 40, 40), torch.rand(3, 1, 40, 40)
+    together = fn(a, b)
+    alone = torch.cat([fn(a[i:i + 1], b[i:i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_lywnet_bn_folding_is_exact():
+    model = _model("lywnet").eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+        before = model(a, b)
+        after = model.fold_bn()(a, b)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_feature_distillation_is_a_softmax_over_sources():
+    fa, fb = torch.randn(2, 4, 8, 8) * 50, torch.randn(2, 4, 8, 8) * 50
+    w = torch.softmax(torch.stack([fa, fb]) / 30.0, dim=0)
+    assert torch.allclose(feature_distillation(fa, fb, 30.0), w[0] * fa + w[1] * fb, atol=1e-4)
+
+
+def test_losses_basic_properties():
+    x = torch.rand(2, 1, 32, 32)
+    assert abs(float(losses.ssim(x, x)) - 1.0) < 1e-5
+    assert float(losses.ssim(x, 1 - x)) < 0.5
+    assert losses.sobel_gradient(x).shape == x.shape
+    flat = torch.full((1, 1, 16, 16), 0.3)
+    assert float(losses.sobel_gradient(flat).abs().max()) < 1e-6
+    assert float(losses.cosine_intensity(x, 2 * x)) < 1e-5
+    m = torch.maximum(x, 1 - x)
+    total, terms = losses.mrdfn_loss(m, x, 1 - x)
+    assert terms["mse"] < 1e-10 and total.ndim == 0
+
+
+# ---- weights: checksum, corrupt and missing files ---------------------------------------------
+
+@pytest.fixture
+def weights_tmp(tmp_path, monkeypatch):
+    d = tmp_path / "weights"
+    monkeypatch.setenv("MEDICALFUSION_WEIGHTS", str(d))
+    return d
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_saved_weights_load_through_registry(name, weights_tmp):
+    from MedicalFusionLib.methods.registry import get_method
+
+    model = _model(name).eval()
+    weights.save_state_dict(model, name, {"settings": dict(model.settings), "architecture": name})
+    method = get_method(name)
+    assert method.family == "network"
+    assert method.available() == (True, "")
+    fn = method.build(torch.device("cpu"))
+    a, b = torch.rand(1, 1, 33, 33), torch.rand(1, 1, 33, 33)
+    ref = network_fuse_fn(_model(name).eval(), torch.device("cpu"), multiple=NETS[name][1])(a, b)
+    assert torch.allclose(fn(a, b), ref, atol=1e-5)
+    entry = weights.read_manifest(weights_tmp)[name]
+    assert entry["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_corrupt_weights_raise_naming_the_file(name, weights_tmp):
+    from MedicalFusionLib.methods.registry import get_method
+
+    model = _model(name)
+    path = weights.save_state_dict(model, name, {"settings": dict(model.settings)})
+    good = path.read_bytes()
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(FusionError, match=str(path.name)) as err:
+        get_method(name).build(torch.device("cpu"))
+    assert "corrupt" in str(err.value)
+    path.unlink()
+    assert get_method(name).available()[0] is False
+    with pytest.raises(FusionError, match=str(path.name)):
+        get_method(name).build(torch.device("cpu"))
+
+
+def test_no_manifest_entry_says_how_to_train(weights_tmp):
+    from MedicalFusionLib.methods.registry import get_method
+
+    ok, reason = get_method("mrdfn").available()
+    assert not ok and "medicalfusion train --method mrdfn" in reason
+
+
+# ---- training loop ------------------------------------------------------------------------------
+
+def test_split_cases_is_case_disjoint():
+    from MedicalFusionLib.training.data import PairRecord
+
+    recs = [PairRecord(p, "X", None, None, str(c), "train") for p in ("CT-MRI", "PET-MRI")
+            for c in range(6) for _ in range(3)]
+    train, val = split_cases(recs, 0.34, seed=0)
+    assert len(train) + len(val) == len(recs)
+    tc, vc = {(r.pair, r.case) for r in train}, {(r.pair, r.case) for r in val}
+    assert not tc & vc
+    assert {p for p, _ in vc} == {"CT-MRI", "PET-MRI"}
+    assert split_cases(recs, 0.34, seed=0)[1] == val
+
+
+def test_crop_sampler_is_reproducible():
+    stack = _synthetic(4)
+    s = CropSampler(stack, 32, 3, seed=5)
+    s.reseed(7)
+    a1, b1 = s.sample()
+    s.reseed(7)
+    a2, b2 = s.sample()
+    assert a1.shape == (3, 1, 32, 32) and torch.equal(a1, a2) and torch.equal(b1, b2)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_short_training_lowers_loss_and_resumes(name, tmp_path):
+    loss_fn = losses.mrdfn_loss if name == "mrdfn" else losses.lywnet_loss
+    train_stack, val_stack = _synthetic(6, seed=1), _synthetic(2, seed=2)
+    model = _model(name)
+    val = torch.from_numpy(val_stack)
+    before = validation_loss(model, loss_fn, val)
+    cfg = TrainConfig(crop=32, batch=4, lr=3e-3, val_every=10, patience=100, minutes=5, seed=0, max_steps=30)
+    info = fit(model, loss_fn, cfg, train_stack, val_stack, tmp_path / "run", resume=True, log=lambda s: None)
+    after = validation_loss(model, loss_fn, val)
+    assert info["step"] == 30 and info["round"] == 3
+    assert after < before
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 30 and ckpt["state"]["done"]
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30]
+    # the best weights reload into a fresh model and give the same validation loss
+    fresh = _model(name, seed=99)
+    fresh.load_state_dict(ckpt["best_model"])
+    assert abs(validation_loss(fresh, loss_fn, val) - ckpt["state"]["best_val"]) < 1e-4
+    # resuming continues from the checkpoint (step 30 -> 40), appending to the same log
+    cfg.max_steps = 40
+    ckpt["state"]["done"] = False
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    info2 = fit(_model(name, seed=3), loss_fn, cfg, train_stack, val_stack, tmp_path / "run", resume=True,
+                log=lambda s: None)
+    assert info2["step"] == 40 and info2["round"] == 4
+    with open(tmp_path / "run" / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [10, 20, 30, 40]
+
+
+def _write_tiny_aanlib(root, size: int = 64) -> None:
+    """A CT-MRI-only aanlib look-alike: 3 train cases and 1 test case of 2 slices each."""
+    stack = _synthetic(8, size=size, seed=4)
+    (root / "CT-MRI" / "MRI").mkdir(parents=True)
+    (root / "CT-MRI" / "CT").mkdir(parents=True)
+    rows = []
+    for i in range(8):
+        case, split = str(i // 2), ("test" if i >= 6 else "train")
+        for ch, mod in ((0, "MRI"), (1, "CT")):
+            img = (stack[i, ch] * 255).round().astype(np.uint8)
+            sitk.WriteImage(sitk.GetImageFromArray(img), str(root / "CT-MRI" / mod / f"{i}.png"))
+        rows.append(["CT-MRI", "CT", f"CT-MRI/MRI/{i}.png", f"CT-MRI/CT/{i}.png", case, split])
+    with open(root / "split.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pair", "modality", "mri", "image", "case", "split"])
+        w.writerows(rows)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_trainer_writes_manifest_entry(name, tmp_path, weights_tmp):
+    import importlib
+
+    trainer = importlib.import_module(f"MedicalFusionLib.training.{name}")
+    data = tmp_path / "aanlib"
+    _write_tiny_aanlib(data)
+    cfg = trainer.make_config(1.0, 0)
+    cfg.crop, cfg.batch, cfg.val_every, cfg.max_steps = 32, 2, 2, 4
+    entry = trainer.train(data, out_dir=tmp_path / "run", config=cfg, log=lambda s: None)
+    for key in ("file", "sha256", "architecture", "settings", "parameters", "data", "training", "test_metrics"):
+        assert key in entry
+    assert entry["training"]["steps"] == 4
+    assert entry["data"]["validation_pairs"] > 0
+    assert set(entry["test_metrics"]) == {"CT-MRI"}
+    assert {"Qabf", "VIF", "SF", "AG", "SSIM_avg"} <= set(entry["test_metrics"]["CT-MRI"])
+    state, _ = weights.load_state_dict(name)
+    fresh = NETS[name][0](**entry["settings"])
+    fresh.load_state_dict(state)
+    shutil.rmtree(tmp_path / "run")
