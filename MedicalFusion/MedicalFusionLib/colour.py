@@ -55,6 +55,14 @@ def colormap_table(name: str) -> np.ndarray:
     return tables[name]
 
 
+def check_table(table) -> np.ndarray:
+    """A user-given colour table as float32 N x 3 in [0, 1] (N >= 2), or a FusionError."""
+    t = np.asarray(table, dtype=np.float32)
+    if t.ndim != 2 or t.shape[1] < 3 or t.shape[0] < 2 or not np.all(np.isfinite(t)) or t.min() < 0 or t.max() > 1:
+        raise FusionError("a colour table must be N x 3 (or N x 4) RGB values in [0, 1]: check the colour node")
+    return t[:, :3]
+
+
 def slicer_colormap_table(name: str, scene=None) -> np.ndarray:
     """Read the 256x3 table from Slicer's own colour node (needs the `slicer` module)."""
     import slicer  # noqa: PLC0415  (optional dependency)

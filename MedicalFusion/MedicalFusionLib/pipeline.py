@@ -16,7 +16,7 @@ from . import colour
 from .align import resample_to_reference
 from .device import pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
-from .errors import FusionError
+from .errors import FusionCancelled, FusionError
 from .methods import get_method
 from .sources import as_3d, rgb_is_gray
 
@@ -28,7 +28,8 @@ class FusionOptions:
     """What the user chose. ``None`` windows are computed from the images (see :func:`prepare`)."""
 
     method: str = "lp"
-    colormap: str | None = None          # scalar functional: Slicer colour map name (default PET-Heat)
+    colormap: str | np.ndarray | None = None   # scalar functional: Slicer colour map name (default
+                                               # PET-Heat) or an N x 3 RGB table in [0, 1]
     anatomical_window: tuple[float, float] | None = None
     functional_window: tuple[float, float] | None = None
     axis: str | int = "axial"            # anatomical name or array axis (0 = ITK z)
@@ -47,7 +48,7 @@ class Prepared:
     grayscale: bool
     anatomical_window: tuple[float, float]
     functional_window: tuple[float, float] | None
-    colormap: str | None
+    colormap: str | None                 # the map's name, or 'custom table (N colours)'
 
 
 @dataclass
@@ -129,10 +130,12 @@ def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colorm
     if image.GetNumberOfComponentsPerPixel() == 3:
         rgb = sitk.GetArrayViewFromImage(image).astype(np.float32) / 255.0
         return colour.rgb_to_ycbcr(rgb), None, None
-    name = colormap or colour.DEFAULT_COLORMAP
+    cmap = colour.DEFAULT_COLORMAP if colormap is None else colormap
+    table = colour.colormap_table(cmap) if isinstance(cmap, str) else colour.check_table(cmap)
     window = window or functional_window_default(image)
     unit = colour.window_to_unit(sitk.GetArrayViewFromImage(image), *window)
-    return colour.rgb_to_ycbcr(colour.apply_colormap(unit, name)), (float(window[0]), float(window[1])), name
+    name = cmap if isinstance(cmap, str) else f"custom table ({len(table)} colours)"
+    return colour.rgb_to_ycbcr(colour.apply_colormap(unit, table)), (float(window[0]), float(window[1])), name
 
 
 def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions,
@@ -144,8 +147,6 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
     """
     anatomical, _ = as_3d(anatomical, "anatomical")
     functional, _ = as_3d(functional, "functional")
-    if rgb_is_gray(functional):
-        functional = sitk.VectorIndexSelectionCast(functional, 0)
     if rgb_is_gray(anatomical):
         anatomical = sitk.VectorIndexSelectionCast(anatomical, 0)
     a01, awin = anatomical_unit(anatomical, options.anatomical_window)
@@ -186,9 +187,23 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
         raise FusionError(reason)
     device = pick_device(options.device)
     axis = array_axis(prepared.reference, options.axis)
+    # With metrics, progress runs over two phases of equal length: fusing, then measuring.
+    phases = 2 if options.compute_metrics else 1
+
+    def phase_progress(phase: int):
+        if progress is None and cancel is None:
+            return None
+
+        def report(done: int, total: int) -> None:
+            if phase > 0 and cancel is not None and cancel():   # the engine checks cancel itself
+                raise FusionCancelled("fusion cancelled")
+            if progress is not None:
+                progress(phase * total + done, phases * total)
+        return report
+
     t0 = time.perf_counter()
     fused_y = fuse_volume(prepared.anatomical, prepared.functional_ycc[..., 0], method, axis=axis, device=device,
-                          batch_size=options.batch_size, progress=progress, cancel=cancel)
+                          batch_size=options.batch_size, progress=phase_progress(0), cancel=cancel)
     rgb = recombine(fused_y, prepared.functional_ycc, method.chroma_scale, prepared.grayscale)
     seconds = time.perf_counter() - t0
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
@@ -197,7 +212,7 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
         from .metrics import volume_metrics  # noqa: PLC0415  (scipy/skimage only when asked)
 
         a8, b8 = source_gray8(prepared)
-        result.metrics = volume_metrics(a8, b8, colour.gray8(rgb), axis=axis)
+        result.metrics = volume_metrics(a8, b8, colour.gray8(rgb), axis=axis, progress=phase_progress(1))
     return result
 
 
@@ -207,7 +222,9 @@ def fuse_images(anatomical: sitk.Image, functional: sitk.Image, options: FusionO
     """Fuse a registered pair of SimpleITK images (2D or 3D; functional scalar or RGB)."""
     options = options or FusionOptions()
     get_method(options.method)               # unknown method: fail before any work
-    if options.colormap is not None:
+    if isinstance(options.colormap, str):
         colour.colormap_table(options.colormap)
+    elif options.colormap is not None:
+        colour.check_table(options.colormap)
     prepared = prepare(anatomical, functional, options, transform)
     return fuse_prepared(prepared, options, progress, cancel)

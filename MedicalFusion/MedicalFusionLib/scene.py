@@ -22,9 +22,9 @@ it was: no node is created and output nodes passed in are not modified.
 
 Colour of a scalar functional: ``FusionOptions.colormap`` when given; otherwise the colour node its
 display node uses. A colour node of the shipped list (PET-Heat, Rainbow, Grey, ...) is passed to the
-pipeline by name; any other colour node is honoured by colouring the functional here, through that
-node's own lookup table and window, and handing the pipeline an RGB functional. A display node
-without a colour node falls back to PET-Heat with a logged warning.
+pipeline by name; any other colour node by its own lookup table (the pipeline resamples the values
+first and colours them after, as the slice views do). A display node without a colour node falls
+back to PET-Heat with a logged warning.
 
 Windows: ``FusionOptions`` windows when given; otherwise (``use_display_windows=True``) each input's
 display window/level, i.e. what the user sees in the slice views; otherwise the pipeline's defaults.
@@ -309,21 +309,12 @@ class SceneFusionResult:
     info: dict = field(default_factory=dict)
 
 
-def _colour_functional(image: sitk.Image, window: tuple[float, float], table: np.ndarray) -> sitk.Image:
-    """A scalar functional through a colour node's own table -> RGB uint8 image (same geometry)."""
-    unit = colour.window_to_unit(sitk.GetArrayViewFromImage(image), *window)
-    rgb = colour.to_uint8(colour.apply_colormap(unit, table))
-    out = sitk.GetImageFromArray(rgb, isVector=True)
-    out.CopyInformation(image)
-    return out
-
-
 def prepare_inputs(scene, anatomical, functional, options=None, use_display_windows: bool = True):
     """Nodes -> (anatomical image, functional image, options filled from display nodes, transform, info).
 
     Nothing in the scene is changed. Options given explicitly win over the display nodes.
     """
-    from .pipeline import FusionOptions, functional_window_default  # noqa: PLC0415  (torch only when fusing)
+    from .pipeline import FusionOptions  # noqa: PLC0415  (torch only when fusing)
 
     options = FusionOptions(**vars(options)) if options is not None else FusionOptions()
     a_img = image_from_node(anatomical)
@@ -340,16 +331,8 @@ def prepare_inputs(scene, anatomical, functional, options=None, use_display_wind
             if f_disp.colormap is not None:
                 options.colormap = f_disp.colormap
             elif f_disp.table is not None:
-                window = options.functional_window or functional_window_default(f_img)
-                f_img = _colour_functional(f_img, window, f_disp.table)
+                options.colormap = f_disp.table      # a colour node outside the shipped list
                 info["colormap"] = f"{f_disp.color_node_id} (its own table)"
-                info["functional_window"] = window
-                options.functional_window = None
-                if np.ptp(f_disp.table, axis=1).max() == 0:
-                    # A grey table: the pipeline would take grey RGB for a scalar and colour it
-                    # again with its default map, so hand it the grey levels through 'Grey'.
-                    f_img = sitk.VectorIndexSelectionCast(f_img, 0)
-                    options.colormap, options.functional_window = "Grey", (0.0, 255.0)
             else:
                 logger.warning("MedicalFusion: the functional volume '%s' has no colour node; using %s",
                                functional.GetName(), colour.DEFAULT_COLORMAP)

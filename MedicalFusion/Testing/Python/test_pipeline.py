@@ -81,3 +81,37 @@ def test_spm12_pet_on_t1_end_to_end(shared_data):
     raw = sitk.GetArrayFromImage(spect).astype(np.float32)
     lo, hi = r.prepared.functional_window
     assert np.corrcoef(aligned_y.ravel(), np.clip((raw[:, :, ::-1] - lo) / (hi - lo), 0, 1).ravel())[0, 1] > 0.9
+
+
+def test_progress_spans_fusion_then_metrics_and_cancel_works_during_metrics(small_pair):
+    from MedicalFusionLib.errors import FusionCancelled
+
+    anat, pet = small_pair
+    seen = []
+    fuse_images(anat, pet, FusionOptions(method="alpha", batch_size=4), progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, 16) and seen[-1] == (16, 16)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 6        # past the engine's checks: cancels while measuring
+
+    with pytest.raises(FusionCancelled):
+        fuse_images(anat, pet, FusionOptions(method="alpha", batch_size=8), cancel=cancel)
+
+
+def test_custom_colour_table_and_grey_rgb_functional(small_pair):
+    anat, pet = small_pair
+    blue = np.zeros((256, 3), np.float32)
+    blue[:, 2] = np.linspace(0, 1, 256)
+    r = fuse_images(anat, pet, FusionOptions(method="average", colormap=blue, compute_metrics=False))
+    assert r.prepared.colormap.startswith("custom table")
+    assert (r.rgb[..., 2].astype(int) - r.rgb[..., 0]).mean() > 10     # blue wins over red
+    with pytest.raises(FusionError, match="colour table"):
+        fuse_images(anat, pet, FusionOptions(colormap=np.ones((5, 2))))
+    # a grayscale image saved as RGB (e.g. a CT PNG) stays grayscale: it is not re-coloured
+    g = (sitk.GetArrayFromImage(pet) / 11 * 255).astype(np.uint8)
+    grey_rgb = make_image(np.repeat(g[..., None], 3, -1), vector=True)
+    r = fuse_images(anat, grey_rgb, FusionOptions(method="average", compute_metrics=False))
+    assert r.grayscale and np.array_equal(r.rgb[..., 0], r.rgb[..., 2])
