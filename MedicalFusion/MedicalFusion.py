@@ -207,7 +207,7 @@ class MedicalFusionParameterNode:
     useDisplayWindow - take both windows from the display nodes (what the views show).
     functionalWindowMin/Max - the functional window when useDisplayWindow is off.
     method, device, axis - the fusion method (registry name), torch device, slice orientation.
-    computeMetrics - also write the metrics table (off by default: the metrics take longer than most methods).
+    computeMetrics - also write the metrics table (on by default; progress and Cancel cover it too).
     showAsForeground - show the result over the anatomical instead of as background.
     outputVolume / outputTable - nodes to overwrite; None = create new ones on each run.
     """
@@ -221,7 +221,7 @@ class MedicalFusionParameterNode:
     method: Annotated[str, Choice(METHOD_CHOICES), Default(DEFAULT_METHOD)]
     device: Annotated[str, Choice(DEVICE_CHOICES), Default("auto")]
     axis: Annotated[str, Choice(AXIS_CHOICES), Default("axial")]
-    computeMetrics: Annotated[bool, Default(False)]   # off by default: slow on large volumes, not cancellable yet
+    computeMetrics: Annotated[bool, Default(True)]
     showAsForeground: Annotated[bool, Default(False)]
     outputVolume: vtkMRMLVectorVolumeNode
     outputTable: vtkMRMLTableNode
