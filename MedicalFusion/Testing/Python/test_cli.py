@@ -130,3 +130,47 @@ def test_demo_runs_on_the_embedded_sample(tmp_path):
     anat = sitk.ReadImage(str(tmp_path / "sample" / "anatomical_t1.nrrd"))
     assert fused.GetSize() == anat.GetSize() and fused.GetNumberOfComponentsPerPixel() == 3
     assert (tmp_path / "preview.png").is_file() and (tmp_path / "metrics.csv").is_file()
+
+
+def _write_dicom_series(volume: sitk.Image, folder: pathlib.Path) -> None:
+    """Write an int16 volume as a DICOM series (one file a slice, shared series UID)."""
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.4242"
+    direction = volume.GetDirection()
+    for k in range(volume.GetDepth()):
+        s = volume[:, :, k]
+        pos = volume.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "MR", "0020|000e": series_uid, "0020|000d": series_uid + ".1",
+            "0008|0018": f"{series_uid}.{k + 10}", "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in pos),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                           direction[1], direction[4], direction[7])),
+            "0018|0050": str(volume.GetSpacing()[2]),
+        }
+        for key, value in tags.items():
+            s.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(s)
+
+
+def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, small_pair):
+    anat, pet = small_pair
+    vol = sitk.Cast(anat, sitk.sitkInt16)
+    vol.SetSpacing((0.9, 0.9, 2.5))
+    vol.SetOrigin((-20.0, -18.0, -10.0))
+    _write_dicom_series(vol, tmp_path / "mri_series")
+    pet.SetSpacing((0.9, 0.9, 2.5))
+    pet.SetOrigin((-20.0, -18.0, -10.0))
+    sitk.WriteImage(pet, str(tmp_path / "pet.nrrd"))
+    assert main(["fuse", "-a", str(tmp_path / "mri_series"), "-f", str(tmp_path / "pet.nrrd"),
+                 "-o", str(tmp_path / "fused.nrrd"), "-q"]) == 0
+    fused = sitk.ReadImage(str(tmp_path / "fused.nrrd"))
+    assert fused.GetSize() == vol.GetSize()
+    assert np.allclose(fused.GetSpacing(), vol.GetSpacing(), atol=1e-3)
+    assert np.allclose(fused.GetOrigin(), vol.GetOrigin(), atol=1e-3)
+    (tmp_path / "empty").mkdir()
+    assert main(["fuse", "-a", str(tmp_path / "empty"), "-f", str(tmp_path / "pet.nrrd"),
+                 "-o", str(tmp_path / "f2.nrrd"), "-q"]) == 2
