@@ -63,15 +63,16 @@ def as_3d(image: sitk.Image, role: str, name: str = "") -> tuple[sitk.Image, boo
     label = f"{role} input {name}".strip()
     dim = image.GetDimension()
     ncomp = image.GetNumberOfComponentsPerPixel()
-    if dim == 4 or (dim == 3 and image.GetSize()[2] > 1 and ncomp not in (1, 3)):
+    if dim == 4:
         raise FusionError(f"{label} is 4D (a time series or multi-frame volume): extract one 3D frame first")
     if dim not in (2, 3):
         raise FusionError(f"{label} has {dim} dimensions: give a 2D image or a 3D volume")
-    if ncomp == 4:  # RGBA PNG: drop alpha
+    if ncomp == 4:  # RGBA (PNG): drop alpha
         image = sitk.Compose([sitk.VectorIndexSelectionCast(image, i) for i in range(3)])
         ncomp = 3
     if ncomp not in (1, 3):
-        raise FusionError(f"{label} has {ncomp} components per pixel: give a scalar or an RGB image")
+        raise FusionError(f"{label} has {ncomp} values per voxel (a multi-frame or multi-channel volume): "
+                          "give a scalar or an RGB image, e.g. extract one frame")
     if ncomp == 3 and image.GetPixelID() not in (sitk.sitkVectorUInt8,):
         arr = sitk.GetArrayFromImage(image)
         if arr.min() < 0 or arr.max() > 255:
