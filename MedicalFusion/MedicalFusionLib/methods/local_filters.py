@@ -21,19 +21,16 @@ def safe_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> t
 
 
 def _window_sum_1d(x: torch.Tensor, r: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over [i-r, i+r] clipped to the image along ``dim`` and the number of terms."""
+    """Sum over [i-r, i+r] clipped to the image along ``dim`` (-1 or -2) and the number of terms.
+    Zero padding + one cumulative sum in float64 (so guided-filter variances stay exact enough
+    for eps = 1e-6) + one difference of two shifted views."""
     n = x.shape[dim]
-    c = torch.cumsum(x.double(), dim=dim)
-    zero_shape = list(x.shape)
-    zero_shape[dim] = 1
-    c = torch.cat([torch.zeros(zero_shape, dtype=c.dtype, device=c.device), c], dim=dim)
+    pad = (r + 1, r) if dim == -1 else (0, 0, r + 1, r)
+    c = torch.cumsum(F.pad(x.double(), pad), dim=dim)
+    s = (c.narrow(dim, 2 * r + 1, n) - c.narrow(dim, 0, n)).to(x.dtype)
     idx = torch.arange(n, device=x.device)
-    hi = (idx + r + 1).clamp(max=n)
-    lo = (idx - r).clamp(min=0)
-    s = (c.index_select(dim, hi) - c.index_select(dim, lo)).to(x.dtype)
-    count_shape = [1] * x.dim()
-    count_shape[dim] = n
-    return s, (hi - lo).to(x.dtype).view(count_shape)
+    count = ((idx + r).clamp(max=n - 1) - (idx - r).clamp(min=0) + 1).to(x.dtype)
+    return s, count.view(n, 1) if dim == -2 else count
 
 
 def box_sum(x: torch.Tensor, r: int) -> torch.Tensor:

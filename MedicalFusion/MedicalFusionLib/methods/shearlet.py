@@ -4,7 +4,7 @@ Yin, Liu, Liu & Chen, "Medical image fusion with parameter-adaptive pulse couple
 nonsubsampled shearlet transform domain", IEEE Trans. Instrum. Meas. 68(1), 2019.
 
 * Transform: non-subsampled shearlet decomposition built in the frequency domain
-  (``frequency_bank.py``: Meyer scale windows on concentric squares, shear wedges with equal slope
+  (``frequency_bank.py``: Gaussian non-subsampled pyramid, Meyer shear wedges with equal slope
   steps per cone, partition of unity so the inverse is the sum of the bands).
 * Low-pass band: the coefficient whose WLE x WSEML activity is larger (weighted local energy and
   weighted sum of eight-neighbourhood modified Laplacian, 3x3 weights [1 2 1; 2 4 2; 1 2 1]/16).
@@ -32,6 +32,8 @@ NSST_DIRECTIONS = (8, 8, 4, 4)
 #: PCNN iterations. The paper runs 110; 50 gives nearly the same image (mean |difference| about
 #: 4e-4 on a PET-MRI test pair) at less than half the cost; see ``docs/evaluation/classic.md``.
 PCNN_ITERATIONS = 50
+#: Meyer roll-off between neighbouring shear wedges, as a fraction of a wedge.
+SHEAR_TRANSITION = 0.5
 
 _WEIGHTS_3x3 = [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]
 _LINK_3x3 = [[0.5, 1.0, 0.5], [1.0, 0.0, 1.0], [0.5, 1.0, 0.5]]
@@ -133,11 +135,11 @@ def fuse_nsst_papcnn(a: torch.Tensor, b: torch.Tensor, directions: tuple[int, ..
     """NSST-PAPCNN fusion of a, b [B,1,H,W] in [0,1] -> [B,1,H,W].
 
     Parameters: 4 NSST levels with ``directions`` (finest first, default 8, 8, 4, 4), Meyer
-    windows, 16-pixel reflect padding; low-pass by WLE x WSEML (3x3 weights); high-pass by
+    wedge roll-off of half a wedge, 16-pixel reflect padding; low-pass by WLE x WSEML (3x3 weights); high-pass by
     PA-PCNN firing counts over ``iterations`` steps (default 50; the paper runs 110).
     """
-    ba = decompose(a, directions, "square")
-    bb = decompose(b, directions, "square")
+    ba = decompose(a, directions, SHEAR_TRANSITION)
+    bb = decompose(b, directions, SHEAR_TRANSITION)
     low_a, low_b = ba[:, -1:], bb[:, -1:]
     low = torch.where(wle_wseml(low_a) >= wle_wseml(low_b), low_a, low_b)
     ha, hb = ba[:, :-1], bb[:, :-1]

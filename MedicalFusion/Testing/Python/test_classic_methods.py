@@ -64,15 +64,15 @@ def test_fusing_an_image_with_itself_returns_it(name):
     assert (fuse(name, a, a) - a).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("directions,radius", [(NSST_DIRECTIONS, "square"), (NSCT_DIRECTIONS, "round")])
-def test_transform_is_perfectly_reconstructed_by_summing_bands(directions, radius):
+@pytest.mark.parametrize("directions,transition", [(NSST_DIRECTIONS, 0.5), (NSCT_DIRECTIONS, 1.0)])
+def test_transform_is_perfectly_reconstructed_by_summing_bands(directions, transition):
     x = smooth_random(2, 50, 70, 4)
-    bands = frequency_bank.decompose(x, directions, radius)
+    bands = frequency_bank.decompose(x, directions, transition)
     assert bands.shape == (2, sum(directions) + 1, 50, 70)
     assert (bands.sum(dim=1, keepdim=True) - x).abs().max() < 1e-5
     # the filters themselves form a partition of unity at every frequency
     hp, wp = frequency_bank.padded_size(50), frequency_bank.padded_size(70)
-    bank = frequency_bank._bank(hp, wp, "cpu", torch.float32, tuple(directions), radius)
+    bank = frequency_bank._bank(hp, wp, "cpu", torch.float32, tuple(directions), transition)
     assert (bank.sum(dim=0) - 1).abs().max() < 1e-5
 
 
@@ -83,8 +83,8 @@ def test_directional_bands_are_directional():
     x = torch.arange(w, dtype=torch.float32)
     vertical_lines = (0.5 + 0.4 * torch.cos(2 * math.pi * x / 4)).view(1, 1, 1, w).expand(1, 1, h, w)
     n = NSST_DIRECTIONS[0]
-    energy_v = frequency_bank.decompose(vertical_lines, NSST_DIRECTIONS, "square")[0, :n].pow(2).mean(dim=(1, 2))
-    energy_h = frequency_bank.decompose(vertical_lines.transpose(-1, -2), NSST_DIRECTIONS, "square")[0, :n].pow(2).mean(
+    energy_v = frequency_bank.decompose(vertical_lines, NSST_DIRECTIONS, 0.5)[0, :n].pow(2).mean(dim=(1, 2))
+    energy_h = frequency_bank.decompose(vertical_lines.transpose(-1, -2), NSST_DIRECTIONS, 0.5)[0, :n].pow(2).mean(
         dim=(1, 2))
     # pseudo-angle 1 (fy = 0) sits between wedges n/4 - 1 and n/4; angle 3 (fx = 0) around 3n/4
     assert energy_v[[n // 4 - 1, n // 4]].sum() > 0.95 * energy_v.sum()
