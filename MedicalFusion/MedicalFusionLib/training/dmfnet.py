@@ -418,7 +418,20 @@ def train(data_root=None, out_dir=None, minutes: float = 60.0, resume: bool = Tr
         "seed": seed,
         "command": "medicalfusion train --method dmfnet --data ../shared/data/aanlib --minutes M",
     }
-    if save_weights:
-        W.save_state_dict(model, "dmfnet", entry)
-        log(f"weights saved to {W.weights_dir() / 'dmfnet.pt'}")
+    if not save_weights:
+        return entry
+    model = model.cpu().eval()
+    W.save_state_dict(model, "dmfnet", entry)
+    log(f"weights saved to {W.weights_dir() / 'dmfnet.pt'}")
+    try:  # the shared scorer (training/loop.py): fused Y + functional chroma -> RGB -> gray8 -> metrics
+        from .loop import test_split_metrics  # noqa: PLC0415 - optional, heavy
+        test = test_split_metrics(model.fuse, root, log=log)
+        full = W.read_manifest().get("dmfnet", {})
+        full.update(test_metrics=test,
+                    metric_protocol="fused Y + functional Cb/Cr -> RGB uint8 -> BT.601 gray8; metrics.slice_metrics "
+                                    "(A = MRI, B = CT/PET/SPECT), mean over the test pairs of each modality pair")
+        W.update_manifest("dmfnet", full)
+        entry = full
+    except Exception as exc:  # noqa: BLE001 - the weights are saved; scoring can be redone by 'evaluate'
+        log(f"test-split scoring skipped: {type(exc).__name__}: {exc}")
     return entry
