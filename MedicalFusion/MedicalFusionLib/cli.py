@@ -99,7 +99,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate  # noqa: PLC0415
 
     evaluate(args.dataset, args.split, args.methods, args.output, pairs=args.pairs, device=args.device,
-             limit=args.limit, quiet=args.quiet)
+             limit=args.limit, quiet=args.quiet, montage_sources=not args.montage_without_sources)
     return 0
 
 
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default="out/evaluation", help="folder for the CSV, markdown and montage files")
     e.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
     e.add_argument("--limit", type=int, help="at most this many pairs per modality (quick runs)")
+    e.add_argument("--montage-without-sources", action="store_true",
+                   help="montage of fused results only (for figures that must not reproduce the dataset)")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

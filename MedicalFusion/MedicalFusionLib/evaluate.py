@@ -79,23 +79,25 @@ def write_tables(out: pathlib.Path, pair: str, rows: dict, seconds: dict, n: int
     (out / f"{pair}.md").write_text("\n".join(lines) + "\n")
 
 
-def write_montage(out: pathlib.Path, pair: str, data: dict, fused: dict) -> None:
+def write_montage(out: pathlib.Path, pair: str, data: dict, fused: dict, with_sources: bool = True) -> None:
+    """A few cases (rows) by method (columns); the two sources first unless ``with_sources`` is
+    False (figures for the repository show only our outputs, never the dataset's images)."""
     n = len(data["names"])
     picks = np.linspace(0, n - 1, min(MONTAGE_CASES, n)).round().astype(int)
     rows = []
     for i in picks:
-        tiles = [np.repeat(colour.to_uint8(data["mri"][i])[..., None], 3, -1), data["func_rgb8"][i]]
+        tiles = [np.repeat(colour.to_uint8(data["mri"][i])[..., None], 3, -1), data["func_rgb8"][i]] if with_sources else []
         tiles += [fused[name][i] for name in fused]
         rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1))
     sitk.WriteImage(sitk.GetImageFromArray(np.concatenate(rows, axis=0), isVector=True),
                     str(out / f"{pair}_montage.png"))
     (out / f"{pair}_montage.txt").write_text(
-        "columns: MRI, functional, " + ", ".join(fused) + "\nrows: " + ", ".join(data["names"][i] for i in picks) + "\n")
+        "columns: " + ("MRI, functional, " if with_sources else "") + ", ".join(fused) + "\nrows: " + ", ".join(data["names"][i] for i in picks) + "\n")
 
 
 def evaluate(dataset, split: str = "test", methods: list[str] | None = None, output="out/evaluation",
              pairs: list[str] | None = None, device: str = "auto", limit: int | None = None,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, montage_sources: bool = True) -> dict:
     """Evaluate ``methods`` (default: every available one) and write the tables; returns
     ``{pair: {method: {metric: [values per pair]}}}``."""
     from tqdm import tqdm  # noqa: PLC0415
@@ -138,7 +140,7 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
                     per_key[k].append(v)
             rows[m.name] = per_key
         write_tables(out, pair, rows, seconds, len(records))
-        write_montage(out, pair, data, fused_all)
+        write_montage(out, pair, data, fused_all, with_sources=montage_sources)
         summary += [(out / f"{pair}.md").read_text(), f"![{pair}]({pair}_montage.png)", ""]
         results[pair] = rows
         if not quiet:
