@@ -135,7 +135,8 @@ def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colorm
     window = window or functional_window_default(image)
     unit = colour.window_to_unit(sitk.GetArrayViewFromImage(image), *window)
     name = cmap if isinstance(cmap, str) else f"custom table ({len(table)} colours)"
-    return colour.rgb_to_ycbcr(colour.apply_colormap(unit, table)), (float(window[0]), float(window[1])), name
+    # look the values up in the table converted to YCbCr: one conversion of 256 entries, not of every voxel
+    return colour.apply_colormap(unit, colour.rgb_to_ycbcr(table)), (float(window[0]), float(window[1])), name
 
 
 def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions,
