@@ -1,4 +1,4 @@
-"""LYWNet: multi-scale pyramid residual weight network (Quant. Imaging Med. Surg. 2025), CPU-sized.
+"""LYWNet: multi-scale pyramid residual weight network (Quant. Imaging Med. Surg., doi:10.21037/qims-24-851), CPU-sized.
 
 The paper's structure, with our (much smaller) channel counts so a 256x256 pair runs in tens of
 milliseconds on two CPU cores instead of seconds:
@@ -212,7 +212,7 @@ def _build(device: torch.device):
 register(FusionMethod(
     name="lywnet",
     description="LYWNet: multi-scale pyramid residual weight network (CPU-sized, trained on aanlib); functional colour kept",
-    reference="LYWNet, A multi-scale pyramid residual weight network for medical image fusion, Quant. Imaging Med. Surg. 2025",
+    reference="LYWNet: a multi-scale pyramid residual weight network for medical image fusion, Quant. Imaging Med. Surg., doi:10.21037/qims-24-851",
     family="network",
     build=_build,
     bytes_per_pixel=2048,

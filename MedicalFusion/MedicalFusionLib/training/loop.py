@@ -44,6 +44,7 @@ class TrainConfig:
     lr_patience: int = 3          # rounds without improvement before halving the learning rate
     val_fraction: float = 0.15    # share of each modality pair's train CASES used for validation
     val_images: int = 48          # validation loss on at most this many validation slices (evenly spaced)
+    min_signal: float = 0.05      # crops whose mean is below this are redrawn (up to 10 times)
     minutes: float = 30.0         # wall-time budget (training only; the final test scoring is extra)
     seed: int = 0
     max_steps: int | None = None  # for tests
@@ -164,6 +165,11 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, cfg: TrainConfig, train_stack: 
         opt.load_state_dict(ckpt["optimizer"])
         best_state = ckpt["best_model"]
         state.update({k: ckpt["state"][k] for k in state if k in ckpt["state"]})
+        if state["done"] and state["stop_reason"].startswith("wall-time") and state["elapsed"] < cfg.minutes * 60.0:
+            state["done"], state["stop_reason"] = False, ""   # a larger budget continues a run the clock stopped
+        if state["done"] and state["stop_reason"].startswith("max_steps") and (
+                cfg.max_steps is None or state["step"] < cfg.max_steps):
+            state["done"], state["stop_reason"] = False, ""
         log(f"resumed from {ckpt_path} at step {state['step']} (round {state['round']}, best val {state['best_val']:.5f})")
     elif log_path.exists():
         log_path.unlink()
@@ -171,7 +177,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, cfg: TrainConfig, train_stack: 
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
 
-    sampler = CropSampler(train_stack, cfg.crop, cfg.batch, cfg.seed)
+    sampler = CropSampler(train_stack, cfg.crop, cfg.batch, cfg.seed, min_signal=cfg.min_signal)
     val = torch.from_numpy(val_stack).to(device)
     budget = cfg.minutes * 60.0
     t_start = time.monotonic() - state["elapsed"]

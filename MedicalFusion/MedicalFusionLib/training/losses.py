@@ -104,7 +104,7 @@ def max_gradient_target(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 DEFAULT_MRDFN_WEIGHTS = {"mse": 10.0, "ssim": 1.0, "grad": 4.0}
-DEFAULT_LYWNET_WEIGHTS = {"mse": 10.0, "cos": 1.0, "edge": 10.0, "ssim": 1.0}
+DEFAULT_LYWNET_WEIGHTS = {"mse": 10.0, "cos": 1.0, "edge": 3.0, "ssim": 3.0}
 
 
 def mrdfn_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: dict | None = None
