@@ -14,8 +14,8 @@ local gradient energy", Information Sciences 569, 2021 (cited by the review in o
 
 The joint bilateral filter is computed on a bilateral grid (Chen, Paris & Durand, SIGGRAPH 2007):
 spatial cells of sigma_s pixels, range cells of sigma_r, a 5-tap binomial blur in the three grid
-directions and trilinear slicing; splatting uses box pooling (no scatter), so it is deterministic
-on every device.
+directions and trilinear slicing; splatting is a sequential index_add on the CPU and one-hot block
+sums elsewhere (no atomics), so it is deterministic on every device.
 """
 from __future__ import annotations
 
@@ -44,19 +44,37 @@ def _binomial5(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def joint_bilateral_filter(src: torch.Tensor, guide: torch.Tensor, sigma_s: float = SIGMA_S,
-                           sigma_r: float = SIGMA_R) -> torch.Tensor:
-    """Joint bilateral filter of src [N,C,H,W] with range weights from guide (same shape, [0,1])."""
+                           sigma_r: float = SIGMA_R, index_add: bool | None = None) -> torch.Tensor:
+    """Joint bilateral filter of src [N,C,H,W] with range weights from guide (same shape, [0,1]).
+    ``index_add``: splat with index_add (default on the CPU) or with one-hot block sums."""
     n, c, h, w = src.shape
     step = max(1, int(round(sigma_s)))
     depth = int(math.ceil(1.0 / sigma_r)) + 1
     g = guide.clamp(0.0, 1.0) / sigma_r  # range coordinate in cells
-    levels = torch.arange(depth, device=src.device, dtype=src.dtype).view(1, 1, depth, 1, 1)
-    onehot = (g.round().unsqueeze(2) == levels).to(src.dtype)  # [n,c,D,h,w]
     hp, wp = -(-h // step) * step, -(-w // step) * step
-    pad = (0, wp - w, 0, hp - h)  # zero padding adds no weight
-    weights = F.avg_pool2d(F.pad(onehot.reshape(-1, 1, h, w), pad), step)
-    values = F.avg_pool2d(F.pad((onehot * src.unsqueeze(2)).reshape(-1, 1, h, w), pad), step)
-    hg, wg = weights.shape[-2:]
+    hg, wg = hp // step, wp // step
+    cells = depth * hg * wg
+    if index_add is None:
+        index_add = src.device.type == "cpu"
+    if index_add:
+        # splat by index_add (a sequential, deterministic sum on the CPU)
+        cell_yx = (torch.arange(h, device=src.device) // step).view(h, 1) * wg + torch.arange(w, device=src.device) // step
+        idx = g.round().long() * (hg * wg) + cell_yx
+        idx = (idx + torch.arange(n * c, device=src.device).view(n, c, 1, 1) * cells).reshape(-1)
+        weights = torch.zeros(n * c * cells, device=src.device, dtype=src.dtype)
+        weights.index_add_(0, idx, torch.ones_like(idx, dtype=src.dtype))
+        values = torch.zeros_like(weights).index_add_(0, idx, src.reshape(-1))
+    else:
+        # splat by one-hot range volumes and block sums (no atomics, deterministic on GPUs)
+        levels = torch.arange(depth, device=src.device, dtype=src.dtype).view(1, 1, depth, 1, 1)
+        onehot = (g.round().unsqueeze(2) == levels).to(src.dtype)  # [n,c,D,h,w]
+        pad = (0, wp - w, 0, hp - h)  # zero padding adds no weight
+
+        def block_sum(v: torch.Tensor) -> torch.Tensor:
+            return F.pad(v.reshape(-1, h, w), pad).reshape(-1, hg, step, wg, step).sum(dim=(2, 4))
+
+        weights = block_sum(onehot)
+        values = block_sum(onehot * src.unsqueeze(2))
     grid = torch.stack([values.reshape(n * c, depth, hg, wg), weights.reshape(n * c, depth, hg, wg)], dim=1)
     for dim in (2, 3, 4):  # [n*c, 2, D, hg, wg]: binomial (1 4 6 4 1)/16 blur along range, y, x
         grid = _binomial5(grid, dim)
@@ -70,7 +88,7 @@ def joint_bilateral_filter(src: torch.Tensor, guide: torch.Tensor, sigma_s: floa
     coords = torch.stack([gx, gy, gz], dim=-1)  # [n*c, 1, h, w, 3]
     sliced = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=True)
     num, den = sliced[:, 0, 0], sliced[:, 1, 0]
-    out = torch.where(den > 1e-8, num / den.clamp_min(1e-8), src.reshape(n * c, h, w))
+    out = torch.where(den > 1e-6, num / den.clamp_min(1e-6), src.reshape(n * c, h, w))
     return out.reshape(n, c, h, w)
 
 

@@ -31,20 +31,39 @@ def _window_sum_1d(x: torch.Tensor, r: int, dim: int) -> tuple[torch.Tensor, tor
     n = x.shape[-1]
     c = torch.cumsum(F.pad(x.double(), (r + 1, r)), dim=-1)
     s = (c[..., 2 * r + 1:] - c[..., :n]).to(x.dtype)
-    idx = torch.arange(n, device=x.device)
-    count = ((idx + r).clamp(max=n - 1) - (idx - r).clamp(min=0) + 1).to(x.dtype)
-    return s, count
+    return s, _window_count(n, r, x.device, x.dtype)
+
+
+def _shift_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Zero-padded window sum over [i-r, i+r] by shift-and-add (cheaper than a cumsum for r <= 2)."""
+    n = x.shape[dim]
+    p = F.pad(x, (r, r) if dim == -1 else (0, 0, r, r))
+    out = p.narrow(dim, 0, n).clone()
+    for k in range(1, 2 * r + 1):
+        out.add_(p.narrow(dim, k, n))
+    return out
 
 
 def box_sum(x: torch.Tensor, r: int) -> torch.Tensor:
     """Sum over the (2r+1)x(2r+1) window, clipped at the borders (O(1) per pixel, any r)."""
+    if r <= 2:
+        return _shift_sum_1d(_shift_sum_1d(x, r, -2), r, -1)
     s, _ = _window_sum_1d(x, r, -2)
     s, _ = _window_sum_1d(s, r, -1)
     return s
 
 
+def _window_count(n: int, r: int, device, dtype) -> torch.Tensor:
+    idx = torch.arange(n, device=device)
+    return ((idx + r).clamp(max=n - 1) - (idx - r).clamp(min=0) + 1).to(dtype)
+
+
 def box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
     """Mean over the (2r+1)x(2r+1) window, divided by the count of pixels inside the image."""
+    h, w = x.shape[-2:]
+    if r <= 2:
+        count = _window_count(h, r, x.device, x.dtype).view(h, 1) * _window_count(w, r, x.device, x.dtype)
+        return box_sum(x, r) / count
     s, ch = _window_sum_1d(x, r, -2)
     s, cw = _window_sum_1d(s, r, -1)
     return s / (ch * cw)
@@ -63,13 +82,19 @@ def gaussian_kernel1d(sigma: float, radius: int, device, dtype=torch.float32) ->
 
 
 def separable_filter(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Filter every channel with the 2-D separable kernel k k^T, reflect borders."""
+    """Filter every channel with the 2-D separable kernel k k^T, reflect borders. Shift-and-add
+    (one multiply-add per tap): 1-channel convolutions are slow on CPU."""
     r = k.numel() // 2
-    n, c, h, w = x.shape
-    y = safe_pad(x.reshape(n * c, 1, h, w), r, r, r, r)
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
-    return y.reshape(n, c, h, w)
+    h, w = x.shape[-2:]
+    taps = k.tolist()
+    p = safe_pad(x, r, r, r, r)
+    rows = p[..., :, 0:w] * taps[0]
+    for i in range(1, 2 * r + 1):
+        rows.add_(p[..., :, i:i + w], alpha=taps[i])
+    out = rows[..., 0:h, :] * taps[0]
+    for i in range(1, 2 * r + 1):
+        out.add_(rows[..., i:i + h, :], alpha=taps[i])
+    return out
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
@@ -78,10 +103,15 @@ def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None) -> t
 
 
 def filter3x3(x: torch.Tensor, kernel: list[list[float]]) -> torch.Tensor:
-    """Correlate every channel with a 3x3 kernel, reflect borders."""
-    n, c, h, w = x.shape
-    k = torch.tensor(kernel, device=x.device, dtype=x.dtype).view(1, 1, 3, 3)
-    return F.conv2d(safe_pad(x.reshape(n * c, 1, h, w), 1, 1, 1, 1), k).reshape(n, c, h, w)
+    """Correlate every channel with a 3x3 kernel, reflect borders (shift-and-add)."""
+    h, w = x.shape[-2:]
+    p = safe_pad(x, 1, 1, 1, 1)
+    out = torch.zeros_like(x)
+    for dy in range(3):
+        for dx in range(3):
+            if kernel[dy][dx] != 0.0:
+                out.add_(p[..., dy:dy + h, dx:dx + w], alpha=kernel[dy][dx])
+    return out
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, r: int, eps: float) -> torch.Tensor:

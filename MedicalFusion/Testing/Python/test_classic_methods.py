@@ -8,8 +8,9 @@ import torch
 
 import conftest  # noqa: F401  (puts MedicalFusion/ on sys.path)
 from MedicalFusionLib.methods import frequency_bank
+from MedicalFusionLib.methods.bilateral import joint_bilateral_filter
 from MedicalFusionLib.methods.contourlet import NSCT_DIRECTIONS
-from MedicalFusionLib.methods.local_filters import box_mean, guided_filter
+from MedicalFusionLib.methods.local_filters import box_mean, box_sum, gaussian_blur, guided_filter
 from MedicalFusionLib.methods.registry import get_method
 from MedicalFusionLib.methods.shearlet import NSST_DIRECTIONS, otsu_threshold, pa_pcnn_firing_counts
 
@@ -134,9 +135,33 @@ def test_pa_pcnn_fires_more_for_stronger_input_and_otsu_splits_two_levels():
     assert counts[..., 8:24, 20:28].mean() > counts[..., 8:24, 4:12].mean()
 
 
+def test_bilateral_grid_splats_agree_and_approximate_the_filter():
+    x = smooth_random(2, 37, 41, 6)
+    guide = gaussian_blur(x, 3.0)
+    by_index = joint_bilateral_filter(x, guide, index_add=True)
+    by_onehot = joint_bilateral_filter(x, guide, index_add=False)   # the path used on GPUs
+    assert (by_index - by_onehot).abs().max() < 1e-5
+    # brute-force joint bilateral filter (sigma_s = 3, sigma_r = 0.05, 19x19 window)
+    r, (h, w) = 9, x.shape[-2:]
+    p, pg = torch.nn.functional.pad(x, (r,) * 4, mode="reflect"), torch.nn.functional.pad(guide, (r,) * 4, mode="reflect")
+    num, den = torch.zeros_like(x), torch.zeros_like(x)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            wgt = math.exp(-(dy * dy + dx * dx) / 18.0) * torch.exp(
+                -(pg[..., r + dy:r + dy + h, r + dx:r + dx + w] - guide) ** 2 / (2 * 0.05 ** 2))
+            num += wgt * p[..., r + dy:r + dy + h, r + dx:r + dx + w]
+            den += wgt
+    assert (by_index - num / den).abs().mean() < 0.01
+    assert (by_index - num / den).abs().mean() < 0.5 * (guide - num / den).abs().mean()   # better than a blur
+
+
 def test_guided_filter_and_box_mean():
     x = torch.rand(1, 1, 20, 30)
     assert torch.allclose(box_mean(torch.ones(1, 1, 20, 30), 45), torch.ones(1, 1, 20, 30))
     assert torch.allclose(box_mean(x, 0), x)
+    for r in (1, 2, 5):   # shift-and-add (r <= 2) and cumulative-sum paths against a direct sum
+        direct = torch.stack([torch.stack([x[0, 0, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].sum()
+                                           for j in range(30)]) for i in range(20)])
+        assert torch.allclose(box_sum(x, r)[0, 0], direct, atol=1e-4)
     # with a tiny eps the guided filter of the guide itself returns the guide (edge preserving)
     assert (guided_filter(x, x, 3, 1e-8) - x).abs().max() < 1e-3
