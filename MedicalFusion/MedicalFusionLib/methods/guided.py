@@ -36,7 +36,7 @@ def fuse_gff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """GFF fusion of a, b [B,1,H,W] in [0,1] -> [B,1,H,W]; parameters as in the paper
     (31x31 mean, Gaussian r_g = sigma_g = 5, r1 = 45, eps1 = 0.3, r2 = 7, eps2 = 1e-6)."""
     src = torch.cat([a, b], dim=1)  # [B,2,H,W]
-    base = box_mean(src, BASE_RADIUS)
+    base = box_mean(src, BASE_RADIUS, exact=False)
     detail = src - base
     saliency = gaussian_blur(filter3x3(src, _LAPLACIAN).abs(), SALIENCY_SIGMA, SALIENCY_RADIUS)
     first = saliency[:, :1] >= saliency[:, 1:]

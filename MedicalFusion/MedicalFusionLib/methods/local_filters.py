@@ -20,16 +20,16 @@ def safe_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> t
     return F.pad(x, (left, right, top, bottom), mode=mode)
 
 
-def _window_sum_1d(x: torch.Tensor, r: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_sum_1d(x: torch.Tensor, r: int, dim: int, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over [i-r, i+r] clipped to the image along ``dim`` (-1 or -2) and the number of terms.
-    Zero padding + one cumulative sum in float64 (so guided-filter variances stay exact enough
-    for eps = 1e-6) + one difference of two shifted views. The sum always runs along the last,
-    contiguous axis: a cumulative sum along rows is many times slower on CPU."""
+    Zero padding + one cumulative sum (in float64 when ``exact``, so that guided-filter variances
+    stay accurate for eps = 1e-6) + one difference of two shifted views. The sum always runs along
+    the last, contiguous axis: a cumulative sum along rows is many times slower on CPU."""
     if dim == -2:
-        s, count = _window_sum_1d(x.transpose(-1, -2), r, -1)
+        s, count = _window_sum_1d(x.transpose(-1, -2), r, -1, exact)
         return s.transpose(-1, -2), count.view(-1, 1)
     n = x.shape[-1]
-    c = torch.cumsum(F.pad(x.double(), (r + 1, r)), dim=-1)
+    c = torch.cumsum(F.pad(x.double() if exact else x, (r + 1, r)), dim=-1)
     s = (c[..., 2 * r + 1:] - c[..., :n]).to(x.dtype)
     return s, _window_count(n, r, x.device, x.dtype)
 
@@ -58,14 +58,16 @@ def _window_count(n: int, r: int, device, dtype) -> torch.Tensor:
     return ((idx + r).clamp(max=n - 1) - (idx - r).clamp(min=0) + 1).to(dtype)
 
 
-def box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Mean over the (2r+1)x(2r+1) window, divided by the count of pixels inside the image."""
+def box_mean(x: torch.Tensor, r: int, exact: bool = True) -> torch.Tensor:
+    """Mean over the (2r+1)x(2r+1) window, divided by the count of pixels inside the image.
+    ``exact=False`` accumulates in the input's precision (faster; fine unless tiny differences of
+    window means matter, as in a guided filter with a tiny eps)."""
     h, w = x.shape[-2:]
     if r <= 2:
         count = _window_count(h, r, x.device, x.dtype).view(h, 1) * _window_count(w, r, x.device, x.dtype)
         return box_sum(x, r) / count
-    s, ch = _window_sum_1d(x, r, -2)
-    s, cw = _window_sum_1d(s, r, -1)
+    s, ch = _window_sum_1d(x, r, -2, exact)
+    s, cw = _window_sum_1d(s, r, -1, exact)
     return s / (ch * cw)
 
 
@@ -118,9 +120,10 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, r: int, eps: float) ->
     """Guided filter (He, Sun & Tang, IEEE TPAMI 2013), gray guide, radius r, regulariser eps.
     The four window means are taken in one box-filter call (and the two of a, b in another)."""
     c = guide.shape[1]
-    means = box_mean(torch.cat([guide, src, guide * guide, guide * src], dim=1), r)
+    exact = eps < 1e-3  # variances are differences of window means: accumulate in float64
+    means = box_mean(torch.cat([guide, src, guide * guide, guide * src], dim=1), r, exact)
     mean_i, mean_p, corr_ii, corr_ip = means.split(c, dim=1)
     a = (corr_ip - mean_i * mean_p) / (corr_ii - mean_i * mean_i + eps)
     b = mean_p - a * mean_i
-    mean_ab = box_mean(torch.cat([a, b], dim=1), r)
+    mean_ab = box_mean(torch.cat([a, b], dim=1), r, exact)
     return mean_ab[:, :c] * guide + mean_ab[:, c:]
