@@ -163,17 +163,27 @@ class LYWBlock(nn.Module):
         return self.out(sigma * detail + (1.0 - sigma) * self.context(x))
 
 
-def feature_distillation(fa: torch.Tensor, fb: torch.Tensor, temperature: float) -> torch.Tensor:
-    """FDS: element-wise softmax over the two sources with temperature T, then the weighted sum."""
-    wa = torch.sigmoid((fa - fb) / temperature)  # = softmax([fa, fb] / T)[0]
+def feature_distillation(fa: torch.Tensor, fb: torch.Tensor, temperature: float, gain=1.0) -> torch.Tensor:
+    """FDS: element-wise softmax over the two sources with temperature T, then the weighted sum.
+
+    ``gain`` (1 in the paper) scales the features inside the softmax only: weights
+    softmax(gain * phi_i / T), sum of weights * phi_i."""
+    wa = torch.sigmoid(gain * (fa - fb) / temperature)  # = softmax([fa, fb] * gain / T)[0]
     return fb + wa * (fa - fb)
 
 
 class LYWNet(nn.Module):
-    def __init__(self, channels: int = 8, blocks: int = 3, temperature: float = 30.0):
+    def __init__(self, channels: int = 8, blocks: int = 3, temperature: float = 30.0, fds_gain: float | None = None):
         super().__init__()
         self.settings = dict(channels=channels, blocks=blocks, temperature=float(temperature))
         self.temperature = float(temperature)
+        # Optional learned gain on the features inside the FDS softmax (log-parameterised, starts at
+        # ``fds_gain``). None = the paper's rule. BN keeps features near unit scale, where T = 30
+        # makes the softmax weights ~1/2 (an average); the gain lets the network make them selective.
+        self.log_gain = None
+        if fds_gain is not None:
+            self.settings["fds_gain"] = float(fds_gain)
+            self.log_gain = nn.Parameter(torch.tensor(float(fds_gain)).log())
         self.pre = Preprocessor(channels)
         self.down = ConvBN(channels, channels, 3, stride=2)
         self.blocks = nn.Sequential(*[LYWBlock(channels) for _ in range(blocks)])
@@ -190,7 +200,8 @@ class LYWNet(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]
         fa, fb = self.features(torch.cat([a, b], dim=0)).split(n, dim=0)
-        return self.recon(feature_distillation(fa, fb, self.temperature))
+        gain = 1.0 if self.log_gain is None else self.log_gain.exp()
+        return self.recon(feature_distillation(fa, fb, self.temperature, gain))
 
     def fold_bn(self) -> "LYWNet":
         """Fold every BatchNorm into its convolution (inference only: call after eval())."""

@@ -39,7 +39,12 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
                  "lr_schedule": "halve after lr_patience rounds without validation improvement",
                  "reading": "end-to-end fusion training through the FDS (not the released autoencoder recipe)"}
     torch.manual_seed(cfg.seed)
-    model = LYWNet(**DEFAULT_SETTINGS)
+    import os
+
+    settings = dict(DEFAULT_SETTINGS)
+    if os.environ.get("MEDICALFUSION_LYWNET_FDS_GAIN"):
+        settings["fds_gain"] = float(os.environ["MEDICALFUSION_LYWNET_FDS_GAIN"])
+    model = LYWNet(**settings)
     description = {
         "architecture": "LYWNet (CPU-sized): preprocessor (3/5/7 convs + fuse, BN+ReLU), strided conv, 3 LYW blocks "
                         "at 1/2 resolution (pyramid residual, residual + micro-PPM, bottleneck, boundary-attention "

@@ -92,6 +92,16 @@ def test_feature_distillation_is_a_softmax_over_sources():
     assert torch.allclose(feature_distillation(fa, fb, 30.0), w[0] * fa + w[1] * fb, atol=1e-4)
 
 
+def test_lywnet_fds_gain_option_round_trips():
+    model = LYWNet(fds_gain=30.0).eval()
+    assert model.settings["fds_gain"] == 30.0
+    fresh = LYWNet(**model.settings)
+    fresh.load_state_dict(model.state_dict())
+    a, b = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(a, b), model(a, b))
+
+
 def test_losses_basic_properties():
     x = torch.rand(2, 1, 32, 32)
     assert abs(float(losses.ssim(x, x)) - 1.0) < 1e-5
