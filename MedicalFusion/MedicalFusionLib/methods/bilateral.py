@@ -104,7 +104,7 @@ def structure_tensor_saliency(x: torch.Tensor) -> torch.Tensor:
 
 
 def local_gradient_energy(s: torch.Tensor) -> torch.Tensor:
-    return structure_tensor_saliency(s) * box_sum(s.abs(), ENERGY_RADIUS)
+    return structure_tensor_saliency(s) * box_sum(s.abs(), ENERGY_RADIUS, exact=False)
 
 
 def fuse_jbf_lge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,11 @@ def _window_sum_1d(x: torch.Tensor, r: int, dim: int, exact: bool = True) -> tup
         s, count = _window_sum_1d(x.transpose(-1, -2), r, -1, exact)
         return s.transpose(-1, -2), count.view(-1, 1)
     n = x.shape[-1]
-    c = torch.cumsum(F.pad(x.double() if exact else x, (r + 1, r)), dim=-1)
+    if exact and x.device.type != "mps":  # MPS has no float64: accumulate in float32 there
+        x_acc = x.double()
+    else:
+        x_acc = x
+    c = torch.cumsum(F.pad(x_acc, (r + 1, r)), dim=-1)
     s = (c[..., 2 * r + 1:] - c[..., :n]).to(x.dtype)
     return s, _window_count(n, r, x.device, x.dtype)
 
@@ -44,12 +48,12 @@ def _shift_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     return out
 
 
-def box_sum(x: torch.Tensor, r: int) -> torch.Tensor:
+def box_sum(x: torch.Tensor, r: int, exact: bool = True) -> torch.Tensor:
     """Sum over the (2r+1)x(2r+1) window, clipped at the borders (O(1) per pixel, any r)."""
     if r <= 2:
         return _shift_sum_1d(_shift_sum_1d(x, r, -2), r, -1)
-    s, _ = _window_sum_1d(x, r, -2)
-    s, _ = _window_sum_1d(s, r, -1)
+    s, _ = _window_sum_1d(x, r, -2, exact)
+    s, _ = _window_sum_1d(s, r, -1, exact)
     return s
 
 
@@ -78,9 +82,9 @@ def majority_filter(mask: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def gaussian_kernel1d(sigma: float, radius: int, device, dtype=torch.float32) -> torch.Tensor:
-    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)  # built on the CPU (MPS: no float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).to(dtype)
+    return (k / k.sum()).to(device=device, dtype=dtype)
 
 
 def separable_filter(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -67,18 +67,19 @@ def otsu_threshold(s: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """Otsu threshold of every [H, W] map of s [N, K, H, W] (values >= 0) -> [N, K, 1, 1]."""
     n, k = s.shape[:2]
     flat = s.reshape(n * k, -1)
+    acc = torch.float32 if s.device.type == "mps" else torch.float64  # MPS has no float64
     smax = flat.amax(dim=1, keepdim=True).clamp_min(1e-12)
     idx = (flat / smax * (bins - 1)).round().long().clamp(0, bins - 1)
-    hist = torch.zeros(n * k, bins, device=s.device, dtype=torch.float64)
-    hist.scatter_add_(1, idx, torch.ones_like(flat, dtype=torch.float64))
+    hist = torch.zeros(n * k, bins, device=s.device, dtype=acc)
+    hist.scatter_add_(1, idx, torch.ones_like(flat, dtype=acc))
     p = hist / hist.sum(dim=1, keepdim=True)
-    levels = torch.arange(bins, device=s.device, dtype=torch.float64)
+    levels = torch.arange(bins, device=s.device, dtype=acc)
     omega = torch.cumsum(p, dim=1)
     mu = torch.cumsum(p * levels, dim=1)
     mu_t = mu[:, -1:]
     between = (mu_t * omega - mu) ** 2 / (omega * (1.0 - omega)).clamp_min(1e-12)
-    best = between.argmax(dim=1, keepdim=True).to(torch.float64)
-    thr = (best + 0.5) / (bins - 1) * smax.double()
+    best = between.argmax(dim=1, keepdim=True).to(acc)
+    thr = (best + 0.5) / (bins - 1) * smax.to(acc)
     return thr.to(s.dtype).view(n, k, 1, 1)
 
 
