@@ -141,7 +141,7 @@ def main() -> None:
             lines.append(f"| {c['case']} | {'x'.join(map(str, c['size']))} | {'x'.join(map(str, c['functional_size']))} | "
                          f"{c['slices']} | {c['seconds_total']:.2f} | {c['seconds_engine']:.2f} | {c['extra_memory_mb']:.0f} |")
     pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.output).write_text("\n".join(lines) + "\n")
+    pathlib.Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.output}")
 
 

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + f"\n\n{env}\n"
     print("\n" + table)
     if args.output:
-        pathlib.Path(args.output).write_text(table)
+        pathlib.Path(args.output).write_text(table, encoding="utf-8")
     return 0
 
 

@@ -12,5 +12,5 @@ out = pathlib.Path(__file__).resolve().parents[1] / "MedicalFusion" / "MedicalFu
 tables = {name: [[round(float(v), 6) for v in row] for row in slicer_colormap_table(name)]
           for name in SLICER_COLOR_NODE_IDS}
 out.write_text(json.dumps({"source": "3D Slicer colour nodes (slicer-core), GetLookupTable().GetTableValue(i)",
-                           "tables": tables}, separators=(",", ":")) + "\n")
+                           "tables": tables}, separators=(",", ":")) + "\n", encoding="utf-8")
 print(f"wrote {out} ({len(tables)} maps)")

@@ -39,7 +39,7 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 @functools.lru_cache(maxsize=None)
 def _shipped_tables() -> dict:
     path = pathlib.Path(__file__).with_name("colormaps.json")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return {k: np.asarray(v, dtype=np.float32) for k, v in data["tables"].items()}
 
 

@@ -63,7 +63,7 @@ def _fmt(mean: float, std: float) -> str:
 
 
 def write_tables(out: pathlib.Path, pair: str, rows: dict, seconds: dict, n: int) -> None:
-    with open(out / f"{pair}.csv", "w", newline="") as f:
+    with open(out / f"{pair}.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["method", "metric", "mean", "std", "pairs", "seconds_per_pair"])
         for name, per_key in rows.items():
@@ -76,7 +76,7 @@ def write_tables(out: pathlib.Path, pair: str, rows: dict, seconds: dict, n: int
     for name, per_key in rows.items():
         cells = [_fmt(float(np.mean(per_key[k])), float(np.std(per_key[k]))) for k in TABLE_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds[name]:.4f} |")
-    (out / f"{pair}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{pair}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def write_montage(out: pathlib.Path, pair: str, data: dict, fused: dict, with_sources: bool = True) -> None:
@@ -92,7 +92,7 @@ def write_montage(out: pathlib.Path, pair: str, data: dict, fused: dict, with_so
     sitk.WriteImage(sitk.GetImageFromArray(np.concatenate(rows, axis=0), isVector=True),
                     str(out / f"{pair}_montage.png"))
     (out / f"{pair}_montage.txt").write_text(
-        "columns: " + ("MRI, functional, " if with_sources else "") + ", ".join(fused) + "\nrows: " + ", ".join(data["names"][i] for i in picks) + "\n")
+        "columns: " + ("MRI, functional, " if with_sources else "") + ", ".join(fused) + "\nrows: " + ", ".join(data["names"][i] for i in picks) + "\n", encoding="utf-8")
 
 
 def evaluate(dataset, split: str = "test", methods: list[str] | None = None, output="out/evaluation",
@@ -141,9 +141,9 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
             rows[m.name] = per_key
         write_tables(out, pair, rows, seconds, len(records))
         write_montage(out, pair, data, fused_all, with_sources=montage_sources)
-        summary += [(out / f"{pair}.md").read_text(), f"![{pair}]({pair}_montage.png)", ""]
+        summary += [(out / f"{pair}.md").read_text(encoding="utf-8"), f"![{pair}]({pair}_montage.png)", ""]
         results[pair] = rows
         if not quiet:
             print(f"{pair}: {len(records)} pairs, {len(chosen)} methods -> {out / (pair + '.md')}")
-    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    (out / "summary.md").write_text("\n".join(summary) + "\n", encoding="utf-8")
     return results

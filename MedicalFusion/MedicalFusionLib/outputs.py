@@ -62,7 +62,7 @@ def fused_image_for_file(rgb: np.ndarray, reference: sitk.Image, as_2d: bool) ->
 def write_metrics_csv(rows: list[dict], path: str | os.PathLike, extra: dict | None = None) -> None:
     path = pathlib.Path(path)
     tmp = _temp_beside(path)
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["metric", "mean", "std", "slices", "description"])
         for r in rows:

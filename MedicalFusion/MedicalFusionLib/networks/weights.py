@@ -42,7 +42,7 @@ def read_manifest(directory: pathlib.Path | None = None) -> dict:
     path = (directory or weights_dir()) / "manifest.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def update_manifest(name: str, entry: dict, directory: pathlib.Path | None = None) -> None:
@@ -52,7 +52,7 @@ def update_manifest(name: str, entry: dict, directory: pathlib.Path | None = Non
     manifest = read_manifest(directory)
     manifest[name] = entry
     tmp = directory / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(directory / "manifest.json")
 
 

@@ -51,7 +51,7 @@ def read_split(root: pathlib.Path, split: str | None = None, pairs: tuple[str, .
     if not csv_path.is_file():
         raise FusionError(f"{csv_path} not found: pass the aanlib folder (with split.csv) as --data/--dataset")
     out = []
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             if (split is None or row["split"] == split) and row["pair"] in pairs:
                 out.append(PairRecord(row["pair"], row["modality"], root / row["mri"], root / row["image"],

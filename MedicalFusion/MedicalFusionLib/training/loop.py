@@ -174,7 +174,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, cfg: TrainConfig, train_stack: 
     elif log_path.exists():
         log_path.unlink()
     if not log_path.exists():
-        with open(log_path, "w", newline="") as f:
+        with open(log_path, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow(LOG_FIELDS)
 
     sampler = CropSampler(train_stack, cfg.crop, cfg.batch, cfg.seed, min_signal=cfg.min_signal)

@@ -32,7 +32,7 @@ def test_fuse_writes_volume_metrics_and_preview(files, capsys):
     out = sitk.ReadImage(str(tmp / "fused.nrrd"))
     assert out.GetNumberOfComponentsPerPixel() == 3 and out.GetPixelID() == sitk.sitkVectorUInt8
     assert out.GetSize() == (48, 40, 8)
-    lines = (tmp / "m.csv").read_text().splitlines()
+    lines = (tmp / "m.csv").read_text(encoding="utf-8").splitlines()
     assert lines[0].startswith("metric,mean,std") and any(l.startswith("Qabf,") for l in lines)
     assert sitk.ReadImage(str(tmp / "p.png")).GetNumberOfComponentsPerPixel() == 3
     assert (_hash(a), _hash(f)) == before
@@ -52,7 +52,7 @@ def test_2d_png_pair_gives_a_2d_png(tmp_path):
 
 
 def _bad_cases(tmp: pathlib.Path, a: pathlib.Path, f: pathlib.Path):
-    (tmp / "junk.nrrd").write_text("not an image")
+    (tmp / "junk.nrrd").write_text("not an image", encoding="utf-8")
     four = sitk.JoinSeries([sitk.ReadImage(str(a))] * 2)
     sitk.WriteImage(four, str(tmp / "four_d.nrrd"))
     sitk.WriteImage(make_image(np.full((4, 8, 8), 7.0, np.float32)), str(tmp / "const.nrrd"))
@@ -116,9 +116,9 @@ def test_evaluate_writes_tables_and_montage(shared_data, tmp_path):
     rc = main(["evaluate", "--dataset", str(shared_data / "aanlib"), "--methods", "alpha", "max",
                "--pairs", "PET-MRI", "--limit", "3", "--output", str(tmp_path), "-q"])
     assert rc == 0
-    md = (tmp_path / "PET-MRI.md").read_text()
+    md = (tmp_path / "PET-MRI.md").read_text(encoding="utf-8")
     assert "| alpha |" in md and "| max |" in md and "±" in md
-    rows = (tmp_path / "PET-MRI.csv").read_text().splitlines()
+    rows = (tmp_path / "PET-MRI.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "method,metric,mean,std,pairs,seconds_per_pair" and len(rows) > 10
     assert (tmp_path / "PET-MRI_montage.png").is_file()
 

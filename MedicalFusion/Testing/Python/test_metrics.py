@@ -399,7 +399,7 @@ def _data_root() -> Path:
 def _anchors(path: Path) -> dict:
     """{(pair, row): {column: value}} from the markdown tables of ANCHORS.md."""
     out, pair, cols = {}, None, None
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         m = re.match(r"^##\s+(\S+-MRI)\s*$", line)
         if m:
             pair, cols = m.group(1), None

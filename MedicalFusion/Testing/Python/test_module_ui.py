@@ -49,7 +49,7 @@ CLASS_OF_USE = {
 
 @functools.lru_cache(maxsize=None)
 def module_tree() -> ast.Module:
-    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"), filename=str(MODULE_PY))
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +115,7 @@ def test_only_the_module_file_imports_qt():
     import inside a function elsewhere keeps the package importable without Slicer)."""
     lib = MODULE_DIR / "MedicalFusionLib"
     for path in lib.rglob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         top_level = {id(n) for n in tree.body}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -221,13 +221,13 @@ def test_resources_exist_and_icon_is_128px():
 
 def test_cmake_lists_every_library_script_and_resource():
     """The module CMakeLists globs MedicalFusionLib/**/*.py and names the resources it installs."""
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "GLOB_RECURSE" in text and "${MODULE_NAME}Lib/*.py" in text and "RELATIVE" in text
     for resource in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png", "colormaps.json"):
         assert resource in text
     assert "slicer_add_python_unittest" in text
-    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text()
+    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "find_package(Slicer",
                 "${Slicer_USE_FILE}", "add_subdirectory(MedicalFusion)", "${Slicer_EXTENSION_GENERATE_CONFIG}",

@@ -234,7 +234,7 @@ def _write_tiny_aanlib(root, size: int = 64) -> None:
             img = (stack[i, ch] * 255).round().astype(np.uint8)
             sitk.WriteImage(sitk.GetImageFromArray(img), str(root / "CT-MRI" / mod / f"{i}.png"))
         rows.append(["CT-MRI", "CT", f"CT-MRI/MRI/{i}.png", f"CT-MRI/CT/{i}.png", case, split])
-    with open(root / "split.csv", "w", newline="") as f:
+    with open(root / "split.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["pair", "modality", "mri", "image", "case", "split"])
         w.writerows(rows)
