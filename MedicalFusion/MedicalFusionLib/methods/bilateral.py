@@ -14,7 +14,8 @@ local gradient energy", Information Sciences 569, 2021 (cited by the review in o
 
 The joint bilateral filter is computed on a bilateral grid (Chen, Paris & Durand, SIGGRAPH 2007):
 spatial cells of sigma_s pixels, range cells of sigma_r, a 5-tap binomial blur in the three grid
-directions and trilinear slicing; splatting is a sequential index_add on the CPU and one-hot block
+directions and trilinear slicing (2-D bilinear sampling of the two range slices around each
+pixel's guide value, then a linear blend); splatting is a sequential index_add on the CPU and one-hot block
 sums elsewhere (no atomics), so it is deterministic on every device.
 """
 from __future__ import annotations
@@ -34,12 +35,19 @@ MAJORITY_RADIUS = 10  # 21x21 consistency window
 
 def _binomial5(x: torch.Tensor, dim: int) -> torch.Tensor:
     """(1 4 6 4 1)/16 along ``dim`` with zeros outside, as two (1 2 1)/4 shift-and-add passes
-    (a 1-channel conv3d is far slower on CPU)."""
+    (a 1-channel conv3d is far slower on CPU); the outer neighbours are added on views, without
+    a zero-padded copy of the grid."""
     for _ in range(2):
         n = x.shape[dim]
-        pad = [0, 0] * (x.dim() - 1 - dim) + [1, 1]
-        p = F.pad(x, pad)
-        x = (p.narrow(dim, 0, n) + p.narrow(dim, 2, n)).add_(x, alpha=2.0).mul_(0.25)
+        out = torch.empty_like(x)
+        if n >= 2:
+            if n >= 3:
+                torch.add(x.narrow(dim, 0, n - 2), x.narrow(dim, 2, n - 2), out=out.narrow(dim, 1, n - 2))
+            out.narrow(dim, 0, 1).copy_(x.narrow(dim, 1, 1))
+            out.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 2, 1))
+        else:
+            out.zero_()
+        x = out.add_(x, alpha=2.0).mul_(0.25)
     return x
 
 
@@ -78,16 +86,27 @@ def joint_bilateral_filter(src: torch.Tensor, guide: torch.Tensor, sigma_s: floa
     grid = torch.stack([values.reshape(n * c, depth, hg, wg), weights.reshape(n * c, depth, hg, wg)], dim=1)
     for dim in (2, 3, 4):  # [n*c, 2, D, hg, wg]: binomial (1 4 6 4 1)/16 blur along range, y, x
         grid = _binomial5(grid, dim)
-    # the grid depth dimension is range; slice at (x, y, g) with trilinear interpolation
+    # the grid depth dimension is range; slice at (x, y, g) with trilinear interpolation, done as
+    # one 2-D bilinear grid_sample (much faster on the CPU than the 3-D one) on the range slices
+    # stacked along y, at the two range slices around g, followed by a linear blend along range.
+    # Every slice gets a copy of its first and last row above and below it, so that rounding of
+    # the stacked y coordinate can never blend in a row of the neighbouring slice.
+    m = n * c
+    grid = torch.cat([grid[..., :1, :], grid, grid[..., -1:, :]], dim=3)  # [m, 2, D, hg + 2, wg]
+    stacked_h = depth * (hg + 2)
+    grid = grid.reshape(m, 2, stacked_h, wg)
     ys = (torch.arange(h, device=src.device, dtype=src.dtype) - (step - 1) / 2) / step
     xs = (torch.arange(w, device=src.device, dtype=src.dtype) - (step - 1) / 2) / step
-    norm = lambda v, size: v / max(size - 1, 1) * 2 - 1  # noqa: E731
-    gx = norm(xs, wg).view(1, 1, 1, w).expand(n * c, 1, h, w)
-    gy = norm(ys, hg).view(1, 1, h, 1).expand(n * c, 1, h, w)
-    gz = norm(g.reshape(n * c, 1, h, w), depth)
-    coords = torch.stack([gx, gy, gz], dim=-1)  # [n*c, 1, h, w, 3]
-    sliced = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=True)
-    num, den = sliced[:, 0, 0], sliced[:, 1, 0]
+    z = g.reshape(m, h, w).clamp(0.0, depth - 1)
+    z0 = z.floor().clamp_(max=depth - 2)  # depth >= 2
+    rows = ys.clamp(0.0, hg - 1).view(1, h, 1) + 1.0 + z0 * (hg + 2)  # [m, h, w], slice z0
+    rows = torch.cat([rows, rows + (hg + 2)], dim=1)  # [m, 2h, w]: slices z0 and z0 + 1
+    gy = rows / (stacked_h - 1) * 2 - 1
+    gx = (xs / max(wg - 1, 1) * 2 - 1).view(1, 1, w).expand(m, 2 * h, w)
+    both = F.grid_sample(grid, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="border",
+                         align_corners=True)  # [m, 2, 2h, w]
+    sliced = torch.lerp(both[:, :, :h], both[:, :, h:], (z - z0).unsqueeze(1))
+    num, den = sliced[:, 0], sliced[:, 1]
     out = torch.where(den > 1e-6, num / den.clamp_min(1e-6), src.reshape(n * c, h, w))
     return out.reshape(n, c, h, w)
 

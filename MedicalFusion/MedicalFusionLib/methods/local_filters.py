@@ -22,20 +22,48 @@ def safe_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> t
 
 def _window_sum_1d(x: torch.Tensor, r: int, dim: int, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over [i-r, i+r] clipped to the image along ``dim`` (-1 or -2) and the number of terms.
-    Zero padding + one cumulative sum (in float64 when ``exact``, so that guided-filter variances
-    stay accurate for eps = 1e-6) + one difference of two shifted views. The sum always runs along
-    the last, contiguous axis: a cumulative sum along rows is many times slower on CPU."""
-    if dim == -2:
-        s, count = _window_sum_1d(x.transpose(-1, -2), r, -1, exact)
-        return s.transpose(-1, -2), count.view(-1, 1)
-    n = x.shape[-1]
-    if exact and x.device.type != "mps":  # MPS has no float64: accumulate in float32 there
-        x_acc = x.double()
+
+    ``exact``: zero padding + one cumulative sum in float64 (so that guided-filter variances stay
+    accurate for eps = 1e-6) + one difference of two shifted views; the cumulative sum always runs
+    along the last, contiguous axis (along rows it is many times slower on CPU).
+    Otherwise (input precision): for r <= 24 by "doubling" shift-and-add (sums of 1, 2, 4, ...
+    neighbours, then the binary digits of 2r+1: about 2 log2(2r+1) additions along either axis,
+    no transposes, and no rounding drift since every partial sum covers at most 2r+1 terms);
+    for larger r by a cumulative sum in the input precision."""
+    n = x.shape[dim]
+    if exact or r > 24:
+        if dim == -2:
+            s, count = _window_sum_1d(x.transpose(-1, -2), r, -1, exact)
+            return s.transpose(-1, -2), count.view(-1, 1)
+        x_acc = x.double() if exact and x.device.type != "mps" else x  # MPS has no float64
+        c = torch.cumsum(F.pad(x_acc, (r + 1, r)), dim=-1)
+        s = (c[..., 2 * r + 1:] - c[..., :n]).to(x.dtype)
     else:
-        x_acc = x
-    c = torch.cumsum(F.pad(x_acc, (r + 1, r)), dim=-1)
-    s = (c[..., 2 * r + 1:] - c[..., :n]).to(x.dtype)
-    return s, _window_count(n, r, x.device, x.dtype)
+        s = _doubling_sum_1d(x, r, dim)
+    count = _window_count(n, r, x.device, x.dtype)
+    return s, (count.view(-1, 1) if dim == -2 else count)
+
+
+def _doubling_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Zero-padded window sum over [i-r, i+r] along ``dim``: partial sums of 2^k neighbours by
+    repeated doubling, then the window length 2r+1 written in binary."""
+    n = x.shape[dim]
+    length = 2 * r + 1
+    partial = {1: F.pad(x, (r, r) if dim == -1 else (0, 0, r, r))}
+    k = 1
+    while 2 * k <= length:
+        prev = partial[k]
+        m = prev.shape[dim] - k
+        partial[2 * k] = prev.narrow(dim, 0, m) + prev.narrow(dim, k, m)
+        k *= 2
+    out, offset = None, 0
+    while k >= 1:
+        if length & k:
+            term = partial[k].narrow(dim, offset, n)
+            out = term.clone() if out is None else out.add_(term)
+            offset += k
+        k //= 2
+    return out
 
 
 def _shift_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
@@ -77,8 +105,9 @@ def box_mean(x: torch.Tensor, r: int, exact: bool = True) -> torch.Tensor:
 
 def majority_filter(mask: torch.Tensor, r: int) -> torch.Tensor:
     """Consistency verification of a binary decision map: the majority of the (2r+1)^2 window
-    (Li, Manjunath & Mitra 1995). Returns a bool tensor."""
-    return box_mean(mask.to(torch.float32), r) > 0.5
+    (Li, Manjunath & Mitra 1995). Returns a bool tensor. Window sums of 0/1 values are exact
+    integers in float32, so no float64 accumulation is needed."""
+    return box_mean(mask.to(torch.float32), r, exact=False) > 0.5
 
 
 def gaussian_kernel1d(sigma: float, radius: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -120,14 +149,33 @@ def filter3x3(x: torch.Tensor, kernel: list[list[float]]) -> torch.Tensor:
     return out
 
 
-def guided_filter(guide: torch.Tensor, src: torch.Tensor, r: int, eps: float) -> torch.Tensor:
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, r: int, eps: float, exact: bool | None = None,
+                  subsample: int = 1) -> torch.Tensor:
     """Guided filter (He, Sun & Tang, IEEE TPAMI 2013), gray guide, radius r, regulariser eps.
-    The four window means are taken in one box-filter call (and the two of a, b in another)."""
+    The four window means are taken in one box-filter call (and the two of a, b in another).
+
+    ``exact``: window sums in float64 (default: when eps < 1e-3, since variances are differences
+    of window means); ``False`` keeps the input precision.
+    ``subsample`` = s > 1: the fast guided filter (He & Sun, arXiv:1505.00996, 2015): the linear
+    coefficients a, b are computed on guide and input area-averaged by s, with radius r / s, and
+    their window means are upsampled bilinearly; the output a I + b uses the full-size guide. Only
+    applied when both sides of the image are at least 16 s pixels (smaller images: s = 1)."""
     c = guide.shape[1]
-    exact = eps < 1e-3  # variances are differences of window means: accumulate in float64
-    means = box_mean(torch.cat([guide, src, guide * guide, guide * src], dim=1), r, exact)
+    if exact is None:
+        exact = eps < 1e-3
+    h, w = guide.shape[-2:]
+    if subsample > 1 and min(h, w) >= 16 * subsample:
+        small = (-(-h // subsample), -(-w // subsample))
+        lo = F.adaptive_avg_pool2d(torch.cat([guide, src], dim=1), small)
+        g, p = lo[:, :c], lo[:, c:]
+        r = max(1, int(round(r / subsample)))
+    else:
+        g, p, small = guide, src, None
+    means = box_mean(torch.cat([g, p, g * g, g * p], dim=1), r, exact)
     mean_i, mean_p, corr_ii, corr_ip = means.split(c, dim=1)
     a = (corr_ip - mean_i * mean_p) / (corr_ii - mean_i * mean_i + eps)
     b = mean_p - a * mean_i
     mean_ab = box_mean(torch.cat([a, b], dim=1), r, exact)
+    if small is not None:
+        mean_ab = F.interpolate(mean_ab, size=(h, w), mode="bilinear", align_corners=False)
     return mean_ab[:, :c] * guide + mean_ab[:, c:]
