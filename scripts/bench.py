@@ -93,8 +93,10 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def bench_case(case: str, method: str, data: str) -> dict | None:
+def bench_case(case: str, method: str, data: str, threads: int | None = None) -> dict | None:
     cmd = [sys.executable, __file__, "--child", case, "--method-3d", method, "--data", data]
+    if threads:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
@@ -110,17 +112,22 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--method-3d", default="lp")
     p.add_argument("--data", default=os.environ.get("MEDICALFUSION_DATA", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--child")
     args = p.parse_args()
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(_case_child(args.child, args.method_3d, args.data)))
         return
     import torch  # noqa: PLC0415
 
     device, rows = bench_methods(args.methods, args.repeats, args.device)
-    cases = [bench_case("synthetic", args.method_3d, args.data)]
+    cases = [bench_case("synthetic", args.method_3d, args.data, args.threads)]
     if (pathlib.Path(args.data) / "spm12" / "PET.nii").is_file():
-        cases.append(bench_case("spm12", args.method_3d, args.data))
+        cases.append(bench_case("spm12", args.method_3d, args.data, args.threads))
     load = os.getloadavg()
     lines = [
         "# Benchmarks", "",

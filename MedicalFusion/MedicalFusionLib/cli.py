@@ -123,6 +123,7 @@ def cmd_demo(args) -> int:
         "fuse", "--anatomical", str(anat), "--functional", str(func), "--method", args.method,
         "-o", str(out / "fused.nrrd"), "--metrics", str(out / "metrics.csv"), "--preview", str(out / "preview.png"),
         "--device", args.device] + (["--quiet"] if args.quiet else []))
+    fuse_args.threads = args.threads
     return cmd_fuse(fuse_args)
 
 
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
     f.add_argument("--preview", help="write a PNG: anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    f.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
+                   "often faster on a machine busy with other work)")
     f.set_defaults(func=cmd_fuse)
 
     m = sub.add_parser("methods", help="list the fusion methods")
@@ -167,16 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--montage-without-sources", action="store_true",
                    help="montage of fused results only (for figures that must not reproduce the dataset)")
     e.add_argument("--quiet", "-q", action="store_true")
+    e.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
+                   "often faster on a machine busy with other work)")
     e.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train", help="train a fusion network on the aanlib train split (CPU is fine)")
     t.add_argument("--method", required=True, help="network to train (mrdfn, lywnet, dmfnet)")
     t.add_argument("--data", required=True, help="the aanlib folder (with split.csv)")
     t.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
-    t.add_argument("--out", help="weights folder (default: the repository's weights/)")
+    t.add_argument("--out", help="folder for the run's checkpoints and loss log (default: runs/<method>); "
+                   "the weights and manifest entry go to weights/")
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming the checkpoint")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
+    t.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
+                   "often faster on a machine busy with other work)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="fuse the embedded sample (MNI152 T1 + simulated PET)")
@@ -184,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default="lp")
     d.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
     d.add_argument("--quiet", "-q", action="store_true")
+    d.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
+                   "often faster on a machine busy with other work)")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -192,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "threads", None):
+            if args.threads < 1:
+                raise FusionError("--threads takes a whole number of 1 or more")
+            import torch  # noqa: PLC0415
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except FusionError as exc:
         print(f"medicalfusion: error: {exc}", file=sys.stderr)

@@ -174,3 +174,17 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, small_pair):
     (tmp_path / "empty").mkdir()
     assert main(["fuse", "-a", str(tmp_path / "empty"), "-f", str(tmp_path / "pet.nrrd"),
                  "-o", str(tmp_path / "f2.nrrd"), "-q"]) == 2
+
+
+def test_threads_option_sets_torch_threads_and_rejects_zero(files, capsys):
+    import torch
+
+    tmp, a, f = files
+    before = torch.get_num_threads()
+    try:
+        assert main(["fuse", "-a", str(a), "-f", str(f), "-o", str(tmp / "t.nrrd"), "--threads", "1", "-q"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["fuse", "-a", str(a), "-f", str(f), "-o", str(tmp / "t0.nrrd"), "--threads", "0", "-q"]) == 2
+        assert "--threads" in capsys.readouterr().err and not (tmp / "t0.nrrd").exists()
+    finally:
+        torch.set_num_threads(before)
