@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "threads", None):
+        if getattr(args, "threads", None) is not None:
             if args.threads < 1:
                 raise FusionError("--threads takes a whole number of 1 or more")
             import torch  # noqa: PLC0415
