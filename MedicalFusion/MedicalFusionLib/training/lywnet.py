@@ -21,6 +21,7 @@ from .loop import TrainConfig, run_training
 from .losses import DEFAULT_LYWNET_WEIGHTS, lywnet_loss
 
 LOSS_WEIGHTS = dict(DEFAULT_LYWNET_WEIGHTS)
+SHIPPED_FDS_GAIN = 30.0
 
 
 def make_config(minutes: float, seed: int) -> TrainConfig:
@@ -41,9 +42,12 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
     torch.manual_seed(cfg.seed)
     import os
 
+    # The shipped weights learn a feature gain inside the FDS softmax (initialised at 30).
+    # MEDICALFUSION_LYWNET_FDS_GAIN=none trains the paper's rule (gain 1) instead.
     settings = dict(DEFAULT_SETTINGS)
-    if os.environ.get("MEDICALFUSION_LYWNET_FDS_GAIN"):
-        settings["fds_gain"] = float(os.environ["MEDICALFUSION_LYWNET_FDS_GAIN"])
+    gain = os.environ.get("MEDICALFUSION_LYWNET_FDS_GAIN", str(SHIPPED_FDS_GAIN)).strip().lower()
+    if gain not in ("", "none", "0"):
+        settings["fds_gain"] = float(gain)
     model = LYWNet(**settings)
     description = {
         "architecture": "LYWNet (CPU-sized): preprocessor (3/5/7 convs + fuse, BN+ReLU), strided conv, 3 LYW blocks "
