@@ -105,6 +105,9 @@ def max_gradient_target(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 DEFAULT_MRDFN_WEIGHTS = {"mse": 10.0, "ssim": 1.0, "grad": 4.0}
 DEFAULT_LYWNET_WEIGHTS = {"mse": 10.0, "cos": 1.0, "edge": 3.0, "ssim": 3.0}
+# Rebalanced toward MRDFN's objective (run lywnet_v2): the Sobel edge term as an L1 ("edge_l1")
+# instead of an MSE, weight 4, and SSIM weight 1.
+LYWNET_V2_WEIGHTS = {"mse": 10.0, "cos": 1.0, "edge": 0.0, "edge_l1": 4.0, "ssim": 1.0}
 
 
 def mrdfn_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: dict | None = None
@@ -132,15 +135,22 @@ def lywnet_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: 
     - cosine intensity term: 1 - cos(F, max(A, B));
     - Sobel edge term: MSE(|grad F|, max(|grad A|, |grad B|)) (the paper's edge loss is an MSE of
       Sobel features);
+    - Sobel edge term as L1 (weight key ``edge_l1``, default 0): L1(|grad F|, max(|grad A|, |grad B|)),
+      the same edge target with MRDFN's L1 penalty (keeps large edge errors from dominating);
     - SSIM term: 1 - (SSIM(F, A) + SSIM(F, B)) / 2 (weight 0 gives the paper's three terms only).
     """
     w = dict(DEFAULT_LYWNET_WEIGHTS, **(weights or {}))
     target = torch.maximum(a, b)
     l_mse = F.mse_loss(fused, target)
     l_cos = cosine_intensity(fused, target)
-    l_edge = F.mse_loss(sobel_gradient(fused), max_gradient_target(a, b))
+    grad_f, grad_t = sobel_gradient(fused), max_gradient_target(a, b)
+    l_edge = F.mse_loss(grad_f, grad_t)
     total = w["mse"] * l_mse + w["cos"] * l_cos + w["edge"] * l_edge
     terms = {"mse": l_mse.item(), "cos": l_cos.item(), "edge": l_edge.item()}
+    if w.get("edge_l1", 0.0):
+        l_edge_l1 = F.l1_loss(grad_f, grad_t)
+        total = total + w["edge_l1"] * l_edge_l1
+        terms["edge_l1"] = l_edge_l1.item()
     if w.get("ssim", 0.0):
         l_ssim = 1.0 - ssim_to_both(fused, a, b)
         total = total + w["ssim"] * l_ssim

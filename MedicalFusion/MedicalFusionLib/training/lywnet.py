@@ -7,7 +7,8 @@ only at test time. Reason: with T = 30 the softmax weights of the FDS are close 
 autoencoder features of ordinary size, which makes test-time fusion an average of features, i.e.
 close to the `alpha` blend this project must beat; training through the FDS lets the features
 learn a scale at which the softmax selects the stronger source. Losses: MSE similarity, cosine
-intensity and Sobel edge terms (the paper's three) plus an SSIM term to both sources; see
+intensity and Sobel edge terms (the paper's three) plus an SSIM term to both sources, by default
+with the v2 balance (Sobel edge as L1, weight 4; SSIM weight 1; ``MEDICALFUSION_LYWNET_LOSS``); see
 :func:`training.losses.lywnet_loss` for targets and weights.
 """
 from __future__ import annotations
@@ -18,10 +19,33 @@ import functools
 from ..networks.lywnet import DEFAULT_SETTINGS, PAD_MULTIPLE, LYWNet
 from ..networks.mrdfn import network_fuse_fn
 from .loop import TrainConfig, run_training
-from .losses import DEFAULT_LYWNET_WEIGHTS, lywnet_loss
+from .losses import DEFAULT_LYWNET_WEIGHTS, LYWNET_V2_WEIGHTS, lywnet_loss
 
-LOSS_WEIGHTS = dict(DEFAULT_LYWNET_WEIGHTS)
+# The shipped weights (run lywnet_v2) were trained with the v2 balance; MEDICALFUSION_LYWNET_LOSS=v1
+# trains with the earlier one (MSE 10, cos 1, Sobel-MSE 3, SSIM 3).
+LOSS_WEIGHTS = dict(LYWNET_V2_WEIGHTS)
+LOSS_PRESETS = {"v1": DEFAULT_LYWNET_WEIGHTS, "v2": LYWNET_V2_WEIGHTS}
 SHIPPED_FDS_GAIN = 30.0
+
+
+def loss_weights_from(spec: str | None) -> dict:
+    """Loss weights from ``MEDICALFUSION_LYWNET_LOSS``: empty -> :data:`LOSS_WEIGHTS`; a preset name
+    (``v1`` = MSE 10, cos 1, Sobel-MSE 3, SSIM 3; ``v2`` = MSE 10, cos 1, Sobel-L1 4, SSIM 1); or
+    ``key=value`` pairs separated by commas (keys mse, cos, edge, edge_l1, ssim), applied over the
+    default weights, e.g. ``v2,ssim=2`` or ``edge=0,edge_l1=4,ssim=1``."""
+    weights = dict(LOSS_WEIGHTS)
+    for part in (spec or "").replace(" ", "").split(","):
+        if not part:
+            continue
+        if part in LOSS_PRESETS:
+            weights = dict(LOSS_PRESETS[part])
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("mse", "cos", "edge", "edge_l1", "ssim"):
+            raise ValueError(f"MEDICALFUSION_LYWNET_LOSS: cannot read '{part}' (presets {sorted(LOSS_PRESETS)}, "
+                             "or key=value with keys mse, cos, edge, edge_l1, ssim)")
+        weights[key] = float(value)
+    return weights
 
 
 def make_config(minutes: float, seed: int) -> TrainConfig:
@@ -32,15 +56,21 @@ def make_config(minutes: float, seed: int) -> TrainConfig:
 
 
 def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, seed: int = 0,
-          device: str = "auto", config: TrainConfig | None = None, log=print) -> dict:
+          device: str = "auto", config: TrainConfig | None = None, log=print,
+          loss_weights: dict | None = None) -> dict:
+    """``loss_weights`` (else ``$MEDICALFUSION_LYWNET_LOSS``, see :func:`loss_weights_from`, else
+    :data:`LOSS_WEIGHTS`) sets the weights of :func:`training.losses.lywnet_loss`."""
+    import os
+
     import torch
 
+    weights = dict(loss_weights) if loss_weights is not None else loss_weights_from(
+        os.environ.get("MEDICALFUSION_LYWNET_LOSS"))
     cfg = config or make_config(minutes, seed)
-    cfg.extra = {"loss": "lywnet_loss", "loss_weights": LOSS_WEIGHTS, "optimizer": "Adam",
+    cfg.extra = {"loss": "lywnet_loss", "loss_weights": weights, "optimizer": "Adam",
                  "lr_schedule": "halve after lr_patience rounds without validation improvement",
                  "reading": "end-to-end fusion training through the FDS (not the released autoencoder recipe)"}
     torch.manual_seed(cfg.seed)
-    import os
 
     # The shipped weights learn a feature gain inside the FDS softmax (initialised at 30).
     # MEDICALFUSION_LYWNET_FDS_GAIN=none trains the paper's rule (gain 1) instead.
@@ -57,7 +87,7 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
         "reference": "LYWNet: a multi-scale pyramid residual weight network for medical image fusion, Quant. Imaging Med. Surg., doi:10.21037/qims-24-851",
         "input": "MRI in [0,1] and functional luma (BT.601 Y of PET/SPECT, CT as is) in [0,1]; output fused luma",
     }
-    return run_training("lywnet", model, functools.partial(lywnet_loss, weights=LOSS_WEIGHTS), cfg, data_root,
+    return run_training("lywnet", model, functools.partial(lywnet_loss, weights=weights), cfg, data_root,
                         out_dir=out_dir, resume=resume, device=device, description=description,
                         fuse_wrapper=lambda m: network_fuse_fn(copy.deepcopy(m).eval().fold_bn(),
                                                                torch.device("cpu"), multiple=PAD_MULTIPLE),

@@ -115,6 +115,27 @@ def test_losses_basic_properties():
     assert terms["mse"] < 1e-10 and total.ndim == 0
 
 
+def test_lywnet_loss_edge_l1_term_and_weight_spec():
+    from MedicalFusionLib.training import lywnet as lyw_trainer
+
+    a, b, f = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    # the default weights have no L1 edge term (the behaviour of the earlier runs)
+    total_v1, terms_v1 = losses.lywnet_loss(f, a, b)
+    assert "edge_l1" not in terms_v1
+    total_v2, terms_v2 = losses.lywnet_loss(f, a, b, weights=losses.LYWNET_V2_WEIGHTS)
+    target = torch.maximum(losses.sobel_gradient(a), losses.sobel_gradient(b))
+    expected_l1 = float((losses.sobel_gradient(f) - target).abs().mean())
+    assert abs(terms_v2["edge_l1"] - expected_l1) < 1e-5
+    expected = (10 * terms_v2["mse"] + 1 * terms_v2["cos"] + 4 * terms_v2["edge_l1"] + 1 * terms_v2["ssim"])
+    assert abs(float(total_v2) - expected) < 1e-4
+    # weight specs: empty -> trainer default; presets; key=value over a preset; bad keys refused
+    assert lyw_trainer.loss_weights_from("") == lyw_trainer.LOSS_WEIGHTS
+    assert lyw_trainer.loss_weights_from("v1") == losses.DEFAULT_LYWNET_WEIGHTS
+    assert lyw_trainer.loss_weights_from("v2, ssim=2") == dict(losses.LYWNET_V2_WEIGHTS, ssim=2.0)
+    with pytest.raises(ValueError):
+        lyw_trainer.loss_weights_from("grad=4")
+
+
 # ---- weights: checksum, corrupt and missing files ---------------------------------------------
 
 @pytest.fixture
