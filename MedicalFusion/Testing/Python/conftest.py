@@ -47,3 +47,14 @@ def small_pair(rng):
     anat = (100 + 80 * np.sin(x / 5.0) * np.cos(y / 7.0) + rng.normal(0, 5, (8, 40, 48))).astype(np.float32)
     pet = np.exp(-((x - 24) ** 2 + (y - 20) ** 2) / 150.0) * 10.0 + 0.5
     return make_image(anat), make_image(pet.astype(np.float32))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread, as the trainers do on the shared CPU; restore afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,13 +13,7 @@ from MedicalFusionLib.training import dmfnet as T
 TINY = {"inner_channels": 8, "channel_mults": [1, 2, 2], "norm_groups": 4, "head_channels": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Keep to one thread like the trainer does (the machine is shared); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int = 0) -> DMFNet:

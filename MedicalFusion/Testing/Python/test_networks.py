@@ -22,12 +22,7 @@ from MedicalFusionLib.training.loop import CropSampler, TrainConfig, fit, split_
 NETS = {"mrdfn": (MRDFN, 2), "lywnet": (LYWNet, 16)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(name: str, seed: int = 0) -> torch.nn.Module:
