@@ -147,6 +147,8 @@ def main() -> None:
         if c:
             lines.append(f"| {c['case']} | {'x'.join(map(str, c['size']))} | {'x'.join(map(str, c['functional_size']))} | "
                          f"{c['slices']} | {c['seconds_total']:.2f} | {c['seconds_engine']:.2f} | {c['extra_memory_mb']:.0f} |")
+    lines += ["", "The Slicer scene round trip (node to node against the engine alone) is measured by "
+              "`scripts/bench_scene.py`: see [BENCHMARKS_SCENE.md](BENCHMARKS_SCENE.md)."]
     pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.output}")
