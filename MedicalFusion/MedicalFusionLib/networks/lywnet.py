@@ -35,9 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..methods.registry import FusionMethod, register
-from . import weights as _weights
-from .mrdfn import load_network, network_fuse_fn
+from .inference import register_network
 
 DEFAULT_SETTINGS = {"channels": 8, "blocks": 3, "temperature": 30.0}
 
@@ -215,17 +213,8 @@ class LYWNet(nn.Module):
 PAD_MULTIPLE = 16
 
 
-def _build(device: torch.device):
-    model, _entry = load_network("lywnet", LYWNet)
-    return network_fuse_fn(model.eval().fold_bn(), device, multiple=PAD_MULTIPLE)
-
-
-register(FusionMethod(
-    name="lywnet",
+register_network(
+    "lywnet", LYWNet,
     description="LYWNet: multi-scale pyramid residual weight network (CPU-sized, trained on aanlib); functional colour kept",
     reference="LYWNet: a multi-scale pyramid residual weight network for medical image fusion, Quant. Imaging Med. Surg., doi:10.21037/qims-24-851",
-    family="network",
-    build=_build,
-    bytes_per_pixel=2048,
-    available=lambda: _weights.weights_status("lywnet"),
-))
+    pad_multiple=PAD_MULTIPLE, prepare=lambda model: model.eval().fold_bn())

@@ -15,20 +15,15 @@ are ours, chosen for a budget of 30 ms per 256x256 pair on two CPU cores:
 - a global 1x1 fusion of both blocks' outputs with a global residual to the merged features;
 - a reconstructor (3x3 convolution, then a 3x3 convolution that also sees both sources through a
   skip) that outputs the fused luma directly: no fusion rule anywhere, the loss decides.
-
-The module file also holds :func:`network_fuse_fn`, the shared wrapper that turns a trained module
-into a registry ``FuseFn`` (eval mode, padding to a multiple, clamping).
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..methods.registry import FusionMethod, register
-from . import weights as _weights
+from .inference import register_network
 
 DEFAULT_SETTINGS = {"branch": 4, "width": 8, "growth": 8, "layers_full": 2, "layers_half": 3}
 
@@ -92,64 +87,8 @@ class MRDFN(nn.Module):
 PAD_MULTIPLE = 2
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared by the network methods: a trained module as a registry FuseFn.
-# ---------------------------------------------------------------------------------------------
-
-# On the CPU, small chunks keep each layer's activations in cache: measured on the 2-core machine,
-# a batch of eight 256x256 slices in one call cost ~3x more per slice than chunks of one or two.
-CPU_CHUNK_PIXELS = 2 * 256 * 256
-
-
-def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Wrap ``model(a, b)`` as ``fn(anat, func_y) -> fused`` (eval, no grad, pad/crop, clamp).
-
-    The engine's batch is run whole on a GPU and in chunks of about two 256x256 slices on the CPU;
-    every slice's result is independent of the batch either way (eval mode, no batch statistics).
-    """
-    from ..methods.pyramids import pad_to_multiple
-
-    model = model.to(device).eval()
-
-    def fuse(anat: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            a = anat.to(device=device, dtype=torch.float32)
-            b = func_y.to(device=device, dtype=torch.float32)
-            if multiple > 1:
-                a, (h, w) = pad_to_multiple(a, multiple)
-                b, _ = pad_to_multiple(b, multiple)
-            else:
-                h, w = a.shape[-2:]
-            n = a.shape[0]
-            chunk = n if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (a.shape[-1] * a.shape[-2]))
-            out = torch.cat([model(a[i:i + chunk], b[i:i + chunk]) for i in range(0, n, chunk)])
-            out = out[..., :h, :w].clamp_(0.0, 1.0)
-        return out.to(anat.device, anat.dtype)
-
-    fuse.model = model  # type: ignore[attr-defined]
-    return fuse
-
-
-def load_network(name: str, factory: Callable[..., nn.Module]) -> tuple[nn.Module, dict]:
-    """Build ``factory(**manifest settings)`` and load the checksummed weights of ``name``."""
-    state, entry = _weights.load_state_dict(name)
-    model = factory(**entry.get("settings", {}))
-    model.load_state_dict(state)
-    return model, entry
-
-
-def _build(device: torch.device):
-    model, _entry = load_network("mrdfn", MRDFN)
-    return network_fuse_fn(model, device, multiple=PAD_MULTIPLE)
-
-
-register(FusionMethod(
-    name="mrdfn",
+register_network(
+    "mrdfn", MRDFN,
     description="MRDFN: multiscale residual dense fusion network (CPU-sized, trained on aanlib); functional colour kept",
     reference="Multiscale residual dense fusion network, Intelligent Oncology 2026, doi:10.1016/j.intonc.2026.100054",
-    family="network",
-    build=_build,
-    bytes_per_pixel=2048,
-    available=lambda: _weights.weights_status("mrdfn"),
-))
+    pad_multiple=PAD_MULTIPLE)

@@ -17,7 +17,7 @@ import copy
 import functools
 
 from ..networks.lywnet import DEFAULT_SETTINGS, PAD_MULTIPLE, LYWNet
-from ..networks.mrdfn import network_fuse_fn
+from ..networks.inference import network_fuse_fn
 from .loop import TrainConfig, run_training
 from .losses import DEFAULT_LYWNET_WEIGHTS, LYWNET_V2_WEIGHTS, lywnet_loss
 

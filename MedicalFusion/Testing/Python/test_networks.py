@@ -15,7 +15,8 @@ import torch
 from MedicalFusionLib.errors import FusionError
 from MedicalFusionLib.networks import weights
 from MedicalFusionLib.networks.lywnet import LYWNet, feature_distillation
-from MedicalFusionLib.networks.mrdfn import MRDFN, network_fuse_fn
+from MedicalFusionLib.networks.inference import network_fuse_fn
+from MedicalFusionLib.networks.mrdfn import MRDFN
 from MedicalFusionLib.training import losses
 from MedicalFusionLib.training.loop import CropSampler, TrainConfig, fit, split_cases, validation_loss
 
