@@ -1,8 +1,9 @@
 """Reading the two inputs: anything SimpleITK reads (NRRD, NIfTI, MHA, a DICOM series folder,
-PNG/JPG for 2D), checked so that bad input fails early with one line that says what to do.
+PNG/JPG for 2D), and the one check of their contents (:func:`as_3d`, called by the pipeline for
+files and scene nodes alike), so that bad input fails early with one line that says what to do.
 
-Every image leaves here as a 3D ``SimpleITK.Image`` (a 2D image becomes a one-slice volume) with
-either one component (scalar) or three (RGB pseudo-colour, uint8).
+After :func:`as_3d` an image is 3D (a 2D image becomes a one-slice volume) with either one
+component (scalar) or three (RGB pseudo-colour, uint8).
 """
 from __future__ import annotations
 
@@ -18,19 +19,15 @@ from .errors import FusionError
 
 @dataclass
 class Source:
-    """An input image: the 3D SimpleITK image, whether it was 2D on disk, and where it came from."""
+    """An input image as read (its contents are checked by the pipeline), whether it is 2D, and
+    where it came from."""
 
     image: sitk.Image
-    was_2d: bool
     path: str = ""
 
     @property
-    def is_rgb(self) -> bool:
-        return self.image.GetNumberOfComponentsPerPixel() == 3
-
-    def array(self) -> np.ndarray:
-        """numpy view in ITK order: [Z, Y, X] or [Z, Y, X, 3]."""
-        return sitk.GetArrayViewFromImage(self.image)
+    def was_2d(self) -> bool:
+        return self.image.GetDimension() == 2
 
 
 def _read_dicom_series(folder: pathlib.Path) -> sitk.Image:
@@ -45,7 +42,7 @@ def _read_dicom_series(folder: pathlib.Path) -> sitk.Image:
 
 
 def read_source(path: str | os.PathLike, role: str) -> Source:
-    """Read and check one input; ``role`` ('anatomical' or 'functional') is named in errors."""
+    """Read one input; ``role`` ('anatomical' or 'functional') is named in errors."""
     p = pathlib.Path(path)
     if not p.exists():
         raise FusionError(f"{role} input {p} does not exist: check the path")
@@ -55,7 +52,7 @@ def read_source(path: str | os.PathLike, role: str) -> Source:
         raise
     except RuntimeError:
         raise FusionError(f"{role} input {p} is not an image SimpleITK can read: use NRRD, NIfTI, MHA, DICOM or PNG/JPG") from None
-    return Source(*as_3d(image, role, str(p)), path=str(p))
+    return Source(image, path=str(p))
 
 
 def as_3d(image: sitk.Image, role: str, name: str = "") -> tuple[sitk.Image, bool]:

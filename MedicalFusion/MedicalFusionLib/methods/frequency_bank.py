@@ -103,20 +103,15 @@ def _bank(h: int, w: int, device: str, dtype: torch.dtype, directions: tuple[int
     return torch.cat(filters).to(device=device, dtype=dtype).contiguous()
 
 
-def band_layout(directions: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(level, direction) of every band in the order :func:`decompose` returns them; the last
-    entry, (len(directions), 0), is the low-pass residual. Level 0 is the finest."""
-    return [(j, k) for j, n in enumerate(directions) for k in range(n)] + [(len(directions), 0)]
-
-
 def padded_size(n: int) -> int:
     """Image size plus 2*PAD, rounded up to a multiple of 16 (FFT-friendly)."""
     return int(math.ceil((n + 2 * PAD) / 16.0) * 16)
 
 
 def decompose(x: torch.Tensor, directions: tuple[int, ...], transition: float) -> torch.Tensor:
-    """Non-subsampled decomposition of x [B,1,H,W] -> bands [B, K, H, W] (see :func:`band_layout`);
-    ``bands.sum(1)`` gives x back (up to float rounding)."""
+    """Non-subsampled decomposition of x [B,1,H,W] -> bands [B, K, H, W]: level by level from the
+    finest, each level's directions in order, the low-pass residual last; ``bands.sum(1)`` gives x
+    back (up to float rounding)."""
     h, w = x.shape[-2:]
     hp, wp = padded_size(h), padded_size(w)
     top, left = (hp - h) // 2, (wp - w) // 2

@@ -7,7 +7,6 @@ batch) unless said otherwise.
   C1 = (0.01)^2, C2 = (0.03)^2 for data range 1; 'valid' filtering (no padding), as skimage does
   with ``gaussian_weights=True``, minus skimage's border crop.
 - :func:`sobel_gradient`: |Gx| + |Gy| with the 3x3 Sobel kernels and replicate padding (same shape).
-- :func:`gradient_difference`: L1 between the Sobel gradient magnitudes of two images.
 - :func:`ssim_to_both`, :func:`max_gradient_target`: helpers of the objectives.
 - :func:`cosine_intensity`: 1 - cosine similarity of the flattened images (LYWNet's intensity loss).
 - :func:`mrdfn_loss`, :func:`lywnet_loss`: the weighted sums the two trainers use (see their docs).
@@ -72,11 +71,6 @@ def sobel_gradient(x: torch.Tensor) -> torch.Tensor:
     """|Gx| + |Gy| of the 3x3 Sobel operator, same shape as ``x`` (any channel count)."""
     gx, gy = sobel_xy(x)
     return gx.abs() + gy.abs()
-
-
-def gradient_difference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean |sobel_gradient(x) - sobel_gradient(y)|."""
-    return (sobel_gradient(x) - sobel_gradient(y)).abs().mean()
 
 
 def cosine_intensity(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
