@@ -126,17 +126,20 @@ def functional_window_default(image: sitk.Image) -> tuple[float, float]:
 def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colormap: str | None):
     """Functional to YCbCr in [0, 1]. RGB pseudo-colour converts directly; a scalar goes through
     the colour map (default PET-Heat) over ``window`` (default :func:`functional_window_default`).
-    Returns (ycc, window or None, colormap or None)."""
+    Returns (ycc, window or None, colormap or None, grayscale); grayscale is decided on the
+    256-entry table or on the integer RGB channels, not on the converted volume."""
     if image.GetNumberOfComponentsPerPixel() == 3:
         rgb = sitk.GetArrayViewFromImage(image).astype(np.float32) / 255.0
-        return colour.rgb_to_ycbcr(rgb), None, None
+        return colour.rgb_to_ycbcr(rgb), None, None, rgb_is_gray(image)
     cmap = colour.DEFAULT_COLORMAP if colormap is None else colormap
     table = colour.colormap_table(cmap) if isinstance(cmap, str) else colour.check_table(cmap)
     window = window or functional_window_default(image)
     unit = colour.window_to_unit(sitk.GetArrayViewFromImage(image), *window)
     name = cmap if isinstance(cmap, str) else f"custom table ({len(table)} colours)"
     # look the values up in the table converted to YCbCr: one conversion of 256 entries, not of every voxel
-    return colour.apply_colormap(unit, colour.rgb_to_ycbcr(table)), (float(window[0]), float(window[1])), name
+    table_ycc = colour.rgb_to_ycbcr(table)
+    grayscale = bool(np.allclose(table_ycc[:, 1:], 0.5, atol=1.0 / 512))
+    return colour.apply_colormap(unit, table_ycc), (float(window[0]), float(window[1])), name, grayscale
 
 
 def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions,
@@ -155,8 +158,7 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
     if fwin is None and functional.GetNumberOfComponentsPerPixel() == 1:
         fwin = functional_window_default(functional)
     aligned = resample_to_reference(functional, anatomical, transform)
-    ycc, fwin, cmap = functional_ycc(aligned, fwin, options.colormap)
-    grayscale = bool(np.allclose(ycc[..., 1:], 0.5, atol=1.0 / 512))
+    ycc, fwin, cmap, grayscale = functional_ycc(aligned, fwin, options.colormap)
     return Prepared(anatomical, a01.astype(np.float32), ycc.astype(np.float32), grayscale, awin, fwin, cmap)
 
 
