@@ -27,24 +27,6 @@ from .losses import DEFAULT_LYWNET_WEIGHTS, LYWNET_V2_WEIGHTS, lywnet_loss
 LOSS_WEIGHTS = dict(LYWNET_V2_WEIGHTS)
 LOSS_PRESETS = {"v1": DEFAULT_LYWNET_WEIGHTS, "v2": LYWNET_V2_WEIGHTS}
 SHIPPED_FDS_GAIN = 30.0
-# Momentum of the BatchNorm running statistics during training (PyTorch's default 0.1 averages over
-# the last ~10 batches of 96x96 crops, so the eval-mode validation loss on full images jumps from
-# round to round and the halving/early-stopping rules react to that noise).
-# MEDICALFUSION_LYWNET_BN_MOMENTUM overrides it.
-BN_MOMENTUM = 0.1
-
-
-def bn_momentum_from(spec: str | None) -> float:
-    """The BatchNorm momentum for training: ``spec`` (a number in (0, 1]) or :data:`BN_MOMENTUM`."""
-    if spec is None or not spec.strip():
-        return BN_MOMENTUM
-    try:
-        value = float(spec)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise FusionError(f"MEDICALFUSION_LYWNET_BN_MOMENTUM must be a number in (0, 1], got '{spec}'")
-    return value
 
 
 def loss_weights_from(spec: str | None) -> dict:
@@ -62,7 +44,7 @@ def loss_weights_from(spec: str | None) -> dict:
         key, sep, value = part.partition("=")
         if not sep or key not in ("mse", "cos", "edge", "edge_l1", "ssim"):
             raise FusionError(f"MEDICALFUSION_LYWNET_LOSS: cannot read '{part}' (presets {sorted(LOSS_PRESETS)}, "
-                             "or key=value with keys mse, cos, edge, edge_l1, ssim)")
+                              "or key=value with keys mse, cos, edge, edge_l1, ssim)")
         try:
             weights[key] = float(value)
         except ValueError:
@@ -79,7 +61,7 @@ def make_config(minutes: float, seed: int) -> TrainConfig:
 
 def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, seed: int = 0,
           device: str = "auto", config: TrainConfig | None = None, log=print,
-          loss_weights: dict | None = None, bn_momentum: float | None = None) -> dict:
+          loss_weights: dict | None = None) -> dict:
     """``loss_weights`` (else ``$MEDICALFUSION_LYWNET_LOSS``, see :func:`loss_weights_from`, else
     :data:`LOSS_WEIGHTS`) sets the weights of :func:`training.losses.lywnet_loss`."""
     import os
@@ -88,10 +70,8 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
 
     weights = dict(loss_weights) if loss_weights is not None else loss_weights_from(
         os.environ.get("MEDICALFUSION_LYWNET_LOSS"))
-    momentum = bn_momentum if bn_momentum is not None else bn_momentum_from(
-        os.environ.get("MEDICALFUSION_LYWNET_BN_MOMENTUM"))
     cfg = config or make_config(minutes, seed)
-    cfg.extra = {"loss": "lywnet_loss", "loss_weights": weights, "optimizer": "Adam", "bn_momentum": momentum,
+    cfg.extra = {"loss": "lywnet_loss", "loss_weights": weights, "optimizer": "Adam",
                  "lr_schedule": "halve after lr_patience rounds without validation improvement",
                  "reading": "end-to-end fusion training through the FDS (not the released autoencoder recipe)"}
     torch.manual_seed(cfg.seed)
@@ -101,11 +81,11 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
     settings = dict(DEFAULT_SETTINGS)
     gain = os.environ.get("MEDICALFUSION_LYWNET_FDS_GAIN", str(SHIPPED_FDS_GAIN)).strip().lower()
     if gain not in ("", "none", "0"):
-        settings["fds_gain"] = float(gain)
+        try:
+            settings["fds_gain"] = float(gain)
+        except ValueError:
+            raise FusionError(f"MEDICALFUSION_LYWNET_FDS_GAIN must be a number or 'none', got '{gain}'") from None
     model = LYWNet(**settings)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = momentum
     description = {
         "architecture": "LYWNet (CPU-sized): preprocessor (3/5/7 convs + fuse, BN+ReLU), strided conv, 3 LYW blocks "
                         "at 1/2 resolution (pyramid residual, residual + micro-PPM, bottleneck, boundary-attention "

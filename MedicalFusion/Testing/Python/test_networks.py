@@ -132,11 +132,6 @@ def test_lywnet_loss_edge_l1_term_and_weight_spec():
         lyw_trainer.loss_weights_from("grad=4")
     with pytest.raises(FusionError, match="not a number"):
         lyw_trainer.loss_weights_from("ssim=high")
-    assert lyw_trainer.bn_momentum_from(None) == lyw_trainer.BN_MOMENTUM
-    assert lyw_trainer.bn_momentum_from(" 0.01 ") == 0.01
-    for bad in ("0", "1.5", "fast"):
-        with pytest.raises(FusionError, match="MEDICALFUSION_LYWNET_BN_MOMENTUM"):
-            lyw_trainer.bn_momentum_from(bad)
 
 
 # ---- weights: checksum, corrupt and missing files ---------------------------------------------
@@ -277,8 +272,6 @@ def test_trainer_writes_manifest_entry(name, tmp_path, weights_tmp):
     for key in ("file", "sha256", "architecture", "settings", "parameters", "data", "training", "test_metrics"):
         assert key in entry
     assert entry["training"]["steps"] == 4
-    if name == "lywnet":  # the BatchNorm momentum used in training is recorded
-        assert entry["training"]["bn_momentum"] == trainer.BN_MOMENTUM
     assert entry["data"]["validation_pairs"] > 0
     assert set(entry["test_metrics"]) == {"CT-MRI"}
     assert {"Qabf", "VIF", "SF", "AG", "SSIM_avg"} <= set(entry["test_metrics"]["CT-MRI"])
