@@ -13,6 +13,11 @@ from . import weights as _weights
 # On the CPU, small chunks keep each layer's activations in cache: measured on the 2-core machine,
 # a batch of eight 256x256 slices in one call cost ~3x more per slice than chunks of one or two.
 CPU_CHUNK_PIXELS = 2 * 256 * 256
+# On a CPU with more than one torch thread the convolutions run in the channels-last layout
+# (oneDNN's native one): measured on the idle 2-core machine with 2 threads, LYWNet 37-39 -> 22 ms
+# and MRDFN 19-21 -> 11.5 ms per 256x256 pair, while with one thread MRDFN got slower (22 -> 25 ms).
+# Outputs differ from the default layout by rounding only (< 1e-6). See docs/evaluation/networks.md.
+CPU_CHANNELS_LAST = True
 
 
 def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
@@ -21,10 +26,15 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
 
     The engine's batch is run whole on a GPU and in chunks of about two 256x256 slices on the CPU;
     every slice's result is independent of the batch either way (eval mode, no batch statistics).
+    On a CPU with more than one torch thread (counted when the function is built) the model and its
+    inputs use the channels-last layout (:data:`CPU_CHANNELS_LAST`).
     """
     from ..methods.pyramids import pad_to_multiple
 
     model = model.to(device).eval()
+    channels_last = device.type == "cpu" and CPU_CHANNELS_LAST and torch.get_num_threads() > 1
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
 
     def fuse(anat: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -37,7 +47,8 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
                 h, w = a.shape[-2:]
             n = a.shape[0]
             chunk = n if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (a.shape[-1] * a.shape[-2]))
-            out = torch.cat([model(a[i:i + chunk], b[i:i + chunk]) for i in range(0, n, chunk)])
+            out = torch.cat([model(a[i:i + chunk].contiguous(memory_format=layout),
+                                   b[i:i + chunk].contiguous(memory_format=layout)) for i in range(0, n, chunk)])
             out = out[..., :h, :w].clamp_(0.0, 1.0)
         return out.to(anat.device, anat.dtype)
 

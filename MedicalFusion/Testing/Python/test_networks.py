@@ -4,6 +4,7 @@ down, the checkpoint reloads and resumes, a manifest entry is written and loads 
 registry). No trained weights and no shared data needed."""
 from __future__ import annotations
 
+import copy
 import csv
 import shutil
 
@@ -65,6 +66,30 @@ def test_batch_independence(name):
     together = fn(a, b)
     alone = torch.cat([fn(a[i:i + 1], b[i:i + 1]) for i in range(3)])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_cpu_channels_last_layout_matches_default_layout(name):
+    """With several CPU threads the wrapper runs the model channels-last; only rounding may differ."""
+    model = _model(name).eval()
+    a, b = torch.rand(2, 1, 48, 40), torch.rand(2, 1, 48, 40)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        default = network_fuse_fn(copy.deepcopy(model), torch.device("cpu"), multiple=NETS[name][1])
+        torch.set_num_threads(2)
+        fast = network_fuse_fn(copy.deepcopy(model), torch.device("cpu"), multiple=NETS[name][1])
+        conv = next(m for m in fast.model.modules()
+                    if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size[0] > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.weight.is_contiguous()
+        out_fast = fast(a, b)
+        torch.set_num_threads(1)
+        out_default = default(a, b)
+    finally:
+        torch.set_num_threads(before)
+    assert out_fast.shape == out_default.shape == (2, 1, 48, 40)
+    assert torch.allclose(out_fast, out_default, atol=1e-5)
 
 
 def test_lywnet_bn_folding_is_exact():
