@@ -188,3 +188,28 @@ def test_threads_option_sets_torch_threads_and_rejects_zero(files, capsys):
         assert "--threads" in capsys.readouterr().err and not (tmp / "t0.nrrd").exists()
     finally:
         torch.set_num_threads(before)
+
+
+def test_evaluate_builds_each_method_once_per_pair():
+    """The warm-up and the timed run share one built function (networks verify their weights once)."""
+    import dataclasses
+
+    import torch
+    from MedicalFusionLib.evaluate import fuse_modality
+    from MedicalFusionLib.methods import get_method
+
+    base = get_method("alpha")
+    builds = []
+
+    def counting_build(device):
+        builds.append(device)
+        return base.build(device)
+
+    method = dataclasses.replace(base, build=counting_build)
+    rng = np.random.default_rng(0)
+    y = rng.random((3, 16, 16), dtype=np.float32)
+    data = {"mri": rng.random((3, 16, 16), dtype=np.float32),
+            "ycc": np.stack([y, np.full_like(y, 0.5), np.full_like(y, 0.5)], axis=-1), "grayscale": True}
+    rgb, seconds = fuse_modality(data, method, torch.device("cpu"))
+    assert len(builds) == 1
+    assert rgb.shape == (3, 16, 16, 3) and rgb.dtype == np.uint8 and seconds >= 0
