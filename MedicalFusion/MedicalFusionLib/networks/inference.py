@@ -26,15 +26,17 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
 
     The engine's batch is run whole on a GPU and in chunks of about two 256x256 slices on the CPU;
     every slice's result is independent of the batch either way (eval mode, no batch statistics).
-    On a CPU with more than one torch thread (counted when the function is built) the model and its
-    inputs use the channels-last layout (:data:`CPU_CHANNELS_LAST`).
+    On a CPU with more than one torch thread (counted when the function is built) the model's weights
+    are converted to the channels-last layout (:data:`CPU_CHANNELS_LAST`); the one-channel inputs
+    need no conversion (they already are channels-last) and the first convolution's output follows
+    its weights' layout.
     """
     from ..methods.pyramids import pad_to_multiple
 
     model = model.to(device).eval()
     channels_last = device.type == "cpu" and CPU_CHANNELS_LAST and torch.get_num_threads() > 1
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
     def fuse(anat: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -47,8 +49,7 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
                 h, w = a.shape[-2:]
             n = a.shape[0]
             chunk = n if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (a.shape[-1] * a.shape[-2]))
-            out = torch.cat([model(a[i:i + chunk].contiguous(memory_format=layout),
-                                   b[i:i + chunk].contiguous(memory_format=layout)) for i in range(0, n, chunk)])
+            out = torch.cat([model(a[i:i + chunk], b[i:i + chunk]) for i in range(0, n, chunk)])
             out = out[..., :h, :w].clamp_(0.0, 1.0)
         return out.to(anat.device, anat.dtype)
 
