@@ -16,7 +16,10 @@ milliseconds on two CPU cores instead of seconds:
   and a boundary-attention-guided (BAG) fusion: with sigma = sigmoid(bottleneck/boundary branch),
   out = conv(sigma * detail + (1 - sigma) * context), detail = pyramid branch, context = PPM branch
   (sigma > 0.5 leans on detail, otherwise on context, as the paper puts it);
-- a skip connection adds the preprocessor's low-level features to the deep features;
+- a skip connection joins the preprocessor's low-level features to the deep features: added
+  (``skip="add"``, the shipped weights) or concatenated along channels (``skip="concat"``, so the
+  FDS selects low-level detail and deep features channel by channel; the reconstructor's first
+  convolution then reads twice the channels);
 - feature distillation strategy (FDS): per element, the two sources' features are weighted by a
   softmax over the sources with temperature T, F = sum_i softmax(phi_i / T) * phi_i (T = 30 as in
   the paper);
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from .inference import register_network
 
 DEFAULT_SETTINGS = {"channels": 8, "blocks": 3, "temperature": 30.0}
+SKIP_MODES = ("add", "concat")
 
 
 class ConvBN(nn.Module):
@@ -171,9 +175,15 @@ def feature_distillation(fa: torch.Tensor, fb: torch.Tensor, temperature: float,
 
 
 class LYWNet(nn.Module):
-    def __init__(self, channels: int = 8, blocks: int = 3, temperature: float = 30.0, fds_gain: float | None = None):
+    def __init__(self, channels: int = 8, blocks: int = 3, temperature: float = 30.0, fds_gain: float | None = None,
+                 skip: str = "add"):
         super().__init__()
+        if skip not in SKIP_MODES:
+            raise ValueError(f"LYWNet skip must be one of {SKIP_MODES}, got {skip!r}")
         self.settings = dict(channels=channels, blocks=blocks, temperature=float(temperature))
+        if skip != "add":  # settings of weights trained before the option existed stay as they were
+            self.settings["skip"] = skip
+        self.skip = skip
         self.temperature = float(temperature)
         # Optional learned gain on the features inside the FDS softmax (log-parameterised, starts at
         # ``fds_gain``). None = the paper's rule. BN keeps features near unit scale, where T = 30
@@ -185,15 +195,16 @@ class LYWNet(nn.Module):
         self.pre = Preprocessor(channels)
         self.down = ConvBN(channels, channels, 3, stride=2)
         self.blocks = nn.Sequential(*[LYWBlock(channels) for _ in range(blocks)])
-        self.recon = nn.Sequential(ConvBN(channels, channels, 3), ConvBN(channels, channels // 2, 3),
+        fused_channels = 2 * channels if skip == "concat" else channels
+        self.recon = nn.Sequential(ConvBN(fused_channels, channels, 3), ConvBN(channels, channels // 2, 3),
                                    nn.Conv2d(channels // 2, 1, 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Low-level features at full resolution plus the LYW blocks' deep features (computed at
         half resolution, upsampled): the skip connection between low-level and deep features."""
         low = self.pre(x)
-        deep = self.blocks(self.down(low))
-        return low + F.interpolate(deep, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        deep = F.interpolate(self.blocks(self.down(low)), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([low, deep], dim=1) if self.skip == "concat" else low + deep
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]

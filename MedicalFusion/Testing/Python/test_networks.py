@@ -123,6 +123,36 @@ def test_lywnet_fds_gain_option_round_trips():
         assert torch.allclose(fresh.eval()(a, b), model(a, b))
 
 
+def test_lywnet_concat_skip_round_trips_and_folds_exactly():
+    torch.manual_seed(0)
+    model = LYWNet(fds_gain=30.0, skip="concat").eval()
+    # the FDS sees low-level and deep features as separate channels: twice the reconstructor's input
+    assert model.recon[0].conv.in_channels == 2 * model.settings["channels"]
+    assert model.settings["skip"] == "concat"
+    fresh = LYWNet(**model.settings)
+    fresh.load_state_dict(model.state_dict())
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(a, b)
+        assert torch.allclose(fresh.eval()(a, b), ref)
+        assert torch.allclose(copy.deepcopy(model).fold_bn()(a, b), ref, atol=1e-5)
+    # the skip mode changes the network: the add variant cannot read these weights
+    with pytest.raises(RuntimeError):
+        LYWNet(fds_gain=30.0).load_state_dict(model.state_dict())
+    # weights trained before the option existed keep their settings (no "skip" key)
+    assert "skip" not in LYWNet(fds_gain=30.0).settings
+    with pytest.raises(ValueError, match="skip"):
+        LYWNet(skip="sum")
+
+
+def test_lywnet_trainer_rejects_unknown_skip_in_one_line(tmp_path, monkeypatch):
+    from MedicalFusionLib.training import lywnet as lyw_trainer
+
+    monkeypatch.setenv("MEDICALFUSION_LYWNET_SKIP", "stack")
+    with pytest.raises(FusionError, match="MEDICALFUSION_LYWNET_SKIP must be one of add, concat"):
+        lyw_trainer.train(tmp_path / "no-data", out_dir=tmp_path / "run", log=lambda s: None)
+
+
 def test_losses_basic_properties():
     x = torch.rand(2, 1, 32, 32)
     assert abs(float(losses.ssim(x, x)) - 1.0) < 1e-5
