@@ -23,7 +23,10 @@ milliseconds on two CPU cores instead of seconds:
 - feature distillation strategy (FDS): per element, the two sources' features are weighted by a
   softmax over the sources with temperature T, F = sum_i softmax(phi_i / T) * phi_i (T = 30 as in
   the paper);
-- reconstructor: two 3x3 convolutions and one 1x1 convolution to the fused luma.
+- reconstructor: two 3x3 convolutions and one 1x1 convolution to the fused luma. With
+  ``source_skip=True`` (not in the paper; MRDFN's output layer does this) the last convolution is a
+  3x3 one that reads the two source images beside the reconstructor's features, so fine detail of
+  either source can reach the output without passing through the FDS.
 
 The extractor is siamese (shared weights for the two sources). We train the whole network end to
 end for fusion (the FDS inside the forward pass, losses against both sources), which is one of the
@@ -176,7 +179,7 @@ def feature_distillation(fa: torch.Tensor, fb: torch.Tensor, temperature: float,
 
 class LYWNet(nn.Module):
     def __init__(self, channels: int = 8, blocks: int = 3, temperature: float = 30.0, fds_gain: float | None = None,
-                 skip: str = "add"):
+                 skip: str = "add", source_skip: bool = False):
         super().__init__()
         if skip not in SKIP_MODES:
             raise ValueError(f"LYWNet skip must be one of {SKIP_MODES}, got {skip!r}")
@@ -184,6 +187,9 @@ class LYWNet(nn.Module):
         if skip != "add":  # settings of weights trained before the option existed stay as they were
             self.settings["skip"] = skip
         self.skip = skip
+        self.source_skip = bool(source_skip)
+        if self.source_skip:
+            self.settings["source_skip"] = True
         self.temperature = float(temperature)
         # Optional learned gain on the features inside the FDS softmax (log-parameterised, starts at
         # ``fds_gain``). None = the paper's rule. BN keeps features near unit scale, where T = 30
@@ -196,8 +202,12 @@ class LYWNet(nn.Module):
         self.down = ConvBN(channels, channels, 3, stride=2)
         self.blocks = nn.Sequential(*[LYWBlock(channels) for _ in range(blocks)])
         fused_channels = 2 * channels if skip == "concat" else channels
-        self.recon = nn.Sequential(ConvBN(fused_channels, channels, 3), ConvBN(channels, channels // 2, 3),
-                                   nn.Conv2d(channels // 2, 1, 1))
+        if self.source_skip:
+            self.recon = nn.Sequential(ConvBN(fused_channels, channels, 3), ConvBN(channels, channels // 2, 3))
+            self.out = nn.Conv2d(channels // 2 + 2, 1, 3, padding=1)
+        else:
+            self.recon = nn.Sequential(ConvBN(fused_channels, channels, 3), ConvBN(channels, channels // 2, 3),
+                                       nn.Conv2d(channels // 2, 1, 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Low-level features at full resolution plus the LYW blocks' deep features (computed at
@@ -210,7 +220,8 @@ class LYWNet(nn.Module):
         n = a.shape[0]
         fa, fb = self.features(torch.cat([a, b], dim=0)).split(n, dim=0)
         gain = 1.0 if self.log_gain is None else self.log_gain.exp()
-        return self.recon(feature_distillation(fa, fb, self.temperature, gain))
+        fused = self.recon(feature_distillation(fa, fb, self.temperature, gain))
+        return self.out(torch.cat([fused, a, b], dim=1)) if self.source_skip else fused
 
     def fold_bn(self) -> "LYWNet":
         """Fold every BatchNorm into its convolution (inference only: call after eval())."""

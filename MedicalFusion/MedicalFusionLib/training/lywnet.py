@@ -90,11 +90,17 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
     if skip not in SKIP_MODES:
         raise FusionError(f"MEDICALFUSION_LYWNET_SKIP must be one of {', '.join(SKIP_MODES)}, got '{skip}'")
     settings["skip"] = skip
+    # MEDICALFUSION_LYWNET_SOURCE_SKIP=1: the output convolution also reads both sources (see networks.lywnet).
+    source_skip = os.environ.get("MEDICALFUSION_LYWNET_SOURCE_SKIP", "").strip().lower()
+    if source_skip not in ("", "0", "1"):
+        raise FusionError(f"MEDICALFUSION_LYWNET_SOURCE_SKIP must be 0 or 1, got '{source_skip}'")
+    settings["source_skip"] = source_skip == "1"
     model = LYWNet(**settings)
     description = {
         "architecture": "LYWNet (CPU-sized): preprocessor (3/5/7 convs + fuse, BN+ReLU), strided conv, 3 LYW blocks "
                         "at 1/2 resolution (pyramid residual, residual + micro-PPM, bottleneck, boundary-attention "
-                        "fusion), low/deep skip (" + skip + "), FDS softmax(T) over the two sources, reconstructor (3x3, 3x3, 1x1)",
+                        "fusion), low/deep skip (" + skip + "), FDS softmax(T) over the two sources, reconstructor (3x3, 3x3, 1x1)"
+                        + (" with the sources read by a 3x3 output conv" if settings["source_skip"] else ""),
         "settings": dict(model.settings),
         "reference": "LYWNet: a multi-scale pyramid residual weight network for medical image fusion, Quant. Imaging Med. Surg., doi:10.21037/qims-24-851",
         "input": "MRI in [0,1] and functional luma (BT.601 Y of PET/SPECT, CT as is) in [0,1]; output fused luma",
