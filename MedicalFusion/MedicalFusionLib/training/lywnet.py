@@ -10,6 +10,11 @@ learn a scale at which the softmax selects the stronger source. Losses: MSE simi
 intensity and Sobel edge terms (the paper's three) plus an SSIM term to both sources, by default
 with the v2 balance (Sobel edge as L1, weight 4; SSIM weight 1; ``MEDICALFUSION_LYWNET_LOSS``); see
 :func:`training.losses.lywnet_loss` for targets and weights.
+
+Architecture by default: the shipped variant, i.e. the paper's network (CPU-sized) plus two additions
+of ours, a learned gain inside the FDS softmax and a source skip into the output convolution
+(``MEDICALFUSION_LYWNET_FDS_GAIN=none`` and ``MEDICALFUSION_LYWNET_SOURCE_SKIP=0`` remove them);
+docs/evaluation/networks.md has the runs that led there.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from ..networks.inference import network_fuse_fn
 from .loop import TrainConfig, run_training
 from .losses import DEFAULT_LYWNET_WEIGHTS, LYWNET_V2_WEIGHTS, lywnet_loss
 
-# The shipped weights (run lywnet_v2) were trained with the v2 balance; MEDICALFUSION_LYWNET_LOSS=v1
+# The shipped weights (runs lywnet_v2 and lywnet_v4b) were trained with the v2 balance; MEDICALFUSION_LYWNET_LOSS=v1
 # trains with the earlier one (MSE 10, cos 1, Sobel-MSE 3, SSIM 3).
 LOSS_WEIGHTS = dict(LYWNET_V2_WEIGHTS)
 LOSS_PRESETS = {"v1": DEFAULT_LYWNET_WEIGHTS, "v2": LYWNET_V2_WEIGHTS}
@@ -90,9 +95,10 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
     if skip not in SKIP_MODES:
         raise FusionError(f"MEDICALFUSION_LYWNET_SKIP must be one of {', '.join(SKIP_MODES)}, got '{skip}'")
     settings["skip"] = skip
-    # MEDICALFUSION_LYWNET_SOURCE_SKIP=1: the output convolution also reads both sources (see networks.lywnet).
-    source_skip = os.environ.get("MEDICALFUSION_LYWNET_SOURCE_SKIP", "").strip().lower()
-    if source_skip not in ("", "0", "1"):
+    # The shipped weights (run lywnet_v4b) have a source skip: the output convolution also reads both
+    # sources (see networks.lywnet). MEDICALFUSION_LYWNET_SOURCE_SKIP=0 trains the paper's reconstructor.
+    source_skip = os.environ.get("MEDICALFUSION_LYWNET_SOURCE_SKIP", "").strip().lower() or "1"
+    if source_skip not in ("0", "1"):
         raise FusionError(f"MEDICALFUSION_LYWNET_SOURCE_SKIP must be 0 or 1, got '{source_skip}'")
     settings["source_skip"] = source_skip == "1"
     model = LYWNet(**settings)
