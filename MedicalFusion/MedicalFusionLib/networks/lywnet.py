@@ -16,10 +16,8 @@ milliseconds on two CPU cores instead of seconds:
   and a boundary-attention-guided (BAG) fusion: with sigma = sigmoid(bottleneck/boundary branch),
   out = conv(sigma * detail + (1 - sigma) * context), detail = pyramid branch, context = PPM branch
   (sigma > 0.5 leans on detail, otherwise on context, as the paper puts it);
-- a skip connection joins the preprocessor's low-level features to the deep features: added
-  (``skip="add"``, the shipped weights) or concatenated along channels (``skip="concat"``, so the
-  FDS selects low-level detail and deep features channel by channel; the reconstructor's first
-  convolution then reads twice the channels);
+- a skip connection adds the preprocessor's low-level features to the deep features (a
+  concatenation instead was tried and not adopted: docs/evaluation/networks.md, run v4a);
 - feature distillation strategy (FDS): per element, the two sources' features are weighted by a
   softmax over the sources with temperature T, F = sum_i softmax(phi_i / T) * phi_i (T = 30 as in
   the paper);
@@ -44,7 +42,6 @@ import torch.nn.functional as F
 from .inference import register_network
 
 DEFAULT_SETTINGS = {"channels": 8, "blocks": 3, "temperature": 30.0}
-SKIP_MODES = ("add", "concat")
 
 
 class ConvBN(nn.Module):
@@ -179,16 +176,11 @@ def feature_distillation(fa: torch.Tensor, fb: torch.Tensor, temperature: float,
 
 class LYWNet(nn.Module):
     def __init__(self, channels: int = 8, blocks: int = 3, temperature: float = 30.0, fds_gain: float | None = None,
-                 skip: str = "add", source_skip: bool = False):
+                 source_skip: bool = False):
         super().__init__()
-        if skip not in SKIP_MODES:
-            raise ValueError(f"LYWNet skip must be one of {SKIP_MODES}, got {skip!r}")
         self.settings = dict(channels=channels, blocks=blocks, temperature=float(temperature))
-        if skip != "add":  # settings of weights trained before the option existed stay as they were
-            self.settings["skip"] = skip
-        self.skip = skip
         self.source_skip = bool(source_skip)
-        if self.source_skip:
+        if self.source_skip:  # settings of weights trained before the option existed stay as they were
             self.settings["source_skip"] = True
         self.temperature = float(temperature)
         # Optional learned gain on the features inside the FDS softmax (log-parameterised, starts at
@@ -201,20 +193,19 @@ class LYWNet(nn.Module):
         self.pre = Preprocessor(channels)
         self.down = ConvBN(channels, channels, 3, stride=2)
         self.blocks = nn.Sequential(*[LYWBlock(channels) for _ in range(blocks)])
-        fused_channels = 2 * channels if skip == "concat" else channels
         if self.source_skip:
-            self.recon = nn.Sequential(ConvBN(fused_channels, channels, 3), ConvBN(channels, channels // 2, 3))
+            self.recon = nn.Sequential(ConvBN(channels, channels, 3), ConvBN(channels, channels // 2, 3))
             self.out = nn.Conv2d(channels // 2 + 2, 1, 3, padding=1)
         else:
-            self.recon = nn.Sequential(ConvBN(fused_channels, channels, 3), ConvBN(channels, channels // 2, 3),
+            self.recon = nn.Sequential(ConvBN(channels, channels, 3), ConvBN(channels, channels // 2, 3),
                                        nn.Conv2d(channels // 2, 1, 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Low-level features at full resolution plus the LYW blocks' deep features (computed at
         half resolution, upsampled): the skip connection between low-level and deep features."""
         low = self.pre(x)
-        deep = F.interpolate(self.blocks(self.down(low)), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([low, deep], dim=1) if self.skip == "concat" else low + deep
+        deep = self.blocks(self.down(low))
+        return low + F.interpolate(deep, size=low.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]

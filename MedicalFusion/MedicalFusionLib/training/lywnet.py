@@ -22,7 +22,7 @@ import copy
 import functools
 
 from ..errors import FusionError
-from ..networks.lywnet import DEFAULT_SETTINGS, PAD_MULTIPLE, SKIP_MODES, LYWNet
+from ..networks.lywnet import DEFAULT_SETTINGS, PAD_MULTIPLE, LYWNet
 from ..networks.inference import network_fuse_fn
 from .loop import TrainConfig, run_training
 from .losses import DEFAULT_LYWNET_WEIGHTS, LYWNET_V2_WEIGHTS, lywnet_loss
@@ -90,11 +90,6 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
             settings["fds_gain"] = float(gain)
         except ValueError:
             raise FusionError(f"MEDICALFUSION_LYWNET_FDS_GAIN must be a number or 'none', got '{gain}'") from None
-    # MEDICALFUSION_LYWNET_SKIP=add|concat: how the low-level and deep features are joined (see networks.lywnet).
-    skip = os.environ.get("MEDICALFUSION_LYWNET_SKIP", "").strip().lower() or "add"
-    if skip not in SKIP_MODES:
-        raise FusionError(f"MEDICALFUSION_LYWNET_SKIP must be one of {', '.join(SKIP_MODES)}, got '{skip}'")
-    settings["skip"] = skip
     # The shipped weights (run lywnet_v4b) have a source skip: the output convolution also reads both
     # sources (see networks.lywnet). MEDICALFUSION_LYWNET_SOURCE_SKIP=0 trains the paper's reconstructor.
     source_skip = os.environ.get("MEDICALFUSION_LYWNET_SOURCE_SKIP", "").strip().lower() or "1"
@@ -105,7 +100,7 @@ def train(data_root, out_dir=None, minutes: float = 60.0, resume: bool = True, s
     description = {
         "architecture": "LYWNet (CPU-sized): preprocessor (3/5/7 convs + fuse, BN+ReLU), strided conv, 3 LYW blocks "
                         "at 1/2 resolution (pyramid residual, residual + micro-PPM, bottleneck, boundary-attention "
-                        "fusion), low/deep skip (" + skip + "), FDS softmax(T) over the two sources, reconstructor (3x3, 3x3, 1x1)"
+                        "fusion), low/deep skip, FDS softmax(T) over the two sources, reconstructor (3x3, 3x3, 1x1)"
                         + (" with the sources read by a 3x3 output conv" if settings["source_skip"] else ""),
         "settings": dict(model.settings),
         "reference": "LYWNet: a multi-scale pyramid residual weight network for medical image fusion, Quant. Imaging Med. Surg., doi:10.21037/qims-24-851",

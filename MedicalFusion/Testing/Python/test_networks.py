@@ -123,15 +123,12 @@ def test_lywnet_fds_gain_option_round_trips():
         assert torch.allclose(fresh.eval()(a, b), model(a, b))
 
 
-@pytest.mark.parametrize("option", [{"skip": "concat"}, {"source_skip": True}])
-def test_lywnet_architecture_options_round_trip_and_fold_exactly(option):
+def test_lywnet_source_skip_round_trips_and_folds_exactly():
     torch.manual_seed(0)
-    model = LYWNet(fds_gain=30.0, **option).eval()
-    assert {k: model.settings[k] for k in option} == option
-    if "skip" in option:  # the FDS sees low-level and deep features as separate channels
-        assert model.recon[0].conv.in_channels == 2 * model.settings["channels"]
-    else:  # the output convolution reads the reconstructor's features and both sources
-        assert model.out.in_channels == model.settings["channels"] // 2 + 2
+    model = LYWNet(fds_gain=30.0, source_skip=True).eval()
+    assert model.settings["source_skip"] is True
+    # the output convolution reads the reconstructor's features and both sources
+    assert model.out.in_channels == model.settings["channels"] // 2 + 2
     fresh = LYWNet(**model.settings)
     fresh.load_state_dict(model.state_dict())
     a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
@@ -139,22 +136,24 @@ def test_lywnet_architecture_options_round_trip_and_fold_exactly(option):
         ref = model(a, b)
         assert torch.allclose(fresh.eval()(a, b), ref)
         assert torch.allclose(copy.deepcopy(model).fold_bn()(a, b), ref, atol=1e-5)
-    # the option changes the network: the shipped architecture cannot read these weights
+    # the option changes the network: the paper's reconstructor cannot read these weights
     with pytest.raises(RuntimeError):
         LYWNet(fds_gain=30.0).load_state_dict(model.state_dict())
-    # weights trained before the options existed keep their settings (no new keys)
+    # weights trained before the option existed keep their settings (no new key)
     assert set(LYWNet(fds_gain=30.0).settings) == {"channels", "blocks", "temperature", "fds_gain"}
-    with pytest.raises(ValueError, match="skip"):
-        LYWNet(skip="sum")
+    # the source images reach the output through the skip: a change of one source pixel moves that
+    # output pixel even with every feature path zeroed
+    with torch.no_grad():
+        for prm in model.recon.parameters():
+            prm.zero_()
+        a2 = a.clone()
+        a2[0, 0, 16, 16] += 0.5
+        assert (model(a2, b) - model(a, b))[0, 0, 15:18, 15:18].abs().max() > 0
 
 
-def test_lywnet_trainer_rejects_unknown_architecture_options_in_one_line(tmp_path, monkeypatch):
+def test_lywnet_trainer_rejects_a_bad_source_skip_in_one_line(tmp_path, monkeypatch):
     from MedicalFusionLib.training import lywnet as lyw_trainer
 
-    monkeypatch.setenv("MEDICALFUSION_LYWNET_SKIP", "stack")
-    with pytest.raises(FusionError, match="MEDICALFUSION_LYWNET_SKIP must be one of add, concat"):
-        lyw_trainer.train(tmp_path / "no-data", out_dir=tmp_path / "run", log=lambda s: None)
-    monkeypatch.setenv("MEDICALFUSION_LYWNET_SKIP", "add")
     monkeypatch.setenv("MEDICALFUSION_LYWNET_SOURCE_SKIP", "yes")
     with pytest.raises(FusionError, match="MEDICALFUSION_LYWNET_SOURCE_SKIP must be 0 or 1"):
         lyw_trainer.train(tmp_path / "no-data", out_dir=tmp_path / "run", log=lambda s: None)
