@@ -14,9 +14,9 @@ from . import weights as _weights
 # a batch of eight 256x256 slices in one call cost ~3x more per slice than chunks of one or two.
 CPU_CHUNK_PIXELS = 2 * 256 * 256
 # On a CPU with more than one torch thread the convolutions run in the channels-last layout
-# (oneDNN's native one): measured on the idle 2-core machine with 2 threads, LYWNet 37-39 -> 22 ms
-# and MRDFN 19-21 -> 11.5 ms per 256x256 pair, while with one thread MRDFN got slower (22 -> 25 ms).
-# Outputs differ from the default layout by rounding only (< 1e-6). See docs/evaluation/networks.md.
+# (oneDNN's native one): faster with 2 threads on the idle 2-core machine, slower with one (MRDFN
+# 22 -> 25 ms); outputs differ by rounding only (< 1e-6). The A/B figures are in
+# docs/evaluation/networks.md ("Inference speed").
 CPU_CHANNELS_LAST = True
 
 

@@ -193,12 +193,12 @@ class LYWNet(nn.Module):
         self.pre = Preprocessor(channels)
         self.down = ConvBN(channels, channels, 3, stride=2)
         self.blocks = nn.Sequential(*[LYWBlock(channels) for _ in range(blocks)])
-        if self.source_skip:
-            self.recon = nn.Sequential(ConvBN(channels, channels, 3), ConvBN(channels, channels // 2, 3))
+        recon = [ConvBN(channels, channels, 3), ConvBN(channels, channels // 2, 3)]
+        if self.source_skip:  # the output conv reads the features and both sources (forward)
             self.out = nn.Conv2d(channels // 2 + 2, 1, 3, padding=1)
-        else:
-            self.recon = nn.Sequential(ConvBN(channels, channels, 3), ConvBN(channels, channels // 2, 3),
-                                       nn.Conv2d(channels // 2, 1, 1))
+        else:  # the paper's 1x1 output conv, inside recon (the state_dict keys of earlier weights)
+            recon.append(nn.Conv2d(channels // 2, 1, 1))
+        self.recon = nn.Sequential(*recon)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Low-level features at full resolution plus the LYW blocks' deep features (computed at
