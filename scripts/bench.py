@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,6 +23,9 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchdoc import machine_line, replace_section  # noqa: E402
 
 
 def bench_methods(names, repeats, device):
@@ -128,19 +130,15 @@ def main() -> None:
     cases = [bench_case("synthetic", args.method_3d, args.data, args.threads)]
     if (pathlib.Path(args.data) / "spm12" / "PET.nii").is_file():
         cases.append(bench_case("spm12", args.method_3d, args.data, args.threads))
-    load = os.getloadavg()
     lines = [
-        "# Benchmarks", "",
+        "## Fusion speed and memory", "",
         f"Command: `{' '.join(['python scripts/bench.py'] + sys.argv[1:])}` (or `make bench`).",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads, device {device}; load average at the end "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs running inflate the times).",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-        "## Milliseconds per 256x256 pair (one pair per call, median)", "",
+        machine_line(f"torch {torch.__version__} with {torch.get_num_threads()} threads, device {device}."), "",
+        "### Milliseconds per 256x256 pair (one pair per call, median)", "",
         "| method | family | ms per pair |", "|---|---|---|"]
     for name, family, ms, reason in rows:
         lines.append(f"| {name} | {family} | {'%.2f' % ms if ms is not None else 'not run: ' + reason} |")
-    lines += ["", f"## 3D end to end with `{args.method_3d}` (align + prepare + fuse + recombine, no metrics)", "",
+    lines += ["", f"### 3D end to end with `{args.method_3d}` (align + prepare + fuse + recombine, no metrics)", "",
               "| case | anatomical | functional | slices | total s | engine s | extra peak memory MB |",
               "|---|---|---|---|---|---|---|"]
     for c in cases:
@@ -149,8 +147,7 @@ def main() -> None:
                          f"{c['slices']} | {c['seconds_total']:.2f} | {c['seconds_engine']:.2f} | {c['extra_memory_mb']:.0f} |")
     lines += ["", "The Slicer scene round trip (node to node against the engine alone) is measured by "
               "`scripts/bench_scene.py`: see [BENCHMARKS_SCENE.md](BENCHMARKS_SCENE.md)."]
-    pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    replace_section(args.output, "fusion", "\n".join(lines))
     print(f"wrote {args.output}")
 
 
