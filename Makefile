@@ -24,9 +24,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-## speed and memory benchmarks, written to docs/BENCHMARKS.md
+## speed and memory benchmarks and registration accuracy, written to docs/BENCHMARKS.md
 bench: setup
 	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_registration.py --trials 5 --output docs/BENCHMARKS.md
 
 ## the evaluation tables on the aanlib test split, written to out/evaluation
 evaluate: setup

@@ -15,7 +15,7 @@ from .errors import FusionCancelled, FusionError
 EXIT_USER_ERROR = 2
 
 
-def _progress_bar(desc: str, enabled: bool):
+def _progress_bar(desc: str, enabled: bool, unit: str = "slice"):
     """A tqdm-backed ``progress(done, total)`` callback and a closer."""
     if not enabled:
         return None, lambda: None
@@ -25,7 +25,7 @@ def _progress_bar(desc: str, enabled: bool):
 
     def progress(done: int, total: int) -> None:
         if bar["b"] is None:
-            bar["b"] = tqdm(total=total, desc=desc, unit="slice", leave=False, file=sys.stderr)
+            bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
         bar["b"].n = done
         bar["b"].refresh()
 
@@ -52,6 +52,7 @@ def cmd_fuse(args) -> int:
     preview_path = outputs.check_output_path(args.preview, inputs, "preview") if args.preview else None
     anat = read_source(args.anatomical, "anatomical")
     func = read_source(args.functional, "functional")
+    registration = _placement(args, anat.image, func.image, inputs)   # --register / --transform / --save-transform
     options = FusionOptions(method=args.method, colormap=args.colormap,
                             anatomical_window=tuple(args.window) if args.window else None,
                             functional_window=tuple(args.functional_window) if args.functional_window else None,
@@ -59,7 +60,7 @@ def cmd_fuse(args) -> int:
                             compute_metrics=metrics_path is not None)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
     try:
-        result = fuse_images(anat.image, func.image, options, progress=progress)
+        result = fuse_images(anat.image, func.image, options, progress=progress, transform=registration["transform"])
     finally:
         close()
     as_2d = anat.was_2d and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -73,7 +74,13 @@ def cmd_fuse(args) -> int:
         extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
                  "version": __version__}
         outputs.write_metrics_csv(metrics_table_rows(result.metrics), metrics_path, extra)
+    if registration["save"]:
+        from .registration import write_transform  # noqa: PLC0415
+
+        write_transform(registration["transform"], registration["save"])
     if not args.quiet:
+        if registration["save"]:
+            print(f"transform -> {registration['save']}")
         print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {out}")
         if metrics_path:
             shown = ", ".join(f"{k} {v[0]:.3f}" for k, v in result.metrics.items() if k in ("SSIM_avg", "Qabf", "VIF", "MI_bits"))
@@ -81,6 +88,34 @@ def cmd_fuse(args) -> int:
         if preview_path:
             print(f"preview -> {preview_path}")
     return 0
+
+
+def _placement(args, anatomical, functional, inputs) -> dict:
+    """Registration on demand for ``fuse``: the transform placing the functional (None: as stored)
+    and where to save it. Registers when --register is given (from --transform if
+    given), reads --transform otherwise."""
+    from . import outputs  # noqa: PLC0415
+    from .registration import (already_registered_note, read_transform, register,  # noqa: PLC0415
+                               shared_frame_of_reference)
+
+    if args.save_transform and not (args.register or args.transform):
+        raise FusionError("--save-transform writes the registration's transform: add --register rigid|affine "
+                          "(or --transform)")
+    save = outputs.check_output_path(args.save_transform, inputs, "transform file") if args.save_transform else None
+    transform = read_transform(args.transform) if args.transform else None
+    uid = shared_frame_of_reference(args.anatomical, args.functional)
+    if uid and not args.quiet:
+        print(f"note: {already_registered_note(uid)}")
+    if args.register:
+        progress, close = _progress_bar(f"registering ({args.register})", not args.quiet, unit="iteration")
+        try:
+            outcome = register(anatomical, functional, args.register, initial=transform, progress=progress)
+        finally:
+            close()
+        transform = outcome.transform
+        if not args.quiet:
+            print(outcome.summary())
+    return {"transform": transform, "save": save}
 
 
 def cmd_methods(args) -> int:
@@ -153,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     f.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
                    "often faster on a machine busy with other work)")
+    # registration on demand (MedicalFusionLib/registration.py)
+    f.add_argument("--register", choices=("rigid", "affine"),
+                   help="align the functional to the anatomical first (mutual information); off by default")
+    f.add_argument("--transform", metavar="IN.tfm",
+                   help="ITK transform file placing the functional (as Slicer saves the functional's parent "
+                   "transform); with --register, the registration starts from it")
+    f.add_argument("--save-transform", metavar="OUT.tfm",
+                   help="save the registration's transform as an ITK transform file (Slicer: load it and set it "
+                   "as the functional's parent transform)")
     f.set_defaults(func=cmd_fuse)
 
     m = sub.add_parser("methods", help="list the fusion methods")

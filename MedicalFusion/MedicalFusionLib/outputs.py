@@ -38,18 +38,26 @@ def _temp_beside(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(f".partial-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
-def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
+def write_atomic(path: str | os.PathLike, write, hint: str, what: str = "") -> None:
+    """``write(temporary_path)`` beside ``path``, then rename into place; a SimpleITK writer's
+    RuntimeError becomes FusionError('cannot write <what> <path>: <hint>')."""
     path = pathlib.Path(path)
     tmp = _temp_beside(path)
+    label = f"{what} {path}".strip()
     try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        write(str(tmp))
         os.replace(tmp, path)
     except RuntimeError:
         tmp.unlink(missing_ok=True)
-        raise FusionError(f"cannot write {path}: use an extension SimpleITK writes (.nrrd, .nii.gz, .mha, .png)") from None
+        raise FusionError(f"cannot write {label}: {hint}") from None
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise FusionError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise FusionError(f"cannot write {label}: {exc.strerror or exc}") from None
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
+    write_atomic(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True),
+                 "use an extension SimpleITK writes (.nrrd, .nii.gz, .mha, .png)")
 
 
 def fused_image_for_file(rgb: np.ndarray, reference: sitk.Image, as_2d: bool) -> sitk.Image:
