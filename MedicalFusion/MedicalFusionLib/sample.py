@@ -98,13 +98,29 @@ def sample_pair(seed: int = 0) -> tuple[sitk.Image, sitk.Image]:
     return t1, simulate_pet(gm, wm, seed=seed)
 
 
-def write_sample(folder: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write the sample pair as NRRD files in ``folder`` (made if needed); returns their paths."""
+def add_sample(out, folder: str | pathlib.Path, seed: int = 0):
+    """The sample pair as :class:`~MedicalFusionLib.sources.Source` objects for a demo run.
+
+    When ``folder`` already holds both NRRD files (an earlier demo) and they read cleanly, they are
+    used as they are; otherwise the pair is made in memory and its two files are added to the run's
+    :class:`~MedicalFusionLib.outputs.OutputSet` ``out``, so they appear only if the whole demo
+    succeeds (``folder`` is made, and removed again on failure, by ``out``)."""
+    from .errors import FusionError  # noqa: PLC0415
+    from .sources import Source, read_source  # noqa: PLC0415
+
     folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     anat, pet = folder / "anatomical_t1.nrrd", folder / "functional_pet.nrrd"
-    if not (anat.is_file() and pet.is_file()):
-        t1, p = sample_pair(seed)
-        sitk.WriteImage(t1, str(anat), useCompression=True)
-        sitk.WriteImage(p, str(pet), useCompression=True)
-    return anat, pet
+    if anat.is_file() and pet.is_file():
+        try:
+            sources = read_source(anat, "demo sample anatomical"), read_source(pet, "demo sample functional")
+        except FusionError:
+            sources = None           # damaged by something else: made again below
+        if sources is not None:
+            out.protect(anat, "demo sample anatomical")
+            out.protect(pet, "demo sample functional")
+            return sources
+    out.folder(folder, "demo sample folder")
+    t1, p = sample_pair(seed)
+    out.add_image(anat, t1, "demo sample anatomical")
+    out.add_image(pet, p, "demo sample functional")
+    return Source(t1, path=str(anat)), Source(p, path=str(pet))
