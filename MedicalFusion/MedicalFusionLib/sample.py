@@ -11,6 +11,7 @@ Nothing here is copied from elsewhere: the data is generated at run time from in
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import pathlib
 
@@ -18,16 +19,26 @@ import numpy as np
 import SimpleITK as sitk
 
 
+_TEMPLATE_FILES = [f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")]
+
+
+def template_folder() -> pathlib.Path | None:
+    """Where the installed nilearn package keeps the MNI152 template files, or None.
+
+    Found without importing nilearn (its import pulls in scikit-learn, pandas...; only the files are used).
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = pathlib.Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return data if all((data / n).is_file() for n in _TEMPLATE_FILES) else None
+
+
 def _nilearn_templates() -> tuple[sitk.Image, sitk.Image, sitk.Image] | None:
-    try:
-        import nilearn  # noqa: PLC0415
-    except ImportError:
+    data = template_folder()
+    if data is None:
         return None
-    data = pathlib.Path(nilearn.__file__).parent / "datasets" / "data"
-    names = [f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")]
-    if not all((data / n).is_file() for n in names):
-        return None
-    return tuple(sitk.ReadImage(str(data / n)) for n in names)  # type: ignore[return-value]
+    return tuple(sitk.ReadImage(str(data / n)) for n in _TEMPLATE_FILES)  # type: ignore[return-value]
 
 
 def phantom_head(size: tuple[int, int, int] = (128, 128, 96), spacing: float = 1.5) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
@@ -104,7 +115,9 @@ def write_sample(folder: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Pat
     folder.mkdir(parents=True, exist_ok=True)
     anat, pet = folder / "anatomical_t1.nrrd", folder / "functional_pet.nrrd"
     if not (anat.is_file() and pet.is_file()):
+        from .outputs import write_image_atomic  # noqa: PLC0415
+
         t1, p = sample_pair(seed)
-        sitk.WriteImage(t1, str(anat), useCompression=True)
-        sitk.WriteImage(p, str(pet), useCompression=True)
+        write_image_atomic(t1, anat)   # a cache that is reused: never a half-written file
+        write_image_atomic(p, pet)
     return anat, pet
