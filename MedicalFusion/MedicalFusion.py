@@ -458,9 +458,10 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._notices += self._acceptSavedChoices(self._parameterNode)
-            # connectParametersToGui returns the tag on every Slicer version (connectGui returns None
-            # before 5.10, so the GUI could never be disconnected and every re-entry stacked one more
-            # connection, which reset the combo boxes to their first entry).
+            # connectParametersToGui returns the tag on every Slicer version. Slicer 5.8's connectGui
+            # returns None: the GUI could never be disconnected, each entry into the module stacked
+            # one more connection, and re-filling the combo boxes reset method and colour map to
+            # their first entry ('average', 'As displayed').
             self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._guiMapping())
             self._decorateMethodComboBox()
             self._lastFunctional = self._parameterNode.functionalVolume

@@ -415,34 +415,61 @@ if __name__ != "__main__":
 
     # ---- a Slicer without torch (subprocess)
 
-    _WITHOUT_TORCH: dict = {}
+    _WITHOUT_TORCH: dict = {}     # version -> the subprocess's JSON, or the running subprocess
 
-    def without_torch(version: str, tmp_dir: Path) -> dict:
+    def _start_without_torch(version: str, folder: Path) -> dict:
+        """Save a scene with method 'mrdfn' where torch is installed, then start the subprocess."""
+        scene = folder / f"mrdfn-{version}.mrml"
+        with sh.SlicerHarness(version) as h:
+            widget = h.widget()
+            anatomical, functional = phantom(h)
+            select_pair(widget, anatomical, functional)
+            widget.ui.methodComboBox.currentIndex = widget.ui.methodComboBox.findText("mrdfn")
+            assert widget._parameterNode.method == "mrdfn"
+            h.save_scene(scene)
+        out = open(folder / f"{version}.out", "w+")   # files, not pipes: nothing blocks while it runs
+        err = open(folder / f"{version}.err", "w+")
+        proc = subprocess.Popen([sys.executable, str(Path(__file__)), "--without-torch", version, str(scene)],
+                                stdout=out, stderr=err, text=True, cwd=str(sh.REPO))
+        return {"proc": proc, "out": out, "err": err}
+
+    @pytest.fixture(scope="module", autouse=True)
+    def without_torch_runs(request, tmp_path_factory):
+        """Start the Slicer-without-torch subprocesses when the module starts, for the versions whose
+        without_torch tests are selected: they run beside the in-process tests (second core)."""
+        versions = sorted({item.callspec.params["version"] for item in request.session.items
+                           if item.module is request.module and "without_torch" in item.name
+                           and hasattr(item, "callspec")})
+        folder = tmp_path_factory.mktemp("without-torch")
+        for version in versions:
+            if sh.missing_reason(version) is None and version not in _WITHOUT_TORCH:
+                _WITHOUT_TORCH[version] = _start_without_torch(version, folder)
+        yield
+        for run in list(_WITHOUT_TORCH.values()):
+            if isinstance(run, dict) and "proc" in run and run["proc"].poll() is None:
+                run["proc"].kill()
+                run["proc"].wait()
+
+    def without_torch(version: str) -> dict:
         reason = sh.missing_reason(version)
         if reason:
             pytest.skip(reason)
-        if version not in _WITHOUT_TORCH:
-            scene = tmp_dir / f"mrdfn-{version}.mrml"
-            with sh.SlicerHarness(version) as h:        # saved where torch is installed
-                widget = h.widget()
-                anatomical, functional = phantom(h)
-                select_pair(widget, anatomical, functional)
-                widget.ui.methodComboBox.currentIndex = widget.ui.methodComboBox.findText("mrdfn")
-                assert widget._parameterNode.method == "mrdfn"
-                h.save_scene(scene)
-            proc = subprocess.run([sys.executable, str(Path(__file__)), "--without-torch", version, str(scene)],
-                                  capture_output=True, text=True, timeout=600, cwd=str(sh.REPO))
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            _WITHOUT_TORCH[version] = json.loads(proc.stdout.strip().splitlines()[-1])
-        return _WITHOUT_TORCH[version]
-
-    @pytest.fixture(scope="module")
-    def scene_dir(tmp_path_factory) -> Path:
-        return tmp_path_factory.mktemp("scenes")
+        run = _WITHOUT_TORCH.get(version)
+        assert run is not None, "the subprocess was not started (see without_torch_runs)"
+        if "proc" in run:
+            code = run["proc"].wait(timeout=600)
+            run["out"].seek(0)
+            run["err"].seek(0)
+            stdout, stderr = run["out"].read(), run["err"].read()
+            run["out"].close()
+            run["err"].close()
+            assert code == 0, stderr[-4000:]
+            _WITHOUT_TORCH[version] = run = json.loads(stdout.strip().splitlines()[-1])
+        return run
 
     @pytest.mark.parametrize("version", VERSIONS)
-    def test_without_torch_reload_and_test_skips_with_reasons(version, scene_dir):
-        r = without_torch(version, scene_dir)
+    def test_without_torch_reload_and_test_skips_with_reasons(version):
+        r = without_torch(version)
         assert r["find_spec_torch"] is False
         result = r["reload_and_test"]
         assert result["raised"] is None and result["callback_errors"] == [], result
@@ -454,8 +481,8 @@ if __name__ != "__main__":
         assert all("torch" in m for m in result["skipped"])
 
     @pytest.mark.parametrize("version", VERSIONS)
-    def test_without_torch_ctest_passes_or_skips_each_test_with_a_reason(version, scene_dir):
-        result = without_torch(version, scene_dir)["ctest"]
+    def test_without_torch_ctest_passes_or_skips_each_test_with_a_reason(version):
+        result = without_torch(version)["ctest"]
         assert result["succeeded"] and result["callback_errors"] == [], result["output"]
         outcomes = result["outcomes"]
         assert set(outcomes) == set(SELF_TESTS), result["output"]
@@ -466,8 +493,8 @@ if __name__ != "__main__":
                 assert outcome == "ok", (name, outcome, result["output"])
 
     @pytest.mark.parametrize("version", VERSIONS)
-    def test_without_torch_a_scene_saved_with_a_network_method_opens(version, scene_dir):
-        r = without_torch(version, scene_dir)
+    def test_without_torch_a_scene_saved_with_a_network_method_opens(version):
+        r = without_torch(version)
         for order in ("module_first", "scene_first"):
             result = r["scene_" + order]
             assert result["callback_errors"] == [], (order, result["callback_errors"])
@@ -475,8 +502,8 @@ if __name__ != "__main__":
             assert result["anatomical"] == "Phantom MRI", (order, result)
 
     @pytest.mark.parametrize("version", VERSIONS)
-    def test_without_torch_a_failed_pip_install_is_one_message_and_the_panel_stays_usable(version, scene_dir):
-        result = without_torch(version, scene_dir)["pip_failure"]
+    def test_without_torch_a_failed_pip_install_is_one_message_and_the_panel_stays_usable(version):
+        result = without_torch(version)["pip_failure"]
         assert result["callback_errors"] == [], result["callback_errors"]
         assert result["enabled_before"] and result["enabled_after"] and result["button_text"] == "Fuse", result
         assert result["scene_unchanged"], result
@@ -487,8 +514,8 @@ if __name__ != "__main__":
         assert "Click Fuse to try again" in result["status"], result
 
     @pytest.mark.parametrize("version", VERSIONS)
-    def test_without_torch_the_pytorch_extension_installs_after_one_confirmation(version, scene_dir):
-        result = without_torch(version, scene_dir)["pytorch_extension"]
+    def test_without_torch_the_pytorch_extension_installs_after_one_confirmation(version):
+        result = without_torch(version)["pytorch_extension"]
         assert result["calls"] == [{"askConfirmation": False}], result
         assert [d["title"] for d in result["dialogs"]] == ["MedicalFusion: install dependencies",
                                                            "MedicalFusion: installation failed"], result
