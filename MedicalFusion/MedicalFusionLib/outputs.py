@@ -595,3 +595,15 @@ def preview_montage(anatomical8: np.ndarray, functional_rgb8: np.ndarray, fused_
 def picture(rgb: np.ndarray) -> sitk.Image:
     """A uint8 RGB array [H, W, 3] as a 2D SimpleITK image (preview, montage)."""
     return sitk.GetImageFromArray(np.ascontiguousarray(rgb), isVector=True)
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike, what: str = "output") -> None:
+    """One image written on its own through an :class:`OutputSet` (checked, all or nothing)."""
+    with OutputSet() as out:
+        out.add_image(path, image, what)
+        out.commit()
+
+
+def write_preview(montage: np.ndarray, path: str | os.PathLike) -> None:
+    """A picture (uint8 RGB [H, W, 3]) written on its own, like :func:`write_image_atomic`."""
+    write_image_atomic(picture(montage), path, "picture")

@@ -593,3 +593,37 @@ def add_phantom_pair(scene, shift_ras=(6.0, -4.0, 3.0)):
     transform.SetMatrixTransformToParent(m)
     functional.SetAndObserveTransformNodeID(transform.GetID())
     return anatomical, functional
+
+
+# --------------------------------------------------------------------------------------------------
+# subject hierarchy (the Data module's tree)
+
+
+def move_to_subject_hierarchy_item(scene, nodes, parent_item: int) -> None:
+    """Put ``nodes`` under the subject hierarchy item ``parent_item`` (a study, a folder, the scene).
+
+    A node without an item yet (the application's subject hierarchy plugins give data nodes one as
+    they are added; a bare scene does not) gets one there.
+    """
+    slicer = _slicer()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None or not parent_item:
+        return
+    for node in nodes:
+        if node is None:
+            continue
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.SetItemParent(item, parent_item)
+        else:
+            sh.CreateItem(parent_item, node)
+
+
+def place_beside(scene, nodes, reference) -> None:
+    """Put ``nodes`` in the subject hierarchy beside ``reference``: under the same parent (its study,
+    when it was loaded from DICOM or placed in one). Nothing happens when ``reference`` has no item."""
+    slicer = _slicer()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    reference_item = sh.GetItemByDataNode(reference) if (sh is not None and reference is not None) else 0
+    if reference_item:
+        move_to_subject_hierarchy_item(scene, nodes, sh.GetItemParent(reference_item))
