@@ -626,7 +626,7 @@ def test_B_demo_with_an_unknown_method_writes_nothing(tmp_path, capfd):
 def test_B_demo_interrupted_leaves_no_sample_files(tmp_path):
     pytest.importorskip("nilearn", reason="nilearn (the MNI152 template) not installed")
     proc = start_paused(["demo", "--output", tmp_path / "demo", "--method", "alpha", "-q"], tmp_path,
-                        "write:demo sample functional", tmp_path / "paused.pid")
+                        "write:sample functional", tmp_path / "paused.pid")
     assert len([n for n in os.listdir(tmp_path / "demo" / "sample") if n.startswith(".mf-tmp-")]) == 2
     proc.send_signal(signal.SIGINT)
     _stdout, stderr = proc.communicate(timeout=120)
