@@ -21,9 +21,9 @@ A registration that fails or does not converge raises a one-line :class:`FusionE
 silently bad fusion. The criteria (:func:`check_converged`):
 
 - SimpleITK raised (e.g. too few samples inside both images);
-- the match got worse: the normalised mutual information of the full images
-  (:func:`normalized_mutual_information`, which unlike MI does not reward a smaller overlap) is
-  lower at the end than at the start by more than :data:`MAX_METRIC_LOSS`;
+- the match got worse: the normalised mutual information of the full images over the voxels both
+  placements share (:func:`normalized_mutual_information`) is lower at the end than at the start
+  by more than :data:`MAX_METRIC_LOSS`;
 - the images overlap little after registration (less than :data:`MIN_OVERLAP` of the smaller image
   inside the other);
 - the optimizer used all iterations of the finest level while the mutual information was still
@@ -36,6 +36,7 @@ stops the registration at that iteration (:class:`FusionCancelled`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import time
@@ -49,6 +50,8 @@ from .align import overlap_fraction
 from .errors import FusionCancelled, FusionError
 
 KINDS = ("rigid", "affine")
+#: File names ITK writes transforms to (.tfm/.txt: text, which Slicer reads; .h5/.hdf5: HDF5; .mat: Matlab).
+TRANSFORM_EXTENSIONS = (".tfm", ".txt", ".h5", ".hdf5", ".mat")
 #: Smallest fraction of the smaller image that must lie inside the other after registration.
 MIN_OVERLAP = 0.25
 #: The normalised mutual information at the end may be below the start's by at most this much.
@@ -62,6 +65,7 @@ AFFINE_LEVELS = 2
 #: Singular values of an affine registration's matrix must lie in [1/MAX_SCALE, MAX_SCALE].
 MAX_SCALE = 3.0
 
+logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 
@@ -175,11 +179,29 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
     return transform
 
 
-def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> None:
-    """Write an ITK transform file (.tfm; .h5 also works) all-or-nothing."""
-    from .outputs import write_atomic  # noqa: PLC0415
+def check_transform_path(path: str | os.PathLike, what: str = "transform file") -> None:
+    """Refuse a transform file name ITK cannot write (before any work)."""
+    name = pathlib.Path(path).name.lower()
+    if not name.endswith(TRANSFORM_EXTENSIONS):
+        raise FusionError(f"{what} {path}: not a transform file name: use the extension .tfm (ITK text, which "
+                          "Slicer reads) or .h5")
 
-    write_atomic(path, lambda tmp: sitk.WriteTransform(transform, tmp), "use the extension .tfm (or .h5)", "transform")
+
+def write_transform(transform: sitk.Transform, path: str | os.PathLike, out=None) -> None:
+    """Write an ITK transform file through ``out``, the run's :class:`~MedicalFusionLib.outputs.OutputSet`
+    (put in place with the run's other outputs), or on its own, all or nothing."""
+    from .outputs import OutputSet  # noqa: PLC0415
+
+    check_transform_path(path)
+
+    def write(tmp):
+        sitk.WriteTransform(transform, str(tmp))
+    if out is not None:
+        out.add_file(path, write, "transform file")
+        return
+    with OutputSet() as own:
+        own.add_file(path, write, "transform file")
+        own.commit()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,25 +224,27 @@ def registration_image(image: sitk.Image, role: str) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
-def normalized_mutual_information(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
-                                  bins: int = 32) -> float:
-    """How well the pair matches under ``transform``: normalised mutual information in [0, 1]
-    (2 MI / (H(A) + H(B)), scikit-learn's normalized_mutual_info_score) of the fixed image's voxels
-    inside the moved image, each quantised to ``bins`` levels over its own range. Unlike mutual
-    information it does not reward a smaller overlap (Studholme et al., Pattern Recognit. 32(1), 1999:
-    the same measure up to a monotonic map). 0 when fewer than 1000 voxels overlap."""
+def normalized_mutual_information(fixed: sitk.Image, moving: sitk.Image, transforms: list,
+                                  bins: int = 32) -> list[float]:
+    """How well the pair matches under each of ``transforms``, measured alike: normalised mutual
+    information in [0, 1] (2 MI / (H(A) + H(B)): scikit-learn's normalized_mutual_info_score) of the
+    fixed image's voxels that lie inside the moved image under *every* transform (one common
+    overlap, so a placement is not rewarded for seeing less), each image quantised to ``bins``
+    levels over its own 0.5-99.5th percentiles (one outlier voxel does not squash the rest into a
+    bin). NaN for all when fewer than 1000 voxels are shared."""
     from sklearn.metrics import normalized_mutual_info_score  # noqa: PLC0415
 
-    moved = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, float("nan"),
-                                                 sitk.sitkFloat32))
-    inside = np.isfinite(moved)
-    if inside.sum() < 1000:
-        return 0.0
+    def levels(values: np.ndarray, image: sitk.Image) -> np.ndarray:
+        lo, hi = np.percentile(sitk.GetArrayViewFromImage(image), [0.5, 99.5])
+        return np.clip(((values - lo) / max(hi - lo, 1e-12) * bins).astype(np.int64), 0, bins - 1)
 
-    def levels(values: np.ndarray) -> np.ndarray:
-        lo, hi = float(values.min()), float(values.max())
-        return np.minimum(((values - lo) / max(hi - lo, 1e-12) * bins).astype(np.int64), bins - 1)
-    return float(normalized_mutual_info_score(levels(sitk.GetArrayViewFromImage(fixed)[inside]), levels(moved[inside])))
+    moved = [sitk.GetArrayFromImage(sitk.Resample(moving, fixed, t, sitk.sitkLinear, float("nan"), sitk.sitkFloat32))
+             for t in transforms]
+    inside = np.logical_and.reduce([np.isfinite(m) for m in moved])
+    if inside.sum() < 1000:
+        return [float("nan")] * len(transforms)
+    a = levels(sitk.GetArrayViewFromImage(fixed)[inside], fixed)
+    return [float(normalized_mutual_info_score(a, levels(m[inside], moving))) for m in moved]
 
 
 def _sampling_fraction(fixed: sitk.Image, samples: int, shrink: int = 1) -> float:
@@ -285,11 +309,12 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
     tracker = _Tracker(progress, cancel, settings.iterations * levels)
     tracker.check_cancel()
     try:
-        metric_before = normalized_mutual_information(fixed, moving, affine_transform(matrix), settings.histogram_bins)
+        start_tx = affine_transform(matrix)
         for stage in stages:
             matrix, stop_condition = _run_stage(fixed, moving, matrix, stage, settings, tracker)
         final = affine_transform(matrix)
-        metric_after = normalized_mutual_information(fixed, moving, final, settings.histogram_bins)
+        metric_before, metric_after = normalized_mutual_information(fixed, moving, [start_tx, final],
+                                                                    settings.histogram_bins)
     except RuntimeError as exc:
         if tracker.cancelled:
             raise FusionCancelled("registration cancelled") from None
@@ -396,7 +421,7 @@ def _run_stage(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: s
 def check_converged(outcome: Registration, settings: RegistrationSettings) -> None:
     """Raise a one-line FusionError when the registration did not do its job (criteria: module doc)."""
     what = f"the {outcome.kind} registration"
-    if not np.isfinite(outcome.metric_after) or outcome.metric_after < outcome.metric_before - MAX_METRIC_LOSS:
+    if outcome.metric_after < outcome.metric_before - MAX_METRIC_LOSS:      # (NaN: no common overlap, no verdict)
         raise FusionError(f"{what} made the match worse (normalised mutual information {outcome.metric_before:.3f} "
                           f"at the start, {outcome.metric_after:.3f} at the end): place the volumes roughly first or "
                           "check the inputs")
@@ -445,6 +470,10 @@ def shared_frame_of_reference(anatomical: str | os.PathLike, functional: str | o
     return a if a is not None and a == frame_of_reference_uid(functional) else None
 
 
-def already_registered_note(uid: str) -> str:
-    return (f"both DICOM series share the FrameOfReferenceUID {uid}: the scanner (or whoever exported them) "
-            "already registered them, so --register should not be needed")
+def note_if_already_registered(anatomical: str | os.PathLike, functional: str | os.PathLike) -> str | None:
+    """Log (warning) that two DICOM series share a FrameOfReferenceUID; returns it, or None."""
+    uid = shared_frame_of_reference(anatomical, functional)
+    if uid:
+        logger.warning("both DICOM series share the FrameOfReferenceUID %s: they are already registered (one "
+                       "scanner session, or registered and resampled before export); --register is not needed", uid)
+    return uid

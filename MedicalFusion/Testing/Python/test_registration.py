@@ -268,7 +268,6 @@ def test_transform_file_round_trip_and_one_line_errors(tmp_path):
     path = tmp_path / "t.tfm"
     reg.write_transform(reg.affine_transform(m), path)
     assert np.allclose(reg.affine_matrix(reg.read_transform(path)), m, atol=1e-9)
-    assert [p.name for p in tmp_path.iterdir()] == ["t.tfm"]     # no temporary left
     euler = sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, 0.2, 0.3, (4.0, 5.0, 6.0))
     sitk.WriteTransform(euler, str(tmp_path / "euler.tfm"))
     assert np.allclose(reg.affine_matrix(reg.read_transform(tmp_path / "euler.tfm")), reg.affine_matrix(euler))
@@ -282,9 +281,10 @@ def test_transform_file_round_trip_and_one_line_errors(tmp_path):
         with pytest.raises(FusionError, match=words) as err:
             reg.read_transform(bad)
         assert "\n" not in str(err.value)
-    with pytest.raises(FusionError, match="cannot write transform"):
+    with pytest.raises(FusionError, match="not a transform file name"):
         reg.write_transform(reg.affine_transform(m), tmp_path / "t.unknown")
-    assert not list(tmp_path.glob(".partial*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["t.tfm", "euler.tfm", "junk.tfm", "flat.tfm", "singular.tfm"])      # no temporary left
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,18 +337,24 @@ def test_cli_register_from_a_given_transform(tmp_path, files, capsys, pair):
     assert tre(reg.read_transform(tfm), truth, pair[0]) < 2.0
 
 
-@pytest.mark.parametrize("case", ["junk", "missing", "save-alone"])
+@pytest.mark.parametrize("case", ["junk", "missing", "save-alone", "extension", "over-input"])
 def test_cli_bad_transform_is_one_line_and_writes_nothing(tmp_path, files, capsys, case):
     a, f, _ = files
     junk = tmp_path / "junk.tfm"
     junk.write_text("not a transform\n")
+    good = tmp_path / "good.tfm"
+    reg.write_transform(reg.affine_transform(np.eye(4)), good)
     extra = {"junk": ["--transform", junk], "missing": ["--transform", tmp_path / "none.tfm"],
-             "save-alone": ["--save-transform", tmp_path / "t.tfm"]}[case]
+             "save-alone": ["--save-transform", tmp_path / "t.tfm"],
+             "extension": ["--register", "rigid", "--save-transform", tmp_path / "t.nrrd"],
+             "over-input": ["--register", "rigid", "--transform", good, "--save-transform", good]}[case]
+    before = sorted(tmp_path.iterdir())
+    good_bytes = good.read_bytes()
     out = tmp_path / "fused.nrrd"
     code, err = run(capsys, "-a", a, "-f", f, "-o", out, *extra)
     assert code == cli.EXIT_USER_ERROR
-    assert err.startswith("medicalfusion: error: ") and err.count("\n") == 1
-    assert not out.exists() and not (tmp_path / "t.tfm").exists()
+    assert err.startswith("medicalfusion: error: ") and err.count("\n") == 1, err
+    assert sorted(tmp_path.iterdir()) == before and good.read_bytes() == good_bytes     # nothing written
 
 
 def test_cli_not_converging_is_one_line_and_writes_nothing(tmp_path, files, capsys, monkeypatch):
@@ -359,7 +365,7 @@ def test_cli_not_converging_is_one_line_and_writes_nothing(tmp_path, files, caps
     code, err = run(capsys, "-a", a, "-f", f, "-o", out, "--register", "rigid", "--save-transform", tfm)
     assert code == cli.EXIT_USER_ERROR
     assert "did not converge" in err and err.count("\n") == 1
-    assert not out.exists() and not tfm.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mr.nrrd", "pet.nii.gz"]     # no output, no temporary
 
 
 def test_dicom_frame_of_reference(shared_data, tmp_path):
@@ -379,6 +385,7 @@ def test_cli_says_dicom_series_are_already_registered(shared_data, tmp_path, cap
         pytest.skip(f"sts data not found in {sts.parent}")
     code = cli.main(["fuse", "-a", str(sts / "CT" / "dicom"), "-f", str(sts / "PET" / "dicom"), "--method", "average",
                      "-o", str(tmp_path / "fused.nrrd")])
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err
     assert code == 0
-    assert "already registered" in out and "FrameOfReferenceUID" in out
+    assert err.startswith("medicalfusion: note: both DICOM series share the FrameOfReferenceUID")
+    assert "already registered" in err
