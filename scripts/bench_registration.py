@@ -9,7 +9,11 @@ registration then estimates T (anatomical point -> functional point); the truth 
 registration error of an anatomical point x is |T(x) - G(x)| in mm, over the region's voxels: the
 tumour mask (sts, gtv_mask.nii.gz on the anatomical's grid) or the brain (spm12: T1 above its Otsu
 threshold, holes filled, eroded by 10 mm). Reported per pair: median and 95th percentile of the TRE
-per trial, their median and worst over the trials, and the seconds of register() (reading excluded).
+per trial, their median and worst over the trials, and the seconds of register() (reading excluded,
+wall and process CPU). Each pair is also registered once without misalignment: where that ends is
+what mutual information takes for aligned; each trial's TRE measured from it ("from the reference")
+tells whether the registration finds the same answer from a misaligned start, apart from where the
+metric's optimum lies.
 
 Targets (issue 14): median TRE below half the functional's voxel size for PET/SPECT, below 1 mm for
 MR->CT and T2->T1; 95th percentile below one functional voxel; under 10 s per pair. The voxel size
