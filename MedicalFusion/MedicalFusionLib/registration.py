@@ -371,20 +371,38 @@ class _Tracker:
 
 def _run_stage(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: str, settings: RegistrationSettings,
                tracker: _Tracker) -> tuple[np.ndarray, str]:
-    """One multi-resolution optimisation of a rigid or affine transform from ``start`` (4x4, LPS)."""
-    # The optimised transform is centred on the anatomical's centre and the start is applied after
-    # it (x -> start(optimised(x))), so rotations turn about the anatomy whatever the start was.
-    optimised = sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3)
-    optimised.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()]))
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
-    method.SetMetricSamplingStrategy(method.RANDOM if settings.sampling == "random" else method.REGULAR)
+    """One multi-resolution optimisation of a rigid or affine transform from ``start`` (4x4, LPS),
+    one level at a time (each level starts where the previous one ended)."""
+    # Rotations must turn about the anatomy, whatever the start: x -> start(optimised(x)) with the
+    # optimised transform centred on the anatomical's centre c. SimpleITK (2.5) drops the centre of
+    # the optimised transform when a moving initial transform is set (it then turns about the world
+    # origin: on volumes hundreds of mm from it, as CT/PET of the legs, the rotation scales grow
+    # ~40x, rotation and translation couple, and the optimizer creeps for all its iterations). So
+    # the images are shifted by -c (geometry only) and the problem is solved where c is the origin.
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()]))
+    shift = np.eye(4)
+    shift[:3, 3] = -centre
+    fixed, moving = _shifted(fixed, -centre), _shifted(moving, -centre)
+    current = shift @ start @ np.linalg.inv(shift)
     # The affine stage refines the rigid result: the finer levels only (from the coarsest, MI's
     # landscape on heavily smoothed images pulls scales away and the fine levels do not recover).
     levels = slice(None) if kind == "rigid" else slice(-AFFINE_LEVELS, None)
     shrink, sigmas = settings.shrink_factors[levels], settings.smoothing_sigmas_mm[levels]
-    method.SetMetricSamplingPercentagePerLevel([_sampling_fraction(fixed, settings.samples, s) for s in shrink],
-                                               settings.seed)
+    stop_condition = ""
+    for factor, sigma in zip(shrink, sigmas):
+        tracker.new_level(settings.iterations)
+        current, stop_condition = _run_level(fixed, moving, current, kind, factor, sigma, settings, tracker)
+    return np.linalg.inv(shift) @ current @ shift, stop_condition
+
+
+def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: str, shrink: int, sigma: float,
+               settings: RegistrationSettings, tracker: _Tracker) -> tuple[np.ndarray, str]:
+    """One pyramid level from ``start`` (4x4, centred frame); returns the result and the
+    optimizer's stop condition."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
+    method.SetMetricSamplingStrategy(method.RANDOM if settings.sampling == "random" else method.REGULAR)
+    method.SetMetricSamplingPercentagePerLevel([_sampling_fraction(fixed, settings.samples, shrink)], settings.seed)
     method.SetInterpolator(sitk.sitkLinear)
     # The affine stage takes image gradients from the interpolator, consistent with the values the
     # metric measures: ITK's default gradient filter (a smoothed gradient image) pulls scales away
@@ -395,27 +413,32 @@ def _run_stage(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: s
         learningRate=settings.learning_rate, minStep=settings.min_step, numberOfIterations=settings.iterations,
         relaxationFactor=settings.relaxation, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(list(shrink))
-    method.SetSmoothingSigmasPerLevel(list(sigmas))
+    method.SetShrinkFactorsPerLevel([int(shrink)])
+    method.SetSmoothingSigmasPerLevel([float(sigma)])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    # The start goes in as the moving initial transform (its centre, the origin here, is where the
+    # anatomical's centre is: see _run_stage).
     method.SetMovingInitialTransform(affine_transform(start))
-    method.SetInitialTransform(optimised, inPlace=False)
+    method.SetInitialTransform(sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3), inPlace=False)
 
     def on_iteration() -> None:
         if tracker.iteration(method.GetMetricValue()):
             method.StopRegistration()
 
-    def on_level() -> None:
-        tracker.new_level(settings.iterations)
-        if tracker.cancelled:
-            method.StopRegistration()
-
     method.AddCommand(sitk.sitkIterationEvent, on_iteration)
-    method.AddCommand(sitk.sitkMultiResolutionIterationEvent, on_level)
     result = method.Execute(fixed, moving)
     tracker.check_cancel()
     # SimpleITK returns the optimised transform alone: compose it with the start (start after it).
     return start @ affine_matrix(result), method.GetOptimizerStopConditionDescription()
+
+
+def _shifted(image: sitk.Image, offset: np.ndarray) -> sitk.Image:
+    """The image moved by ``offset`` (mm), voxels untouched (a copy: the input keeps its origin).
+    Not :func:`moved_geometry`, whose orthonormality check refuses directions read from files at
+    float precision."""
+    out = sitk.Image(image)
+    out.SetOrigin((np.array(image.GetOrigin()) + offset).tolist())
+    return out
 
 
 def check_converged(outcome: Registration, settings: RegistrationSettings) -> None:
