@@ -36,8 +36,13 @@ def _progress_bar(desc: str, enabled: bool):
     return progress, close
 
 
+def _notice(text: str) -> None:
+    """One line on stderr that is not an error (e.g. PET units that could not be made SUV)."""
+    print(f"medicalfusion: notice: {text}", file=sys.stderr)
+
+
 def cmd_fuse(args) -> int:
-    from . import colour, outputs  # noqa: PLC0415
+    from . import colour, outputs, windows  # noqa: PLC0415
     from .methods import get_method  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
     from .pipeline import FusionOptions, fuse_images, source_gray8  # noqa: PLC0415
@@ -46,24 +51,42 @@ def cmd_fuse(args) -> int:
     get_method(args.method)
     if args.colormap:
         colour.colormap_table(args.colormap)
+    for preset in (args.window_preset, args.functional_preset):
+        if preset:
+            windows.get_preset(preset)
     inputs = [args.anatomical, args.functional]
     out = outputs.check_output_path(args.output, inputs, "output")
     metrics_path = outputs.check_output_path(args.metrics, inputs, "metrics file") if args.metrics else None
     preview_path = outputs.check_output_path(args.preview, inputs, "preview") if args.preview else None
     anat = read_source(args.anatomical, "anatomical")
     func = read_source(args.functional, "functional")
+    for src in (anat, func):
+        if src.facts is not None and src.facts.notice:
+            _notice(src.facts.notice)
     options = FusionOptions(method=args.method, colormap=args.colormap,
                             anatomical_window=tuple(args.window) if args.window else None,
                             functional_window=tuple(args.functional_window) if args.functional_window else None,
                             axis=args.axis, device=args.device, batch_size=args.batch_size,
-                            compute_metrics=metrics_path is not None)
+                            compute_metrics=metrics_path is not None,
+                            anatomical_preset=args.window_preset, functional_preset=args.functional_preset,
+                            anatomical_units=(anat.facts.units or None) if anat.facts else None,
+                            functional_units=(func.facts.units or None) if func.facts else None)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
     try:
         result = fuse_images(anat.image, func.image, options, progress=progress)
     finally:
         close()
+    for text in result.prepared.notices:
+        _notice(text)
+    meta = windows.display_metadata(result.prepared)
+    for role, src in (("anatomical", anat), ("functional", func)):
+        if src.facts is not None:
+            meta.update(src.facts.as_metadata(role))
     as_2d = anat.was_2d and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-    outputs.write_image_atomic(outputs.fused_image_for_file(result.rgb, result.reference, as_2d), out)
+    fused = outputs.fused_image_for_file(result.rgb, result.reference, as_2d)
+    for key, value in meta.items():      # NRRD and MHA keep these in the file's header
+        fused.SetMetaData(f"MedicalFusion.{key}", value)
+    outputs.write_image_atomic(fused, out)
     if preview_path:
         a8, _ = source_gray8(result.prepared)
         func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
@@ -71,7 +94,7 @@ def cmd_fuse(args) -> int:
                               preview_path)
     if metrics_path:
         extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
-                 "version": __version__}
+                 "version": __version__, **meta}
         outputs.write_metrics_csv(metrics_table_rows(result.metrics), metrics_path, extra)
     if not args.quiet:
         print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {out}")
@@ -80,6 +103,18 @@ def cmd_fuse(args) -> int:
             print(f"metrics ({shown}) -> {metrics_path}")
         if preview_path:
             print(f"preview -> {preview_path}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .windows import PRESETS, SLICER_NAMES  # noqa: PLC0415
+
+    slicer_names = {v: k for k, v in SLICER_NAMES.items()}
+    for p in PRESETS.values():
+        alias = f" (also '{slicer_names[p.name]}')" if p.name in slicer_names else ""
+        print(f"{p.name:16s} {p.units:6s} {p.lo:g}..{p.hi:g}  W {p.hi - p.lo:g} / L {(p.hi + p.lo) / 2:g}  {p.source}{alias}")
+    print(f"{'pet-suv-0-N':16s} {'SUVbw':6s} 0..N    any N > 0")
+    print("A CT in HU gets ct-soft-tissue unless a window or preset is given; MR and PET get a window from their data.")
     return 0
 
 
@@ -141,9 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", "-m", default="lp", help="fusion method (see 'medicalfusion methods'); default lp")
     f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
                    "Rainbow, Grey, ...); default PET-Heat; use Grey for CT (grayscale fusion)")
-    f.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="anatomical window (default: auto)")
+    f.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="anatomical window (default: see --window-preset)")
     f.add_argument("--functional-window", nargs=2, type=float, metavar=("LO", "HI"),
                    help="functional window for the colour map (default: minimum .. 99.9th percentile)")
+    from .windows import preset_names  # noqa: PLC0415
+
+    names = ", ".join(preset_names())
+    f.add_argument("--window-preset", metavar="NAME",
+                   help=f"anatomical window by name ({names}, pet-suv-0-N; see 'medicalfusion presets'); "
+                   "default: ct-soft-tissue for a CT in HU, the robust percentile window otherwise")
+    f.add_argument("--functional-preset", metavar="NAME",
+                   help="functional window by name, e.g. pet-suv-0-5, pet-suv-0-10, pet-suv-0-20 (PET in SUV) "
+                   "or a CT preset for a CT functional; default: minimum .. 99.9th percentile")
     f.add_argument("--axis", default="axial", help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
     f.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",), help="torch device; default auto")
     f.add_argument("--batch-size", type=int, help="slices per batch (default: sized to the device memory)")
@@ -154,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
                    "often faster on a machine busy with other work)")
     f.set_defaults(func=cmd_fuse)
+
+    pr = sub.add_parser("presets", help="list the named windows (--window-preset, --functional-preset)")
+    pr.set_defaults(func=cmd_presets)
 
     m = sub.add_parser("methods", help="list the fusion methods")
     m.add_argument("--verbose", "-v", action="store_true", help="also show family and reference")

@@ -19,6 +19,7 @@ from .engine import CancelFn, ProgressFn, fuse_volume
 from .errors import FusionCancelled, FusionError
 from .methods import get_method
 from .sources import as_3d, rgb_is_gray
+from .windows import choose_window
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -36,6 +37,13 @@ class FusionOptions:
     device: str = "auto"
     batch_size: int | None = None
     compute_metrics: bool = True
+    # Radiology windows (see windows.py): a named preset is used when no window is given, and the
+    # units (e.g. 'HU', 'SUVbw' from DICOM or node attributes; None = unknown, judged from the
+    # values) pick the default: a CT in HU gets the soft-tissue window.
+    anatomical_preset: str | None = None
+    functional_preset: str | None = None
+    anatomical_units: str | None = None
+    functional_units: str | None = None
 
 
 @dataclass
@@ -49,6 +57,10 @@ class Prepared:
     anatomical_window: tuple[float, float]
     functional_window: tuple[float, float] | None
     colormap: str | None                 # the map's name, or 'custom table (N colours)'
+    anatomical_units: str = ""           # what the inputs' values are ('' = unknown)
+    functional_units: str = ""
+    window_sources: dict = field(default_factory=dict)   # role -> how its window was chosen
+    notices: list = field(default_factory=list)          # one-line notices for the user
 
 
 @dataclass
@@ -142,24 +154,40 @@ def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colorm
     return colour.apply_colormap(unit, table_ycc), (float(window[0]), float(window[1])), name, grayscale
 
 
+def _auto_source(source: str, image: sitk.Image, rule: str) -> str:
+    if source != "auto" or image.GetNumberOfComponentsPerPixel() != 1:
+        return source
+    return "auto: 8-bit 0..255" if _is_display_ready_uint8(image) else f"auto: {rule} of the non-background voxels"
+
+
 def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions,
             transform: sitk.Transform | None = None) -> Prepared:
     """Check both images, put the functional on the anatomical grid and normalise both.
 
     A scalar functional is resampled as values (linear, as Slicer's reslicing shows it) and then
-    coloured; its default window comes from its own voxels, not the resampled ones.
+    coloured; its default window comes from its own voxels, not the resampled ones. Windows not
+    given are chosen by :func:`MedicalFusionLib.windows.choose_window` (preset, CT soft tissue for
+    a CT in HU) and else computed from the data.
     """
     anatomical, _ = as_3d(anatomical, "anatomical")
     functional, _ = as_3d(functional, "functional")
     if rgb_is_gray(anatomical):
         anatomical = sitk.VectorIndexSelectionCast(anatomical, 0)
-    a01, awin = anatomical_unit(anatomical, options.anatomical_window)
-    fwin = options.functional_window
+    achoice = choose_window(anatomical, "anatomical", options.anatomical_window, options.anatomical_preset,
+                            options.anatomical_units)
+    a01, awin = anatomical_unit(anatomical, achoice.window)
+    fchoice = choose_window(functional, "functional", options.functional_window, options.functional_preset,
+                            options.functional_units)
+    fwin = fchoice.window
     if fwin is None and functional.GetNumberOfComponentsPerPixel() == 1:
         fwin = functional_window_default(functional)
     aligned = resample_to_reference(functional, anatomical, transform)
     ycc, fwin, cmap, grayscale = functional_ycc(aligned, fwin, options.colormap)
-    return Prepared(anatomical, a01.astype(np.float32), ycc.astype(np.float32), grayscale, awin, fwin, cmap)
+    return Prepared(anatomical, a01.astype(np.float32), ycc.astype(np.float32), grayscale, awin, fwin, cmap,
+                    anatomical_units=achoice.units, functional_units=fchoice.units,
+                    window_sources={"anatomical": _auto_source(achoice.source, anatomical, "0.5-99.5 % percentiles"),
+                                    "functional": _auto_source(fchoice.source, functional, "minimum..99.9th percentile")},
+                    notices=[c.notice for c in (achoice, fchoice) if c.notice])
 
 
 def recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: float, grayscale: bool) -> np.ndarray:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom import SeriesFacts, read_series
 from .errors import FusionError
 
 
@@ -24,21 +25,16 @@ class Source:
 
     image: sitk.Image
     path: str = ""
+    facts: SeriesFacts | None = None     # what a DICOM series' headers say (modality, units, ...)
 
     @property
     def was_2d(self) -> bool:
         return self.image.GetDimension() == 2
 
 
-def _read_dicom_series(folder: pathlib.Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
-        raise FusionError(f"{folder} is a folder without a DICOM series: give an image file or a DICOM series folder")
-    if len(ids) > 1:
-        raise FusionError(f"{folder} holds {len(ids)} DICOM series: put the series to fuse in a folder of its own")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), ids[0]))
-    return reader.Execute()
+def _read_dicom_series(folder: pathlib.Path) -> tuple[sitk.Image, SeriesFacts]:
+    """The series' image in its units (PET in SUV when the header allows) and its header facts."""
+    return read_series(folder)
 
 
 def read_source(path: str | os.PathLike, role: str) -> Source:
@@ -46,13 +42,17 @@ def read_source(path: str | os.PathLike, role: str) -> Source:
     p = pathlib.Path(path)
     if not p.exists():
         raise FusionError(f"{role} input {p} does not exist: check the path")
+    facts = None
     try:
-        image = _read_dicom_series(p) if p.is_dir() else sitk.ReadImage(str(p))
+        if p.is_dir():
+            image, facts = _read_dicom_series(p)
+        else:
+            image = sitk.ReadImage(str(p))
     except FusionError:
         raise
     except RuntimeError:
         raise FusionError(f"{role} input {p} is not an image SimpleITK can read: use NRRD, NIfTI, MHA, DICOM or PNG/JPG") from None
-    return Source(image, path=str(p))
+    return Source(image, path=str(p), facts=facts)
 
 
 def as_3d(image: sitk.Image, role: str, name: str = "") -> tuple[sitk.Image, bool]:
