@@ -33,7 +33,8 @@ computation", oncoray.github.io/suv_computation):
 - ``CNTS``: Philips' private SUV Scale Factor (7053,1000) of the "Philips PET Private Group" when
   present (as the pseudo-code does), else raw counts.
 - Anything else, or a field missing, empty, zero or inconsistent: the raw values stay, and
-  :attr:`SeriesFacts.notice` says in one line why (the CLI prints it, the scene logs it).
+  :attr:`SeriesFacts.notice` says in one line why (logged as a warning when the series is read:
+  the command line shows it as one ``medicalfusion: note:`` line, Slicer in its log).
 
 Rescale slope and intercept (0028,1053/1052) may differ per slice (GE writes one per slice):
 SimpleITK's series reader applies each file's own, so a PET is read as float32 to keep them, and
@@ -42,6 +43,7 @@ the SUV factor is applied per slice in the reader's slice order.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import pathlib
@@ -57,6 +59,7 @@ from .errors import FusionError
 UNIT_HU = "HU"
 UNIT_SUVBW = "SUVbw"
 PET_MODALITIES = ("PT",)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,17 +111,6 @@ def _pydicom():
     return pydicom
 
 
-def series_file_names(folder: str | os.PathLike) -> list[str]:
-    """The files of the one DICOM series in ``folder``, in SimpleITK's (GDCM's) slice order."""
-    reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
-        raise FusionError(f"{folder} is a folder without a DICOM series: give an image file or a DICOM series folder")
-    if len(ids) > 1:
-        raise FusionError(f"{folder} holds {len(ids)} DICOM series: put the series to fuse in a folder of its own")
-    return list(reader.GetGDCMSeriesFileNames(str(folder), ids[0]))
-
-
 def read_headers(files: Sequence[str | os.PathLike]) -> list:
     """pydicom datasets of ``files`` without pixel data (a file that is not DICOM: FusionError)."""
     pydicom = _pydicom()
@@ -134,7 +126,9 @@ def read_headers(files: Sequence[str | os.PathLike]) -> list:
 def series_facts(source: str | os.PathLike | Sequence[str | os.PathLike]) -> SeriesFacts:
     """Facts of one DICOM series: a folder holding it, or its files in slice order."""
     if isinstance(source, (str, os.PathLike)):
-        files = series_file_names(source) if pathlib.Path(source).is_dir() else [str(source)]
+        from .sources import dicom_series_files  # noqa: PLC0415  (sources reads series through this module)
+
+        files = dicom_series_files(pathlib.Path(source)) if pathlib.Path(source).is_dir() else [str(source)]
     else:
         files = [str(f) for f in source]
     return facts_from_headers(read_headers(files), files)
@@ -338,16 +332,18 @@ def _pet_units(datasets: Sequence, facts: SeriesFacts) -> None:
 # reading a series with its units
 
 
-def read_series(folder: str | os.PathLike, files: Sequence[str] | None = None) -> tuple[sitk.Image, SeriesFacts]:
-    """Read a DICOM series with SimpleITK and put its values in the units :func:`series_facts`
-    found (PET: SUV when it can be computed). Returns (image, facts)."""
-    files = list(files) if files is not None else series_file_names(folder)
+def read_series(files: Sequence[str]) -> tuple[sitk.Image, SeriesFacts]:
+    """Read the files of one DICOM series (slice order) with SimpleITK and put its values in the
+    units :func:`series_facts` finds (PET: SUV when it can be computed). Returns (image, facts)."""
+    files = [str(f) for f in files]
     facts = facts_from_headers(read_headers(files), files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     if facts.modality in PET_MODALITIES:
         reader.SetOutputPixelType(sitk.sitkFloat32)   # keep every slice's own rescale slope
     image = reader.Execute()
+    if facts.notice:              # the CLI shows the package's warnings as one 'note:' line each
+        logger.warning(facts.notice)
     return apply_units(image, facts), facts
 
 

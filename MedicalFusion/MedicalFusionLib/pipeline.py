@@ -6,6 +6,7 @@ SimpleITK images; the Slicer logic (scene.py) turns MRML nodes into the same ima
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,10 +19,11 @@ from .device import pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
 from .errors import FusionCancelled, FusionError
 from .methods import get_method
-from .sources import as_3d, rgb_is_gray
+from .sources import as_3d, check_same_dimension, check_slice_size, rgb_is_gray
 from .windows import choose_window
 
 AXES = ("axial", "coronal", "sagittal")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,30 +108,26 @@ def array_axis(reference: sitk.Image, axis: str | int) -> int:
     return 2 - index_axis
 
 
-def _is_display_ready_uint8(image: sitk.Image) -> bool:
-    return image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
-
-
 def anatomical_unit(image: sitk.Image, window: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Anatomical to [0, 1]: by ``window``; else 8-bit images as they are (0..255), else the
-    0.5-99.5 % percentiles of the non-background voxels (robust auto window)."""
+    """Anatomical to [0, 1]: by ``window``; else an RGB image's luma as it is (0..255), else the
+    0.5-99.5 % percentiles of the non-background voxels (robust auto window), whatever the voxel
+    type (the CLI passes 0..255 for display-ready 8-bit PNG/JPG pictures)."""
     if image.GetNumberOfComponentsPerPixel() == 3:   # an RGB anatomical: use its luma
         arr = colour.rgb_to_ycbcr(sitk.GetArrayViewFromImage(image).astype(np.float32) / 255.0)[..., 0] * 255.0
-        image_is_8bit = True
+        rgb = True
     else:
         arr = sitk.GetArrayViewFromImage(image)
-        image_is_8bit = _is_display_ready_uint8(image)
+        rgb = False
     if window is None:
-        window = (0.0, 255.0) if image_is_8bit else colour.robust_window(arr)
+        window = (0.0, 255.0) if rgb else colour.robust_window(arr)
     return colour.window_to_unit(arr, *window), (float(window[0]), float(window[1]))
 
 
 def functional_window_default(image: sitk.Image) -> tuple[float, float]:
-    """Default window of a scalar functional: 0..255 for 8-bit images, else its minimum to the
-    99.9th percentile of the non-background voxels (PET/SPECT background is the minimum; the
-    high percentile keeps hot spots such as lesions from saturating the colour map)."""
-    if _is_display_ready_uint8(image):
-        return 0.0, 255.0
+    """Default window of a scalar functional, whatever its voxel type: its minimum to the 99.9th
+    percentile of the non-background voxels (PET/SPECT background is the minimum; the high
+    percentile keeps hot spots such as lesions from saturating the colour map). The CLI passes
+    0..255 for display-ready 8-bit PNG/JPG pictures."""
     arr = sitk.GetArrayViewFromImage(image)
     _, hi = colour.robust_window(arr, 0.0, 99.9)
     return float(arr.min()), hi
@@ -157,7 +155,7 @@ def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colorm
 def _auto_source(source: str, image: sitk.Image, rule: str) -> str:
     if source != "auto" or image.GetNumberOfComponentsPerPixel() != 1:
         return source
-    return "auto: 8-bit 0..255" if _is_display_ready_uint8(image) else f"auto: {rule} of the non-background voxels"
+    return f"auto: {rule} of the non-background voxels"
 
 
 def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions,
@@ -169,8 +167,9 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
     given are chosen by :func:`MedicalFusionLib.windows.choose_window` (preset, CT soft tissue for
     a CT in HU) and else computed from the data.
     """
-    anatomical, _ = as_3d(anatomical, "anatomical")
-    functional, _ = as_3d(functional, "functional")
+    anatomical, anatomical_2d = as_3d(anatomical, "anatomical")
+    functional, functional_2d = as_3d(functional, "functional")
+    check_same_dimension(anatomical_2d, functional_2d)
     if rgb_is_gray(anatomical):
         anatomical = sitk.VectorIndexSelectionCast(anatomical, 0)
     achoice = choose_window(anatomical, "anatomical", options.anatomical_window, options.anatomical_preset,
@@ -183,11 +182,14 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
         fwin = functional_window_default(functional)
     aligned = resample_to_reference(functional, anatomical, transform)
     ycc, fwin, cmap, grayscale = functional_ycc(aligned, fwin, options.colormap)
+    notices = [c.notice for c in (achoice, fchoice) if c.notice]
+    for text in notices:          # the CLI shows the package's warnings as one 'note:' line each
+        logger.warning(text)
     return Prepared(anatomical, a01.astype(np.float32), ycc.astype(np.float32), grayscale, awin, fwin, cmap,
                     anatomical_units=achoice.units, functional_units=fchoice.units,
                     window_sources={"anatomical": _auto_source(achoice.source, anatomical, "0.5-99.5 % percentiles"),
                                     "functional": _auto_source(fchoice.source, functional, "minimum..99.9th percentile")},
-                    notices=[c.notice for c in (achoice, fchoice) if c.notice])
+                    notices=notices)
 
 
 def recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: float, grayscale: bool) -> np.ndarray:
@@ -216,8 +218,11 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
     ok, reason = method.available()
     if not ok:
         raise FusionError(reason)
+    if options.batch_size is not None and (int(options.batch_size) != options.batch_size or options.batch_size < 1):
+        raise FusionError(f"batch size {options.batch_size} is not a whole number of 1 or more")
     device = pick_device(options.device)
     axis = array_axis(prepared.reference, options.axis)
+    check_slice_size(prepared.reference, axis, str(options.axis) if not str(options.axis).isdigit() else "")
     # With metrics, progress runs over two phases of equal length: fusing, then measuring.
     phases = 2 if options.compute_metrics else 1
 

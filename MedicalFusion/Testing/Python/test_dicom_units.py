@@ -186,7 +186,7 @@ def test_cli_prints_one_notice_and_writes_units_into_outputs(tmp_path, stored, c
                    "-o", str(out), "--metrics", str(metrics), "-q"])
     err = capsys.readouterr().err
     assert rc == 0
-    notices = [line for line in err.splitlines() if "notice" in line]
+    notices = [line for line in err.splitlines() if "medicalfusion: note:" in line]
     assert len(notices) == 1 and "Patient's Weight" in notices[0] and "BQML" in notices[0]
     fused = sitk.ReadImage(str(out))
     assert fused.GetMetaData("MedicalFusion.functional_units") == "BQML"

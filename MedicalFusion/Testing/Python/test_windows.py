@@ -104,8 +104,7 @@ def test_cli_lists_presets_and_refuses_an_unknown_one(tmp_path, rng, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "unknown window preset 'ct-softtissue'" in err
     assert not (tmp_path / "f.nrrd").exists()
-    with pytest.raises(SystemExit):
-        cli.main(["fuse", "--help"])
+    assert cli.main(["fuse", "--help"]) == 0
     assert "ct-soft-tissue, ct-bone" in " ".join(capsys.readouterr().out.split())
 
 
