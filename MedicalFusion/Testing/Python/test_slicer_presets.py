@@ -28,14 +28,20 @@ def harness(request, tmp_path_factory):
         assert h.callback_errors == [], "exceptions in Slicer callbacks:\n" + "\n".join(h.callback_errors)
 
 
-def _ct_pair(h):
-    """The phantom pair, its anatomical marked as a CT the way Slicer's DICOM module marks one."""
+def _panel_with_ct_pair(h):
+    """The panel with the phantom pair selected (method 'average', no metrics), the anatomical
+    marked as a CT the way Slicer's DICOM module marks one. Returns (ui, parameter node, anatomical)."""
     from MedicalFusionLib.scene import add_phantom_pair
 
+    widget = h.widget()
+    ui, p = widget.ui, widget._parameterNode
     anatomical, functional = add_phantom_pair(h.scene)
     shn = h.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(h.scene)
     shn.SetItemAttribute(shn.GetItemByDataNode(anatomical), "DICOM.Modality", "CT")
-    return anatomical, functional
+    ui.anatomicalSelector.setCurrentNode(anatomical)
+    ui.functionalSelector.setCurrentNode(functional)
+    p.method, p.computeMetrics = "average", False
+    return ui, p, anatomical
 
 
 @pytest.mark.parametrize("harness", VERSIONS, indirect=True)
@@ -64,12 +70,7 @@ def test_preset_boxes_list_the_presets_and_are_saved_with_the_scene(harness, tmp
 @pytest.mark.parametrize("harness", VERSIONS, indirect=True)
 def test_presets_win_over_as_displayed_and_reach_the_fusion(harness):
     h = harness
-    widget = h.widget()
-    ui, p = widget.ui, widget._parameterNode
-    anatomical, functional = _ct_pair(h)
-    ui.anatomicalSelector.setCurrentNode(anatomical)
-    ui.functionalSelector.setCurrentNode(functional)
-    p.method, p.computeMetrics = "average", False
+    ui, p, _ = _panel_with_ct_pair(h)
     assert p.useDisplayWindow and ui.functionalWindowPresetComboBox.enabled
     ui.anatomicalWindowPresetComboBox.currentIndex = ui.anatomicalWindowPresetComboBox.findText("ct-bone")
     ui.functionalWindowPresetComboBox.currentIndex = ui.functionalWindowPresetComboBox.findText("pet-suv-0-5")
@@ -91,12 +92,7 @@ def test_presets_win_over_as_displayed_and_reach_the_fusion(harness):
 @pytest.mark.parametrize("harness", VERSIONS, indirect=True)
 def test_no_preset_keeps_as_displayed_and_the_ct_default_without_it(harness):
     h = harness
-    widget = h.widget()
-    ui, p = widget.ui, widget._parameterNode
-    anatomical, functional = _ct_pair(h)
-    ui.anatomicalSelector.setCurrentNode(anatomical)
-    ui.functionalSelector.setCurrentNode(functional)
-    p.method, p.computeMetrics = "average", False
+    ui, p, anatomical = _panel_with_ct_pair(h)
     display = anatomical.GetDisplayNode()
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, 1600.0)
