@@ -45,6 +45,7 @@ import SimpleITK as sitk
 
 from . import __version__, colour
 from .errors import FusionError
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -401,10 +402,30 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
     ``output_table``: existing nodes (or IDs) to overwrite, or None to create new ones. The table is
     written only when ``options.compute_metrics``. Raises FusionError (bad input) or FusionCancelled;
     in both cases nothing in the scene has changed.
+
+    ``progress(done, total)`` and ``cancel() -> bool`` are called from the start to the end, at
+    least every few tenths of a second (reading the nodes, the pipeline, writing; see
+    :mod:`MedicalFusionLib.progress`). The last cancel check is made right before the scene is
+    touched; writing the nodes then reports progress only.
     """
+    with Progress(progress, cancel, SCENE_PHASES) as tracker:
+        result = _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table,
+                             use_display_windows, tracker)
+        tracker.finish()
+    return result
+
+
+#: Progress phases of :func:`fuse_nodes`: reading the nodes, the pipeline (prepare, fuse,
+#: recombine, metrics), writing the output nodes.
+SCENE_PHASES = (("read", 0.02), ("pipeline", 0.95), ("write", 0.03))
+
+
+def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table, use_display_windows,
+                tracker: Progress) -> SceneFusionResult:
     from .pipeline import fuse_images  # noqa: PLC0415  (torch only when fusing)
 
     t0 = time.perf_counter()
+    tracker.phase("read")
     ok, reason = validate_inputs(scene, anatomical, functional, output_volume, output_table)
     if not ok:
         raise FusionError(reason)
@@ -413,10 +434,15 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
     output_volume = _resolve(scene, output_volume, "output volume")
     output_table = _resolve(scene, output_table, "output table")
 
+    tracker.tick()
     a_img, f_img, opts, transform, info = prepare_inputs(scene, anatomical, functional, options, use_display_windows)
-    result = fuse_images(a_img, f_img, opts, progress=progress, cancel=cancel, transform=transform)
+    tracker.phase("pipeline")
+    pipeline_progress, pipeline_cancel = tracker.callbacks()
+    result = fuse_images(a_img, f_img, opts, progress=pipeline_progress, cancel=pipeline_cancel, transform=transform)
 
-    # Success: only now touch the scene.
+    # Success: only now touch the scene (the last cancel check is here).
+    tracker.phase("write")
+    tracker.commit()
     prepared = result.prepared
     info.update(method=result.method, device=result.device, seconds_engine=round(result.seconds, 3),
                 axis=opts.axis, version=__version__, grayscale=result.grayscale)
@@ -429,6 +455,7 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
         volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
                                   f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
         write_volume(volume, anatomical, result.rgb)
+        tracker.advance(1, 2)
         table = None
         if opts.compute_metrics and result.metrics:
             from .metrics import metrics_table_rows  # noqa: PLC0415
