@@ -52,8 +52,8 @@ def reference_slabs(reference: sitk.Image, voxels: int) -> list[sitk.Image]:
     return slabs
 
 
-#: Voxels per slab when resampling with a ``tick`` callback (about 0.1 s of work on a 2-core CPU).
-SLAB_VOXELS = 1 << 20
+#: Voxels per slab when resampling with a ``tick`` callback (about 0.03 s of work on a 2-core CPU).
+SLAB_VOXELS = 1 << 18
 
 
 def resample_to_reference(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,

@@ -27,7 +27,7 @@ ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 MAX_BATCH = 64
 #: Seconds of work per batch the engine aims at (progress and a cancel check between batches).
-BATCH_SECONDS = 0.2
+BATCH_SECONDS = 0.1
 
 
 def batch_size_for(method: FusionMethod, height: int, width: int, device: torch.device) -> int:

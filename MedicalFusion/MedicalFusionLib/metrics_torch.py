@@ -29,7 +29,7 @@ Where the time goes and how it is saved:
   the reference.
 
 Memory: slices are processed in batches of at most :data:`BATCH_PIXELS` pixels (about 150 bytes of
-working memory per pixel, so ~150 MB), FMI window pairs in chunks of :data:`FMI_CHUNK`.
+working memory per pixel, so ~40 MB), FMI window pairs in chunks of :data:`FMI_CHUNK`.
 """
 from __future__ import annotations
 
@@ -47,15 +47,15 @@ import torch.nn.functional as F
 from .device import pick_device
 from .errors import FusionError
 from .metrics import (
-    PSNR_CAP, QABF_ORIENTATION, QABF_STRENGTH, VIF_EPS, VIF_NOISE_VAR, _SOBEL_X, _SOBEL_Y, check_keys,
-    summarise, vif_window, volume_slices,
+    PSNR_CAP, QABF_ORIENTATION, QABF_STRENGTH, VIF_EPS, VIF_NOISE_VAR, check_keys, summarise, vif_window,
+    volume_slices,
 )
 from .progress import CancelFn, Progress, ProgressFn
 
 logger = logging.getLogger(__name__)
 
 #: Pixels (slices x height x width) per batch of slices.
-BATCH_PIXELS = 1 << 20
+BATCH_PIXELS = 1 << 18
 #: FMI window pairs per chunk (keeps the walk's arrays in the CPU cache).
 FMI_CHUNK = 8192
 #: scikit-image's structural_similarity defaults: 7x7 uniform window, K1, K2, data range 255.
@@ -90,42 +90,51 @@ def _int_sum(x: torch.Tensor) -> np.ndarray:
 # histograms: EN, MI, ARI
 
 def _joint_histograms(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU float64)."""
+    """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU int64)."""
     s = f.shape[0]
     offset = (torch.arange(s, device=f.device, dtype=torch.int64) << 16).view(s, 1, 1)
     idx = (f.to(torch.int64) << 8) | x.to(torch.int64) | offset
-    return torch.bincount(idx.view(-1), minlength=s << 16).view(s, 256, 256).cpu().double()
+    return torch.bincount(idx.view(-1), minlength=s << 16).view(s, 256, 256).cpu()
 
 
-def _xlogx_sum(t: torch.Tensor, dims) -> torch.Tensor:
-    return torch.xlogy(t, t).sum(dims)
+class _NLogN:
+    """sum of k ln k over integer counts k <= n, from a table (a gather is cheaper than a log)."""
+
+    def __init__(self, n: int):
+        k = torch.arange(n + 1, dtype=torch.float64)
+        self.table = torch.xlogy(k, k)
+
+    def __call__(self, counts: torch.Tensor) -> torch.Tensor:
+        flat = counts.reshape(counts.shape[0], -1)
+        return self.table.index_select(0, flat.reshape(-1)).view(flat.shape).sum(1)
 
 
-def _mi_nats(joint: torch.Tensor, n: float) -> torch.Tensor:
+def _mi_nats(joint: torch.Tensor, n: int, nlogn: _NLogN) -> torch.Tensor:
     """MI from counts: (sum n_ij ln n_ij - sum n_i ln n_i - sum n_j ln n_j) / n + ln n, at least 0."""
-    mi = (_xlogx_sum(joint, (1, 2)) - _xlogx_sum(joint.sum(2), 1) - _xlogx_sum(joint.sum(1), 1)) / n + math.log(n)
+    mi = (nlogn(joint) - nlogn(joint.sum(2)) - nlogn(joint.sum(1))) / n + math.log(n)
     return mi.clamp_min(0.0)
 
 
-def _ari(joint: torch.Tensor, n: float) -> torch.Tensor:
-    """Adjusted Rand index from contingency tables, scikit-learn's conventions (see metrics.ari)."""
+def _ari(joint: torch.Tensor, n: int) -> torch.Tensor:
+    """Adjusted Rand index from contingency tables, scikit-learn's conventions (see metrics.ari);
+    the pair counts are exact integers."""
     sum_sq = (joint * joint).sum((1, 2))
     a, b = joint.sum(2), joint.sum(1)
-    tp = sum_sq - n
-    fp = (b * b).sum(1) - sum_sq
-    fn = (a * a).sum(1) - sum_sq
-    tn = n * n - fp - fn - sum_sq
+    tp = (sum_sq - n).double()
+    fp = ((b * b).sum(1) - sum_sq).double()
+    fn = ((a * a).sum(1) - sum_sq).double()
+    tn = float(n * n) - fp - fn - sum_sq.double()
     den = (tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)
     out = torch.where(den != 0, 2.0 * (tp * tn - fn * fp) / torch.where(den != 0, den, 1.0), torch.zeros_like(den))
     return torch.where((fn == 0) & (fp == 0), torch.ones_like(out), out)
 
 
 def _hist_metrics(a, b, f) -> dict[str, np.ndarray]:
-    n = float(f.shape[1] * f.shape[2])
+    n = int(f.shape[1] * f.shape[2])
+    nlogn = _NLogN(n)
     ja, jb = _joint_histograms(a, f), _joint_histograms(b, f)
-    p = ja.sum(2) / n
-    en = -(torch.xlogy(p, p).sum(1)) / math.log(2.0)
-    mi = _mi_nats(ja, n) + _mi_nats(jb, n)
+    en = (math.log(n) - nlogn(ja.sum(2)) / n) / math.log(2.0)    # -sum p log2 p, p = counts / n
+    mi = _mi_nats(ja, n, nlogn) + _mi_nats(jb, n, nlogn)
     return {"EN": en.numpy(), "MI_nats": mi.numpy(), "MI_bits": (mi / math.log(2.0)).numpy(),
             "ARI": (0.5 * (_ari(ja, n) + _ari(jb, n))).numpy()}
 
@@ -187,42 +196,29 @@ def _moment_metrics(a, b, f) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 # SSIM (scikit-image's structural_similarity, data_range 255, 7x7 uniform window, sample covariance)
 
-def _box_valid(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k x k window sums over the 'valid' region of an int32 [S, H, W] tensor."""
-    big = x.shape[1] * x.shape[2] * 255 * 255 > 2 ** 31 - 1
-    dt = torch.int64 if big else torch.int32
-    c = torch.cumsum(x, 2, dtype=dt)
-    r = c[:, :, k - 1:].clone()
-    r[:, :, 1:] -= c[:, :, :-k]
-    c = torch.cumsum(r, 1, dtype=dt)
-    out = c[:, k - 1:].clone()
-    out[:, 1:] -= c[:, :-k]
-    return out
-
-
 def _ssim_metrics(a, b, f) -> dict[str, np.ndarray]:
     k = SSIM_WINDOW
     if min(f.shape[1], f.shape[2]) < k:
         raise FusionError(f"SSIM needs slices of at least {k}x{k} pixels, got {tuple(f.shape[1:])}")
     npix = k * k
-    fi = f.to(torch.int32)
-    s_f, s_ff = _box_valid(fi, k), _box_valid(fi * fi, k)
-    vf_num = npix * s_ff - s_f * s_f
+    x = torch.stack([f, a, b], 1).to(torch.float32)
+    maps = torch.cat([x, x * x, x[:, 1:] * x[:, :1]], 1)           # F A B, F2 A2 B2, AF BF
+    # 7x7 window sums over the valid region: sums of integers below 2^24, exact in float32
+    sums = _separable(maps, torch.ones(k, device=f.device)).to(torch.int32)
+    s_f, s_ff = sums[:, 0], sums[:, 3]
     u_f = s_f.to(torch.float32) / npix
     norm = 1.0 / (npix * (npix - 1))        # cov_norm NP/(NP-1) over NP^2
+    v_f = (npix * s_ff - s_f * s_f).to(torch.float32) * norm
     count = float(s_f.shape[1] * s_f.shape[2])
-    total = None
-    for x in (a, b):
-        xi = x.to(torch.int32)
-        s_x, s_xx, s_fx = _box_valid(xi, k), _box_valid(xi * xi, k), _box_valid(fi * xi, k)
+    total = torch.zeros(f.shape[0], dtype=torch.float64)
+    for c in (1, 2):
+        s_x, s_xx, s_fx = sums[:, c], sums[:, 3 + c], sums[:, 5 + c]
         u_x = s_x.to(torch.float32) / npix
-        v_x = (npix * s_xx - s_x * s_x).to(torch.float32) * norm
-        v_f = vf_num.to(torch.float32) * norm
+        v_x = (npix * s_xx - s_x * s_x).to(torch.float32) * norm      # exact integer numerators
         v_fx = (npix * s_fx - s_f * s_x).to(torch.float32) * norm
         num = (2.0 * u_f * u_x + SSIM_C1) * (2.0 * v_fx + SSIM_C2)
         den = (u_f * u_f + u_x * u_x + SSIM_C1) * (v_f + v_x + SSIM_C2)
-        ssim = _slice_sum(num / den) / count
-        total = ssim if total is None else total + ssim
+        total += _slice_sum(num / den) / count
     return {"SSIM_sum": total.numpy(), "SSIM_avg": (total / 2.0).numpy()}
 
 
@@ -273,11 +269,14 @@ def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
 # Qabf
 
 def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Strength and orientation of scipy.ndimage.convolve with the Sobel kernels (zero padding)."""
-    kernels = torch.tensor(np.stack([_SOBEL_X[::-1, ::-1], _SOBEL_Y[::-1, ::-1]]).copy(), dtype=torch.float32,
-                           device=x.device).unsqueeze(1)            # convolve = correlate with the flipped kernel
-    s = F.conv2d(x.to(torch.float32).unsqueeze(1), kernels, padding=1)
-    sx, sy = s[:, 0], s[:, 1]
+    """Strength and orientation of scipy.ndimage.convolve with the Sobel kernels (zero padding),
+    as separable integer sums: sx[i, j] = v[i, j-1] - v[i, j+1] with v the [1 2 1] sum down the
+    rows, sy[i, j] = h[i+1, j] - h[i-1, j] with h the [1 2 1] sum along the rows."""
+    p = F.pad(x.to(torch.float32), (1, 1, 1, 1))
+    smooth_v = p[:, :-2] + 2.0 * p[:, 1:-1] + p[:, 2:]                 # [1 2 1] down the rows
+    smooth_h = p[..., :-2] + 2.0 * p[..., 1:-1] + p[..., 2:]           # [1 2 1] along the rows
+    sx = smooth_v[..., :-2] - smooth_v[..., 2:]
+    sy = smooth_h[:, 2:] - smooth_h[:, :-2]
     g = torch.sqrt(sx * sx + sy * sy)
     zero = (sx == 0).to(torch.float32)
     alpha = torch.atan(sy / (sx + zero)) * (1.0 - zero) + zero * (math.pi / 2)
@@ -347,12 +346,33 @@ def _lanes(words: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, -1).to(dtype)
 
 
+def _cdf_numerators(d: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums down the 9 rows of an int32 [9, n] tensor (row by row: torch.cumsum along
+    the first axis is several times slower)."""
+    out = torch.empty_like(d)
+    out[0] = d[0]
+    for r in range(1, d.shape[0]):
+        torch.add(out[r - 1], d[r], out=out[r])
+    return out
+
+
+def _pack(keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """Pack int32 keys, values (< 2^15) and int16 weights ([9, n] or [9, 1]) into int64 words ``out``."""
+    if _LITTLE_ENDIAN:
+        lanes16, lanes32 = out.view(torch.int16).view(*out.shape, 4), out.view(torch.int32).view(*out.shape, 2)
+        lanes16[..., 0] = values
+        lanes16[..., 1] = weights
+        lanes32[..., 1] = keys
+    else:
+        torch.bitwise_left_shift(keys.to(torch.int64), 32, out=out)
+        out |= (weights.to(torch.int64) << 16) | values
+
+
 def _fmi_pairs(vx: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
     """Normalised feature MI of [9, n] window pairs (integer values) that both vary and differ."""
     dev, n = vx.device, vx.shape[1]
-    pos = torch.arange(1, 10, dtype=torch.int64, device=dev)[:, None]
-    flip_w = torch.arange(9, 0, -1, dtype=torch.int64, device=dev)[:, None] - pos
-    posf = pos.to(torch.float32)
+    pos16 = torch.arange(1, 10, dtype=torch.int16, device=dev)[:, None]
+    moments = torch.stack([torch.arange(1, 10), torch.arange(1, 10) ** 2]).to(device=dev, dtype=torch.float32)
     dx = vx.to(torch.int32)
     dx -= dx.amin(0)
     df = vf.to(torch.int32)
@@ -363,18 +383,20 @@ def _fmi_pairs(vx: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
     var_f = 9 * (df * df).sum(0, dtype=torch.int32) - sf * sf
     c = num.double() / torch.sqrt(var_x.double() * var_f.double())  # Pearson r of the windows (= of p, q)
     # c < 0: the lower Frechet bound, i.e. the upper bound of q against the reversed p
-    neg = (num < 0).to(torch.int32)
-    dxo = dx + neg * (dx.flip(0) - dx)
-    kp = torch.cumsum(dxo, 0, dtype=torch.int32) * sf                # P_j * Sx * Sf
-    kq = torch.cumsum(df, 0, dtype=torch.int32) * sx                 # Q_i * Sx * Sf
+    neg = num < 0
+    negi = neg.to(torch.int32)
+    dxo = dx + negi * (dx.flip(0) - dx)
+    table = torch.empty(18, n, dtype=torch.int64, device=dev)
+    kq = _cdf_numerators(df)
+    kq *= sx                                                         # Q_i x Sx Sf
     d = sx * sf
     kq[8] = d + 1                                                    # sentinel: the walk never passes Q's end
-    table = torch.empty(18, n, dtype=torch.int64, device=dev)
-    tq, tp = table[:9], table[9:]
-    torch.bitwise_left_shift(kq.to(torch.int64), 32, out=tq)
-    tq |= (pos << 16) | df
-    torch.bitwise_left_shift(kp.to(torch.int64), 32, out=tp)
-    tp |= ((pos + neg.to(torch.int64) * flip_w + _TAG) << 16) | dxo   # weight: the cell's position in the original p
+    _pack(kq, df, pos16, table[:9])
+    kp = _cdf_numerators(dxo)
+    kp *= sf                                                         # P_j x Sx Sf
+    # weight: the P cell's position in the original p (reversed for c < 0); the tag puts Q first on ties
+    w_p = pos16 + negi.to(torch.int16) * (10 - 2 * pos16) + _TAG
+    _pack(kp, dxo, w_p, table[9:])
     # The staircase: 17 cells (i, j), i + j = k; step k ends at min(Q_i, P_j) and moves past the smaller.
     flat = table.view(-1)
     heads_q = torch.empty(17, n, dtype=torch.int64, device=dev)
@@ -383,39 +405,41 @@ def _fmi_pairs(vx: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
     col = torch.arange(n, dtype=torch.int64, device=dev)
     at_q = col.clone()                              # flat index of Q_i: i n + col
     at_qp = col * 2 + 10 * n                        # + flat index of P_j (j = k + 1 - i): (10 + k) n + 2 col
-    step = torch.empty(n, dtype=torch.int64, device=dev)
+    at_p = torch.empty_like(at_q)
+    q_first = torch.empty(n, dtype=torch.bool, device=dev)
     for k in range(16):
-        torch.lt(heads_q[k], heads_p[k], out=step)
-        step *= n
-        at_q += step
-        torch.index_select(flat, 0, at_q, out=heads_q[k + 1])
-        torch.index_select(flat, 0, at_qp - at_q, out=heads_p[k + 1])
+        torch.lt(heads_q[k], heads_p[k], out=q_first)
+        at_q.add_(q_first, alpha=n)
+        torch.sub(at_qp, at_q, out=at_p)
         at_qp += n
+        torch.index_select(flat, 0, at_q, out=heads_q[k + 1])
+        torch.index_select(flat, 0, at_p, out=heads_p[k + 1])
     ends = _lanes(torch.minimum(heads_q, heads_p), 32)[..., 1]         # keys
-    lengths = ends.clone()
-    lengths[1:] -= ends[:-1]                         # cell masses x Sx Sf
-    lanes_q, lanes_p = _lanes(heads_q, 16), _lanes(heads_p, 16)
-    weights = lanes_q[..., 1] * (lanes_p[..., 1] - _TAG)
     inv_d = 1.0 / d.double()
+    inv_d32 = inv_d.to(torch.float32)
+    cell_l = ends.to(torch.float32)
+    cell_l[1:] -= cell_l[:-1].clone()
+    cell_l *= inv_d32                                                # cell masses of the bound
+    lanes_q, lanes_p = _lanes(heads_q, 16), _lanes(heads_p, 16)
     # Hoeffding: covariance of the positions under the bound = E_H[XY] - E_q[X] E_p[Y]
+    weights = (lanes_q[..., 1] * (lanes_p[..., 1] - _TAG)).to(torch.float32)
     fdx, fdf = dx.to(torch.float32), df.to(torch.float32)
+    mp, mq = (moments @ fdx).double(), (moments @ fdf).double()       # sum d pos, sum d pos^2 (exact)
     sxd, sfd = sx.double(), sf.double()
-    m1p, m1q = (fdx * posf).sum(0).double(), (fdf * posf).sum(0).double()
-    m2p, m2q = (fdx * posf * posf).sum(0).double(), (fdf * posf * posf).sum(0).double()
-    var_p, var_q = sxd * m2p - m1p * m1p, sfd * m2q - m1q * m1q          # x Sx^2, x Sf^2 (exact integers)
-    cov = (lengths * weights).sum(0, dtype=torch.float64) * inv_d - m1q * m1p * inv_d
+    var_p, var_q = sxd * mp[1] - mp[0] * mp[0], sfd * mq[1] - mq[0] * mq[0]   # x Sx^2, x Sf^2 (exact)
+    cov = (cell_l * weights).sum(0).double() - mq[0] * mp[0] * inv_d
     ok = (var_p > 0) & (var_q > 0) & (num != 0) & (cov != 0)
     t = c * torch.sqrt(var_p.clamp_min(0) * var_q.clamp_min(0)) * inv_d / torch.where(ok, cov, torch.ones_like(cov))
     t = (t * ok).to(torch.float32)
-    p, q = fdx / sx.to(torch.float32), fdf / sf.to(torch.float32)
-    h_sum = -((p * torch.log2(p + _TINY)).sum(0) + (q * torch.log2(q + _TINY)).sum(0))   # H(p) + H(q)
+    # H(p) + H(q) = log2(Sx Sf) - (sum dx log2 dx) / Sx - (sum df log2 df) / Sf
+    h_sum = (torch.log2(d.to(torch.float32)) - (fdx * fdx.clamp_min(1.0).log2_()).sum(0) / sx.to(torch.float32)
+             - (fdf * fdf.clamp_min(1.0).log2_()).sum(0) / sf.to(torch.float32))
     one_t = 1.0 - t
     # H(J), J = t dH + (1 - t) q p^T: all cells of (1 - t) q p^T in closed form, then the staircase
     independent = one_t * h_sum - one_t * torch.log2(one_t.abs() + _TINY)
-    cell_i = lanes_q[..., 0].to(torch.float32) * lanes_p[..., 0].to(torch.float32)
-    cell_i *= (inv_d.to(torch.float32) * one_t)
-    cell_l = lengths.to(torch.float32)
-    cell_l *= inv_d.to(torch.float32)
+    cell_i = lanes_q[..., 0].to(torch.float32)
+    cell_i *= lanes_p[..., 0]
+    cell_i *= inv_d32 * one_t
     cell_j = torch.addcmul(cell_i, cell_l, t)
     term_i = cell_i.abs()
     term_i += _TINY
