@@ -27,6 +27,8 @@ test: setup
 ## speed and memory benchmarks, written to docs/BENCHMARKS.md
 bench: setup
 	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_metrics.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_ui_gaps.py --output docs/BENCHMARKS.md
 
 ## the evaluation tables on the aanlib test split, written to out/evaluation
 evaluate: setup

@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 #: Pixels (slices x height x width) per batch of slices.
 BATCH_PIXELS = 1 << 18
 #: FMI window pairs per chunk (keeps the walk's arrays in the CPU cache).
-FMI_CHUNK = 8192
+FMI_CHUNK = 4096
 #: scikit-image's structural_similarity defaults: 7x7 uniform window, K1, K2, data range 255.
 SSIM_WINDOW, SSIM_C1, SSIM_C2 = 7, (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
@@ -496,17 +496,32 @@ def _fmi_metric(a, b, f, feature: str, tick: Callable[[float], None], pool: Thre
 # --------------------------------------------------------------------------------------------------
 # the volume
 
+_SIMPLE = {"hist": _hist_metrics, "moments": _moment_metrics, "ssim": _ssim_metrics, "vif": _vif_metrics,
+           "qabf": _qabf_metrics}
+
+
+def _run(fn, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
 def _batch_metrics(a, b, f, groups: list[str], tick: Callable[[str, float], None],
                    pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+    """The metrics of one batch of slices. With a ``pool``, the per-pixel groups run on its workers
+    while FMI's chunks follow them; ``tick`` is only ever called from this (the calling) thread."""
     out: dict[str, np.ndarray] = {}
-    simple = {"hist": _hist_metrics, "moments": _moment_metrics, "ssim": _ssim_metrics, "vif": _vif_metrics,
-              "qabf": _qabf_metrics}
+    simple = [g for g in groups if g in _SIMPLE]
+    pending = {g: pool.submit(_run, _SIMPLE[g], a, b, f) for g in simple} if pool is not None else {}
     for group in groups:
-        if group in simple:
-            out.update(simple[group](a, b, f))
-        else:
+        if group in _SIMPLE and group not in pending:
+            out.update(_SIMPLE[group](a, b, f))
+            tick(group, 1.0)
+        elif group not in _SIMPLE:
             feature = group.split("_", 1)[1]
             out[f"FMI_{feature}"] = _fmi_metric(a, b, f, feature, lambda frac, g=group: tick(g, frac), pool)
+            tick(group, 1.0)
+    for group, future in pending.items():
+        out.update(future.result())
         tick(group, 1.0)
     return out
 

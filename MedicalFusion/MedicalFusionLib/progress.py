@@ -147,8 +147,7 @@ class Progress:
         def progress(done: int, total: int) -> None:
             self.advance(done, total)
 
-        def cancel() -> bool:
-            self.tick()               # raises FusionCancelled itself when the user cancelled
-            return False
+        def cancel() -> bool:         # not throttled: the nested step spaces its own checks
+            return bool(self._cancel is not None and self._cancel())
 
         return progress, cancel
