@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup demo test bench evaluate train clean
+.PHONY: setup demo test check-py39 bench evaluate train clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/medicalfusion demo --output out/demo
 
-## the test suite (tests that need ../shared/data skip with a reason when it is absent)
-test: setup
+## the test suite (tests that need ../shared/data skip with a reason when it is absent), after the 3.9 check
+test: setup check-py39
 	$(PY) -m pytest -q
+
+## the Slicer module and the core must run on Python 3.9 (Slicer 5.4-5.8): syntax and standard library
+check-py39: setup
+	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib
 
 ## speed and memory benchmarks, written to docs/BENCHMARKS.md
 bench: setup

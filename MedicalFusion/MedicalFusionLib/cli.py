@@ -1,23 +1,132 @@
 """The ``medicalfusion`` command: fuse, methods, evaluate, train, demo.
 
-Every user error ends in one line on stderr (``medicalfusion: error: ...``) and exit status 2;
-nothing is written unless the whole run succeeded.
+Every user error ends in one line on stderr (``medicalfusion: error: ...``) and exit status 2,
+argparse mistakes included; "internal error" (exit 1) is left for bugs. Every file a run writes
+goes through one :class:`~MedicalFusionLib.outputs.OutputSet`, so nothing is written unless the
+whole run succeeded. SIGINT, SIGTERM and SIGHUP end a run with a true message ("nothing was
+written") and exit status 128 + the signal's number, leaving no temporary behind. ITK's warnings
+are not shown (failures are detected and reported by the checks of sources.py / outputs.py).
+
+How the command is put together, so that an option or an output can be added in one place:
+
+- argument types (:func:`positive_int`, :func:`finite_float`, :func:`thread_count`, ...) reject a
+  bad value while parsing; :func:`check_fuse_arguments` checks what needs more than one value
+  (windows, method availability, device) -- all before any work;
+- :data:`FUSE_OUTPUTS` lists the file outputs of ``fuse`` (argument, name in messages, kind);
+  :func:`claim_outputs` claims them in the run's OutputSet before the inputs are read and
+  :func:`write_fuse_outputs` writes them; a new output adds a row there and a writer (e.g.
+  ``out.add_file(path, lambda tmp: sitk.WriteTransform(t, str(tmp)), "transform file")``).
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
 import pathlib
+import re
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import FusionCancelled, FusionError
 
 EXIT_USER_ERROR = 2
+MAX_BATCH_SIZE = 4096
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so the run's OutputSet removes its temporaries."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and values such as ``-inf`` or ``-1e3`` read as values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"medicalfusion: error: {message} (see '{self.prog} --help')\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# argument types: a bad value fails while parsing, with one line
+
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a {'whole ' if kind is int else ''}number") from None
+
+
+def finite_float(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be more than 0")
+    return value
+
+
+def int_range(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"'{text}' is out of range: give {lo} or more" if hi is None
+                                             else f"'{text}' is out of range: give {lo} to {hi}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+positive_int = int_range(1)
+
+
+def cpu_count() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def thread_count(text: str) -> int:
+    """1 .. this machine's CPU count (torch crashes on absurd thread counts)."""
+    return int_range(1, cpu_count())(text)
+
+
+def axis_name(text: str) -> str:
+    if text.lower() not in ("axial", "coronal", "sagittal", "0", "1", "2"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a slice orientation: use axial, coronal, sagittal or 0-2")
+    return text.lower()
+
+
+def _check_window(window, flag: str) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    lo, hi = window
+    if not lo < hi:
+        raise FusionError(f"{flag} {lo:g} {hi:g} is empty: give LO < HI")
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# progress and signals
 
 
 def _progress_bar(desc: str, enabled: bool):
-    """A tqdm-backed ``progress(done, total)`` callback and a closer."""
-    if not enabled:
+    """A tqdm-backed ``progress(done, total)`` callback and a closer. Shown only on a terminal
+    (never as fragments in a log), and cleared before any message."""
+    if not enabled or not sys.stderr.isatty():
         return None, lambda: None
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -32,55 +141,170 @@ def _progress_bar(desc: str, enabled: bool):
     def close() -> None:
         if bar["b"] is not None:
             bar["b"].close()
+            bar["b"] = None
 
     return progress, close
 
 
-def cmd_fuse(args) -> int:
-    from . import colour, outputs  # noqa: PLC0415
-    from .methods import get_method  # noqa: PLC0415
-    from .metrics import metrics_table_rows  # noqa: PLC0415
-    from .pipeline import FusionOptions, fuse_images, source_gray8  # noqa: PLC0415
-    from .sources import read_source  # noqa: PLC0415
+def _install_signal_handlers() -> dict:
+    """SIGTERM and SIGHUP raise :class:`Interrupted`, SIGINT KeyboardInterrupt (unless ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
 
-    get_method(args.method)
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None or signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+class _NoteHandler(logging.Handler):
+    """The package's warnings (e.g. own weights in use), shown as 'medicalfusion: note: ...' lines
+    after a run that succeeded (an error stays one line)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        note = " ".join(record.getMessage().split())
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def show(self) -> None:
+        for note in self.notes:
+            print(f"medicalfusion: note: {note}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# fuse
+
+#: The file outputs of ``fuse``: (argument dest, name in messages, OutputSet.claim kind).
+FUSE_OUTPUTS = [
+    ("output", "output", "image"),
+    ("metrics", "metrics file", "file"),
+    ("preview", "preview", "picture"),
+]
+#: Output extensions that hold one 2D picture.
+PICTURE_ONLY = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def check_fuse_arguments(args) -> None:
+    """Everything about the arguments that can be checked before any file is read."""
+    from . import colour  # noqa: PLC0415
+    from .device import pick_device  # noqa: PLC0415
+    from .methods import get_method  # noqa: PLC0415
+
+    ok, reason = get_method(args.method).available()
+    if not ok:
+        raise FusionError(reason)
     if args.colormap:
         colour.colormap_table(args.colormap)
-    inputs = [args.anatomical, args.functional]
-    out = outputs.check_output_path(args.output, inputs, "output")
-    metrics_path = outputs.check_output_path(args.metrics, inputs, "metrics file") if args.metrics else None
-    preview_path = outputs.check_output_path(args.preview, inputs, "preview") if args.preview else None
-    anat = read_source(args.anatomical, "anatomical")
-    func = read_source(args.functional, "functional")
-    options = FusionOptions(method=args.method, colormap=args.colormap,
-                            anatomical_window=tuple(args.window) if args.window else None,
-                            functional_window=tuple(args.functional_window) if args.functional_window else None,
-                            axis=args.axis, device=args.device, batch_size=args.batch_size,
-                            compute_metrics=metrics_path is not None)
+    _check_window(args.window, "--window")
+    _check_window(args.functional_window, "--functional-window")
+    pick_device(args.device)
+
+
+def fuse_inputs(args) -> dict:
+    return {"anatomical input": args.anatomical, "functional input": args.functional}
+
+
+def claim_outputs(out, args, specs=None) -> dict:
+    """Claim every output given on the command line (checked before any work): {dest: path}."""
+    return {dest: out.claim(getattr(args, dest), what, kind)
+            for dest, what, kind in (specs or FUSE_OUTPUTS) if getattr(args, dest, None)}
+
+
+def fuse_options(args, anat, func):
+    """FusionOptions from the arguments; display-ready 8-bit pictures default to 0..255."""
+    from .pipeline import FusionOptions  # noqa: PLC0415
+
+    window = _check_window(args.window, "--window")
+    fwindow = _check_window(args.functional_window, "--functional-window")
+    if window is None and anat.display_ready:
+        window = (0.0, 255.0)
+    if fwindow is None and func.display_ready and func.image.GetNumberOfComponentsPerPixel() == 1:
+        fwindow = (0.0, 255.0)
+    return FusionOptions(method=args.method, colormap=args.colormap, anatomical_window=window,
+                         functional_window=fwindow, axis=args.axis, device=args.device,
+                         batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)))
+
+
+def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool) -> None:
+    """Write every claimed output of ``fuse`` into the run's OutputSet (not yet in place)."""
+    from . import colour, outputs  # noqa: PLC0415
+    from .metrics import metrics_table_rows  # noqa: PLC0415
+    from .pipeline import source_gray8  # noqa: PLC0415
+
+    out.add_image(paths["output"], outputs.fused_image_for_file(result.rgb, result.reference, as_2d))
+    if "preview" in paths:
+        a8, _ = source_gray8(result.prepared)
+        func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
+        montage = outputs.preview_montage(a8, func_rgb, result.rgb, result.reference, args.axis)
+        out.add_image(paths["preview"], outputs.picture(montage))
+    if "metrics" in paths:
+        extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
+                 "version": __version__}
+        out.add_text(paths["metrics"], outputs.metrics_csv_text(metrics_table_rows(result.metrics), extra))
+
+
+def run_fuse(args, anat, func, out, paths: dict):
+    """Fuse two read sources and write the claimed outputs into ``out`` (the caller commits)."""
+    from .pipeline import fuse_images  # noqa: PLC0415
+    from .sources import extension  # noqa: PLC0415
+
+    ext = extension(paths["output"])
+    slices = anat.image.GetSize()[2] if anat.image.GetDimension() == 3 else 1
+    if ext in PICTURE_ONLY and slices > 1:
+        raise FusionError(f"output {paths['output']} holds one 2D picture but the anatomical input is a 3D volume "
+                          f"({slices} slices): use .nrrd, .nii.gz or .mha")
+    options = fuse_options(args, anat, func)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
     try:
         result = fuse_images(anat.image, func.image, options, progress=progress)
     finally:
         close()
-    as_2d = anat.was_2d and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-    outputs.write_image_atomic(outputs.fused_image_for_file(result.rgb, result.reference, as_2d), out)
-    if preview_path:
-        a8, _ = source_gray8(result.prepared)
-        func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
-        outputs.write_preview(outputs.preview_montage(a8, func_rgb, result.rgb, result.reference, args.axis),
-                              preview_path)
-    if metrics_path:
-        extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
-                 "version": __version__}
-        outputs.write_metrics_csv(metrics_table_rows(result.metrics), metrics_path, extra)
-    if not args.quiet:
-        print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {out}")
-        if metrics_path:
-            shown = ", ".join(f"{k} {v[0]:.3f}" for k, v in result.metrics.items() if k in ("SSIM_avg", "Qabf", "VIF", "MI_bits"))
-            print(f"metrics ({shown}) -> {metrics_path}")
-        if preview_path:
-            print(f"preview -> {preview_path}")
+    as_2d = ext in PICTURE_ONLY or (anat.was_2d and ext in (".tif", ".tiff"))
+    write_fuse_outputs(out, paths, result, args, as_2d)
+    return result
+
+
+def _report_fuse(args, result, paths: dict) -> None:
+    if args.quiet:
+        return
+    print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {paths['output']}")
+    if "metrics" in paths:
+        shown = ", ".join(f"{k} {v[0]:.3f}" for k, v in result.metrics.items() if k in ("SSIM_avg", "Qabf", "VIF", "MI_bits"))
+        print(f"metrics ({shown}) -> {paths['metrics']}")
+    if "preview" in paths:
+        print(f"preview -> {paths['preview']}")
+
+
+def cmd_fuse(args) -> int:
+    from .outputs import OutputSet  # noqa: PLC0415
+    from .sources import check_input_path, read_source  # noqa: PLC0415
+
+    check_fuse_arguments(args)
+    for label, path in fuse_inputs(args).items():
+        check_input_path(path, label)
+    with OutputSet(fuse_inputs(args)) as out:
+        args.output_set = out
+        paths = claim_outputs(out, args)
+        anat = read_source(args.anatomical, "anatomical")
+        func = read_source(args.functional, "functional")
+        result = run_fuse(args, anat, func, out, paths)
+        out.commit()
+    _report_fuse(args, result, paths)
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the other commands
 
 
 def cmd_methods(args) -> int:
@@ -96,16 +320,26 @@ def cmd_methods(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .device import pick_device  # noqa: PLC0415
     from .evaluate import evaluate  # noqa: PLC0415
 
+    pick_device(args.device)
     evaluate(args.dataset, args.split, args.methods, args.output, pairs=args.pairs, device=args.device,
-             limit=args.limit, quiet=args.quiet, montage_sources=not args.montage_without_sources)
+             limit=args.limit, quiet=args.quiet,
+             montage_sources=not args.montage_without_sources, run=args)
     return 0
 
 
 def cmd_train(args) -> int:
-    from .training import train  # noqa: PLC0415
+    from .device import pick_device  # noqa: PLC0415
+    from .training import train, trainable_methods  # noqa: PLC0415
+    from .training.data import read_split  # noqa: PLC0415
 
+    if args.method not in trainable_methods():
+        raise FusionError(f"no trainer for '{args.method}': choose one of {', '.join(trainable_methods())}")
+    pick_device(args.device)
+    read_split(args.data, "train")                  # the data is there and readable before any work
+    args.interrupt_note = "no weights were written; the run's checkpoint lets 'medicalfusion train' resume"
     entry = train(args.method, args.data, out_dir=args.out, minutes=args.minutes, resume=not args.no_resume,
                   seed=args.seed, device=args.device)
     print(f"trained {args.method}: {entry.get('file', '')} sha256 {str(entry.get('sha256', ''))[:12]}...")
@@ -113,46 +347,71 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .sample import write_sample  # noqa: PLC0415
+    from .outputs import OutputSet  # noqa: PLC0415
+    from .sample import add_sample  # noqa: PLC0415
 
-    out = pathlib.Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    anat, func = write_sample(out / "sample")
-    print(f"sample: {anat} (MNI152 T1, 1 mm) and {func} (simulated FDG-PET, 4 mm, oblique)")
     fuse_args = build_parser().parse_args([
-        "fuse", "--anatomical", str(anat), "--functional", str(func), "--method", args.method,
-        "-o", str(out / "fused.nrrd"), "--metrics", str(out / "metrics.csv"), "--preview", str(out / "preview.png"),
-        "--device", args.device] + (["--quiet"] if args.quiet else []))
-    fuse_args.threads = args.threads
-    return cmd_fuse(fuse_args)
+        "fuse", "--anatomical", "-", "--functional", "-", "--method", args.method, "-o", "fused.nrrd",
+        "--metrics", "metrics.csv", "--preview", "preview.png", "--device", args.device]
+        + (["--quiet"] if args.quiet else []))
+    check_fuse_arguments(fuse_args)
+    with OutputSet() as out:
+        args.output_set = out
+        folder = out.folder(args.output, "demo --output folder")
+        for dest, name in (("output", "fused.nrrd"), ("metrics", "metrics.csv"), ("preview", "preview.png")):
+            setattr(fuse_args, dest, str(folder / name))
+        paths = claim_outputs(out, fuse_args)
+        anat, func = add_sample(out, folder / "sample")
+        if not args.quiet:
+            print(f"sample: {anat.path} (MNI152 T1, 1 mm) and {func.path} (simulated FDG-PET, 4 mm, oblique)")
+        result = run_fuse(fuse_args, anat, func, out, paths)
+        out.commit()
+    _report_fuse(fuse_args, result, paths)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the parser
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch, 1 to this machine's CPU count "
+                   "(default: torch's choice; 1 is often faster on a machine busy with other work)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES  # noqa: PLC0415
 
-    p = argparse.ArgumentParser(prog="medicalfusion", description="Multimodal medical image fusion (MRI/CT + PET/SPECT).")
+    devices = DEVICE_CHOICES + ("gpu",)
+    p = _Parser(prog="medicalfusion", description="Multimodal medical image fusion (MRI/CT + PET/SPECT).")
     p.add_argument("--version", action="version", version=f"medicalfusion {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fuse", help="fuse a registered anatomical + functional pair")
     f.add_argument("--anatomical", "-a", required=True, help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
-    f.add_argument("--functional", "-f", required=True, help="PET/SPECT values (scalar) or pseudo-colour RGB")
+    f.add_argument("--functional", "-f", required=True, help="PET/SPECT values (scalar) or pseudo-colour RGB "
+                   "(8-bit, or floats in 0..1)")
     f.add_argument("--method", "-m", default="lp", help="fusion method (see 'medicalfusion methods'); default lp")
     f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
                    "Rainbow, Grey, ...); default PET-Heat; use Grey for CT (grayscale fusion)")
-    f.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="anatomical window (default: auto)")
-    f.add_argument("--functional-window", nargs=2, type=float, metavar=("LO", "HI"),
-                   help="functional window for the colour map (default: minimum .. 99.9th percentile)")
-    f.add_argument("--axis", default="axial", help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
-    f.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",), help="torch device; default auto")
-    f.add_argument("--batch-size", type=int, help="slices per batch (default: sized to the device memory)")
-    f.add_argument("--output", "-o", required=True, help="fused RGB output (.nrrd, .nii.gz, .mha; .png for 2D)")
+    f.add_argument("--window", nargs=2, type=finite_float, metavar=("LO", "HI"),
+                   help="anatomical window (default: 0.5-99.5th percentile of the non-background voxels; "
+                   "0..255 for an 8-bit PNG/JPG/BMP picture)")
+    f.add_argument("--functional-window", nargs=2, type=finite_float, metavar=("LO", "HI"),
+                   help="functional window for the colour map (default: minimum .. 99.9th percentile of the "
+                   "non-background voxels, whatever the voxel type; 0..255 for an 8-bit PNG/JPG/BMP picture)")
+    f.add_argument("--axis", default="axial", type=axis_name,
+                   help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
+    f.add_argument("--device", default="auto", choices=devices, help="torch device; default auto")
+    f.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE),
+                   help=f"slices per batch, 1 to {MAX_BATCH_SIZE} (default: sized to the device memory)")
+    f.add_argument("--output", "-o", required=True, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
+                   ".png/.jpg for a 2D pair)")
     f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
-    f.add_argument("--preview", help="write a PNG: anatomical | functional | fused")
+    f.add_argument("--preview", help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
-    f.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
-                   "often faster on a machine busy with other work)")
+    _add_threads(f)
     f.set_defaults(func=cmd_fuse)
 
     m = sub.add_parser("methods", help="list the fusion methods")
@@ -163,70 +422,105 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True, help="the aanlib folder (with split.csv)")
     e.add_argument("--split", default="test", choices=("train", "test"))
     e.add_argument("--methods", nargs="+", help="methods to evaluate (default: every available method)")
-    e.add_argument("--pairs", nargs="+", default=None, help="CT-MRI PET-MRI SPECT-MRI (default: all)")
+    e.add_argument("--pairs", nargs="+", default=None, choices=("CT-MRI", "PET-MRI", "SPECT-MRI"),
+                   help="CT-MRI PET-MRI SPECT-MRI (default: all)")
     e.add_argument("--output", default="out/evaluation", help="folder for the CSV, markdown and montage files")
-    e.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
-    e.add_argument("--limit", type=int, help="at most this many pairs per modality (quick runs)")
+    e.add_argument("--device", default="auto", choices=devices)
+    e.add_argument("--limit", type=positive_int, help="at most this many pairs per modality, 1 or more (quick runs)")
     e.add_argument("--montage-without-sources", action="store_true",
                    help="montage of fused results only (for figures that must not reproduce the dataset)")
     e.add_argument("--quiet", "-q", action="store_true")
-    e.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
-                   "often faster on a machine busy with other work)")
+    _add_threads(e)
     e.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train", help="train a fusion network on the aanlib train split (CPU is fine)")
     t.add_argument("--method", required=True, help="network to train (mrdfn, lywnet, dmfnet)")
     t.add_argument("--data", required=True, help="the aanlib folder (with split.csv)")
-    t.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
+    t.add_argument("--minutes", type=positive_float, default=60.0, help="wall-time budget (more than 0)")
     t.add_argument("--out", help="folder for the run's checkpoints and loss log (default: runs/<method>); "
                    "the weights and manifest entry go to weights/")
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming the checkpoint")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
-    t.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
-                   "often faster on a machine busy with other work)")
+    t.add_argument("--seed", type=int_range(0, 2 ** 32 - 1), default=0)
+    t.add_argument("--device", default="auto", choices=devices)
+    _add_threads(t)
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="fuse the embedded sample (MNI152 T1 + simulated PET)")
     d.add_argument("--output", default="out/demo", help="folder for sample, fused volume, preview and metrics")
     d.add_argument("--method", default="lp")
-    d.add_argument("--device", default="auto", choices=DEVICE_CHOICES + ("gpu",))
+    d.add_argument("--device", default="auto", choices=devices)
     d.add_argument("--quiet", "-q", action="store_true")
-    d.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
-                   "often faster on a machine busy with other work)")
+    _add_threads(d)
     d.set_defaults(func=cmd_demo)
     return p
 
 
+# --------------------------------------------------------------------------------------------------
+# main
+
+
+def _interrupted(args, exc: KeyboardInterrupt) -> int:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    out = getattr(args, "output_set", None)
+    if out is not None and out.committed:
+        done = ", ".join(str(p) for p in out.written)
+        print(f"medicalfusion: {what} after every output was written ({done})", file=sys.stderr)
+    else:
+        note = getattr(args, "interrupt_note", None) or "nothing was written"
+        print(f"medicalfusion: {what}; {note}", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import SimpleITK as sitk  # noqa: PLC0415
+
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:          # --help, --version, or a one-line argparse error
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    notes = _NoteHandler()
+    package_log = logging.getLogger("MedicalFusionLib")
+    package_log.addHandler(notes)
+    previous = {}
+    try:
+        previous = _install_signal_handlers()
         if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise FusionError("--threads takes a whole number of 1 or more")
             import torch  # noqa: PLC0415
 
             torch.set_num_threads(args.threads)
-        return args.func(args)
+        rc = args.func(args)
+        notes.show()
+        return rc
     except FusionError as exc:
         print(f"medicalfusion: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FusionCancelled:
         print("medicalfusion: cancelled; nothing was written", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("medicalfusion: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        for sig in previous:                     # a second Ctrl-C must not cut the message short
+            signal.signal(sig, signal.SIG_IGN)
+        return _interrupted(args, exc)
     except MemoryError:
-        print("medicalfusion: error: out of memory: use --batch-size 1 or --device cpu", file=sys.stderr)
+        print("medicalfusion: error: out of memory: use --batch-size 1 or --device cpu; nothing was written",
+              file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug of ours: one line unless --debug
         if args.debug:
             raise
-        print(f"medicalfusion: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)",
+        detail = " ".join(str(exc).split())[:300]
+        print(f"medicalfusion: internal error: {type(exc).__name__}: {detail} (rerun with --debug and report it)",
               file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        package_log.removeHandler(notes)
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
 
 
 if __name__ == "__main__":

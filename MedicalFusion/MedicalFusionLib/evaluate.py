@@ -6,13 +6,15 @@ functional's Cb/Cr to RGB uint8 (grayscale for CT); then every image is read as 
 (BT.601 luma) and the metrics of :mod:`.metrics` are computed per pair and averaged over the
 pairs. Written per modality pair into the output folder: ``<pair>.csv`` (one row per method and
 metric: mean, std, seconds per pair), ``<pair>.md`` (a table of mean ± std like the papers'),
-``<pair>_montage.png`` (a few cases: MRI, functional, then each method), and ``summary.md``.
+``<pair>_montage.png`` (a few cases: MRI, functional, then each method), and ``summary.md`` -- all
+of them together at the end of a successful run, or none.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import pathlib
+import io
+import sys
 import time
 
 import numpy as np
@@ -25,7 +27,7 @@ from .errors import FusionError
 from .methods import all_methods, get_method
 from .metrics import METRICS, slice_metrics
 from .pipeline import recombine
-from .training.data import PAIRS, read_png, read_split
+from .training.data import PAIRS, dataset_root, read_png, read_split
 
 TABLE_KEYS = ("EN", "SD", "SF", "AG", "MI_nats", "FMI_pixel", "SCD", "VIF", "Qabf", "SSIM_avg", "SSIM_sum", "PSNR",
               "CC", "ARI")
@@ -68,26 +70,28 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def write_tables(out: pathlib.Path, pair: str, rows: dict, seconds: dict, n: int) -> None:
-    with open(out / f"{pair}.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "metric", "mean", "std", "pairs", "seconds_per_pair"])
-        for name, per_key in rows.items():
-            for key in [m.key for m in METRICS]:
-                vals = per_key[key]
-                w.writerow([name, key, f"{np.mean(vals):.6f}", f"{np.std(vals):.6f}", n, f"{seconds[name]:.5f}"])
+def table_texts(pair: str, rows: dict, seconds: dict, n: int) -> tuple[str, str]:
+    """(``<pair>.csv``, ``<pair>.md``): per method and metric mean, std, pairs, seconds per pair."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["method", "metric", "mean", "std", "pairs", "seconds_per_pair"])
+    for name, per_key in rows.items():
+        for key in [m.key for m in METRICS]:
+            vals = per_key[key]
+            w.writerow([name, key, f"{np.mean(vals):.6f}", f"{np.std(vals):.6f}", n, f"{seconds[name]:.5f}"])
     lines = [f"### {pair} ({n} test pairs)", "",
              "| method | " + " | ".join(TABLE_KEYS) + " | s/pair |",
              "|---|" + "---|" * (len(TABLE_KEYS) + 1)]
     for name, per_key in rows.items():
         cells = [_fmt(float(np.mean(per_key[k])), float(np.std(per_key[k]))) for k in TABLE_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds[name]:.4f} |")
-    (out / f"{pair}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return buf.getvalue(), "\n".join(lines) + "\n"
 
 
-def write_montage(out: pathlib.Path, pair: str, data: dict, fused: dict, with_sources: bool = True) -> None:
-    """A few cases (rows) by method (columns); the two sources first unless ``with_sources`` is
-    False (figures for the repository show only our outputs, never the dataset's images)."""
+def montage(data: dict, fused: dict, with_sources: bool = True) -> tuple[np.ndarray, str]:
+    """A few cases (rows) by method (columns) as uint8 RGB, and its caption; the two sources come
+    first unless ``with_sources`` is False (figures for the repository show only our outputs, never
+    the dataset's images)."""
     n = len(data["names"])
     picks = np.linspace(0, n - 1, min(MONTAGE_CASES, n)).round().astype(int)
     rows = []
@@ -95,61 +99,82 @@ def write_montage(out: pathlib.Path, pair: str, data: dict, fused: dict, with_so
         tiles = [np.repeat(colour.to_uint8(data["mri"][i])[..., None], 3, -1), data["func_rgb8"][i]] if with_sources else []
         tiles += [fused[name][i] for name in fused]
         rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1))
-    sitk.WriteImage(sitk.GetImageFromArray(np.concatenate(rows, axis=0), isVector=True),
-                    str(out / f"{pair}_montage.png"))
-    (out / f"{pair}_montage.txt").write_text(
-        "columns: " + ("MRI, functional, " if with_sources else "") + ", ".join(fused) + "\nrows: " + ", ".join(data["names"][i] for i in picks) + "\n", encoding="utf-8")
+    caption = ("columns: " + ("MRI, functional, " if with_sources else "") + ", ".join(fused) + "\nrows: "
+               + ", ".join(data["names"][i] for i in picks) + "\n")
+    return np.concatenate(rows, axis=0), caption
 
 
 def evaluate(dataset, split: str = "test", methods: list[str] | None = None, output="out/evaluation",
              pairs: list[str] | None = None, device: str = "auto", limit: int | None = None,
-             quiet: bool = False, montage_sources: bool = True) -> dict:
+             quiet: bool = False, montage_sources: bool = True, run=None) -> dict:
     """Evaluate ``methods`` (default: every available one) and write the tables; returns
-    ``{pair: {method: {metric: [values per pair]}}}``."""
+    ``{pair: {method: {metric: [values per pair]}}}``.
+
+    Every file goes through one :class:`~MedicalFusionLib.outputs.OutputSet`: the tables, montages
+    and summary appear together when every pair was evaluated, or not at all (an unreadable PNG or
+    an interrupt leaves the output folder as it was). ``run``, when given, gets the set as
+    ``run.output_set`` (the CLI uses it to report an interrupt truthfully)."""
     from tqdm import tqdm  # noqa: PLC0415
 
+    from .outputs import OutputSet, picture  # noqa: PLC0415
+
+    bars = not quiet and sys.stderr.isatty()      # never bar fragments in a log
     pairs = pairs or list(PAIRS)
     for p in pairs:
         if p not in PAIRS:
             raise FusionError(f"unknown modality pair '{p}': choose from {', '.join(PAIRS)}")
+    if limit is not None and (int(limit) != limit or limit < 1):
+        raise FusionError(f"--limit {limit}: give a whole number of pairs, 1 or more")
     chosen = [get_method(m) for m in methods] if methods else [m for m in all_methods() if m.available()[0]]
     for m in chosen:
         ok, reason = m.available()
         if not ok:
             raise FusionError(reason)
     dev = pick_device(device)
-    out = pathlib.Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    by_pair = {pair: read_split(dataset, split, pairs=(pair,)) for pair in pairs}
+    by_pair = {pair: (recs[:limit] if limit else recs) for pair, recs in by_pair.items() if recs}
+    if not by_pair:
+        raise FusionError(f"no {split} pairs of {', '.join(pairs)} in {dataset_root(dataset) / 'split.csv'}: "
+                          "check --dataset, --split and --pairs")
     results: dict = {}
     summary = [f"# Evaluation on the aanlib {split} split", "",
                "Protocol: fused luma + functional Cb/Cr -> RGB uint8 -> BT.601 8-bit grayscale; A = MRI, "
                "B = CT/PET/SPECT. SSIM_sum = SSIM(F,A)+SSIM(F,B) (reference evaluator), SSIM_avg = half of it; "
                f"MI in nats (sum over A and B); mean ± std over pairs; device {dev}.", ""]
-    for pair in pairs:
-        records = read_split(dataset, split, pairs=(pair,))
-        if limit:
-            records = records[:limit]
-        if not records:
-            continue
-        data = load_modality(records)
-        rows, seconds, fused_all = {}, {}, {}
-        for m in chosen:
-            fused, seconds[m.name] = fuse_modality(data, m, dev)
-            fused_all[m.name] = fused
-            f8 = colour.gray8(fused)
-            per_key: dict = {info.key: [] for info in METRICS}
-            it = range(len(records))
-            if not quiet:
-                it = tqdm(it, desc=f"{pair} {m.name}", unit="pair", leave=False)
-            for i in it:
-                for k, v in slice_metrics(data["a8"][i], data["b8"][i], f8[i]).items():
-                    per_key[k].append(v)
-            rows[m.name] = per_key
-        write_tables(out, pair, rows, seconds, len(records))
-        write_montage(out, pair, data, fused_all, with_sources=montage_sources)
-        summary += [(out / f"{pair}.md").read_text(encoding="utf-8"), f"![{pair}]({pair}_montage.png)", ""]
-        results[pair] = rows
-        if not quiet:
-            print(f"{pair}: {len(records)} pairs, {len(chosen)} methods -> {out / (pair + '.md')}")
-    (out / "summary.md").write_text("\n".join(summary) + "\n", encoding="utf-8")
+    with OutputSet() as out:
+        if run is not None:
+            run.output_set = out
+        out.protect(dataset_root(dataset), "dataset folder")
+        for folder in sorted({r.mri.parent for rs in by_pair.values() for r in rs}
+                             | {r.image.parent for rs in by_pair.values() for r in rs}):
+            out.protect(folder, "dataset folder")
+        folder = out.folder(output, "evaluate --output folder")
+        for pair, records in by_pair.items():
+            data = load_modality(records)
+            rows, seconds, fused_all = {}, {}, {}
+            for m in chosen:
+                fused, seconds[m.name] = fuse_modality(data, m, dev)
+                fused_all[m.name] = fused
+                f8 = colour.gray8(fused)
+                per_key: dict = {info.key: [] for info in METRICS}
+                it = range(len(records))
+                if bars:
+                    it = tqdm(it, desc=f"{pair} {m.name}", unit="pair", leave=False)
+                for i in it:
+                    for k, v in slice_metrics(data["a8"][i], data["b8"][i], f8[i]).items():
+                        per_key[k].append(v)
+                rows[m.name] = per_key
+            csv_text, md_text = table_texts(pair, rows, seconds, len(records))
+            image, caption = montage(data, fused_all, with_sources=montage_sources)
+            out.add_text(folder / f"{pair}.csv", csv_text, f"table {pair}.csv")
+            out.add_text(folder / f"{pair}.md", md_text, f"table {pair}.md")
+            out.add_image(folder / f"{pair}_montage.png", picture(image), f"montage {pair}_montage.png")
+            out.add_text(folder / f"{pair}_montage.txt", caption, f"caption {pair}_montage.txt")
+            summary += [md_text, f"![{pair}]({pair}_montage.png)", ""]
+            results[pair] = rows
+        out.add_text(folder / "summary.md", "\n".join(summary) + "\n", "summary.md")
+        out.commit()
+    if not quiet:
+        for pair, records in by_pair.items():
+            print(f"{pair}: {len(records)} pairs, {len(chosen)} methods -> {folder / (pair + '.md')}")
     return results

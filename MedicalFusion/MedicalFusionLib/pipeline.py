@@ -26,7 +26,7 @@ from .engine import CancelFn, ProgressFn, fuse_volume
 from .errors import FusionError
 from .methods import get_method
 from .progress import Progress
-from .sources import as_3d, rgb_is_gray
+from .sources import as_3d, check_same_dimension, check_slice_size, rgb_is_gray
 
 AXES = ("axial", "coronal", "sagittal")
 Tick = Callable[[float], None]
@@ -128,34 +128,30 @@ def array_axis(reference: sitk.Image, axis: str | int) -> int:
     return 2 - index_axis
 
 
-def _is_display_ready_uint8(image: sitk.Image) -> bool:
-    return image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
-
-
 def anatomical_unit(image: sitk.Image, window: tuple[float, float] | None,
                     tick: Tick | None = None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Anatomical to [0, 1]: by ``window``; else 8-bit images as they are (0..255), else the
-    0.5-99.5 % percentiles of the non-background voxels (robust auto window). ``tick(fraction)``
+    """Anatomical to [0, 1]: by ``window``; else an RGB image's luma as it is (0..255), else the
+    0.5-99.5 % percentiles of the non-background voxels (robust auto window), whatever the voxel
+    type (the CLI passes 0..255 for display-ready 8-bit PNG/JPG pictures). ``tick(fraction)``
     between slabs."""
     if image.GetNumberOfComponentsPerPixel() == 3:   # an RGB anatomical: use its luma
         arr = by_slabs(lambda x: colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0)[..., 0] * 255.0,
                        sitk.GetArrayViewFromImage(image), tick)
-        image_is_8bit = True
+        rgb = True
     else:
         arr = sitk.GetArrayViewFromImage(image)
-        image_is_8bit = _is_display_ready_uint8(image)
+        rgb = False
     if window is None:
-        window = (0.0, 255.0) if image_is_8bit else colour.robust_window(arr)
+        window = (0.0, 255.0) if rgb else colour.robust_window(arr)
     lo, hi = float(window[0]), float(window[1])
     return by_slabs(lambda x: colour.window_to_unit(x, lo, hi), arr, tick), (lo, hi)
 
 
 def functional_window_default(image: sitk.Image) -> tuple[float, float]:
-    """Default window of a scalar functional: 0..255 for 8-bit images, else its minimum to the
-    99.9th percentile of the non-background voxels (PET/SPECT background is the minimum; the
-    high percentile keeps hot spots such as lesions from saturating the colour map)."""
-    if _is_display_ready_uint8(image):
-        return 0.0, 255.0
+    """Default window of a scalar functional, whatever its voxel type: its minimum to the 99.9th
+    percentile of the non-background voxels (PET/SPECT background is the minimum; the high
+    percentile keeps hot spots such as lesions from saturating the colour map). The CLI passes
+    0..255 for display-ready 8-bit PNG/JPG pictures."""
     arr = sitk.GetArrayViewFromImage(image)
     _, hi = colour.robust_window(arr, 0.0, 99.9)
     return float(arr.min()), hi
@@ -200,8 +196,9 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
     coloured; its default window comes from its own voxels, not the resampled ones. With a
     ``tracker`` (in its 'prepare' phase) the volume-wide steps report between slabs.
     """
-    anatomical, _ = as_3d(anatomical, "anatomical")
-    functional, _ = as_3d(functional, "functional")
+    anatomical, anatomical_2d = as_3d(anatomical, "anatomical")
+    functional, functional_2d = as_3d(functional, "functional")
+    check_same_dimension(anatomical_2d, functional_2d)
     if rgb_is_gray(anatomical):
         anatomical = sitk.VectorIndexSelectionCast(anatomical, 0)
     a01, awin = anatomical_unit(anatomical, options.anatomical_window, _span(tracker, 0.0, 0.2))
@@ -274,8 +271,11 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
             result = fuse_prepared(prepared, options, tracker=own)
             own.finish()
         return result
+    if options.batch_size is not None and (int(options.batch_size) != options.batch_size or options.batch_size < 1):
+        raise FusionError(f"batch size {options.batch_size} is not a whole number of 1 or more")
     device = pick_device(options.device)
     axis = array_axis(prepared.reference, options.axis)
+    check_slice_size(prepared.reference, axis, str(options.axis) if not str(options.axis).isdigit() else "")
 
     tracker.phase("fuse")
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ Nothing here is copied from elsewhere: the data is generated at run time from in
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import pathlib
 
@@ -18,16 +19,26 @@ import numpy as np
 import SimpleITK as sitk
 
 
+_TEMPLATE_FILES = [f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")]
+
+
+def template_folder() -> pathlib.Path | None:
+    """Where the installed nilearn package keeps the MNI152 template files, or None.
+
+    Found without importing nilearn (its import pulls in scikit-learn, pandas...; only the files are used).
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = pathlib.Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return data if all((data / n).is_file() for n in _TEMPLATE_FILES) else None
+
+
 def _nilearn_templates() -> tuple[sitk.Image, sitk.Image, sitk.Image] | None:
-    try:
-        import nilearn  # noqa: PLC0415
-    except ImportError:
+    data = template_folder()
+    if data is None:
         return None
-    data = pathlib.Path(nilearn.__file__).parent / "datasets" / "data"
-    names = [f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")]
-    if not all((data / n).is_file() for n in names):
-        return None
-    return tuple(sitk.ReadImage(str(data / n)) for n in names)  # type: ignore[return-value]
+    return tuple(sitk.ReadImage(str(data / n)) for n in _TEMPLATE_FILES)  # type: ignore[return-value]
 
 
 def phantom_head(size: tuple[int, int, int] = (128, 128, 96), spacing: float = 1.5) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
@@ -98,13 +109,54 @@ def sample_pair(seed: int = 0) -> tuple[sitk.Image, sitk.Image]:
     return t1, simulate_pet(gm, wm, seed=seed)
 
 
+SAMPLE_FILES = ("anatomical_t1.nrrd", "functional_pet.nrrd")
+
+
+def _add_sample_files(out, folder: pathlib.Path, seed: int) -> tuple[sitk.Image, sitk.Image]:
+    """Make the pair in memory and add its two NRRD files to the OutputSet ``out``."""
+    out.folder(folder, "sample folder")
+    t1, p = sample_pair(seed)
+    out.add_image(folder / SAMPLE_FILES[0], t1, "sample anatomical")
+    out.add_image(folder / SAMPLE_FILES[1], p, "sample functional")
+    return t1, p
+
+
 def write_sample(folder: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write the sample pair as NRRD files in ``folder`` (made if needed); returns their paths."""
+    """Write the sample pair as NRRD files in ``folder`` (made if needed) and return their paths.
+
+    A cache that is reused: when both files are there they are kept; otherwise both are written
+    together, all or nothing (:class:`~MedicalFusionLib.outputs.OutputSet`)."""
+    from .outputs import OutputSet  # noqa: PLC0415
+
     folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    anat, pet = folder / "anatomical_t1.nrrd", folder / "functional_pet.nrrd"
+    anat, pet = (folder / n for n in SAMPLE_FILES)
     if not (anat.is_file() and pet.is_file()):
-        t1, p = sample_pair(seed)
-        sitk.WriteImage(t1, str(anat), useCompression=True)
-        sitk.WriteImage(p, str(pet), useCompression=True)
+        with OutputSet() as out:
+            _add_sample_files(out, folder, seed)
+            out.commit()
     return anat, pet
+
+
+def add_sample(out, folder: str | pathlib.Path, seed: int = 0):
+    """The sample pair as :class:`~MedicalFusionLib.sources.Source` objects for a demo run.
+
+    When ``folder`` already holds both NRRD files (an earlier demo) and they read cleanly, they are
+    used as they are; otherwise the pair is made in memory and its two files are added to the run's
+    :class:`~MedicalFusionLib.outputs.OutputSet` ``out``, so they appear only if the whole demo
+    succeeds (``folder`` is made, and removed again on failure, by ``out``)."""
+    from .errors import FusionError  # noqa: PLC0415
+    from .sources import Source, read_source  # noqa: PLC0415
+
+    folder = pathlib.Path(folder)
+    anat, pet = (folder / n for n in SAMPLE_FILES)
+    if anat.is_file() and pet.is_file():
+        try:
+            sources = read_source(anat, "demo sample anatomical"), read_source(pet, "demo sample functional")
+        except FusionError:
+            sources = None           # damaged by something else: made again below
+        if sources is not None:
+            out.protect(anat, "demo sample anatomical")
+            out.protect(pet, "demo sample functional")
+            return sources
+    t1, p = _add_sample_files(out, folder, seed)
+    return Source(t1, path=str(anat)), Source(p, path=str(pet))

@@ -14,11 +14,14 @@ What :func:`fuse_nodes` does, node to node:
    space to the functional's (linear: an affine; non-linear: a displacement field sampled on the
    anatomical grid). Neither node is hardened or otherwise touched;
 4. runs :func:`MedicalFusionLib.pipeline.fuse_images` with progress and cancel callbacks;
-5. only after it succeeded, writes a ``vtkMRMLVectorVolumeNode`` (RGB uint8, the anatomical's exact
-   IJKToRAS, under the anatomical's parent transform) and a ``vtkMRMLTableNode`` of metrics.
+5. only after it succeeded, builds every output off the scene (the voxels' vtkImageData, the
+   metrics' vtkTable) and then writes them together: a ``vtkMRMLVectorVolumeNode`` (RGB uint8, the
+   anatomical's exact IJKToRAS, under the anatomical's parent transform) and a ``vtkMRMLTableNode``.
 
 Cancel (:class:`FusionCancelled`) or an error (:class:`FusionError`) therefore leaves the scene as
-it was: no node is created and output nodes passed in are not modified.
+it was: no node is created and output nodes passed in are not modified. All or nothing holds for
+the writing step too: if putting any output in place fails, the nodes it created are removed and
+the output nodes passed in get back their data, geometry, attributes and display nodes.
 
 Colour of a scalar functional: ``FusionOptions.colormap`` when given; otherwise the colour node its
 display node uses. A colour node of the shipped list (PET-Heat, Rainbow, Grey, ...) is passed to the
@@ -355,20 +358,36 @@ def _set_attributes(node, info: dict) -> None:
         node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
 
 
-def write_volume(node, anatomical, rgb: np.ndarray) -> None:
-    """Fill a vector volume node with RGB uint8 voxels on the anatomical's exact grid."""
-    slicer, vtk = _slicer(), _vtk()
+def volume_image_data(rgb: np.ndarray):
+    """RGB uint8 voxels [K, J, I, 3] as a new vtkImageData (built off the scene)."""
+    vtk = _vtk()
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    image = vtk.vtkImageData()
+    image.SetDimensions(rgb.shape[2], rgb.shape[1], rgb.shape[0])
+    scalars = numpy_support.numpy_to_vtk(rgb.reshape(-1, rgb.shape[-1]), deep=True,
+                                         array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def write_volume(node, anatomical, rgb) -> None:
+    """Fill a vector volume node with RGB uint8 voxels (an array, or a vtkImageData from
+    :func:`volume_image_data`) on the anatomical's exact grid."""
+    vtk = _vtk()
+    image = rgb if isinstance(rgb, vtk.vtkImageData) else volume_image_data(rgb)
     m = vtk.vtkMatrix4x4()
     anatomical.GetIJKToRASMatrix(m)
     node.SetIJKToRASMatrix(m)
     node.SetAndObserveTransformNodeID(anatomical.GetTransformNodeID())
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(rgb, dtype=np.uint8))
+    node.SetAndObserveImageData(image)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
 
 
-def write_table(node, rows: list[dict]) -> None:
-    """Replace a table node's content with one row per metric: metric, mean, std, slices, description."""
+def metrics_vtk_table(rows: list[dict]):
+    """The metrics as a new vtkTable (built off the scene): metric, mean, std, slices, description."""
     vtk = _vtk()
     table = vtk.vtkTable()
     columns = {
@@ -386,10 +405,77 @@ def write_table(node, rows: list[dict]) -> None:
         columns["description"].SetValue(r, str(row["description"]))
     for array in columns.values():
         table.AddColumn(array)
+    return table
+
+
+def write_table(node, rows) -> None:
+    """Replace a table node's content with one row per metric (rows, or a table from
+    :func:`metrics_vtk_table`)."""
+    vtk = _vtk()
+    table = rows if isinstance(rows, vtk.vtkTable) else metrics_vtk_table(rows)
     node.SetAndObserveTable(table)
     node.SetColumnDescription("mean", "Mean over the non-empty slices")
     node.SetColumnDescription("std", "Population standard deviation over the non-empty slices")
     node.SetColumnDescription("slices", "Number of non-empty slices the metric was averaged over")
+
+
+def _display_ids(node) -> list:
+    if not hasattr(node, "GetNumberOfDisplayNodes"):
+        return []
+    return [node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes())]
+
+
+def _remove_with_display_nodes(scene, node_id: str) -> None:
+    node = scene.GetNodeByID(node_id)
+    if node is None:
+        return
+    display_ids = _display_ids(node)
+    scene.RemoveNode(node)
+    for display_id in display_ids:
+        display = scene.GetNodeByID(display_id) if display_id else None
+        if display is not None:
+            scene.RemoveNode(display)
+
+
+class _NodeState:
+    """What writing may change on an output node the user gave, to put it back if a later output
+    fails: its data object (image or table; replaced, never modified), geometry, parent transform,
+    schema, attributes and display nodes."""
+
+    def __init__(self, node):
+        vtk = _vtk()
+        self.node = node
+        self.attributes = {n: node.GetAttribute(n) for n in (node.GetAttributeNames() or ())}
+        self.display_ids = _display_ids(node)
+        self.data = node.GetImageData() if hasattr(node, "GetImageData") else node.GetTable()
+        self.matrix = None
+        if hasattr(node, "GetIJKToRASMatrix"):
+            self.matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(self.matrix)
+            self.transform_id = node.GetTransformNodeID()
+        self.schema = None
+        if hasattr(node, "GetSchema") and node.GetSchema() is not None:
+            self.schema = vtk.vtkTable()
+            self.schema.DeepCopy(node.GetSchema())
+
+    def restore(self, scene) -> None:
+        node = self.node
+        if self.matrix is not None:
+            node.SetIJKToRASMatrix(self.matrix)
+            node.SetAndObserveTransformNodeID(self.transform_id)
+            node.SetAndObserveImageData(self.data)
+        else:
+            node.SetAndObserveTable(self.data)
+            if self.schema is not None:
+                node.SetAndObserveSchema(self.schema)
+        for name in node.GetAttributeNames() or ():
+            if name not in self.attributes:
+                node.RemoveAttribute(name)
+        for name, value in self.attributes.items():
+            node.SetAttribute(name, value)
+        for display_id in _display_ids(node):
+            if display_id not in self.display_ids:
+                _remove_with_display_nodes(scene, display_id)
 
 
 def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, output_table=None,
@@ -440,9 +526,9 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
     pipeline_progress, pipeline_cancel = tracker.callbacks()
     result = fuse_images(a_img, f_img, opts, progress=pipeline_progress, cancel=pipeline_cancel, transform=transform)
 
-    # Success: only now touch the scene (the last cancel check is here).
+    # Success. Every output is built off the scene first; only then are nodes created or changed,
+    # all together: if any of that fails, created nodes are removed and given nodes put back.
     tracker.phase("write")
-    tracker.commit()
     prepared = result.prepared
     info.update(method=result.method, device=result.device, seconds_engine=round(result.seconds, 3),
                 axis=opts.axis, version=__version__, grayscale=result.grayscale)
@@ -450,36 +536,36 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
         info["anatomical_window"] = prepared.anatomical_window
         info.setdefault("functional_window", prepared.functional_window)
         info.setdefault("colormap", prepared.colormap)
+    image_data = volume_image_data(result.rgb)
+    tracker.tick()
+    vtk_table = None
+    if opts.compute_metrics and result.metrics:
+        from .metrics import metrics_table_rows  # noqa: PLC0415
+
+        vtk_table = metrics_vtk_table(metrics_table_rows(result.metrics))
     created: list[str] = []
+    given = [_NodeState(n) for n in (output_volume, output_table if vtk_table is not None else None) if n is not None]
+    tracker.commit()      # the last cancel check: the scene is changed from here on
     try:
         volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
                                   f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
-        write_volume(volume, anatomical, result.rgb)
+        write_volume(volume, anatomical, image_data)
         tracker.advance(1, 2)
         table = None
-        if opts.compute_metrics and result.metrics:
-            from .metrics import metrics_table_rows  # noqa: PLC0415
-
+        if vtk_table is not None:
             table = _new_or_existing(scene, output_table, "vtkMRMLTableNode",
                                      f"Fusion metrics ({result.method})", created)
-            write_table(table, metrics_table_rows(result.metrics))
+            write_table(table, vtk_table)
         seconds = time.perf_counter() - t0
         info["seconds"] = round(seconds, 3)
         for node in (volume, table):
             if node is not None:
                 _set_attributes(node, info)
-    except Exception:
+    except BaseException:
         for node_id in created:   # leave the scene as it was (display nodes made for it too)
-            node = scene.GetNodeByID(node_id)
-            if node is None:
-                continue
-            display_ids = [node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes())] \
-                if hasattr(node, "GetNumberOfDisplayNodes") else []
-            scene.RemoveNode(node)
-            for display_id in display_ids:
-                display = scene.GetNodeByID(display_id) if display_id else None
-                if display is not None:
-                    scene.RemoveNode(display)
+            _remove_with_display_nodes(scene, node_id)
+        for state in given:
+            state.restore(scene)
         raise
     return SceneFusionResult(volume_node=volume, table_node=table, result=result, seconds=seconds,
                              created_node_ids=created, colormap=info.get("colormap"), info=info)
@@ -535,3 +621,37 @@ def add_phantom_pair(scene, shift_ras=(6.0, -4.0, 3.0)):
     transform.SetMatrixTransformToParent(m)
     functional.SetAndObserveTransformNodeID(transform.GetID())
     return anatomical, functional
+
+
+# --------------------------------------------------------------------------------------------------
+# subject hierarchy (the Data module's tree)
+
+
+def move_to_subject_hierarchy_item(scene, nodes, parent_item: int) -> None:
+    """Put ``nodes`` under the subject hierarchy item ``parent_item`` (a study, a folder, the scene).
+
+    A node without an item yet (the application's subject hierarchy plugins give data nodes one as
+    they are added; a bare scene does not) gets one there.
+    """
+    slicer = _slicer()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None or not parent_item:
+        return
+    for node in nodes:
+        if node is None:
+            continue
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.SetItemParent(item, parent_item)
+        else:
+            sh.CreateItem(parent_item, node)
+
+
+def place_beside(scene, nodes, reference) -> None:
+    """Put ``nodes`` in the subject hierarchy beside ``reference``: under the same parent (its study,
+    when it was loaded from DICOM or placed in one). Nothing happens when ``reference`` has no item."""
+    slicer = _slicer()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    reference_item = sh.GetItemByDataNode(reference) if (sh is not None and reference is not None) else 0
+    if reference_item:
+        move_to_subject_hierarchy_item(scene, nodes, sh.GetItemParent(reference_item))

@@ -347,9 +347,7 @@ def count_parameters(module: nn.Module) -> int:
 
 def load_model(device: torch.device | str = "cpu") -> DMFNet:
     """The trained network from ``weights/dmfnet.pt`` (checksum verified), in eval mode on ``device``."""
-    state, entry = _weights.load_state_dict(NAME)
-    model = DMFNet(entry.get("architecture", {}).get("config"))
-    model.load_state_dict(state)
+    model, _entry = _weights.build_network(NAME, lambda entry: DMFNet((entry.get("architecture") or {}).get("config")))
     return model.eval().to(device)
 
 

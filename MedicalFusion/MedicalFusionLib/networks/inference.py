@@ -59,10 +59,7 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
 
 def load_network(name: str, factory: Callable[..., nn.Module]) -> tuple[nn.Module, dict]:
     """Build ``factory(**manifest settings)`` and load the checksummed weights of ``name``."""
-    state, entry = _weights.load_state_dict(name)
-    model = factory(**entry.get("settings", {}))
-    model.load_state_dict(state)
-    return model, entry
+    return _weights.build_network(name, lambda entry: factory(**(entry.get("settings") or {})))
 
 
 def register_network(name: str, factory: Callable[..., nn.Module], description: str, reference: str,

@@ -42,26 +42,53 @@ class PairRecord:
         return self.mri.stem
 
 
+def dataset_root(root) -> pathlib.Path:
+    """The aanlib folder: ``root`` itself or ``root/aanlib`` when that holds split.csv."""
+    root = pathlib.Path(root)
+    return root / "aanlib" if (root / "aanlib" / "split.csv").is_file() else root
+
+
+SPLIT_COLUMNS = ("pair", "modality", "mri", "image", "case", "split")
+
+
 def read_split(root: pathlib.Path, split: str | None = None, pairs: tuple[str, ...] = PAIRS) -> list[PairRecord]:
     """Records of ``aanlib/split.csv`` under ``root`` (the aanlib folder or its parent)."""
-    root = pathlib.Path(root)
-    if (root / "aanlib" / "split.csv").is_file():
-        root = root / "aanlib"
+    root = dataset_root(root)
     csv_path = root / "split.csv"
     if not csv_path.is_file():
         raise FusionError(f"{csv_path} not found: pass the aanlib folder (with split.csv) as --data/--dataset")
     out = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if (split is None or row["split"] == split) and row["pair"] in pairs:
-                out.append(PairRecord(row["pair"], row["modality"], root / row["mri"], root / row["image"],
-                                      row["case"], row["split"]))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in SPLIT_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise FusionError(f"{csv_path} lacks the column(s) {', '.join(missing)}: it needs "
+                                  f"{', '.join(SPLIT_COLUMNS)}")
+            for row in reader:
+                if (split is None or row["split"] == split) and row["pair"] in pairs:
+                    out.append(PairRecord(row["pair"], row["modality"], root / row["mri"], root / row["image"],
+                                          row["case"], row["split"]))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise FusionError(f"{csv_path} cannot be read ({' '.join(str(exc).split())[:120]}): check the file") from None
     return out
 
 
 def read_png(path: pathlib.Path) -> np.ndarray:
-    """uint8 [H, W] or [H, W, 3]."""
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    """uint8 [H, W] or [H, W, 3] of one dataset picture (checked: complete, readable, 8-bit)."""
+    from ..sources import check_image_file, check_input_path, display_path, native_quiet  # noqa: PLC0415
+
+    label = f"dataset image {display_path(path)}"
+    check_input_path(path, "dataset image")
+    check_image_file(path, label)
+    try:
+        with native_quiet():
+            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError:
+        raise FusionError(f"{label} is not an image SimpleITK can read: replace it") from None
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise FusionError(f"{label} is not an 8-bit grayscale or RGB picture: replace it")
+    return arr
 
 
 def unit_y(img8: np.ndarray) -> np.ndarray:

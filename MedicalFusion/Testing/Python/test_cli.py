@@ -36,7 +36,7 @@ def test_fuse_writes_volume_metrics_and_preview(files, capsys):
     assert lines[0].startswith("metric,mean,std") and any(l.startswith("Qabf,") for l in lines)
     assert sitk.ReadImage(str(tmp / "p.png")).GetNumberOfComponentsPerPixel() == 3
     assert (_hash(a), _hash(f)) == before
-    assert not [p for p in tmp.iterdir() if p.name.startswith(".partial")]
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".mf-")]
 
 
 def test_2d_png_pair_gives_a_2d_png(tmp_path):
@@ -72,8 +72,8 @@ def _bad_cases(tmp: pathlib.Path, a: pathlib.Path, f: pathlib.Path):
         (["-a", str(a), "-f", str(f), "-m", "nope", "-o", o], "unknown method"),
         (["-a", str(a), "-f", str(f), "--colormap", "Nope", "-o", o], "unknown colour map"),
         (["-a", str(a), "-f", str(f), "-o", str(tmp / "no_such_dir" / "x.nrrd")], "does not exist"),
-        (["-a", str(a), "-f", str(f), "-o", str(a)], "is an input file"),
-        (["-a", str(a), "-f", str(f), "-o", o, "--metrics", str(f)], "is an input file"),
+        (["-a", str(a), "-f", str(f), "-o", str(a)], "would overwrite the"),
+        (["-a", str(a), "-f", str(f), "-o", o, "--metrics", str(f)], "would overwrite the"),
         (["-a", str(a), "-f", str(f), "-o", str(tmp / "out.xyz")], "cannot write"),
     ]
 
@@ -90,17 +90,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, capsys):
         assert err.startswith("medicalfusion: error:") and expected in err, (expected, err)
         assert set(os.listdir(tmp)) == made_before, f"{args} left files behind"
     assert {p: _hash(tmp / p) for p in before} == before
-
-
-def test_unwritable_output_folder_is_refused(files, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: every folder is writable")
-    tmp, a, f = files
-    ro = tmp / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    assert main(["fuse", "-a", str(a), "-f", str(f), "-o", str(ro / "x.nrrd"), "-q"]) == 2
-    assert "not writable" in capsys.readouterr().err
 
 
 def test_methods_lists_every_registered_method(capsys):
@@ -132,7 +121,7 @@ def test_demo_runs_on_the_embedded_sample(tmp_path):
     assert (tmp_path / "preview.png").is_file() and (tmp_path / "metrics.csv").is_file()
 
 
-def _write_dicom_series(volume: sitk.Image, folder: pathlib.Path) -> None:
+def write_dicom_series(volume: sitk.Image, folder: pathlib.Path) -> None:
     """Write an int16 volume as a DICOM series (one file a slice, shared series UID)."""
     folder.mkdir()
     writer = sitk.ImageFileWriter()
@@ -161,7 +150,7 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, small_pair):
     vol = sitk.Cast(anat, sitk.sitkInt16)
     vol.SetSpacing((0.9, 0.9, 2.5))
     vol.SetOrigin((-20.0, -18.0, -10.0))
-    _write_dicom_series(vol, tmp_path / "mri_series")
+    write_dicom_series(vol, tmp_path / "mri_series")
     pet.SetSpacing((0.9, 0.9, 2.5))
     pet.SetOrigin((-20.0, -18.0, -10.0))
     sitk.WriteImage(pet, str(tmp_path / "pet.nrrd"))

@@ -172,6 +172,20 @@ def test_every_parameter_field_is_bound_to_a_connectable_widget():
         assert cls in CONNECTABLE[kind], f"{field} ({kind}) is bound to a {cls}, which the wrapper cannot connect"
 
 
+def test_parameter_node_annotations_run_on_python_39():
+    """Slicer's wrapper evaluates the parameter node's annotations at run time (typing.get_type_hints),
+    also under ``from __future__ import annotations``: Slicer 5.4-5.8 (Python 3.9) cannot evaluate
+    ``X | Y`` there, and a Union of node types needs ``None`` for the wrapper's default."""
+    cls = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == PARAMETER_CLASS)
+    for stmt in cls.body:
+        if isinstance(stmt, ast.AnnAssign):
+            text = ast.unparse(stmt.annotation)
+            assert not any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(stmt.annotation)), \
+                f"{text}: use typing.Union"
+            if text.startswith("Union[") and "vtkMRML" in text:
+                assert text.rstrip("]").endswith("None"), f"{stmt.target.id}: {text} needs None"
+
+
 def test_node_selectors_offer_the_right_node_types():
     widgets = ui_widgets()
     anat = widgets["anatomicalSelector"]
@@ -224,7 +238,8 @@ def test_cmake_lists_every_library_script_and_resource():
     text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "GLOB_RECURSE" in text and "${MODULE_NAME}Lib/*.py" in text and "RELATIVE" in text
-    for resource in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png", "colormaps.json"):
+    for resource in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png",
+                     "Resources/Icons/${MODULE_NAME}Sample.png", "colormaps.json"):
         assert resource in text
     assert "slicer_add_python_unittest" in text
     top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")

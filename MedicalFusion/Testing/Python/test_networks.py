@@ -201,6 +201,7 @@ def test_lywnet_loss_edge_l1_term_and_weight_spec():
 def weights_tmp(tmp_path, monkeypatch):
     d = tmp_path / "weights"
     monkeypatch.setenv("MEDICALFUSION_WEIGHTS", str(d))
+    monkeypatch.setenv("MEDICALFUSION_OWN_WEIGHTS", "1")   # weights these tests train are their own
     return d
 
 
