@@ -704,7 +704,8 @@ def volume_metrics(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0
 
     This is the reference implementation (:func:`slice_metrics` on every slice); the pipeline uses
     :func:`MedicalFusionLib.metrics_torch.volume_metrics_torch`, which computes the same values for
-    all slices at once in torch (docs/EVALUATION.md states the largest difference per metric).
+    all slices at once in torch (docs/EVALUATION.md states the tolerances, docs/BENCHMARKS.md the
+    largest differences measured).
 
     a8, b8, f8: uint8 volumes of one shape (f8 may also be RGB [..., 3]: reduced to luma). Slices
     are taken along ``axis``; only non-empty slices count (a or b has a nonzero voxel there), so the

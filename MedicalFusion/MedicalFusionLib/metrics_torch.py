@@ -6,8 +6,9 @@ them in torch on the fusion's device (CUDA, Apple MPS or the CPU, chosen as the 
 for batches of slices at a time, in one pass over the volume, with a cancel check and a progress
 report at least every few tens of milliseconds. The numpy/scipy/scikit-image implementation in
 :mod:`.metrics` stays the reference (the evaluation and the reference-evaluator agreement tests use
-it); the tests compare the two on real and synthetic volumes and docs/EVALUATION.md states the
-largest difference seen per metric.
+it); the tests compare the two on real and synthetic volumes within the tolerances that
+docs/EVALUATION.md states, and docs/BENCHMARKS.md (section 'metrics') lists the largest difference
+measured per metric.
 
 Where the time goes and how it is saved:
 

@@ -113,13 +113,13 @@ class Progress:
         self._fraction = max(self._fraction, self._start[name])
         self._report(force=True)
 
-    def advance(self, done: float, total: float) -> None:
-        """``done`` of ``total`` units of the current phase are finished."""
+    def advance(self, done: float, total: float, force: bool = False) -> None:
+        """``done`` of ``total`` units of the current phase are finished (reported at once with ``force``)."""
         if self.current is None:
             return
         part = min(1.0, max(0.0, float(done) / float(total))) if total else 1.0
         self._fraction = max(self._fraction, self._start[self.current] + part * self._width[self.current])
-        self._report(force=False)
+        self._report(force=force)
 
     def tick(self) -> None:
         """A point where the work can stop: check cancel and report (at most every MIN_INTERVAL s)."""
@@ -144,10 +144,11 @@ class Progress:
         if not self.enabled:
             return None, None
 
+        # not throttled here: the nested step spaces its own calls (and reports its phase starts)
         def progress(done: int, total: int) -> None:
-            self.advance(done, total)
+            self.advance(done, total, force=True)
 
-        def cancel() -> bool:         # not throttled: the nested step spaces its own checks
+        def cancel() -> bool:
             return bool(self._cancel is not None and self._cancel())
 
         return progress, cancel
