@@ -37,6 +37,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchdoc import machine_line, replace_section  # noqa: E402
 
 
+#: Groups of metrics that the torch implementation computes together (timed one by one).
+GROUPS = {"EN MI ARI": ["EN", "MI_bits", "MI_nats", "ARI"], "SD SF AG PSNR CC SCD": ["SD", "SF", "AG", "PSNR", "CC", "SCD"],
+          "SSIM": ["SSIM_avg", "SSIM_sum"], "VIF": ["VIF"], "Qabf": ["Qabf"], "FMI_pixel": ["FMI_pixel"],
+          "FMI_gradient": ["FMI_gradient"]}
+
+
 class PeakRSS:
     """Samples the process's resident memory every few ms while active; ``extra`` = peak - start (bytes)."""
 
@@ -112,6 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--numpy-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--section", default="metrics", help="name of the report section to write")
     parser.add_argument("--output", help="write the 'metrics' section of this markdown report")
     args = parser.parse_args(argv)
 
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     data = pathlib.Path(args.data)
     lp = FusionOptions(method="lp", device=args.device, compute_metrics=False)
-    rows, diffs = [], {k: (0.0, "all: identical") for k in METRIC_KEYS}
+    rows, splits, diffs = [], [], {k: (0.0, "all: identical") for k in METRIC_KEYS}
 
     def note_diffs(label, ref, ours):
         for k in METRIC_KEYS:
@@ -162,6 +169,12 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) for k, v in times.items()}
         shape = "x".join(str(s) for s in a8.shape[::-1])
         rows.append((label, shape, slices, med, mem.extra / 2**20))
+        split = {}
+        for name, keys in GROUPS.items():          # where the torch time goes (one run each)
+            t0 = time.perf_counter()
+            volume_metrics_torch(a8, b8, f8, axis=axis, keys=keys, device=args.device)
+            split[name] = time.perf_counter() - t0
+        splits.append((label, split))
 
     for modality, (a8, b8, f8) in aanlib_volumes(data).items():
         label = f"aanlib {modality} test ({len(a8)} pairs)"
@@ -171,7 +184,10 @@ def main(argv=None) -> int:
     command = "python scripts/bench_metrics.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     device = str(torch.device(args.device) if args.device != "auto" else
                  __import__("MedicalFusionLib.device", fromlist=["pick_device"]).pick_device("auto"))
-    lines = ["## Volume metrics: torch against the numpy reference and the `lp` fusion", "",
+    title = "## Volume metrics: torch against the numpy reference and the `lp` fusion"
+    if args.threads:
+        title += f" ({args.threads} torch thread{'s' if args.threads > 1 else ''})"
+    lines = [title, "",
              f"Command: `{command}` (part of `make bench`).",
              machine_line(f"torch {torch.__version__} with {torch.get_num_threads()} threads, device {device}."), "",
              "One process, alternating lp fusion / torch metrics / numpy metrics (median seconds; numpy "
@@ -184,6 +200,10 @@ def main(argv=None) -> int:
     for label, shape, slices, med, mb in rows:
         lines.append(f"| {label} | {shape} | {slices} | {med['lp']:.2f} | {med['torch']:.2f} | {med['numpy']:.2f} | "
                      f"{med['torch'] / med['lp']:.2f} | {med['numpy'] / med['torch']:.1f} | {mb:.0f} |")
+    lines += ["", "Where the torch time goes (each group of metrics alone, seconds):", "",
+              "| volume | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS)]
+    for label, split in splits:
+        lines.append(f"| {label} | " + " | ".join(f"{split[g]:.2f}" for g in GROUPS) + " |")
     lines += ["", "Largest difference between the torch and the numpy metrics (of the mean or the std over the slices) "
               "on the volumes above:", "", "| metric | largest difference | on |", "|---|---:|---|"]
     for k in METRIC_KEYS:
@@ -191,7 +211,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.output:
-        replace_section(args.output, "metrics", text)
+        replace_section(args.output, args.section, text)
         print(f"wrote {args.output}")
     return 0
 
