@@ -123,7 +123,7 @@ def _check_window(window, flag: str) -> tuple[float, float] | None:
 # progress and signals
 
 
-def _progress_bar(desc: str, enabled: bool):
+def _progress_bar(desc: str, enabled: bool, unit: str = "slice"):
     """A tqdm-backed ``progress(done, total)`` callback and a closer. Shown only on a terminal
     (never as fragments in a log), and cleared before any message."""
     if not enabled or not sys.stderr.isatty():
@@ -134,7 +134,7 @@ def _progress_bar(desc: str, enabled: bool):
 
     def progress(done: int, total: int) -> None:
         if bar["b"] is None:
-            bar["b"] = tqdm(total=total, desc=desc, unit="slice", leave=False, file=sys.stderr)
+            bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
         bar["b"].n = done
         bar["b"].refresh()
 
@@ -189,6 +189,7 @@ FUSE_OUTPUTS = [
     ("output", "output", "image"),
     ("metrics", "metrics file", "file"),
     ("preview", "preview", "picture"),
+    ("save_transform", "transform file", "file"),
 ]
 #: Output extensions that hold one 2D picture.
 PICTURE_ONLY = (".png", ".jpg", ".jpeg", ".bmp")
@@ -208,10 +209,14 @@ def check_fuse_arguments(args) -> None:
     _check_window(args.window, "--window")
     _check_window(args.functional_window, "--functional-window")
     pick_device(args.device)
+    check_placement_arguments(args)
 
 
 def fuse_inputs(args) -> dict:
-    return {"anatomical input": args.anatomical, "functional input": args.functional}
+    inputs = {"anatomical input": args.anatomical, "functional input": args.functional}
+    if getattr(args, "transform", None):
+        inputs["transform file"] = args.transform
+    return inputs
 
 
 def claim_outputs(out, args, specs=None) -> dict:
@@ -235,7 +240,7 @@ def fuse_options(args, anat, func):
                          batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)))
 
 
-def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool) -> None:
+def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, transform=None) -> None:
     """Write every claimed output of ``fuse`` into the run's OutputSet (not yet in place)."""
     from . import colour, outputs  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
@@ -251,6 +256,10 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool) -> None:
         extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
                  "version": __version__}
         out.add_text(paths["metrics"], outputs.metrics_csv_text(metrics_table_rows(result.metrics), extra))
+    if "save_transform" in paths:
+        from .registration import write_transform  # noqa: PLC0415
+
+        write_transform(transform, paths["save_transform"], out)
 
 
 def run_fuse(args, anat, func, out, paths: dict):
@@ -264,19 +273,54 @@ def run_fuse(args, anat, func, out, paths: dict):
         raise FusionError(f"output {paths['output']} holds one 2D picture but the anatomical input is a 3D volume "
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
+    transform = placement(args, anat.image, func.image)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
     try:
-        result = fuse_images(anat.image, func.image, options, progress=progress)
+        result = fuse_images(anat.image, func.image, options, progress=progress, transform=transform)
     finally:
         close()
     as_2d = ext in PICTURE_ONLY or (anat.was_2d and ext in (".tif", ".tiff"))
-    write_fuse_outputs(out, paths, result, args, as_2d)
+    write_fuse_outputs(out, paths, result, args, as_2d, transform)
     return result
+
+
+# registration on demand (MedicalFusionLib/registration.py): --register, --transform, --save-transform
+
+
+def check_placement_arguments(args) -> None:
+    """--save-transform needs a transform to save and a transform-file extension (before any work)."""
+    from .registration import check_transform_path  # noqa: PLC0415
+
+    if getattr(args, "save_transform", None):
+        if not (args.register or args.transform):
+            raise FusionError("--save-transform writes the registration's transform: add --register rigid|affine "
+                              "(or --transform)")
+        check_transform_path(args.save_transform, "--save-transform")
+
+
+def placement(args, anatomical, functional):
+    """The transform placing the functional (None: as stored): registered when --register is given
+    (starting from --transform if given), else read from --transform. A shared DICOM
+    FrameOfReferenceUID is noted (the package log, shown after the run)."""
+    from .registration import note_if_already_registered, read_transform, register  # noqa: PLC0415
+
+    transform = read_transform(args.transform) if getattr(args, "transform", None) else None
+    note_if_already_registered(args.anatomical, args.functional)
+    if not getattr(args, "register", None):
+        return transform
+    progress, close = _progress_bar(f"registering ({args.register})", not args.quiet, unit="iteration")
+    try:
+        args.registration = register(anatomical, functional, args.register, initial=transform, progress=progress)
+    finally:
+        close()
+    return args.registration.transform
 
 
 def _report_fuse(args, result, paths: dict) -> None:
     if args.quiet:
         return
+    if getattr(args, "registration", None) is not None:
+        print(args.registration.summary() + (f" -> {paths['save_transform']}" if "save_transform" in paths else ""))
     print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {paths['output']}")
     if "metrics" in paths:
         shown = ", ".join(f"{k} {v[0]:.3f}" for k, v in result.metrics.items() if k in ("SSIM_avg", "Qabf", "VIF", "MI_bits"))
@@ -412,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--preview", help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     _add_threads(f)
+    # registration on demand (MedicalFusionLib/registration.py)
+    f.add_argument("--register", choices=("rigid", "affine"),
+                   help="align the functional to the anatomical first (mutual information); off by default")
+    f.add_argument("--transform", metavar="IN.tfm",
+                   help="ITK transform file placing the functional (as Slicer saves the functional's parent "
+                   "transform); with --register, the registration starts from it")
+    f.add_argument("--save-transform", metavar="OUT.tfm",
+                   help="save the registration's transform as an ITK transform file (.tfm; in Slicer: load it "
+                   "and set it as the functional's parent transform)")
     f.set_defaults(func=cmd_fuse)
 
     m = sub.add_parser("methods", help="list the fusion methods")
