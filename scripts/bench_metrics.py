@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchdoc import machine_line, replace_section  # noqa: E402
+from benchdoc import command_line, common_arguments, machine_line, replace_section  # noqa: E402
 
 
 NOTE_FMI = ("FMI (fast-FMI on pixels and on gradients, 3x3 windows) is most of the torch time: every window pair "
@@ -118,13 +118,10 @@ def aanlib_volumes(data: pathlib.Path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("MEDICALFUSION_DATA") or str(REPO.parent / "shared" / "data"))
+    common_arguments(parser, "metrics", REPO)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy-repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--section", default="metrics", help="name of the report section to write")
-    parser.add_argument("--output", help="write the 'metrics' section of this markdown report")
     args = parser.parse_args(argv)
 
     import torch  # noqa: PLC0415
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
         note_diffs(label, volume_metrics(a8, b8, f8), volume_metrics_torch(a8, b8, f8, device=args.device))
         print(f"{label}: compared", flush=True)
 
-    command = "python scripts/bench_metrics.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = command_line("bench_metrics.py", argv)
     device = str(torch.device(args.device) if args.device != "auto" else
                  __import__("MedicalFusionLib.device", fromlist=["pick_device"]).pick_device("auto"))
     title = "## Volume metrics: torch against the numpy reference and the `lp` fusion"

@@ -21,7 +21,6 @@ Needs slicer-core; the spm12 case needs the shared data folder (skipped with a n
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO / "MedicalFusion"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_scene import node_from_image  # noqa: E402
-from benchdoc import machine_line, replace_section  # noqa: E402
+from benchdoc import command_line, common_arguments, machine_line, replace_section  # noqa: E402
 
 PHASES = ("start", "read", "prepare", "fuse", "recombine", "metrics", "write", "end")
 GOAL_S = 0.5
@@ -104,12 +103,9 @@ def measure(scene, anat, func, method: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("MEDICALFUSION_DATA") or str(REPO.parent / "shared" / "data"))
+    common_arguments(parser, "ui-gaps", REPO)
     parser.add_argument("--methods", nargs="+", help="default: every available method")
     parser.add_argument("--cases", nargs="+", default=["spm12", "mni"], choices=["spm12", "mni"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--section", default="ui-gaps", help="name of the report section to write")
-    parser.add_argument("--output", help="write the 'ui-gaps' section of this markdown report")
     args = parser.parse_args(argv)
 
     import slicer  # noqa: PLC0415
@@ -139,7 +135,7 @@ def main(argv=None) -> int:
                   f"total {r['seconds']:6.1f} s  " + " ".join(f"{p} {v:.3f}" for p, v in r["phases"].items()), flush=True)
         colors.SetMRMLScene(None)
 
-    command = "python scripts/bench_ui_gaps.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = command_line("bench_ui_gaps.py", argv)
     title = "## UI responsiveness: longest stretch without progress or cancel check"
     title += f" ({args.threads} torch thread{'s' if args.threads > 1 else ''})" if args.threads else " (torch's default threads)"
     lines = [title, "",
