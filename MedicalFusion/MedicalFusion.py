@@ -38,6 +38,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MedicalFusionLib import colour, windows
+from MedicalFusionLib.registration import KINDS as REGISTRATION_CHOICES
 
 AS_DISPLAYED = "As displayed"
 #: First entry of the window preset boxes: no preset (the window comes from 'As displayed' or the data).
@@ -231,6 +232,8 @@ class MedicalFusion(ScriptedLoadableModule):
 Fuses a functional volume (PET, SPECT, or an RGB pseudo-colour image) into an anatomical one (MRI or CT):
 one RGB volume on the anatomical grid, fused slice by slice, plus a table of fusion quality metrics.
 The functional is resampled with its parent transform; its colour map and window are the ones it is shown with.
+<b>Register first</b> aligns a functional that is not registered yet (mutual information, rigid or affine): the result is a
+new linear transform set as the functional's parent, which you can inspect, edit or remove (Transforms module).
 Inputs are never modified; each run writes a new fused volume and metrics table (beside the anatomical in the
 Data module) unless you pick existing ones. A demo pair is in the Sample Data module (Medical Image Fusion).
 <br><br>Methods (hover one in the panel for its description and paper):
@@ -356,6 +359,8 @@ class MedicalFusionParameterNode:
     anatomicalWindowPreset / functionalWindowPreset - a named window (MedicalFusionLib.windows: Slicer's
         CT presets, PET SUV 0-N) that wins over 'As displayed' and the typed window for that input;
         'No preset': as displayed, else automatic (a CT in HU gets the soft-tissue window).
+    registerFirst, registration - align the functional to the anatomical first ('rigid' or 'affine'):
+        the result becomes a new parent transform of the functional (MedicalFusionLib.scene.place_registration).
     method, device, axis - the fusion method (registry name), torch device, slice orientation.
     computeMetrics - also write the metrics table (on by default; progress and Cancel cover it too).
     showAsForeground - show the result over the anatomical instead of as background.
@@ -372,6 +377,8 @@ class MedicalFusionParameterNode:
     functionalWindowMax: float = 1.0
     anatomicalWindowPreset: Annotated[str, Choice([NO_PRESET] + ANATOMICAL_PRESETS), Default(NO_PRESET)]
     functionalWindowPreset: Annotated[str, Choice([NO_PRESET] + FUNCTIONAL_PRESETS), Default(NO_PRESET)]
+    registerFirst: Annotated[bool, Default(False)]
+    registration: Annotated[str, Choice(REGISTRATION_CHOICES), Default("rigid")]
     method: Annotated[str, Choice(METHOD_CHOICES), Default(DEFAULT_METHOD)]
     device: Annotated[str, Choice(DEVICE_CHOICES), Default("auto")]
     axis: Annotated[str, Choice(AXIS_CHOICES), Default("axial")]
@@ -564,6 +571,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.functionalWindowMinSpinBox.enabled = typed
         self.ui.functionalWindowMaxSpinBox.enabled = typed
         self.ui.functionalWindowPresetComboBox.enabled = scalarFunctional
+        self.ui.registrationComboBox.enabled = p.registerFirst
         ok, reason = self.logic.validate(p)
         self.ui.fuseButton.enabled = ok
         self.ui.fuseButton.toolTip = _("Fuse the functional volume into the anatomical one.") if ok else reason
@@ -614,7 +622,9 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         self._notices = []
-        self.ui.statusLabel.text = _("Fusing with '{method}'...").format(method=p.method)
+        self.ui.statusLabel.text = (_("Registering ({kind}), then fusing with '{method}'...").format(
+            kind=p.registration, method=p.method) if p.registerFirst else
+            _("Fusing with '{method}'...").format(method=p.method))
         self._setRunning(True)
         start = time.perf_counter()
         try:
@@ -639,6 +649,11 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device} ('{method}', engine {engine:.1f} s) -> "
                                      "{outputs}.").format(seconds=time.perf_counter() - start, device=result.device,
                                                           method=result.method, engine=result.seconds, outputs=outputs)
+        if outcome.transform_node is not None:
+            self.ui.statusLabel.text += " " + _("Registered: '{node}' is now the functional's parent transform "
+                                                "(normalised mutual information {info}).").format(
+                node=outcome.transform_node.GetName(),
+                info=outcome.info.get("registration_normalized_mutual_information", ""))
         logging.info("MedicalFusion: %s | %s", self.ui.statusLabel.text, versionReport(p.device))
         self.logic.showResults(outcome, p.anatomicalVolume, foreground=p.showAsForeground,
                                switchLayout=p.switchToTableLayout)
@@ -699,13 +714,15 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
         """Fuse as the parameter node says; returns ``MedicalFusionLib.scene.SceneFusionResult``.
 
         New output nodes go into the subject hierarchy beside the anatomical (its study), so the
-        Data module shows them with the images they came from.
+        Data module shows them with the images they came from; so does the registration's transform
+        node when ``registerFirst`` is on.
         """
         from MedicalFusionLib.scene import fuse_nodes, place_beside  # noqa: PLC0415
 
         outcome = fuse_nodes(slicer.mrmlScene, p.anatomicalVolume, p.functionalVolume, self.options(p),
                              output_volume=p.outputVolume, output_table=p.outputTable,
-                             use_display_windows=p.useDisplayWindow, progress=progress, cancel=cancel)
+                             use_display_windows=p.useDisplayWindow, progress=progress, cancel=cancel,
+                             register=p.registration if p.registerFirst else None)
         created = [slicer.mrmlScene.GetNodeByID(nodeID) for nodeID in outcome.created_node_ids]
         place_beside(slicer.mrmlScene, [n for n in created if n is not None], p.anatomicalVolume)
         return outcome

@@ -23,7 +23,6 @@ import argparse
 import logging
 import math
 import os
-import pathlib
 import re
 import signal
 import sys
@@ -123,7 +122,7 @@ def _check_window(window, flag: str) -> tuple[float, float] | None:
 # progress and signals
 
 
-def _progress_bar(desc: str, enabled: bool):
+def _progress_bar(desc: str, enabled: bool, unit: str = "slice"):
     """A tqdm-backed ``progress(done, total)`` callback and a closer. Shown only on a terminal
     (never as fragments in a log), and cleared before any message."""
     if not enabled or not sys.stderr.isatty():
@@ -134,7 +133,7 @@ def _progress_bar(desc: str, enabled: bool):
 
     def progress(done: int, total: int) -> None:
         if bar["b"] is None:
-            bar["b"] = tqdm(total=total, desc=desc, unit="slice", leave=False, file=sys.stderr)
+            bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
         bar["b"].n = done
         bar["b"].refresh()
 
@@ -189,6 +188,7 @@ FUSE_OUTPUTS = [
     ("output", "output", "image"),
     ("metrics", "metrics file", "file"),
     ("preview", "preview", "picture"),
+    ("save_transform", "transform file", "file"),
 ]
 #: Output extensions that hold one 2D picture.
 PICTURE_ONLY = (".png", ".jpg", ".jpeg", ".bmp")
@@ -211,10 +211,14 @@ def check_fuse_arguments(args) -> None:
         if preset:
             windows.get_preset(preset)
     pick_device(args.device)
+    check_placement_arguments(args)
 
 
 def fuse_inputs(args) -> dict:
-    return {"anatomical input": args.anatomical, "functional input": args.functional}
+    inputs = {"anatomical input": args.anatomical, "functional input": args.functional}
+    if getattr(args, "transform", None):
+        inputs["transform file"] = args.transform
+    return inputs
 
 
 def claim_outputs(out, args, specs=None) -> dict:
@@ -260,10 +264,11 @@ def fusion_metadata(result, anat, func) -> dict:
     return meta
 
 
-def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict | None = None) -> None:
+def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict | None = None,
+                       transform=None) -> None:
     """Write every claimed output of ``fuse`` into the run's OutputSet (not yet in place);
     ``meta`` (units, windows: :func:`fusion_metadata`) goes into the fused file's header (NRRD and
-    MHA keep it) and the metrics CSV."""
+    MHA keep it) and the metrics CSV; ``transform`` (the registration's) into --save-transform."""
     from . import colour, outputs  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
     from .pipeline import source_gray8  # noqa: PLC0415
@@ -282,6 +287,10 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
         extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
                  "version": __version__, **meta}
         out.add_text(paths["metrics"], outputs.metrics_csv_text(metrics_table_rows(result.metrics), extra))
+    if "save_transform" in paths:
+        from .registration import write_transform  # noqa: PLC0415
+
+        write_transform(transform, paths["save_transform"], out)
 
 
 def run_fuse(args, anat, func, out, paths: dict):
@@ -295,19 +304,54 @@ def run_fuse(args, anat, func, out, paths: dict):
         raise FusionError(f"output {paths['output']} holds one 2D picture but the anatomical input is a 3D volume "
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
+    transform = placement(args, anat.image, func.image)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
     try:
-        result = fuse_images(anat.image, func.image, options, progress=progress)
+        result = fuse_images(anat.image, func.image, options, progress=progress, transform=transform)
     finally:
         close()
     as_2d = ext in PICTURE_ONLY or (anat.was_2d and ext in (".tif", ".tiff"))
-    write_fuse_outputs(out, paths, result, args, as_2d, fusion_metadata(result, anat, func))
+    write_fuse_outputs(out, paths, result, args, as_2d, fusion_metadata(result, anat, func), transform)
     return result
+
+
+# registration on demand (MedicalFusionLib/registration.py): --register, --transform, --save-transform
+
+
+def check_placement_arguments(args) -> None:
+    """--save-transform needs a transform to save and a transform-file extension (before any work)."""
+    from .registration import check_transform_path  # noqa: PLC0415
+
+    if getattr(args, "save_transform", None):
+        if not (args.register or args.transform):
+            raise FusionError("--save-transform writes the registration's transform: add --register rigid|affine "
+                              "(or --transform)")
+        check_transform_path(args.save_transform, "--save-transform")
+
+
+def placement(args, anatomical, functional):
+    """The transform placing the functional (None: as stored): registered when --register is given
+    (starting from --transform if given), else read from --transform. A shared DICOM
+    FrameOfReferenceUID is noted (the package log, shown after the run)."""
+    from .registration import note_if_already_registered, read_transform, register  # noqa: PLC0415
+
+    transform = read_transform(args.transform) if getattr(args, "transform", None) else None
+    note_if_already_registered(args.anatomical, args.functional)
+    if not getattr(args, "register", None):
+        return transform
+    progress, close = _progress_bar(f"registering ({args.register})", not args.quiet, unit="iteration")
+    try:
+        args.registration = register(anatomical, functional, args.register, initial=transform, progress=progress)
+    finally:
+        close()
+    return args.registration.transform
 
 
 def _report_fuse(args, result, paths: dict) -> None:
     if args.quiet:
         return
+    if getattr(args, "registration", None) is not None:
+        print(args.registration.summary() + (f" -> {paths['save_transform']}" if "save_transform" in paths else ""))
     print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {paths['output']}")
     if "metrics" in paths:
         shown = ", ".join(f"{k} {v[0]:.3f}" for k, v in result.metrics.items() if k in ("SSIM_avg", "Qabf", "VIF", "MI_bits"))
@@ -464,6 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--preview", help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     _add_threads(f)
+    # registration on demand (MedicalFusionLib/registration.py)
+    f.add_argument("--register", choices=("rigid", "affine"),
+                   help="align the functional to the anatomical first (mutual information); off by default")
+    f.add_argument("--transform", metavar="IN.tfm",
+                   help="ITK transform file placing the functional (as Slicer saves the functional's parent "
+                   "transform); with --register, the registration starts from it")
+    f.add_argument("--save-transform", metavar="OUT.tfm",
+                   help="save the registration's transform as an ITK transform file (.tfm; in Slicer: load it "
+                   "and set it as the functional's parent transform)")
     f.set_defaults(func=cmd_fuse)
 
     pr = sub.add_parser("presets", help="list the named windows (--window-preset, --functional-preset)")

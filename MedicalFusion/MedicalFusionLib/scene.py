@@ -48,6 +48,7 @@ import SimpleITK as sitk
 
 from . import __version__, colour
 from .errors import FusionError
+from .progress import Progress
 from .windows import display_metadata
 
 logger = logging.getLogger(__name__)
@@ -412,6 +413,7 @@ class SceneFusionResult:
     created_node_ids: list[str] = field(default_factory=list)
     colormap: str | None = None
     info: dict = field(default_factory=dict)
+    transform_node: object | None = None  # the registration's transform node (fuse_nodes(register=...))
 
 
 def prepare_inputs(scene, anatomical, functional, options=None, use_display_windows: bool = True):
@@ -591,18 +593,46 @@ class _NodeState:
 
 def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, output_table=None,
                use_display_windows: bool = True, progress: Callable[[int, int], None] | None = None,
-               cancel: Callable[[], bool] | None = None) -> SceneFusionResult:
+               cancel: Callable[[], bool] | None = None, register: str | None = None,
+               registration_settings=None) -> SceneFusionResult:
     """Fuse two volume nodes of ``scene`` into an RGB vector volume node (and a metrics table node).
+
+    ``register`` ('rigid' or 'affine'): first align the functional to the anatomical (see
+    :func:`register_nodes`); with the fusion's outputs, a linear transform node holding the result
+    becomes the functional's parent (:func:`place_registration`). Progress then runs over both.
 
     ``options`` is a :class:`~MedicalFusionLib.pipeline.FusionOptions`; its ``colormap`` and windows,
     when None, come from the display nodes (see the module docstring). ``output_volume`` /
     ``output_table``: existing nodes (or IDs) to overwrite, or None to create new ones. The table is
     written only when ``options.compute_metrics``. Raises FusionError (bad input) or FusionCancelled;
     in both cases nothing in the scene has changed.
+
+    ``progress(done, total)`` and ``cancel() -> bool`` are called from the start to the end, at
+    least every few tenths of a second (reading the nodes, the pipeline, writing; see
+    :mod:`MedicalFusionLib.progress`). The last cancel check is made right before the scene is
+    touched; writing the nodes then reports progress only.
     """
+    with Progress(progress, cancel, scene_phases(bool(register))) as tracker:
+        result = _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table,
+                             use_display_windows, tracker, register, registration_settings)
+        tracker.finish()
+    return result
+
+
+def scene_phases(register: bool) -> tuple[tuple[str, float], ...]:
+    """Progress phases of :func:`fuse_nodes`: reading the nodes, the registration when asked for,
+    the pipeline (prepare, fuse, recombine, metrics), writing the output nodes."""
+    if register:
+        return ("read", 0.02), ("register", REGISTRATION_SHARE), ("pipeline", 0.95 - REGISTRATION_SHARE), ("write", 0.03)
+    return ("read", 0.02), ("pipeline", 0.95), ("write", 0.03)
+
+
+def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table, use_display_windows,
+                tracker: Progress, register: str | None, registration_settings) -> SceneFusionResult:
     from .pipeline import fuse_images  # noqa: PLC0415  (torch only when fusing)
 
     t0 = time.perf_counter()
+    tracker.phase("read")
     ok, reason = validate_inputs(scene, anatomical, functional, output_volume, output_table)
     if not ok:
         raise FusionError(reason)
@@ -611,11 +641,23 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
     output_volume = _resolve(scene, output_volume, "output volume")
     output_table = _resolve(scene, output_table, "output table")
 
+    tracker.tick()
     a_img, f_img, opts, transform, info = prepare_inputs(scene, anatomical, functional, options, use_display_windows)
-    result = fuse_images(a_img, f_img, opts, progress=progress, cancel=cancel, transform=transform)
+    registration = None
+    if register:
+        tracker.phase("register")
+        register_progress, register_cancel = tracker.callbacks()
+        registration = _register_images(anatomical, functional, a_img, f_img, transform, register,
+                                        register_progress, register_cancel, registration_settings)
+        transform = registration.transform
+        info.update(registration_info(registration))
+    tracker.phase("pipeline")
+    pipeline_progress, pipeline_cancel = tracker.callbacks()
+    result = fuse_images(a_img, f_img, opts, progress=pipeline_progress, cancel=pipeline_cancel, transform=transform)
 
     # Success. Every output is built off the scene first; only then are nodes created or changed,
     # all together: if any of that fails, created nodes are removed and given nodes put back.
+    tracker.phase("write")
     prepared = result.prepared
     info.update(method=result.method, device=result.device, seconds_engine=round(result.seconds, 3),
                 axis=opts.axis, version=__version__, grayscale=result.grayscale)
@@ -626,6 +668,7 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
         for key, value in display_metadata(prepared).items():   # units, how each window was chosen
             info.setdefault(key, value)
     image_data = volume_image_data(result.rgb)
+    tracker.tick()
     vtk_table = None
     if opts.compute_metrics and result.metrics:
         from .metrics import metrics_table_rows  # noqa: PLC0415
@@ -633,10 +676,16 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
         vtk_table = metrics_vtk_table(metrics_table_rows(result.metrics))
     created: list[str] = []
     given = [_NodeState(n) for n in (output_volume, output_table if vtk_table is not None else None) if n is not None]
+    previous_parent = functional.GetTransformNodeID()
+    transform_node = None
+    tracker.commit()      # the last cancel check: the scene is changed from here on
     try:
+        if registration is not None:
+            transform_node = place_registration(scene, anatomical, functional, registration, created)
         volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
                                   f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
         write_volume(volume, anatomical, image_data)
+        tracker.advance(1, 2)
         table = None
         if vtk_table is not None:
             table = _new_or_existing(scene, output_table, "vtkMRMLTableNode",
@@ -648,13 +697,109 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
             if node is not None:
                 _set_attributes(node, info)
     except BaseException:
+        if registration is not None:
+            functional.SetAndObserveTransformNodeID(previous_parent)
         for node_id in created:   # leave the scene as it was (display nodes made for it too)
             _remove_with_display_nodes(scene, node_id)
         for state in given:
             state.restore(scene)
         raise
     return SceneFusionResult(volume_node=volume, table_node=table, result=result, seconds=seconds,
-                             created_node_ids=created, colormap=info.get("colormap"), info=info)
+                             created_node_ids=created, colormap=info.get("colormap"), info=info,
+                             transform_node=transform_node)
+
+
+# --------------------------------------------------------------------------------------------------
+# registration on demand (the computation is MedicalFusionLib.registration)
+
+#: Share of the progress bar given to the registration when fuse_nodes registers first.
+REGISTRATION_SHARE = 0.3
+
+
+def _register_images(anatomical, functional, a_img, f_img, start, kind, progress, cancel, settings):
+    from .registration import register  # noqa: PLC0415
+
+    if start is not None and not start.IsLinear():
+        raise FusionError(f"'{functional.GetName()}' is placed by a non-linear transform: registration starts from "
+                          "a linear placement, so harden or remove that transform first")
+    uid = shared_frame_of_reference(anatomical, functional)
+    if uid:
+        logger.warning("MedicalFusion: '%s' and '%s' share the DICOM FrameOfReferenceUID %s: they are already "
+                       "registered; registering anyway as asked", anatomical.GetName(), functional.GetName(), uid)
+    return register(a_img, f_img, kind, initial=start, progress=progress, cancel=cancel, settings=settings)
+
+
+def register_nodes(scene, anatomical, functional, kind: str = "rigid", progress=None, cancel=None, settings=None):
+    """Align the functional volume node to the anatomical one; the scene is not changed.
+
+    Starts from the functional's present placement relative to the anatomical (both parent
+    transforms; a non-linear one is refused). Returns a
+    :class:`~MedicalFusionLib.registration.Registration`; :func:`place_registration` puts it in the
+    scene. Raises FusionError (bad input, failed or not converged) or FusionCancelled.
+    """
+    ok, reason = validate_inputs(scene, anatomical, functional)
+    if not ok:
+        raise FusionError(reason)
+    anatomical = _resolve(scene, anatomical, "anatomical")
+    functional = _resolve(scene, functional, "functional")
+    return _register_images(anatomical, functional, image_from_node(anatomical), image_from_node(functional),
+                            functional_transform(anatomical, functional), kind, progress, cancel, settings)
+
+
+def registration_info(registration) -> dict:
+    """Node attributes describing a registration (without the prefix)."""
+    return {"registration": registration.kind, "registration_start": registration.start,
+            "registration_normalized_mutual_information": f"{registration.metric_before:.3f} -> "
+                                                          f"{registration.metric_after:.3f}",
+            "registration_iterations": registration.iterations,
+            "registration_seconds": round(registration.seconds, 3)}
+
+
+def place_registration(scene, anatomical, functional, registration, created: list | None = None):
+    """Put a registration in the scene: a new ``vtkMRMLLinearTransformNode`` becomes the functional's parent.
+
+    The node holds the result as its transform *from parent* (RAS), and sits under the anatomical's
+    parent transform, so the functional follows the anatomical wherever that is moved. A transform
+    the functional had before is not changed or deleted: it was the registration's starting point,
+    its ID is kept in the new node's ``MedicalFusion.previous_parent`` attribute, and setting it back
+    as the functional's parent undoes the registration. Nothing is hardened.
+    """
+    vtk = _vtk()
+    from .registration import ras_matrix  # noqa: PLC0415
+
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", scene.GenerateUniqueName(
+        f"{functional.GetName()} to {anatomical.GetName()} ({registration.kind} registration)"))
+    if created is not None:
+        created.append(node.GetID())
+    m = vtk.vtkMatrix4x4()
+    for r, row in enumerate(ras_matrix(registration.transform)):
+        for c, value in enumerate(row):
+            m.SetElement(r, c, float(value))
+    node.SetMatrixTransformFromParent(m)
+    node.SetAndObserveTransformNodeID(anatomical.GetTransformNodeID())
+    info = registration_info(registration)
+    info["previous_parent"] = functional.GetTransformNodeID() or ""
+    _set_attributes(node, info)
+    functional.SetAndObserveTransformNodeID(node.GetID())
+    return node
+
+
+def shared_frame_of_reference(anatomical, functional, database=None) -> str | None:
+    """The DICOM FrameOfReferenceUID both volumes were loaded with, when it is the same; else None.
+
+    Looked up through Slicer's DICOM database (``slicer.dicomDatabase``, or ``database``) from the
+    nodes' ``DICOM.instanceUIDs`` attribute; None outside the Slicer application or for volumes that
+    did not come from DICOM.
+    """
+    database = database if database is not None else getattr(_slicer(), "dicomDatabase", None)
+    if database is None:
+        return None
+
+    def uid(node):
+        instances = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+        return (database.instanceValue(instances[0], "0020,0052") or "").strip() if instances else ""
+    a = uid(anatomical)
+    return a if a and a == uid(functional) else None
 
 
 # --------------------------------------------------------------------------------------------------

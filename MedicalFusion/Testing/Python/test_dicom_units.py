@@ -187,7 +187,10 @@ def test_cli_prints_one_notice_and_writes_units_into_outputs(tmp_path, stored, c
     err = capsys.readouterr().err
     assert rc == 0
     notices = [line for line in err.splitlines() if "medicalfusion: note:" in line]
-    assert len(notices) == 1 and "Patient's Weight" in notices[0] and "BQML" in notices[0]
+    units = [line for line in notices if "Units are" in line]
+    assert len(units) == 1 and "Patient's Weight" in units[0] and "BQML" in units[0]
+    # both made-up series share one FrameOfReferenceUID: registration's note says so, once
+    assert len(notices) == 2 and sum("FrameOfReferenceUID" in line for line in notices) == 1
     fused = sitk.ReadImage(str(out))
     assert fused.GetMetaData("MedicalFusion.functional_units") == "BQML"
     assert fused.GetMetaData("MedicalFusion.anatomical_units") == "HU"

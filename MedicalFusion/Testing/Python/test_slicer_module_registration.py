@@ -1,0 +1,129 @@
+"""The panel's "Register first" option (MedicalFusion.py + .ui), on 3D Slicer's own Python layer
+through slicer_harness.py (see test_slicer_module.py), with the synthetic head pair of
+test_registration.py: the checkbox and the rigid/affine choice are
+bound to the parameter node and saved with the scene; Fuse with it on leaves a linear transform node
+as the functional's parent that aligns the pair; Cancel clicked during the registration leaves the
+scene as it was. Skipped, with the reason, where the harness is (see test_slicer_module.py).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))     # bench_scene.node_from_image
+
+from test_slicer_module import harness, parametrize_versions, phantom, sample_cache, select_pair  # noqa: F401
+
+TOLERANCE_MM = 2.0     # half the phantom PET's 4 mm voxel
+
+
+def misplaced_pair(h):
+    """The synthetic head of test_registration.py as nodes: an MR, and a PET misplaced (in its own
+    geometry) by a known rigid transform ``truth`` (LPS, anatomical point -> functional point)."""
+    from bench_scene import node_from_image  # noqa: PLC0415
+    from test_registration import phantom as head, rigid  # noqa: PLC0415
+
+    from MedicalFusionLib.registration import moved_geometry  # noqa: PLC0415
+
+    truth = rigid()
+    mr = node_from_image(h.scene, head("mr"), "MR")
+    pet = node_from_image(h.scene, moved_geometry(head("pet", 4.0, seed=1), truth), "PET")
+    return mr, pet, truth
+
+
+def placement_error(anatomical, functional, truth: np.ndarray) -> float:
+    """Largest distance (mm) over the anatomical's corners between where the scene now maps them into
+    the functional (both parent transforms) and where ``truth`` does."""
+    from MedicalFusionLib.registration import affine_matrix  # noqa: PLC0415
+    from MedicalFusionLib.scene import functional_transform, image_from_node  # noqa: PLC0415
+
+    placed = functional_transform(anatomical, functional)                   # None: no parent transform
+    found = np.eye(4) if placed is None else affine_matrix(placed)
+    image = image_from_node(anatomical)
+    size = image.GetSize()
+    corners = np.array([image.TransformIndexToPhysicalPoint((i, j, k))
+                        for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    return float(np.max(np.linalg.norm((corners @ found[:3, :3].T + found[:3, 3])
+                                       - (corners @ truth[:3, :3].T + truth[:3, 3]), axis=1)))
+
+
+@parametrize_versions
+def test_register_option_is_bound_and_saved_with_the_scene(harness, tmp_path):
+    h = harness
+    widget = h.widget()
+    ui, p = widget.ui, widget._parameterNode
+    assert (p.registerFirst, p.registration) == (False, "rigid")          # off by default
+    assert [ui.registrationComboBox.itemText(i) for i in range(ui.registrationComboBox.count)] == ["rigid", "affine"]
+    select_pair(widget, *phantom(h))
+    assert not ui.registrationComboBox.enabled                               # only with the checkbox
+    ui.registerCheckBox.click()
+    ui.registrationComboBox.currentIndex = ui.registrationComboBox.findText("affine")
+    assert (p.registerFirst, p.registration) == (True, "affine")
+    assert ui.registrationComboBox.enabled
+    h.save_scene(tmp_path / "scene.mrml")
+    h.scene.Clear(0)
+    assert h.import_scene(tmp_path / "scene.mrml")
+    q = h.module.MedicalFusionLogic().getParameterNode()
+    assert (q.registerFirst, q.registration) == (True, "affine")
+
+
+@parametrize_versions
+def test_fuse_with_register_first_sets_an_aligning_parent_transform(harness):
+    h = harness
+    widget = h.widget()
+    anatomical, functional, truth = misplaced_pair(h)
+    before = h.slicer.util.arrayFromVolume(functional).copy()
+    assert placement_error(anatomical, functional, truth) > 15.0
+    select_pair(widget, anatomical, functional)
+    p = widget._parameterNode
+    p.method, p.computeMetrics, p.registerFirst = "average", False, True
+    transforms_before = {n.GetID() for n in h.nodes("vtkMRMLLinearTransformNode")}
+
+    widget.ui.fuseButton.click()
+
+    new = [n for n in h.nodes("vtkMRMLLinearTransformNode") if n.GetID() not in transforms_before]
+    assert len(new) == 1, widget.ui.statusLabel.text
+    node = new[0]
+    assert functional.GetTransformNodeID() == node.GetID()
+    assert node.GetAttribute("MedicalFusion.registration") == "rigid"
+    assert placement_error(anatomical, functional, truth) < TOLERANCE_MM
+    assert np.array_equal(h.slicer.util.arrayFromVolume(functional), before)       # not hardened
+    assert len(h.nodes("vtkMRMLVectorVolumeNode")) == 1
+    assert "Registered" in widget.ui.statusLabel.text and node.GetName() in widget.ui.statusLabel.text
+    shn = h.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(h.scene)   # beside the anatomical
+    assert shn.GetItemParent(shn.GetItemByDataNode(node)) == shn.GetItemParent(shn.GetItemByDataNode(anatomical))
+    # what the user sees in the Transforms module: the registration as 'transform from parent' (RAS)
+    import vtk  # noqa: PLC0415
+
+    m = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformFromParent(m)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    shown = flip @ np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]) @ flip
+    assert np.abs(shown[:3, :3] - truth[:3, :3]).max() < 0.01 and np.abs(shown[:3, 3] - truth[:3, 3]).max() < 2.0
+
+
+@parametrize_versions
+def test_cancel_during_the_registration_leaves_the_scene_as_it_was(harness):
+    h = harness
+    widget = h.widget()
+    anatomical, functional, _ = misplaced_pair(h)
+    select_pair(widget, anatomical, functional)
+    p = widget._parameterNode
+    p.method, p.registerFirst = "average", True
+    before = h.node_ids()
+    seen = {}
+
+    def click_cancel():
+        seen["text"], seen["progress"] = widget.ui.fuseButton.text, widget.ui.progressBar.value
+        widget.ui.fuseButton.click()
+
+    h.app.after_process_events(3, click_cancel)     # a few registration iterations in
+    widget.ui.fuseButton.click()
+    assert seen["text"] == "Cancel"
+    assert seen["progress"] < 1000 * 0.3            # still in the registration's share of the bar
+    assert h.node_ids() == before
+    assert functional.GetTransformNodeID() is None
+    assert widget.ui.statusLabel.text.startswith("Cancelled")
+    assert widget.ui.fuseButton.text == "Fuse" and widget.ui.fuseButton.enabled
