@@ -31,7 +31,12 @@ check-py39: setup
 ## speed and memory benchmarks and registration accuracy, written to docs/BENCHMARKS.md
 bench: setup
 	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_metrics.py --repeats 3 --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_metrics.py --repeats 3 --threads 1 --section metrics-threads1 --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_ui_gaps.py --threads 1 --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_ui_gaps.py --methods lp nsct dmfnet nsst_papcnn --cases spm12 --section ui-gaps-default-threads --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_registration.py --trials 5 --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
 
 ## the evaluation tables on the aanlib test split, written to out/evaluation
 evaluate: setup

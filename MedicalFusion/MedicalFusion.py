@@ -37,10 +37,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MedicalFusionLib import colour
+from MedicalFusionLib import colour, windows
 from MedicalFusionLib.registration import KINDS as REGISTRATION_CHOICES
 
 AS_DISPLAYED = "As displayed"
+#: First entry of the window preset boxes: no preset (the window comes from 'As displayed' or the data).
+NO_PRESET = "No preset"
+ANATOMICAL_PRESETS = [name for name in windows.preset_names() if name.startswith("ct-")]
+FUNCTIONAL_PRESETS = [name for name in windows.preset_names() if name.startswith("pet-")] + ANATOMICAL_PRESETS
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 AXIS_CHOICES = ("axial", "coronal", "sagittal")
 DEFAULT_METHOD = "lp"
@@ -352,6 +356,9 @@ class MedicalFusionParameterNode:
     colormap - colour map for a scalar functional; 'As displayed' = its display node's colour node.
     useDisplayWindow - take both windows from the display nodes (what the views show).
     functionalWindowMin/Max - the functional window when useDisplayWindow is off.
+    anatomicalWindowPreset / functionalWindowPreset - a named window (MedicalFusionLib.windows: Slicer's
+        CT presets, PET SUV 0-N) that wins over 'As displayed' and the typed window for that input;
+        'No preset': as displayed, else automatic (a CT in HU gets the soft-tissue window).
     registerFirst, registration - align the functional to the anatomical first ('rigid' or 'affine'):
         the result becomes a new parent transform of the functional (MedicalFusionLib.scene.place_registration).
     method, device, axis - the fusion method (registry name), torch device, slice orientation.
@@ -368,6 +375,8 @@ class MedicalFusionParameterNode:
     useDisplayWindow: Annotated[bool, Default(True)]
     functionalWindowMin: float = 0.0
     functionalWindowMax: float = 1.0
+    anatomicalWindowPreset: Annotated[str, Choice([NO_PRESET] + ANATOMICAL_PRESETS), Default(NO_PRESET)]
+    functionalWindowPreset: Annotated[str, Choice([NO_PRESET] + FUNCTIONAL_PRESETS), Default(NO_PRESET)]
     registerFirst: Annotated[bool, Default(False)]
     registration: Annotated[str, Choice(REGISTRATION_CHOICES), Default("rigid")]
     method: Annotated[str, Choice(METHOD_CHOICES), Default(DEFAULT_METHOD)]
@@ -558,8 +567,10 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         scalarFunctional = bool(p.functionalVolume) and not p.functionalVolume.IsA("vtkMRMLVectorVolumeNode")
         self.ui.colormapComboBox.enabled = scalarFunctional
-        self.ui.functionalWindowMinSpinBox.enabled = scalarFunctional and not p.useDisplayWindow
-        self.ui.functionalWindowMaxSpinBox.enabled = scalarFunctional and not p.useDisplayWindow
+        typed = scalarFunctional and not p.useDisplayWindow and p.functionalWindowPreset == NO_PRESET
+        self.ui.functionalWindowMinSpinBox.enabled = typed
+        self.ui.functionalWindowMaxSpinBox.enabled = typed
+        self.ui.functionalWindowPresetComboBox.enabled = scalarFunctional
         self.ui.registrationComboBox.enabled = p.registerFirst
         ok, reason = self.logic.validate(p)
         self.ui.fuseButton.enabled = ok
@@ -671,7 +682,8 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
                                      p.outputVolume, p.outputTable)
         if not ok:
             return ok, reason
-        if not p.useDisplayWindow and p.functionalWindowMax <= p.functionalWindowMin:
+        if (not p.useDisplayWindow and p.functionalWindowPreset == NO_PRESET
+                and p.functionalWindowMax <= p.functionalWindowMin):
             return False, _("The functional window is empty: make its maximum larger than its minimum.")
         if METHOD_CHOICES.fromRegistry:
             from MedicalFusionLib.errors import FusionError  # noqa: PLC0415
@@ -689,10 +701,14 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
         from MedicalFusionLib.pipeline import FusionOptions  # noqa: PLC0415
 
         scalar = p.functionalVolume is not None and not p.functionalVolume.IsA("vtkMRMLVectorVolumeNode")
+        functional_preset = None if p.functionalWindowPreset == NO_PRESET or not scalar else p.functionalWindowPreset
         return FusionOptions(
             method=p.method, device=p.device, axis=p.axis, compute_metrics=p.computeMetrics,
             colormap=None if p.colormap == AS_DISPLAYED or not scalar else p.colormap,
-            functional_window=None if p.useDisplayWindow or not scalar else (p.functionalWindowMin, p.functionalWindowMax))
+            functional_window=None if p.useDisplayWindow or not scalar or functional_preset
+            else (p.functionalWindowMin, p.functionalWindowMax),
+            anatomical_preset=None if p.anatomicalWindowPreset == NO_PRESET else p.anatomicalWindowPreset,
+            functional_preset=functional_preset)
 
     def process(self, p, progress=None, cancel=None):
         """Fuse as the parameter node says; returns ``MedicalFusionLib.scene.SceneFusionResult``.

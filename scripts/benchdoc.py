@@ -40,3 +40,18 @@ def replace_section(path: str | os.PathLike, name: str, body: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def common_arguments(parser, section: str, repo: pathlib.Path) -> None:
+    """The options the report-writing benchmarks share: --data, --threads, --section, --output."""
+    parser.add_argument("--data", default=os.environ.get("MEDICALFUSION_DATA") or str(repo.parent / "shared" / "data"))
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--section", default=section, help="name of the report section to write")
+    parser.add_argument("--output", help=f"write the '{section}' section (or --section) of this markdown report")
+
+
+def command_line(script: str, argv) -> str:
+    """How the benchmark was run, for its report: ``python scripts/<script> <arguments>``."""
+    import sys  # noqa: PLC0415
+
+    return f"python scripts/{script}" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()

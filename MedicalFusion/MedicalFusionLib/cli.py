@@ -1,4 +1,4 @@
-"""The ``medicalfusion`` command: fuse, methods, evaluate, train, demo.
+"""The ``medicalfusion`` command: fuse, presets, methods, evaluate, train, demo.
 
 Every user error ends in one line on stderr (``medicalfusion: error: ...``) and exit status 2,
 argparse mistakes included; "internal error" (exit 1) is left for bugs. Every file a run writes
@@ -23,7 +23,6 @@ import argparse
 import logging
 import math
 import os
-import pathlib
 import re
 import signal
 import sys
@@ -197,7 +196,7 @@ PICTURE_ONLY = (".png", ".jpg", ".jpeg", ".bmp")
 
 def check_fuse_arguments(args) -> None:
     """Everything about the arguments that can be checked before any file is read."""
-    from . import colour  # noqa: PLC0415
+    from . import colour, windows  # noqa: PLC0415
     from .device import pick_device  # noqa: PLC0415
     from .methods import get_method  # noqa: PLC0415
 
@@ -208,6 +207,9 @@ def check_fuse_arguments(args) -> None:
         colour.colormap_table(args.colormap)
     _check_window(args.window, "--window")
     _check_window(args.functional_window, "--functional-window")
+    for preset in (getattr(args, "window_preset", None), getattr(args, "functional_preset", None)):
+        if preset:
+            windows.get_preset(preset)
     pick_device(args.device)
     check_placement_arguments(args)
 
@@ -226,7 +228,8 @@ def claim_outputs(out, args, specs=None) -> dict:
 
 
 def fuse_options(args, anat, func):
-    """FusionOptions from the arguments; display-ready 8-bit pictures default to 0..255."""
+    """FusionOptions from the arguments; display-ready 8-bit pictures default to 0..255; window
+    presets, and the units a DICOM series' header gives (a CT in HU gets the soft-tissue window)."""
     from .pipeline import FusionOptions  # noqa: PLC0415
 
     window = _check_window(args.window, "--window")
@@ -237,16 +240,44 @@ def fuse_options(args, anat, func):
         fwindow = (0.0, 255.0)
     return FusionOptions(method=args.method, colormap=args.colormap, anatomical_window=window,
                          functional_window=fwindow, axis=args.axis, device=args.device,
-                         batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)))
+                         batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)),
+                         anatomical_preset=getattr(args, "window_preset", None),
+                         functional_preset=getattr(args, "functional_preset", None),
+                         anatomical_units=_units(anat), functional_units=_units(func))
 
 
-def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, transform=None) -> None:
-    """Write every claimed output of ``fuse`` into the run's OutputSet (not yet in place)."""
+def _units(source) -> str | None:
+    facts = getattr(source, "facts", None)
+    return (facts.units or None) if facts is not None else None
+
+
+def fusion_metadata(result, anat, func) -> dict:
+    """What the fused picture shows (units, windows and how they were chosen, colour map) and the
+    DICOM facts of the inputs: keys for the fused file's header and the metrics CSV."""
+    from .windows import display_metadata  # noqa: PLC0415
+
+    meta = display_metadata(result.prepared)
+    for role, source in (("anatomical", anat), ("functional", func)):
+        facts = getattr(source, "facts", None)
+        if facts is not None:
+            meta.update(facts.as_metadata(role))
+    return meta
+
+
+def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict | None = None,
+                       transform=None) -> None:
+    """Write every claimed output of ``fuse`` into the run's OutputSet (not yet in place);
+    ``meta`` (units, windows: :func:`fusion_metadata`) goes into the fused file's header (NRRD and
+    MHA keep it) and the metrics CSV; ``transform`` (the registration's) into --save-transform."""
     from . import colour, outputs  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
     from .pipeline import source_gray8  # noqa: PLC0415
 
-    out.add_image(paths["output"], outputs.fused_image_for_file(result.rgb, result.reference, as_2d))
+    meta = meta or {}
+    fused = outputs.fused_image_for_file(result.rgb, result.reference, as_2d)
+    for key, value in meta.items():
+        fused.SetMetaData(f"MedicalFusion.{key}", value)
+    out.add_image(paths["output"], fused)
     if "preview" in paths:
         a8, _ = source_gray8(result.prepared)
         func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
@@ -254,7 +285,7 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, transform=No
         out.add_image(paths["preview"], outputs.picture(montage))
     if "metrics" in paths:
         extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
-                 "version": __version__}
+                 "version": __version__, **meta}
         out.add_text(paths["metrics"], outputs.metrics_csv_text(metrics_table_rows(result.metrics), extra))
     if "save_transform" in paths:
         from .registration import write_transform  # noqa: PLC0415
@@ -280,7 +311,7 @@ def run_fuse(args, anat, func, out, paths: dict):
     finally:
         close()
     as_2d = ext in PICTURE_ONLY or (anat.was_2d and ext in (".tif", ".tiff"))
-    write_fuse_outputs(out, paths, result, args, as_2d, transform)
+    write_fuse_outputs(out, paths, result, args, as_2d, fusion_metadata(result, anat, func), transform)
     return result
 
 
@@ -349,6 +380,18 @@ def cmd_fuse(args) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # the other commands
+
+
+def cmd_presets(args) -> int:
+    from .windows import PRESETS, SLICER_NAMES  # noqa: PLC0415
+
+    slicer_names = {v: k for k, v in SLICER_NAMES.items()}
+    for p in PRESETS.values():
+        alias = f" (also '{slicer_names[p.name]}')" if p.name in slicer_names else ""
+        print(f"{p.name:16s} {p.units:6s} {p.lo:g}..{p.hi:g}  W {p.hi - p.lo:g} / L {(p.hi + p.lo) / 2:g}  {p.source}{alias}")
+    print(f"{'pet-suv-0-N':16s} {'SUVbw':6s} 0..N    any N > 0")
+    print("A CT in HU gets ct-soft-tissue unless a window or preset is given; MR and PET get a window from their data.")
+    return 0
 
 
 def cmd_methods(args) -> int:
@@ -440,11 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
                    "Rainbow, Grey, ...); default PET-Heat; use Grey for CT (grayscale fusion)")
     f.add_argument("--window", nargs=2, type=finite_float, metavar=("LO", "HI"),
-                   help="anatomical window (default: 0.5-99.5th percentile of the non-background voxels; "
-                   "0..255 for an 8-bit PNG/JPG/BMP picture)")
+                   help="anatomical window (default: ct-soft-tissue for a CT in HU, see --window-preset; else "
+                   "0.5-99.5th percentile of the non-background voxels; 0..255 for an 8-bit PNG/JPG/BMP picture)")
     f.add_argument("--functional-window", nargs=2, type=finite_float, metavar=("LO", "HI"),
                    help="functional window for the colour map (default: minimum .. 99.9th percentile of the "
                    "non-background voxels, whatever the voxel type; 0..255 for an 8-bit PNG/JPG/BMP picture)")
+    from .windows import preset_names  # noqa: PLC0415
+
+    names = ", ".join(preset_names())
+    f.add_argument("--window-preset", metavar="NAME",
+                   help=f"anatomical window by name ({names}, pet-suv-0-N; see 'medicalfusion presets'); "
+                   "default: ct-soft-tissue for a CT in HU, else --window's default")
+    f.add_argument("--functional-preset", metavar="NAME",
+                   help="functional window by name, e.g. pet-suv-0-5, pet-suv-0-10, pet-suv-0-20 (PET in SUV) "
+                   "or a CT preset for a CT functional; --functional-window wins over it")
     f.add_argument("--axis", default="axial", type=axis_name,
                    help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
     f.add_argument("--device", default="auto", choices=devices, help="torch device; default auto")
@@ -466,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the registration's transform as an ITK transform file (.tfm; in Slicer: load it "
                    "and set it as the functional's parent transform)")
     f.set_defaults(func=cmd_fuse)
+
+    pr = sub.add_parser("presets", help="list the named windows (--window-preset, --functional-preset)")
+    pr.set_defaults(func=cmd_presets)
 
     m = sub.add_parser("methods", help="list the fusion methods")
     m.add_argument("--verbose", "-v", action="store_true", help="also show family and reference")

@@ -1,13 +1,19 @@
-"""Slice-by-slice fusion on the torch device, in batches bounded by the device's memory.
+"""Slice-by-slice fusion on the torch device, in batches bounded by time and by the device's memory.
 
 The engine sees only normalised arrays: the anatomical and the functional luma, float32 in [0, 1],
 stacked as slices [N, H, W]. Between batches it reports progress and asks whether to cancel; on
 cancel it raises :class:`FusionCancelled` and returns nothing, so the caller writes nothing.
 Slices where both inputs are zero (padding outside the head) fuse to zero without running the
 method.
+
+Batches are sized so that the panel stays responsive: unless a batch size is given, the first
+batch is one slice, and each later batch holds as many slices as the last batch's seconds per
+slice fit into :data:`BATCH_SECONDS` (never more than the memory bound of :func:`batch_size_for`).
+Methods do not depend on batch composition, so the sizes change nothing in the result.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -20,6 +26,8 @@ from .methods import FusionMethod, get_method
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 MAX_BATCH = 64
+#: Seconds of work per batch the engine aims at (progress and a cancel check between batches).
+BATCH_SECONDS = 0.1
 
 
 def batch_size_for(method: FusionMethod, height: int, width: int, device: torch.device) -> int:
@@ -30,8 +38,13 @@ def batch_size_for(method: FusionMethod, height: int, width: int, device: torch.
 
 def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | FusionMethod,
                 device: str | torch.device = "auto", batch_size: int | None = None,
-                progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
-    """Fuse stacks of slices [N, H, W] (float32 in [0, 1]) and return the fused luma [N, H, W]."""
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                batch_seconds: float = BATCH_SECONDS) -> np.ndarray:
+    """Fuse stacks of slices [N, H, W] (float32 in [0, 1]) and return the fused luma [N, H, W].
+
+    ``batch_size``: slices per batch; None sizes batches by time (``batch_seconds`` of work each,
+    the first batch one slice) within the memory bound.
+    """
     if anatomical.shape != functional_y.shape or anatomical.ndim != 3:
         raise ValueError(f"expected two [N, H, W] stacks of one shape, got {anatomical.shape} and {functional_y.shape}")
     m = get_method(method) if isinstance(method, str) else method
@@ -39,22 +52,31 @@ def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | 
     n, h, w = anatomical.shape
     out = np.zeros((n, h, w), dtype=np.float32)
     nonempty = np.flatnonzero(anatomical.reshape(n, -1).any(axis=1) | functional_y.reshape(n, -1).any(axis=1))
-    bs = batch_size or batch_size_for(m, h, w, dev)
+    limit = batch_size or batch_size_for(m, h, w, dev)
+    bs = limit if batch_size else 1
+    if cancel is not None and cancel():
+        raise FusionCancelled("fusion cancelled")
     fn = m.build(dev)
     total = len(nonempty)
     if progress:
         progress(0, total)
+    start = 0
     with torch.inference_mode():
-        for start in range(0, total, bs):
+        while start < total:
             if cancel is not None and cancel():
                 raise FusionCancelled("fusion cancelled")
             idx = nonempty[start:start + bs]
+            t0 = time.perf_counter()
             a = torch.from_numpy(np.ascontiguousarray(anatomical[idx], dtype=np.float32)).unsqueeze(1).to(dev)
             b = torch.from_numpy(np.ascontiguousarray(functional_y[idx], dtype=np.float32)).unsqueeze(1).to(dev)
             f = fn(a, b)
             out[idx] = f.squeeze(1).clamp_(0.0, 1.0).float().cpu().numpy()
+            start += len(idx)
+            if not batch_size:   # size the next batch by the seconds per slice just measured
+                per_slice = (time.perf_counter() - t0) / len(idx)
+                bs = int(max(1, min(limit, batch_seconds // per_slice if per_slice > 0 else limit)))
             if progress:
-                progress(min(start + bs, total), total)
+                progress(start, total)
     if cancel is not None and cancel():
         raise FusionCancelled("fusion cancelled")
     return out

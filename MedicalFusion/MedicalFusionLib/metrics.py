@@ -25,6 +25,8 @@ Public API::
     slice_metrics(a, b, f, keys=None)    -> {key: float}
     volume_metrics(a8, b8, f8, axis=0, keys=None, progress=None)
                                          -> {key: (mean, std, n_slices)} over non-empty slices
+                                            (the numpy reference; the pipeline uses the torch version,
+                                            metrics_torch.volume_metrics_torch, same values)
     metrics_table_rows(result)           -> rows for a CSV file or a Slicer table node
 """
 from __future__ import annotations
@@ -312,8 +314,18 @@ def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return ndimage.correlate1d(y, g, axis=1, mode="constant")[:, r:x.shape[1] - r]
 
 
+#: VIF's HVS noise variance sigma_n^2 and its eps (both as in the CDDFuse evaluator's compare_viff).
+VIF_NOISE_VAR = 2.0
+VIF_EPS = 1e-10
+
+
+def vif_window(scale: int) -> np.ndarray:
+    """1D Gaussian factor of VIF's window at ``scale`` 1..4: N = 2^(5-scale) + 1 taps (17, 9, 5, 3)."""
+    return _gauss_1d(2 ** (4 - scale + 1) + 1)
+
+
 def _vif_terms(ref: np.ndarray, dist: np.ndarray, mu2, sigma2_sq, win) -> tuple[float, float]:
-    sigma_nsq, eps = 2.0, 1e-10
+    sigma_nsq, eps = VIF_NOISE_VAR, VIF_EPS
     mu1 = _filter_valid(ref, win)
     sigma1_sq = _filter_valid(ref * ref, win) - mu1 * mu1
     sigma12 = _filter_valid(ref * dist, win) - mu1 * mu2
@@ -342,8 +354,8 @@ def _vif_sources(sources: list[np.ndarray], f: np.ndarray) -> list[float]:
     nums = [0.0] * len(refs)
     dens = [0.0] * len(refs)
     for scale in range(1, 5):
-        n = 2 ** (4 - scale + 1) + 1  # 17, 9, 5, 3
-        win = _gauss_1d(n)
+        win = vif_window(scale)
+        n = len(win)  # 17, 9, 5, 3
         if scale > 1:
             refs = [_filter_valid(r, win)[::2, ::2] for r in refs]
             dist = _filter_valid(dist, win)[::2, ::2]
@@ -401,9 +413,14 @@ def _sobel_strength_angle(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return g, alpha
 
 
+#: Q^AB/F sigmoid constants (T, k, D) of the strength and the orientation terms (Xydeas & Petrovic 2000).
+QABF_STRENGTH = (0.9994, -15.0, 0.5)
+QABF_ORIENTATION = (0.9879, -22.0, 0.8)
+
+
 def _edge_preservation(g_x, a_x, g_f, a_f) -> np.ndarray:
-    tg, kg, dg = 0.9994, -15.0, 0.5
-    ta, ka, da = 0.9879, -22.0, 0.8
+    tg, kg, dg = QABF_STRENGTH
+    ta, ka, da = QABF_ORIENTATION
     hi = np.maximum(g_x, g_f)
     lo = np.minimum(g_x, g_f)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -604,10 +621,7 @@ def slice_metrics(a: np.ndarray, b: np.ndarray, f: np.ndarray, keys: list[str] |
 
     a (anatomical), b (functional), f (fused): uint8 [H, W] (RGB [H, W, 3] is reduced to luma).
     """
-    keys = METRIC_KEYS if keys is None else list(keys)
-    unknown = [k for k in keys if k not in _INFO]
-    if unknown:
-        raise FusionError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRIC_KEYS)}")
+    keys = check_keys(keys)
     a, b, f = _as_gray(a, "A"), _as_gray(b, "B"), _as_gray(f, "F")
     if not (a.shape == b.shape == f.shape):
         raise FusionError(f"metric inputs differ in shape (A {a.shape}, B {b.shape}, F {f.shape}): resample first")
@@ -647,15 +661,21 @@ def slice_metrics(a: np.ndarray, b: np.ndarray, f: np.ndarray, keys: list[str] |
     return out
 
 
-def volume_metrics(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0, keys: list[str] | None = None,
-                   progress: Callable[[int, int], object] | None = None) -> dict[str, tuple[float, float, int]]:
-    """Slice-wise metrics of a fused volume: ``{key: (mean, std, n_slices)}``.
+def check_keys(keys: list[str] | None) -> list[str]:
+    """``keys`` as a list (default: all, in METRICS order); FusionError naming any unknown key."""
+    keys = METRIC_KEYS if keys is None else list(keys)
+    unknown = [k for k in keys if k not in _INFO]
+    if unknown:
+        raise FusionError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRIC_KEYS)}")
+    return keys
 
-    a8, b8, f8: uint8 volumes of one shape (f8 may also be RGB [..., 3]: reduced to luma). Slices
-    are taken along ``axis``; only non-empty slices count (a or b has a nonzero voxel there), so the
-    air around the head does not inflate the averages. std is the population standard deviation
-    over those slices. ``progress(done, total)`` is called after each counted slice.
-    Raises FusionError if no slice is non-empty.
+
+def volume_slices(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0):
+    """The three volumes with the slice ``axis`` first and the indices of the non-empty slices.
+
+    a8, b8, f8: uint8 volumes of one shape (f8 may also be RGB [..., 3]: reduced to luma). A slice
+    is non-empty when a or b has a nonzero voxel there. Raises FusionError on mismatched shapes,
+    a bad axis, or when no slice is non-empty.
     """
     f8 = np.asarray(f8)
     if f8.ndim == 4 and f8.shape[-1] == 3:
@@ -670,7 +690,31 @@ def volume_metrics(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0
     nonempty = np.flatnonzero(np.any(a8 != 0, axis=other) | np.any(b8 != 0, axis=other))
     if nonempty.size == 0:
         raise FusionError("no slice has anatomical or functional content: check the inputs are not empty")
-    keys = METRIC_KEYS if keys is None else list(keys)
+    return a8, b8, f8, nonempty
+
+
+def summarise(values: dict[str, list[float] | np.ndarray]) -> dict[str, tuple[float, float, int]]:
+    """Per-slice values -> ``{key: (mean, population std, n_slices)}``."""
+    return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in values.items()}
+
+
+def volume_metrics(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0, keys: list[str] | None = None,
+                   progress: Callable[[int, int], object] | None = None) -> dict[str, tuple[float, float, int]]:
+    """Slice-wise metrics of a fused volume: ``{key: (mean, std, n_slices)}``, slice by slice in numpy.
+
+    This is the reference implementation (:func:`slice_metrics` on every slice); the pipeline uses
+    :func:`MedicalFusionLib.metrics_torch.volume_metrics_torch`, which computes the same values for
+    all slices at once in torch (docs/EVALUATION.md states the tolerances, docs/BENCHMARKS.md the
+    largest differences measured).
+
+    a8, b8, f8: uint8 volumes of one shape (f8 may also be RGB [..., 3]: reduced to luma). Slices
+    are taken along ``axis``; only non-empty slices count (a or b has a nonzero voxel there), so the
+    air around the head does not inflate the averages. std is the population standard deviation
+    over those slices. ``progress(done, total)`` is called after each counted slice.
+    Raises FusionError if no slice is non-empty.
+    """
+    a8, b8, f8, nonempty = volume_slices(a8, b8, f8, axis)
+    keys = check_keys(keys)
     values: dict[str, list[float]] = {k: [] for k in keys}
     for done, i in enumerate(nonempty, start=1):
         m = slice_metrics(a8[i], b8[i], f8[i], keys)
@@ -678,7 +722,7 @@ def volume_metrics(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0
             values[k].append(m[k])
         if progress is not None:
             progress(done, int(nonempty.size))
-    return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in values.items()}
+    return summarise(values)
 
 
 def metrics_table_rows(result: dict) -> list[dict]:

@@ -48,6 +48,8 @@ import SimpleITK as sitk
 
 from . import __version__, colour
 from .errors import FusionError
+from .progress import Progress
+from .windows import display_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +155,107 @@ def display_settings(node) -> DisplaySettings:
                 out.table = np.array([lut.GetTableValue(i)[:3] for i in range(lut.GetNumberOfTableValues())],
                                      dtype=np.float32)
     return out
+
+
+#: Voxel value unit codes (UCUM, as Slicer's DICOM plugins and the PET DICOM extension write them).
+HU_CODE = ("[hnsf'U]", "UCUM", "Hounsfield unit")
+SUVBW_CODE = ("{SUVbw}g/ml", "UCUM", "Standardized Uptake Value body weight")
+
+
+def _subject_hierarchy_attribute(node, name: str) -> str:
+    """An attribute of the node's subject hierarchy item (where Slicer's DICOM module puts
+    ``DICOM.Modality``), or ''."""
+    scene = node.GetScene()
+    # an existing subject hierarchy only: GetSubjectHierarchyNode would add one to the scene
+    sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") if scene is not None else None
+    if sh is None:
+        return ""
+    item = sh.GetItemByDataNode(node)
+    return sh.GetItemAttribute(item, name) if item else ""
+
+
+def node_units(node) -> str | None:
+    """What a volume node's values are: 'HU', 'SUVbw', ... or None when nothing says.
+
+    First match: our own attribute ``MedicalFusion.units`` (set by :func:`load_dicom_volume`); the
+    node's voxel value units code (``[hnsf'U]`` -> HU, ``{SUVbw}g/ml`` -> SUVbw: what Slicer's DICOM
+    plugins and the PET DICOM extension set); the ``DICOM.Modality`` attribute of the node or of its
+    subject hierarchy item (``CT`` -> HU). None lets the pipeline judge from the values.
+    """
+    attr = node.GetAttribute(ATTRIBUTE_PREFIX + "units")
+    if attr:
+        return attr
+    coded = node.GetVoxelValueUnits() if hasattr(node, "GetVoxelValueUnits") else None
+    code = (coded.GetCodeValue() or "") if coded is not None else ""
+    if code == HU_CODE[0]:
+        return "HU"
+    if code.startswith("{SUV") and code.endswith("}g/ml"):
+        return code[1:-len("}g/ml")]
+    modality = node.GetAttribute("DICOM.Modality") or _subject_hierarchy_attribute(node, "DICOM.Modality")
+    if (modality or "").upper() == "CT":
+        return "HU"
+    return None
+
+
+def add_volume_from_image(scene, image: sitk.Image, name: str):
+    """A new scalar volume node holding a 3D SimpleITK image (LPS) with its geometry in RAS."""
+    slicer, vtk = _slicer(), _vtk()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    direction = _RAS_TO_LPS @ np.array(image.GetDirection()).reshape(3, 3)   # LPS -> RAS (its own inverse)
+    origin = _RAS_TO_LPS @ np.array(image.GetOrigin())
+    m = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            m.SetElement(r, c, direction[r, c] * image.GetSpacing()[c])
+        m.SetElement(r, 3, origin[r])
+    node.SetIJKToRASMatrix(m)
+    return node
+
+
+def load_dicom_volume(scene, folder, name: str | None = None):
+    """Load one DICOM series folder into a new scalar volume node, as a radiologist would see it.
+
+    The voxels are read as the command line reads them (SimpleITK; PET in SUV when its header
+    allows, see :mod:`MedicalFusionLib.dicom`). The node gets the units (``MedicalFusion.units``
+    and the voxel value units code), ``DICOM.Modality`` and ``DICOM.FrameOfReferenceUID``
+    attributes, and a display node with the window the pipeline would choose (a CT in HU: the
+    soft-tissue preset; PET: PET-Heat when that colour node is in the scene). A notice about PET
+    units (logged when the series is read) is kept in ``MedicalFusion.units_notice``. Returns the node.
+    """
+    from .pipeline import anatomical_unit, functional_window_default  # noqa: PLC0415
+    from .sources import read_source  # noqa: PLC0415
+    from .windows import choose_window  # noqa: PLC0415
+
+    source = read_source(folder, "DICOM")
+    facts = source.facts
+    if facts is None:
+        raise FusionError(f"{folder} is not a DICOM series folder: give the folder that holds the series")
+    node = add_volume_from_image(scene, source.image, name or facts.series_description or facts.modality or "DICOM")
+    if facts.units:
+        node.SetAttribute(ATTRIBUTE_PREFIX + "units", facts.units)
+    node.SetAttribute("DICOM.Modality", facts.modality)
+    node.SetAttribute("DICOM.FrameOfReferenceUID", facts.frame_of_reference_uid)
+    code = {"HU": HU_CODE, "SUVbw": SUVBW_CODE}.get(facts.units)
+    if code is not None:
+        coded = _slicer().vtkCodedEntry()
+        coded.SetValueSchemeMeaning(*code)
+        node.SetVoxelValueUnits(coded)
+    if facts.notice:              # logged when the series was read
+        node.SetAttribute(ATTRIBUTE_PREFIX + "units_notice", facts.notice)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if facts.modality == "PT":
+        window = functional_window_default(source.image)
+        if scene.GetNodeByID(colour.SLICER_COLOR_NODE_IDS["PET-Heat"]) is not None:
+            display.SetAndObserveColorNodeID(colour.SLICER_COLOR_NODE_IDS["PET-Heat"])
+    else:
+        window = choose_window(source.image, "anatomical", units=facts.units or None).window
+        if window is None:
+            window = anatomical_unit(source.image, None)[1]
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(*window)
+    return node
 
 
 def _number_of_components(node) -> int:
@@ -324,13 +427,23 @@ def prepare_inputs(scene, anatomical, functional, options=None, use_display_wind
     a_img = image_from_node(anatomical)
     f_img = image_from_node(functional)
     info = {"anatomical": anatomical.GetName(), "functional": functional.GetName()}
+    if options.anatomical_units is None:
+        options.anatomical_units = node_units(anatomical)
+    if options.functional_units is None:
+        options.functional_units = node_units(functional)
     a_disp, f_disp = display_settings(anatomical), display_settings(functional)
-    if use_display_windows and options.anatomical_window is None and a_img.GetNumberOfComponentsPerPixel() == 1:
+    # A window preset wins over the display window ("as displayed"), as an explicit window does.
+    if (use_display_windows and options.anatomical_window is None and options.anatomical_preset is None
+            and a_img.GetNumberOfComponentsPerPixel() == 1):
         options.anatomical_window = a_disp.window
+        if a_disp.window is not None:
+            info["anatomical_window_source"] = "as displayed (the volume's window/level)"
     scalar_functional = f_img.GetNumberOfComponentsPerPixel() == 1
     if scalar_functional:
-        if use_display_windows and options.functional_window is None:
+        if use_display_windows and options.functional_window is None and options.functional_preset is None:
             options.functional_window = f_disp.window
+            if f_disp.window is not None:
+                info["functional_window_source"] = "as displayed (the volume's window/level)"
         if options.colormap is None:
             if f_disp.colormap is not None:
                 options.colormap = f_disp.colormap
@@ -493,10 +606,33 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
     ``output_table``: existing nodes (or IDs) to overwrite, or None to create new ones. The table is
     written only when ``options.compute_metrics``. Raises FusionError (bad input) or FusionCancelled;
     in both cases nothing in the scene has changed.
+
+    ``progress(done, total)`` and ``cancel() -> bool`` are called from the start to the end, at
+    least every few tenths of a second (reading the nodes, the pipeline, writing; see
+    :mod:`MedicalFusionLib.progress`). The last cancel check is made right before the scene is
+    touched; writing the nodes then reports progress only.
     """
+    with Progress(progress, cancel, scene_phases(bool(register))) as tracker:
+        result = _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table,
+                             use_display_windows, tracker, register, registration_settings)
+        tracker.finish()
+    return result
+
+
+def scene_phases(register: bool) -> tuple[tuple[str, float], ...]:
+    """Progress phases of :func:`fuse_nodes`: reading the nodes, the registration when asked for,
+    the pipeline (prepare, fuse, recombine, metrics), writing the output nodes."""
+    if register:
+        return ("read", 0.02), ("register", REGISTRATION_SHARE), ("pipeline", 0.95 - REGISTRATION_SHARE), ("write", 0.03)
+    return ("read", 0.02), ("pipeline", 0.95), ("write", 0.03)
+
+
+def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table, use_display_windows,
+                tracker: Progress, register: str | None, registration_settings) -> SceneFusionResult:
     from .pipeline import fuse_images  # noqa: PLC0415  (torch only when fusing)
 
     t0 = time.perf_counter()
+    tracker.phase("read")
     ok, reason = validate_inputs(scene, anatomical, functional, output_volume, output_table)
     if not ok:
         raise FusionError(reason)
@@ -505,18 +641,23 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
     output_volume = _resolve(scene, output_volume, "output volume")
     output_table = _resolve(scene, output_table, "output table")
 
+    tracker.tick()
     a_img, f_img, opts, transform, info = prepare_inputs(scene, anatomical, functional, options, use_display_windows)
     registration = None
     if register:
+        tracker.phase("register")
+        register_progress, register_cancel = tracker.callbacks()
         registration = _register_images(anatomical, functional, a_img, f_img, transform, register,
-                                        _share(progress, 0.0, REGISTRATION_SHARE), cancel, registration_settings)
+                                        register_progress, register_cancel, registration_settings)
         transform = registration.transform
         info.update(registration_info(registration))
-        progress = _share(progress, REGISTRATION_SHARE, 1.0)
-    result = fuse_images(a_img, f_img, opts, progress=progress, cancel=cancel, transform=transform)
+    tracker.phase("pipeline")
+    pipeline_progress, pipeline_cancel = tracker.callbacks()
+    result = fuse_images(a_img, f_img, opts, progress=pipeline_progress, cancel=pipeline_cancel, transform=transform)
 
     # Success. Every output is built off the scene first; only then are nodes created or changed,
     # all together: if any of that fails, created nodes are removed and given nodes put back.
+    tracker.phase("write")
     prepared = result.prepared
     info.update(method=result.method, device=result.device, seconds_engine=round(result.seconds, 3),
                 axis=opts.axis, version=__version__, grayscale=result.grayscale)
@@ -524,7 +665,10 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
         info["anatomical_window"] = prepared.anatomical_window
         info.setdefault("functional_window", prepared.functional_window)
         info.setdefault("colormap", prepared.colormap)
+        for key, value in display_metadata(prepared).items():   # units, how each window was chosen
+            info.setdefault(key, value)
     image_data = volume_image_data(result.rgb)
+    tracker.tick()
     vtk_table = None
     if opts.compute_metrics and result.metrics:
         from .metrics import metrics_table_rows  # noqa: PLC0415
@@ -534,12 +678,14 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
     given = [_NodeState(n) for n in (output_volume, output_table if vtk_table is not None else None) if n is not None]
     previous_parent = functional.GetTransformNodeID()
     transform_node = None
+    tracker.commit()      # the last cancel check: the scene is changed from here on
     try:
         if registration is not None:
             transform_node = place_registration(scene, anatomical, functional, registration, created)
         volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
                                   f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
         write_volume(volume, anatomical, image_data)
+        tracker.advance(1, 2)
         table = None
         if vtk_table is not None:
             table = _new_or_existing(scene, output_table, "vtkMRMLTableNode",
@@ -568,16 +714,6 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
 
 #: Share of the progress bar given to the registration when fuse_nodes registers first.
 REGISTRATION_SHARE = 0.3
-
-
-def _share(progress, start: float, stop: float):
-    """A progress(done, total) callback reporting into [start, stop] of ``progress`` (in 1/1000)."""
-    if progress is None:
-        return None
-
-    def report(done: int, total: int) -> None:
-        progress(int(round(1000 * (start + (stop - start) * done / max(total, 1)))), 1000)
-    return report
 
 
 def _register_images(anatomical, functional, a_img, f_img, start, kind, progress, cancel, settings):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom import SeriesFacts, read_series
 from .errors import FusionError
 
 #: 8-bit pictures that are display-ready as stored: their default window is 0..255. Every other
@@ -57,6 +58,7 @@ class Source:
     image: sitk.Image
     path: str = ""
     display_ready: bool = False
+    facts: SeriesFacts | None = None     # what a DICOM series' headers say (modality, units, ...)
 
     @property
     def was_2d(self) -> bool:
@@ -493,7 +495,9 @@ def _looks_like_dicom(path: pathlib.Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _read_dicom_series(folder: pathlib.Path, label: str = "") -> sitk.Image:
+def dicom_series_files(folder: pathlib.Path, label: str = "") -> list[str]:
+    """The files of the one DICOM series in ``folder``, in SimpleITK's (GDCM's) slice order; every
+    other DICOM file in the folder is refused."""
     label = label or f"input {display_path(folder)}"
     files = _dicom_files(folder, label)
     reader = sitk.ImageSeriesReader()
@@ -511,9 +515,14 @@ def _read_dicom_series(folder: pathlib.Path, label: str = "") -> sitk.Image:
                 and _looks_like_dicom(f):
             raise FusionError(f"{label}: {display_path(f.name)} is a DICOM file that is not part of the series "
                               "(truncated or damaged?): replace or remove it")
-    reader.SetFileNames(names)
+    return list(names)
+
+
+def _read_dicom_series(folder: pathlib.Path, label: str = "") -> tuple[sitk.Image, SeriesFacts]:
+    """The series' image in its units (PET in SUV when the header allows) and its header facts."""
+    files = dicom_series_files(folder, label)
     with native_quiet():
-        return reader.Execute()
+        return read_series(files)
 
 
 def read_source(path: str | os.PathLike, role: str) -> Source:
@@ -525,8 +534,9 @@ def read_source(path: str | os.PathLike, role: str) -> Source:
     if not is_dir:
         check_image_file(p, shown)
     try:
+        facts = None
         if is_dir:
-            image = _read_dicom_series(p, shown)
+            image, facts = _read_dicom_series(p, shown)
         else:
             with native_quiet():
                 image = sitk.ReadImage(str(p))
@@ -534,7 +544,7 @@ def read_source(path: str | os.PathLike, role: str) -> Source:
         raise FusionError(f"{shown} is not an image SimpleITK can read: use NRRD, NIfTI, MHA, DICOM or PNG/JPG") from None
     display_ready = (not is_dir and extension(p) in PICTURE_EXTENSIONS
                      and image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8))
-    return Source(image, path=str(p), display_ready=display_ready)
+    return Source(image, path=str(p), display_ready=display_ready, facts=facts)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -172,13 +172,21 @@ def unprivileged_kwargs(folder: pathlib.Path) -> dict:
     return {"preexec_fn": _drop_file_capabilities}
 
 
+def _as_from_a_terminal() -> None:
+    """In the child: SIGINT at its default, as a command typed at a terminal has it. A background job
+    of a non-interactive shell (``make test &``) inherits SIGINT ignored, and the CLI keeps an
+    ignored SIGINT ignored (as nohup users expect), so Ctrl-C tests would see a finished run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_paused(args, cwd: pathlib.Path, point: str, marker: pathlib.Path) -> subprocess.Popen:
     """Start the command so that it pauses at ``point`` (outputs.pause_point); wait until it is there."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(MODULE_DIR) + os.pathsep + env.get("PYTHONPATH", "")
     env.update({PAUSE_ENV: point, PAUSE_FILE_ENV: str(marker)})
     proc = subprocess.Popen([sys.executable, "-m", "MedicalFusionLib.cli", *[str(a) for a in args]], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 300
     while not marker.exists():
         if proc.poll() is not None:

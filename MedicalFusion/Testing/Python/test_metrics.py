@@ -495,3 +495,148 @@ def test_reproduces_reference_evaluator_anchors(pair):
     assert not failures, "\n".join(failures)
     # 255 as the peak agrees only where F reaches 255 (ymax of CT/PET); it misses the yavg rows
     assert not all(_close(psnr255[m] / len(rows), anchors[(pair, m)]["PSNR"]) for m in sums)
+
+
+# ------------------------------------------------------------------------------------------
+# the torch volume metrics (metrics_torch) against the numpy reference
+
+# Largest difference allowed between volume_metrics_torch and volume_metrics, per metric (of the
+# mean and of the std over the slices). The integer-based metrics are exact up to float64
+# rounding; AG, SSIM, Qabf and FMI carry float32 per-pixel arithmetic; VIF filters in float32.
+# docs/EVALUATION.md states the largest differences measured.
+TORCH_TOLERANCE = {"EN": 1e-12, "SD": 1e-10, "SF": 1e-10, "AG": 1e-5, "MI_bits": 1e-12, "MI_nats": 1e-12,
+                   "FMI_pixel": 2e-6, "FMI_gradient": 2e-6, "SCD": 1e-12, "VIF": 1e-4, "Qabf": 1e-6,
+                   "SSIM_avg": 1e-6, "SSIM_sum": 2e-6, "PSNR": 1e-10, "CC": 1e-12, "ARI": 1e-12}
+
+
+def _assert_torch_matches_numpy(a8, b8, f8, axis=0, keys=None, **kw):
+    from MedicalFusionLib.metrics_torch import volume_metrics_torch
+
+    ref = M.volume_metrics(a8, b8, f8, axis=axis, keys=keys)
+    ours = volume_metrics_torch(a8, b8, f8, axis=axis, keys=keys, device="cpu", **kw)
+    assert list(ours) == list(ref)
+    bad = []
+    for k, (mean, std, n) in ref.items():
+        o_mean, o_std, o_n = ours[k]
+        tol = TORCH_TOLERANCE[k] * max(1.0, abs(mean))
+        if o_n != n or not (abs(o_mean - mean) <= tol and abs(o_std - std) <= tol):
+            bad.append(f"{k}: numpy ({mean:.10g}, {std:.3g}, {n}) torch ({o_mean:.10g}, {o_std:.3g}, {o_n})")
+    assert not bad, "\n".join(bad)
+    return ours
+
+
+def _edge_case_volume(shape=(18, 23)):
+    """Slices that exercise every degenerate branch: empty, constant, identical, delta windows,
+    anti-correlated (lower Frechet bound), saturated, noise."""
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, size=(3,) + shape).astype(np.uint8)
+    a0, b0, f0 = noise
+    z = np.zeros(shape, np.uint8)
+    c77 = np.full(shape, 77, np.uint8)
+    delta = z.copy()
+    delta[shape[0] // 2, shape[1] // 2] = 200
+    smooth = _rng_images(seed=9, shape=shape)
+    slices = [
+        (z, z, z),                           # empty: not counted
+        (c77, c77, c77),                     # constant everywhere
+        (a0, z, a0),                         # B empty, F = A
+        (a0, a0, a0),                        # F = A = B
+        (a0, b0, np.full(shape, 255, np.uint8)),   # F saturated
+        (delta, b0, delta),                  # delta windows
+        (a0, b0, (255 - a0).astype(np.uint8)),     # F anti-correlated with A
+        (a0, b0, (a0 // 2 + b0 // 2).astype(np.uint8)),
+        (c77, b0, f0),                       # A constant
+        tuple(smooth),                       # smooth, with black borders
+        (a0, b0, f0),                        # noise
+    ]
+    return tuple(np.stack(s) for s in zip(*slices))
+
+
+def test_torch_volume_metrics_match_numpy_on_edge_cases():
+    a8, b8, f8 = _edge_case_volume()
+    ours = _assert_torch_matches_numpy(a8, b8, f8)
+    assert ours["EN"][2] == 10                          # the empty slice is not counted
+    # the same volume sliced along another axis, and with F given as RGB
+    _assert_torch_matches_numpy(np.moveaxis(a8, 0, 2), np.moveaxis(b8, 0, 2), np.moveaxis(f8, 0, 2), axis=2)
+    rgb = np.stack([f8, np.roll(f8, 1, axis=2), f8 // 3], axis=-1)
+    _assert_torch_matches_numpy(a8, b8, rgb)
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (7, 12), (31, 8)])
+def test_torch_volume_metrics_match_numpy_on_tiny_slices(shape):
+    a8, b8, f8 = _edge_case_volume(shape)
+    _assert_torch_matches_numpy(a8, b8, f8)
+
+
+def test_torch_volume_metrics_refuse_what_the_reference_refuses():
+    from MedicalFusionLib.metrics_torch import volume_metrics_torch
+
+    a8, b8, f8 = _edge_case_volume((5, 9))
+    for impl in (M.volume_metrics, volume_metrics_torch):
+        with pytest.raises(FusionError, match="SSIM needs slices of at least 7x7"):
+            impl(a8, b8, f8)
+        with pytest.raises(FusionError, match="unknown metric"):
+            impl(a8, b8, f8, keys=["NOPE"])
+        with pytest.raises(FusionError) as e:
+            impl(np.zeros_like(a8), np.zeros_like(b8), f8)
+        assert "\n" not in str(e.value)
+    # slices too small for SSIM are fine for the metrics that do not need 7x7 windows
+    _assert_torch_matches_numpy(a8, b8, f8, keys=["EN", "MI_bits", "FMI_pixel", "FMI_gradient", "VIF", "Qabf", "CC"])
+
+
+def test_torch_volume_metrics_in_small_batches_and_chunks_give_the_same_values(monkeypatch):
+    from MedicalFusionLib import metrics_torch as MT
+
+    a8, b8, f8 = _edge_case_volume((40, 37))
+    whole = MT.volume_metrics_torch(a8, b8, f8, device="cpu")
+    monkeypatch.setattr(MT, "FMI_CHUNK", 97)
+    pieces = MT.volume_metrics_torch(a8, b8, f8, device="cpu", batch_pixels=40 * 37 * 2)
+    for k in whole:   # float32 sums over other chunk lengths may round differently: 1e-9, not 0
+        assert pieces[k] == pytest.approx(whole[k], rel=1e-9, abs=1e-9), k
+
+
+def test_torch_volume_metrics_report_progress_and_cancel():
+    from MedicalFusionLib.errors import FusionCancelled
+    from MedicalFusionLib.metrics_torch import volume_metrics_torch
+
+    a8, b8, f8 = _edge_case_volume()
+    seen = []
+    volume_metrics_torch(a8, b8, f8, device="cpu", progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] <= seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    with pytest.raises(FusionCancelled):
+        volume_metrics_torch(a8, b8, f8, device="cpu", cancel=lambda: True)
+
+
+def test_torch_volume_metrics_match_numpy_on_spm12_fused_with_lp():
+    """The spm12 T1 + PET pair as the pipeline measures it (lp fusion), every 5th slice."""
+    import SimpleITK as sitk
+
+    from MedicalFusionLib.pipeline import FusionOptions, fuse_images, source_gray8
+
+    spm12 = _data_root() / "spm12"
+    if not (spm12 / "PET.nii").is_file():
+        pytest.skip(f"spm12 templates not found in {spm12} (set MEDICALFUSION_DATA to the data folder)")
+    r = fuse_images(sitk.ReadImage(str(spm12 / "T1.nii")), sitk.ReadImage(str(spm12 / "PET.nii")),
+                    FusionOptions(method="lp", compute_metrics=False))
+    a8, b8 = source_gray8(r.prepared)
+    f8 = gray8(r.rgb)
+    take = slice(10, None, 5)
+    _assert_torch_matches_numpy(a8[take], b8[take], f8[take], axis=r.axis)
+
+
+def test_torch_volume_metrics_match_numpy_on_aanlib_slices():
+    """Six aanlib test pairs of each modality (PET, SPECT: colour; CT: gray), fused as `yavg`."""
+    root = _data_root()
+    split = root / "aanlib" / "split.csv"
+    if not split.is_file():
+        pytest.skip(f"../shared/data/aanlib not found: {split} is missing (set MEDICALFUSION_DATA to the data folder)")
+    with open(split, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    for pair in ("PET-MRI", "SPECT-MRI", "CT-MRI"):
+        picked = [r for r in rows if r["pair"] == pair][::7][:6]
+        assert picked, f"no test pairs of {pair} in {split}"
+        vols = []
+        for r in picked:
+            mri, func = _read_png(root / "aanlib" / r["mri"]), _read_png(root / "aanlib" / r["image"])
+            vols.append((gray8(mri), gray8(func), gray8(_ycbcr_fuse(mri, func, "yavg"))))
+        _assert_torch_matches_numpy(*(np.stack(v) for v in zip(*vols)))

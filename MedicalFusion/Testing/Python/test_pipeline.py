@@ -83,22 +83,25 @@ def test_spm12_pet_on_t1_end_to_end(shared_data):
     assert np.corrcoef(aligned_y.ravel(), np.clip((raw[:, :, ::-1] - lo) / (hi - lo), 0, 1).ravel())[0, 1] > 0.9
 
 
-def test_progress_spans_fusion_then_metrics_and_cancel_works_during_metrics(small_pair):
+def test_progress_spans_every_phase_and_cancel_works_in_each(small_pair):
     from MedicalFusionLib.errors import FusionCancelled
+    from MedicalFusionLib.progress import active_phase
 
     anat, pet = small_pair
-    seen = []
-    fuse_images(anat, pet, FusionOptions(method="alpha", batch_size=4), progress=lambda d, t: seen.append((d, t)))
-    assert seen[0] == (0, 16) and seen[-1] == (16, 16)
+    seen, phases = [], []
+
+    def progress(done, total):
+        seen.append((done, total))
+        phases.append(active_phase())
+
+    fuse_images(anat, pet, FusionOptions(method="alpha", batch_size=4), progress=progress)
+    assert len({t for _, t in seen}) == 1                       # one total for the whole run
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1]
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
-    calls = []
-
-    def cancel():
-        calls.append(1)
-        return len(calls) > 6        # past the engine's checks: cancels while measuring
-
-    with pytest.raises(FusionCancelled):
-        fuse_images(anat, pet, FusionOptions(method="alpha", batch_size=8), cancel=cancel)
+    assert {"prepare", "fuse", "recombine", "metrics"} <= set(phases)
+    for phase in ("prepare", "fuse", "recombine", "metrics"):
+        with pytest.raises(FusionCancelled):
+            fuse_images(anat, pet, FusionOptions(method="alpha"), cancel=lambda phase=phase: active_phase() == phase)
 
 
 def test_custom_colour_table_and_grey_rgb_functional(small_pair):

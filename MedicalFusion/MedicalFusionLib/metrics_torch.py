@@ -1,0 +1,601 @@
+"""The volume metrics in torch: the 16 metrics of :mod:`.metrics` for every slice of a volume at once.
+
+:func:`volume_metrics_torch` returns what :func:`MedicalFusionLib.metrics.volume_metrics` returns
+(``{key: (mean, std, n_slices)}`` over the non-empty slices) with the same values, but computes
+them in torch on the fusion's device (CUDA, Apple MPS or the CPU, chosen as the engine chooses),
+for batches of slices at a time, in one pass over the volume, with a cancel check and a progress
+report at least every few tens of milliseconds. The numpy/scipy/scikit-image implementation in
+:mod:`.metrics` stays the reference (the evaluation and the reference-evaluator agreement tests use
+it); the tests compare the two on real and synthetic volumes within the tolerances that
+docs/EVALUATION.md states, and docs/BENCHMARKS.md (section 'metrics') lists the largest difference
+measured per metric.
+
+Where the time goes and how it is saved:
+
+- **Exact integer statistics.** Inputs are 8-bit, so EN, MI, ARI (one ``bincount`` of all slices'
+  joint gray levels, each slice offset by 65536), SD, SF, PSNR, CC and SCD (per-slice integer sums
+  of f, a, b, f^2, a^2, b^2, fa, fb, ab and of the squared first differences) and SSIM's 7x7 window
+  sums (integer cumulative sums: no rounding at all) are exact; only the final formula is floating
+  point (float64 on the CPU and CUDA).
+- **VIF** filters all of a scale's eight maps (F, A, B, F^2, A^2, B^2, AF, BF) as channels of one
+  depthwise separable convolution in float32 (float64 convolution is several times slower on the
+  CPU); the clamps of the formula are masks, not branches.
+- **FMI** (fast-FMI with 3x3 windows, the heaviest metric by far) never builds the 9x9 joint
+  distribution of a window pair. The Frechet bound's cells are nonzero only on a monotone
+  "staircase" of at most 17 cells (the merge of the two 9-step cdfs), so the joint entropy is the
+  closed-form entropy of the independent part, ``(1 - t)(H(p) + H(q)) - (1 - t) log2 |1 - t|``,
+  plus a correction on those 17 cells; the staircase is walked for all window pairs at once on
+  exact integer keys (cdf numerators cross-multiplied), and the bound's covariance comes from the
+  same 17 cells. Windows that are constant or identical are settled without any of this, as in
+  the reference.
+
+Memory: slices are processed in batches of at most :data:`BATCH_PIXELS` pixels (about 150 bytes of
+working memory per pixel, so ~40 MB), FMI window pairs in chunks of :data:`FMI_CHUNK`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .device import pick_device
+from .errors import FusionError
+from .metrics import (
+    PSNR_CAP, QABF_ORIENTATION, QABF_STRENGTH, VIF_EPS, VIF_NOISE_VAR, check_keys, summarise, vif_window,
+    volume_slices,
+)
+from .progress import CancelFn, Progress, ProgressFn
+
+logger = logging.getLogger(__name__)
+
+#: Pixels (slices x height x width) per batch of slices.
+BATCH_PIXELS = 1 << 18
+#: FMI window pairs per chunk (keeps the walk's arrays in the CPU cache).
+FMI_CHUNK = 4096
+#: scikit-image's structural_similarity defaults: 7x7 uniform window, K1, K2, data range 255.
+SSIM_WINDOW, SSIM_C1, SSIM_C2 = 7, (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+_GROUPS = {   # metric key -> the computation that produces it
+    "EN": "hist", "MI_bits": "hist", "MI_nats": "hist", "ARI": "hist",
+    "SD": "moments", "SF": "moments", "AG": "moments", "PSNR": "moments", "CC": "moments", "SCD": "moments",
+    "SSIM_avg": "ssim", "SSIM_sum": "ssim", "VIF": "vif", "Qabf": "qabf",
+    "FMI_pixel": "fmi_pixel", "FMI_gradient": "fmi_gradient",
+}
+# relative cost of each computation (per pixel, CPU), to spread progress over a batch
+_COST = {"hist": 1.0, "moments": 1.0, "ssim": 1.5, "vif": 6.0, "qabf": 2.0, "fmi_pixel": 20.0, "fmi_gradient": 20.0}
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    """Accumulation dtype of per-slice sums (MPS has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _slice_sum(x: torch.Tensor) -> torch.Tensor:
+    """Per-slice sum of a [S, ...] tensor, in float64 where the device has it, on the CPU."""
+    return x.reshape(x.shape[0], -1).sum(1, dtype=_acc_dtype(x.device)).cpu().double()
+
+
+def _int_sum(x: torch.Tensor) -> np.ndarray:
+    """Per-slice exact sum of an integer [S, ...] tensor, as int64 numpy."""
+    return x.reshape(x.shape[0], -1).sum(1, dtype=torch.int64).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# histograms: EN, MI, ARI
+
+def _joint_histograms(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU int64)."""
+    s = f.shape[0]
+    offset = (torch.arange(s, device=f.device, dtype=torch.int64) << 16).view(s, 1, 1)
+    idx = (f.to(torch.int64) << 8) | x.to(torch.int64) | offset
+    return torch.bincount(idx.view(-1), minlength=s << 16).view(s, 256, 256).cpu()
+
+
+class _NLogN:
+    """sum of k ln k over integer counts k <= n, from a table (a gather is cheaper than a log)."""
+
+    def __init__(self, n: int):
+        k = torch.arange(n + 1, dtype=torch.float64)
+        self.table = torch.xlogy(k, k)
+
+    def __call__(self, counts: torch.Tensor) -> torch.Tensor:
+        flat = counts.reshape(counts.shape[0], -1)
+        return self.table.index_select(0, flat.reshape(-1)).view(flat.shape).sum(1)
+
+
+def _mi_nats(joint: torch.Tensor, n: int, nlogn: _NLogN) -> torch.Tensor:
+    """MI from counts: (sum n_ij ln n_ij - sum n_i ln n_i - sum n_j ln n_j) / n + ln n, at least 0."""
+    mi = (nlogn(joint) - nlogn(joint.sum(2)) - nlogn(joint.sum(1))) / n + math.log(n)
+    return mi.clamp_min(0.0)
+
+
+def _ari(joint: torch.Tensor, n: int) -> torch.Tensor:
+    """Adjusted Rand index from contingency tables, scikit-learn's conventions (see metrics.ari);
+    the pair counts are exact integers."""
+    sum_sq = (joint * joint).sum((1, 2))
+    a, b = joint.sum(2), joint.sum(1)
+    tp = (sum_sq - n).double()
+    fp = ((b * b).sum(1) - sum_sq).double()
+    fn = ((a * a).sum(1) - sum_sq).double()
+    tn = float(n * n) - fp - fn - sum_sq.double()
+    den = (tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)
+    out = torch.where(den != 0, 2.0 * (tp * tn - fn * fp) / torch.where(den != 0, den, 1.0), torch.zeros_like(den))
+    return torch.where((fn == 0) & (fp == 0), torch.ones_like(out), out)
+
+
+def _hist_metrics(a, b, f) -> dict[str, np.ndarray]:
+    n = int(f.shape[1] * f.shape[2])
+    nlogn = _NLogN(n)
+    ja, jb = _joint_histograms(a, f), _joint_histograms(b, f)
+    en = (math.log(n) - nlogn(ja.sum(2)) / n) / math.log(2.0)    # -sum p log2 p, p = counts / n
+    mi = _mi_nats(ja, n, nlogn) + _mi_nats(jb, n, nlogn)
+    return {"EN": en.numpy(), "MI_nats": mi.numpy(), "MI_bits": (mi / math.log(2.0)).numpy(),
+            "ARI": (0.5 * (_ari(ja, n) + _ari(jb, n))).numpy()}
+
+
+# --------------------------------------------------------------------------------------------------
+# moments: SD, SF, AG, PSNR, CC, SCD
+
+def _doubled_gradient(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """2 x numpy.gradient(x, axis=dim) of an int32 [S, H, W] tensor (an integer: central differences
+    inside, one-sided differences, doubled, on the first and last row/column)."""
+    g = torch.empty_like(x)
+    n = x.shape[dim]
+    g.narrow(dim, 1, n - 2).copy_(x.narrow(dim, 2, n - 2) - x.narrow(dim, 0, n - 2))
+    g.narrow(dim, 0, 1).copy_(2 * (x.narrow(dim, 1, 1) - x.narrow(dim, 0, 1)))
+    g.narrow(dim, n - 1, 1).copy_(2 * (x.narrow(dim, n - 1, 1) - x.narrow(dim, n - 2, 1)))
+    return g
+
+
+def _corr_from_sums(n, sx, sy, sxx, syy, sxy) -> np.ndarray:
+    """Pearson correlation from exact integer sums (int64 numerators); 0 where either is constant."""
+    vx = (n * sxx - sx * sx).astype(np.float64)
+    vy = (n * syy - sy * sy).astype(np.float64)
+    cov = (n * sxy - sx * sy).astype(np.float64)
+    den = np.sqrt(vx) * np.sqrt(vy)
+    return np.where(den > 0, cov / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _moment_metrics(a, b, f) -> dict[str, np.ndarray]:
+    h, w = f.shape[1], f.shape[2]
+    n = h * w
+    fi, ai, bi = f.to(torch.int32), a.to(torch.int32), b.to(torch.int32)
+    sf, sa, sb = _int_sum(fi), _int_sum(ai), _int_sum(bi)
+    sff, saa, sbb = _int_sum(fi * fi), _int_sum(ai * ai), _int_sum(bi * bi)
+    sfa, sfb, sab = _int_sum(fi * ai), _int_sum(fi * bi), _int_sum(ai * bi)
+    out: dict[str, np.ndarray] = {}
+    out["SD"] = np.sqrt((n * sff - sf * sf).astype(np.float64)) / n
+    rf2 = _int_sum((fi[:, :, 1:] - fi[:, :, :-1]) ** 2) / (h * (w - 1)) if w > 1 else np.zeros(len(sf))
+    cf2 = _int_sum((fi[:, 1:] - fi[:, :-1]) ** 2) / ((h - 1) * w) if h > 1 else np.zeros(len(sf))
+    out["SF"] = np.sqrt(rf2 + cf2)
+    if min(h, w) < 2:
+        out["AG"] = np.zeros(len(sf))
+    else:
+        gx, gy = _doubled_gradient(fi, 2), _doubled_gradient(fi, 1)
+        out["AG"] = (_slice_sum(torch.sqrt((gx * gx + gy * gy).to(torch.float32))) / math.sqrt(8.0) / n).numpy()
+    # PSNR: MSE = (sum (f-a)^2 + sum (f-b)^2) / (2n), peak max(F)
+    mse = ((sff - 2 * sfa + saa) + (sff - 2 * sfb + sbb)).astype(np.float64) / (2.0 * n)
+    peak = f.reshape(f.shape[0], -1).amax(1).cpu().numpy().astype(np.float64)
+    with np.errstate(divide="ignore"):
+        psnr = np.minimum(PSNR_CAP, 10.0 * np.log10(peak * peak / np.where(mse > 0, mse, 1.0)))
+    out["PSNR"] = np.where(mse == 0, PSNR_CAP, np.where(peak == 0, 0.0, psnr))
+    out["CC"] = 0.5 * (_corr_from_sums(n, sf, sa, sff, saa, sfa) + _corr_from_sums(n, sf, sb, sff, sbb, sfb))
+    # SCD = r(F - B, A) + r(F - A, B), from the same sums
+    r1 = _corr_from_sums(n, sf - sb, sa, sff - 2 * sfb + sbb, saa, sfa - sab)
+    r2 = _corr_from_sums(n, sf - sa, sb, sff - 2 * sfa + saa, sbb, sfb - sab)
+    out["SCD"] = r1 + r2
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# SSIM (scikit-image's structural_similarity, data_range 255, 7x7 uniform window, sample covariance)
+
+def _ssim_metrics(a, b, f) -> dict[str, np.ndarray]:
+    k = SSIM_WINDOW
+    if min(f.shape[1], f.shape[2]) < k:
+        raise FusionError(f"SSIM needs slices of at least {k}x{k} pixels, got {tuple(f.shape[1:])}")
+    npix = k * k
+    x = torch.stack([f, a, b], 1).to(torch.float32)
+    maps = torch.cat([x, x * x, x[:, 1:] * x[:, :1]], 1)           # F A B, F2 A2 B2, AF BF
+    # 7x7 window sums over the valid region: sums of integers below 2^24, exact in float32
+    sums = _separable(maps, torch.ones(k, device=f.device)).to(torch.int32)
+    s_f, s_ff = sums[:, 0], sums[:, 3]
+    u_f = s_f.to(torch.float32) / npix
+    norm = 1.0 / (npix * (npix - 1))        # cov_norm NP/(NP-1) over NP^2
+    v_f = (npix * s_ff - s_f * s_f).to(torch.float32) * norm
+    count = float(s_f.shape[1] * s_f.shape[2])
+    total = torch.zeros(f.shape[0], dtype=torch.float64)
+    for c in (1, 2):
+        s_x, s_xx, s_fx = sums[:, c], sums[:, 3 + c], sums[:, 5 + c]
+        u_x = s_x.to(torch.float32) / npix
+        v_x = (npix * s_xx - s_x * s_x).to(torch.float32) * norm      # exact integer numerators
+        v_fx = (npix * s_fx - s_f * s_x).to(torch.float32) * norm
+        num = (2.0 * u_f * u_x + SSIM_C1) * (2.0 * v_fx + SSIM_C2)
+        den = (u_f * u_f + u_x * u_x + SSIM_C1) * (v_f + v_x + SSIM_C2)
+        total += _slice_sum(num / den) / count
+    return {"SSIM_sum": total.numpy(), "SSIM_avg": (total / 2.0).numpy()}
+
+
+# --------------------------------------------------------------------------------------------------
+# VIF (multi-scale pixel-domain, as metrics.vif)
+
+def _separable(x: torch.Tensor, g: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """'valid' correlation of every channel of [S, C, H, W] with g g^T (depthwise), optional stride."""
+    c, n = x.shape[1], g.numel()
+    x = F.conv2d(x, g.view(1, 1, n, 1).expand(c, 1, n, 1), stride=(stride, 1), groups=c)
+    return F.conv2d(x, g.view(1, 1, 1, n).expand(c, 1, 1, n), stride=(1, stride), groups=c)
+
+
+def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
+    s = f.shape[0]
+    images = torch.stack([f, a, b], 1).to(torch.float32)      # [S, 3, H, W]: D, A, B
+    nums = torch.zeros(s, 2, dtype=torch.float64)
+    dens = torch.zeros(s, 2, dtype=torch.float64)
+    for scale in range(1, 5):
+        g = torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
+        n = g.numel()
+        if scale > 1:
+            images = _separable(images, g, 2)
+        if min(images.shape[2], images.shape[3]) < n:
+            break
+        d = images[:, :1]
+        maps = torch.cat([images, images * images, images[:, 1:] * d], 1)   # D A B, D2 A2 B2, AD BD
+        mu = _separable(maps, g)
+        mu_d, mu_r = mu[:, :1], mu[:, 1:3]
+        var_d = (mu[:, 3:4] - mu_d * mu_d).clamp_min(0.0)
+        var_r = (mu[:, 4:6] - mu_r * mu_r).clamp_min(0.0)
+        cov = mu[:, 6:8] - mu_r * mu_d
+        ok_r = (var_r >= VIF_EPS).to(torch.float32)
+        gain = cov / (var_r + VIF_EPS)
+        valid = ok_r * (var_d >= VIF_EPS).to(torch.float32) * (gain >= 0).to(torch.float32)
+        gain = gain * valid
+        var_n = (var_d - gain * cov).clamp_min(VIF_EPS)
+        num = torch.log10(1.0 + gain * gain * var_r / (var_n + VIF_NOISE_VAR))
+        den = torch.log10(1.0 + var_r * ok_r / VIF_NOISE_VAR)
+        acc = _acc_dtype(f.device)
+        nums += num.sum((2, 3), dtype=acc).cpu().double()
+        dens += den.sum((2, 3), dtype=acc).cpu().double()
+    vif = torch.where(dens > 0, nums / torch.where(dens > 0, dens, torch.ones_like(dens)), torch.ones_like(dens))
+    return {"VIF": vif.sum(1).numpy()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Qabf
+
+def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strength and orientation of scipy.ndimage.convolve with the Sobel kernels (zero padding),
+    as separable integer sums: sx[i, j] = v[i, j-1] - v[i, j+1] with v the [1 2 1] sum down the
+    rows, sy[i, j] = h[i+1, j] - h[i-1, j] with h the [1 2 1] sum along the rows."""
+    p = F.pad(x.to(torch.float32), (1, 1, 1, 1))
+    smooth_v = p[:, :-2] + 2.0 * p[:, 1:-1] + p[:, 2:]                 # [1 2 1] down the rows
+    smooth_h = p[..., :-2] + 2.0 * p[..., 1:-1] + p[..., 2:]           # [1 2 1] along the rows
+    sx = smooth_v[..., :-2] - smooth_v[..., 2:]
+    sy = smooth_h[:, 2:] - smooth_h[:, :-2]
+    g = torch.sqrt(sx * sx + sy * sy)
+    zero = (sx == 0).to(torch.float32)
+    alpha = torch.atan(sy / (sx + zero)) * (1.0 - zero) + zero * (math.pi / 2)
+    return g, alpha
+
+
+def _edge_preservation(g_x, a_x, g_f, a_f) -> torch.Tensor:
+    tg, kg, dg = QABF_STRENGTH
+    ta, ka, da = QABF_ORIENTATION
+    hi, lo = torch.maximum(g_x, g_f), torch.minimum(g_x, g_f)
+    none = (hi == 0).to(torch.float32)           # both 0: relative strength 1
+    rel_g = (lo + none) / (hi + none)
+    rel_a = 1.0 - torch.abs(a_x - a_f) / (math.pi / 2)
+    return tg / (1.0 + torch.exp(kg * (rel_g - dg))) * (ta / (1.0 + torch.exp(ka * (rel_a - da))))
+
+
+def _qabf_metrics(a, b, f) -> dict[str, np.ndarray]:
+    g_f, a_f = _sobel(f)
+    num = torch.zeros(f.shape[0], dtype=torch.float64)
+    den = torch.zeros(f.shape[0], dtype=torch.float64)
+    for x in (a, b):
+        g_x, a_x = _sobel(x)
+        num += _slice_sum(_edge_preservation(g_x, a_x, g_f, a_f) * g_x)
+        den += _slice_sum(g_x)
+    return {"Qabf": torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                                torch.zeros_like(den)).numpy()}
+
+
+# --------------------------------------------------------------------------------------------------
+# FMI: fast-FMI with 3x3 windows (see metrics.feature_mutual_information)
+
+# Window pairs are packed into int64 words, one per cdf step, so that the staircase walk moves one
+# word per list and step. Little-endian int16 lanes of a word: [value, tag << 8 | weight, key (int32)];
+# the key is the cdf numerator cross-multiplied by the other window's sum, so that comparing words
+# compares cdf values exactly (equal cdf values: the tag puts Q's step first). The lanes are read
+# back as strided int16/int32 views, without shifts or masks.
+_TAG = 1 << 8
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_TINY = 1e-30
+
+
+def _feature(x: torch.Tensor, feature: str) -> torch.Tensor:
+    """FMI feature map as exact integers (int16): the pixels, or 2 x the horizontal numpy.gradient."""
+    x = x.to(torch.int16)
+    if feature == "pixel":
+        return x
+    return _doubled_gradient(x, 2)
+
+
+def _window_rows(v: torch.Tensor) -> torch.Tensor:
+    """[L, 9] values of every 3x3 window fully inside each slice, flattened column by column."""
+    s, h, w = v.shape
+    return torch.stack([v[:, r:r + h - 2, c:c + w - 2] for c in range(3) for r in range(3)], dim=-1).reshape(-1, 9)
+
+
+def _window_range(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = v.to(torch.float32).unsqueeze(1)
+    return F.max_pool2d(x, 3, 1)[:, 0], -F.max_pool2d(-x, 3, 1)[:, 0]
+
+
+def _lanes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """An int64 [..., n] tensor's 16- or 32-bit lanes, low first: [..., n, 64 // bits] (a view)."""
+    dtype = torch.int16 if bits == 16 else torch.int32
+    if _LITTLE_ENDIAN:
+        return words.view(dtype).view(*words.shape, 64 // bits)
+    parts = [(words >> (bits * i)) & ((1 << bits) - 1) for i in range(64 // bits)]
+    return torch.stack(parts, -1).to(dtype)
+
+
+def _cdf_numerators(d: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums down the 9 rows of an int32 [9, n] tensor (row by row: torch.cumsum along
+    the first axis is several times slower)."""
+    out = torch.empty_like(d)
+    out[0] = d[0]
+    for r in range(1, d.shape[0]):
+        torch.add(out[r - 1], d[r], out=out[r])
+    return out
+
+
+def _pack(keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """Pack int32 keys, values (< 2^15) and int16 weights ([9, n] or [9, 1]) into int64 words ``out``."""
+    if _LITTLE_ENDIAN:
+        lanes16, lanes32 = out.view(torch.int16).view(*out.shape, 4), out.view(torch.int32).view(*out.shape, 2)
+        lanes16[..., 0] = values
+        lanes16[..., 1] = weights
+        lanes32[..., 1] = keys
+    else:
+        torch.bitwise_left_shift(keys.to(torch.int64), 32, out=out)
+        out |= (weights.to(torch.int64) << 16) | values
+
+
+def _fmi_pairs(vx: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
+    """Normalised feature MI of [9, n] window pairs (integer values) that both vary and differ."""
+    dev, n = vx.device, vx.shape[1]
+    pos16 = torch.arange(1, 10, dtype=torch.int16, device=dev)[:, None]
+    moments = torch.stack([torch.arange(1, 10), torch.arange(1, 10) ** 2]).to(device=dev, dtype=torch.float32)
+    dx = vx.to(torch.int32)
+    dx -= dx.amin(0)
+    df = vf.to(torch.int32)
+    df -= df.amin(0)
+    sx, sf = dx.sum(0, dtype=torch.int32), df.sum(0, dtype=torch.int32)
+    num = 9 * (dx * df).sum(0, dtype=torch.int32) - sx * sf          # exact: |num| < 2^31
+    var_x = 9 * (dx * dx).sum(0, dtype=torch.int32) - sx * sx
+    var_f = 9 * (df * df).sum(0, dtype=torch.int32) - sf * sf
+    c = num.double() / torch.sqrt(var_x.double() * var_f.double())  # Pearson r of the windows (= of p, q)
+    # c < 0: the lower Frechet bound, i.e. the upper bound of q against the reversed p
+    neg = num < 0
+    negi = neg.to(torch.int32)
+    dxo = dx + negi * (dx.flip(0) - dx)
+    table = torch.empty(18, n, dtype=torch.int64, device=dev)
+    kq = _cdf_numerators(df)
+    kq *= sx                                                         # Q_i x Sx Sf
+    d = sx * sf
+    kq[8] = d + 1                                                    # sentinel: the walk never passes Q's end
+    _pack(kq, df, pos16, table[:9])
+    kp = _cdf_numerators(dxo)
+    kp *= sf                                                         # P_j x Sx Sf
+    # weight: the P cell's position in the original p (reversed for c < 0); the tag puts Q first on ties
+    w_p = pos16 + negi.to(torch.int16) * (10 - 2 * pos16) + _TAG
+    _pack(kp, dxo, w_p, table[9:])
+    # The staircase: 17 cells (i, j), i + j = k; step k ends at min(Q_i, P_j) and moves past the smaller.
+    flat = table.view(-1)
+    heads_q = torch.empty(17, n, dtype=torch.int64, device=dev)
+    heads_p = torch.empty(17, n, dtype=torch.int64, device=dev)
+    heads_q[0], heads_p[0] = table[0], table[9]
+    col = torch.arange(n, dtype=torch.int64, device=dev)
+    at_q = col.clone()                              # flat index of Q_i: i n + col
+    at_qp = col * 2 + 10 * n                        # + flat index of P_j (j = k + 1 - i): (10 + k) n + 2 col
+    at_p = torch.empty_like(at_q)
+    q_first = torch.empty(n, dtype=torch.bool, device=dev)
+    for k in range(16):
+        torch.lt(heads_q[k], heads_p[k], out=q_first)
+        at_q.add_(q_first, alpha=n)
+        torch.sub(at_qp, at_q, out=at_p)
+        at_qp += n
+        torch.index_select(flat, 0, at_q, out=heads_q[k + 1])
+        torch.index_select(flat, 0, at_p, out=heads_p[k + 1])
+    ends = _lanes(torch.minimum(heads_q, heads_p), 32)[..., 1]         # keys
+    inv_d = 1.0 / d.double()
+    inv_d32 = inv_d.to(torch.float32)
+    cell_l = ends.to(torch.float32)
+    cell_l[1:] -= cell_l[:-1].clone()
+    cell_l *= inv_d32                                                # cell masses of the bound
+    lanes_q, lanes_p = _lanes(heads_q, 16), _lanes(heads_p, 16)
+    # Hoeffding: covariance of the positions under the bound = E_H[XY] - E_q[X] E_p[Y]
+    weights = (lanes_q[..., 1] * (lanes_p[..., 1] - _TAG)).to(torch.float32)
+    fdx, fdf = dx.to(torch.float32), df.to(torch.float32)
+    mp, mq = (moments @ fdx).double(), (moments @ fdf).double()       # sum d pos, sum d pos^2 (exact)
+    sxd, sfd = sx.double(), sf.double()
+    var_p, var_q = sxd * mp[1] - mp[0] * mp[0], sfd * mq[1] - mq[0] * mq[0]   # x Sx^2, x Sf^2 (exact)
+    cov = (cell_l * weights).sum(0).double() - mq[0] * mp[0] * inv_d
+    ok = (var_p > 0) & (var_q > 0) & (num != 0) & (cov != 0)
+    t = c * torch.sqrt(var_p.clamp_min(0) * var_q.clamp_min(0)) * inv_d / torch.where(ok, cov, torch.ones_like(cov))
+    t = (t * ok).to(torch.float32)
+    # H(p) + H(q) = log2(Sx Sf) - (sum dx log2 dx) / Sx - (sum df log2 df) / Sf
+    h_sum = (torch.log2(d.to(torch.float32)) - (fdx * fdx.clamp_min(1.0).log2_()).sum(0) / sx.to(torch.float32)
+             - (fdf * fdf.clamp_min(1.0).log2_()).sum(0) / sf.to(torch.float32))
+    one_t = 1.0 - t
+    # H(J), J = t dH + (1 - t) q p^T: all cells of (1 - t) q p^T in closed form, then the staircase
+    independent = one_t * h_sum - one_t * torch.log2(one_t.abs() + _TINY)
+    cell_i = lanes_q[..., 0].to(torch.float32)
+    cell_i *= lanes_p[..., 0]
+    cell_i *= inv_d32 * one_t
+    cell_j = torch.addcmul(cell_i, cell_l, t)
+    term_i = cell_i.abs()
+    term_i += _TINY
+    term_i.log2_()
+    term_i *= cell_i
+    term_j = cell_j.abs()
+    term_j += _TINY
+    term_j.log2_()
+    term_j *= cell_j
+    term_i -= term_j                                   # -J log|J| + I log|I| per staircase cell
+    h_joint = independent + term_i.sum(0)
+    mi = (h_sum - h_joint).double()
+    h_sum = h_sum.double()
+    return torch.where((mi != 0) & (h_sum > 0), 2.0 * mi / torch.where(h_sum > 0, h_sum, torch.ones_like(h_sum)),
+                       torch.zeros_like(mi))
+
+
+def _fmi_metric(a, b, f, feature: str, tick: Callable[[float], None], pool: ThreadPoolExecutor | None) -> np.ndarray:
+    """Per-slice fast-FMI (FMI(A, F) + FMI(B, F)) / 2 with 3x3 windows; tick(fraction) between chunks.
+    ``pool``: CPU worker threads that take the chunks (each runs torch ops on one thread)."""
+    s, h, w = f.shape
+    if min(h, w) < 3:
+        raise FusionError(f"FMI needs slices of at least 3x3 pixels, got {(h, w)}")
+    fv = _feature(f, feature)
+    f_rows = _window_rows(fv)
+    f_max, f_min = _window_range(fv)
+    f_varies = f_max > f_min
+    windows = (h - 2) * (w - 2)
+    total = torch.zeros(s, dtype=torch.float64)
+    for k, x in enumerate((a, b)):
+        xv = _feature(x, feature)
+        x_max, x_min = _window_range(xv)
+        differ = F.max_pool2d((xv != fv).to(torch.float32).unsqueeze(1), 3, 1)[:, 0] > 0
+        values = (~differ).to(_acc_dtype(f.device)).reshape(-1)        # identical windows: 1
+        todo = torch.nonzero((differ & f_varies & (x_max > x_min)).reshape(-1))[:, 0]
+        x_rows = _window_rows(xv)
+        chunks = [todo[start:start + FMI_CHUNK] for start in range(0, todo.numel(), FMI_CHUNK)]
+
+        def run(idx: torch.Tensor, x_rows=x_rows) -> torch.Tensor:
+            with torch.inference_mode():
+                return _fmi_pairs(x_rows.index_select(0, idx).t().contiguous(),
+                                  f_rows.index_select(0, idx).t().contiguous())
+
+        done = 0
+        for idx, pairs in zip(chunks, pool.map(run, chunks) if pool is not None else map(run, chunks)):
+            values[idx] = pairs.to(values.dtype)
+            done += idx.numel()
+            tick((k + done / max(1, todo.numel())) / 2)      # in the calling thread: safe for UI callbacks
+        total += _slice_sum(values.view(s, windows)) / windows
+        tick((k + 1) / 2)
+    return (total / 2.0).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# the volume
+
+_SIMPLE = {"hist": _hist_metrics, "moments": _moment_metrics, "ssim": _ssim_metrics, "vif": _vif_metrics,
+           "qabf": _qabf_metrics}
+
+
+def _run(fn, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def _batch_metrics(a, b, f, groups: list[str], tick: Callable[[str, float], None],
+                   pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+    """The metrics of one batch of slices. With a ``pool``, the per-pixel groups run on its workers
+    while FMI's chunks follow them; ``tick`` is only ever called from this (the calling) thread."""
+    out: dict[str, np.ndarray] = {}
+    simple = [g for g in groups if g in _SIMPLE]
+    pending = {g: pool.submit(_run, _SIMPLE[g], a, b, f) for g in simple} if pool is not None else {}
+    for group in groups:
+        if group in _SIMPLE and group not in pending:
+            out.update(_SIMPLE[group](a, b, f))
+            tick(group, 1.0)
+        elif group not in _SIMPLE:
+            feature = group.split("_", 1)[1]
+            out[f"FMI_{feature}"] = _fmi_metric(a, b, f, feature, lambda frac, g=group: tick(g, frac), pool)
+            tick(group, 1.0)
+    for group, future in pending.items():
+        out.update(future.result())
+        tick(group, 1.0)
+    return out
+
+
+def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0, keys: list[str] | None = None,
+                         device: str | torch.device = "auto", progress: ProgressFn | None = None,
+                         cancel: CancelFn | None = None,
+                         batch_pixels: int = BATCH_PIXELS) -> dict[str, tuple[float, float, int]]:
+    """Slice-wise metrics of a fused volume, ``{key: (mean, std, n_slices)}``, computed in torch.
+
+    Same inputs, slices and values as :func:`MedicalFusionLib.metrics.volume_metrics` (the numpy
+    reference): a8, b8, f8 uint8 volumes of one shape (f8 may be RGB [..., 3]), slices along
+    ``axis``, only the slices where a or b is nonzero. ``device``: 'auto' (CUDA, MPS, CPU) or a
+    torch device. ``progress(done, total)`` and ``cancel() -> bool`` are called at least every few
+    tens of milliseconds of work (cancel raises FusionCancelled). A device that cannot run an
+    operation (an older MPS) falls back to the CPU with a logged warning.
+    """
+    a8, b8, f8, nonempty = volume_slices(a8, b8, f8, axis)
+    keys = check_keys(keys)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    groups = [g for g in _COST if any(_GROUPS[k] == g for k in keys)]
+    with Progress(progress, cancel, phases=(("metrics", 1.0),)) as tracker:
+        tracker.phase("metrics")
+        try:
+            values = _volume_values(a8, b8, f8, nonempty, groups, dev, tracker, batch_pixels)
+        except (RuntimeError, NotImplementedError) as exc:
+            if dev.type == "cpu":
+                raise
+            logger.warning("MedicalFusion: metrics on %s failed (%s); computing them on the CPU", dev, exc)
+            values = _volume_values(a8, b8, f8, nonempty, groups, torch.device("cpu"), tracker, batch_pixels)
+    return summarise({k: values[k] for k in keys})
+
+
+def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_pixels: int) -> dict[str, np.ndarray]:
+    h, w = a8.shape[1], a8.shape[2]
+    per_batch = max(1, int(batch_pixels // max(1, h * w)))
+    cost = sum(_COST[g] for g in groups)
+    total = float(len(nonempty)) * cost
+    done_before = {g: sum(_COST[x] for x in groups[:i]) for i, g in enumerate(groups)}
+    parts: list[dict[str, np.ndarray]] = []
+    with _cpu_workers(dev) as pool, torch.inference_mode():
+        for start in range(0, len(nonempty), per_batch):
+            idx = nonempty[start:start + per_batch]
+            n = len(idx)
+            a, b, f = (torch.from_numpy(np.ascontiguousarray(x[idx])).to(dev) for x in (a8, b8, f8))
+
+            def tick(group: str, fraction: float, start=start, n=n) -> None:
+                tracker.advance(start * cost + n * (done_before[group] + fraction * _COST[group]), total)
+
+            parts.append(_batch_metrics(a, b, f, groups, tick, pool))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@contextlib.contextmanager
+def _cpu_workers(dev: torch.device):
+    """On the CPU: torch ops on one thread each, and a pool of as many worker threads as torch had.
+
+    The metrics are many small tensor operations; torch's own intra-op threads synchronise at
+    every one of them, which on a CPU shared with other work costs several times the work itself
+    (measured: FMI 10x slower with 2 intra-op threads than with 1 on a busy 2-core machine). Worker
+    threads that each take whole FMI chunks do not wait for each other. The thread count is
+    restored afterwards. On a GPU: no pool, nothing changed.
+    """
+    if dev.type != "cpu":
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads > 1:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medicalfusion-metrics") as pool:
+                yield pool
+        else:
+            yield None
+    finally:
+        torch.set_num_threads(threads)
