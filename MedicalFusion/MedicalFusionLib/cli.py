@@ -122,9 +122,11 @@ def _check_window(window, flag: str) -> tuple[float, float] | None:
 # progress and signals
 
 
-def _progress_bar(desc: str, enabled: bool, unit: str = "slice"):
+def _progress_bar(desc: str, enabled: bool, unit: str = "slice", percent: bool = False):
     """A tqdm-backed ``progress(done, total)`` callback and a closer. Shown only on a terminal
-    (never as fragments in a log), and cleared before any message."""
+    (never as fragments in a log), and cleared before any message. With ``percent`` the bar counts
+    per cent of the whole run (the fusion reports fractions of a fixed total over its phases, not
+    slices)."""
     if not enabled or not sys.stderr.isatty():
         return None, lambda: None
     from tqdm import tqdm  # noqa: PLC0415
@@ -133,8 +135,12 @@ def _progress_bar(desc: str, enabled: bool, unit: str = "slice"):
 
     def progress(done: int, total: int) -> None:
         if bar["b"] is None:
-            bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
-        bar["b"].n = done
+            if percent:
+                bar["b"] = tqdm(total=100, desc=desc, leave=False, file=sys.stderr,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+            else:
+                bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+        bar["b"].n = round(100.0 * done / total, 1) if percent and total else done
         bar["b"].refresh()
 
     def close() -> None:
@@ -305,7 +311,7 @@ def run_fuse(args, anat, func, out, paths: dict):
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
     transform = placement(args, anat.image, func.image)
-    progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
+    progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet, percent=True)
     try:
         result = fuse_images(anat.image, func.image, options, progress=progress, transform=transform)
     finally:
