@@ -247,6 +247,7 @@ def fuse_options(args, anat, func):
     return FusionOptions(method=args.method, colormap=args.colormap, anatomical_window=window,
                          functional_window=fwindow, axis=args.axis, device=args.device,
                          batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)),
+                         metric_set=getattr(args, "metric_set", "all"),
                          anatomical_preset=getattr(args, "window_preset", None),
                          functional_preset=getattr(args, "functional_preset", None),
                          anatomical_units=_units(anat), functional_units=_units(func))
@@ -474,6 +475,7 @@ def _add_threads(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES  # noqa: PLC0415
+    from .metrics import METRIC_SETS  # noqa: PLC0415
 
     devices = DEVICE_CHOICES + ("gpu",)
     p = _Parser(prog="medicalfusion", description="Multimodal medical image fusion (MRI/CT + PET/SPECT).")
@@ -511,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", "-o", required=True, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
                    ".png/.jpg for a 2D pair)")
     f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
+    f.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
+                   help="with --metrics: all (default), or quick: every metric but FMI (most of the metrics' time)")
     f.add_argument("--preview", help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     _add_threads(f)

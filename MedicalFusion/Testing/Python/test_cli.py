@@ -41,6 +41,22 @@ def test_fuse_writes_volume_metrics_and_preview(files, capsys):
     assert not [p for p in tmp.iterdir() if p.name.startswith(".mf-")]
 
 
+def test_quick_metric_set_writes_every_metric_but_fmi_with_the_same_values(files):
+    from MedicalFusionLib.metrics import METRIC_SETS
+
+    tmp, a, f = files
+    tables = {}
+    for name in ("all", "quick"):
+        csv = tmp / f"{name}.csv"
+        assert main(["fuse", "-a", str(a), "-f", str(f), "-m", "average", "-o", str(tmp / f"{name}.nrrd"),
+                     "--metrics", str(csv), "--metric-set", name, "-q"]) == 0
+        rows = [line.split(",") for line in csv.read_text(encoding="utf-8").splitlines()[1:]]
+        tables[name] = {r[0]: float(r[1]) for r in rows if r[0] in METRIC_SETS["all"]}
+    assert list(tables["all"]) == METRIC_SETS["all"] and list(tables["quick"]) == METRIC_SETS["quick"]
+    assert "FMI_pixel" not in tables["quick"] and "FMI_gradient" not in tables["quick"]
+    assert all(tables["quick"][k] == tables["all"][k] for k in tables["quick"])
+
+
 class _Terminal(io.StringIO):
     """stderr as a terminal: the CLI draws its progress bar only there."""
 
