@@ -37,6 +37,8 @@ bench: setup
 	$(PY) scripts/bench_ui_gaps.py --methods lp nsct dmfnet nsst_papcnn --cases spm12 --section ui-gaps-default-threads --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_registration.py --trials 5 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md
 
 ## the evaluation tables on the aanlib test split, written to out/evaluation
 evaluate: setup

@@ -47,6 +47,9 @@ ANATOMICAL_PRESETS = [name for name in windows.preset_names() if name.startswith
 FUNCTIONAL_PRESETS = [name for name in windows.preset_names() if name.startswith("pet-")] + ANATOMICAL_PRESETS
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 AXIS_CHOICES = ("axial", "coronal", "sagittal")
+#: MedicalFusionLib.metrics.METRIC_SETS' names (not imported here: metrics needs scipy, which may be
+#: installed only on the first Fuse); the harness tests check that both agree.
+METRIC_SET_CHOICES = ("all", "quick")
 DEFAULT_METHOD = "lp"
 #: Python packages the core needs beyond what Slicer ships: (import name, pip name).
 PIP_DEPENDENCIES = (("skimage", "scikit-image"), ("sklearn", "scikit-learn"), ("scipy", "scipy"))
@@ -363,6 +366,7 @@ class MedicalFusionParameterNode:
         the result becomes a new parent transform of the functional (MedicalFusionLib.scene.place_registration).
     method, device, axis - the fusion method (registry name), torch device, slice orientation.
     computeMetrics - also write the metrics table (on by default; progress and Cancel cover it too).
+    metricSet - 'all' metrics, or 'quick': all but FMI, which takes most of the metrics' time on a CPU.
     showAsForeground - show the result over the anatomical instead of as background.
     switchToTableLayout - switch the view layout to Four-Up + table to show the metrics (off: the
         user's layout is kept; the table still shows in a table view the layout already has).
@@ -383,6 +387,7 @@ class MedicalFusionParameterNode:
     device: Annotated[str, Choice(DEVICE_CHOICES), Default("auto")]
     axis: Annotated[str, Choice(AXIS_CHOICES), Default("axial")]
     computeMetrics: Annotated[bool, Default(True)]
+    metricSet: Annotated[str, Choice(METRIC_SET_CHOICES), Default("all")]
     showAsForeground: Annotated[bool, Default(False)]
     switchToTableLayout: Annotated[bool, Default(False)]
     outputVolume: vtkMRMLVectorVolumeNode
@@ -572,6 +577,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.functionalWindowMaxSpinBox.enabled = typed
         self.ui.functionalWindowPresetComboBox.enabled = scalarFunctional
         self.ui.registrationComboBox.enabled = p.registerFirst
+        self.ui.metricSetComboBox.enabled = p.computeMetrics
         ok, reason = self.logic.validate(p)
         self.ui.fuseButton.enabled = ok
         self.ui.fuseButton.toolTip = _("Fuse the functional volume into the anatomical one.") if ok else reason
@@ -704,6 +710,7 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
         functional_preset = None if p.functionalWindowPreset == NO_PRESET or not scalar else p.functionalWindowPreset
         return FusionOptions(
             method=p.method, device=p.device, axis=p.axis, compute_metrics=p.computeMetrics,
+            metric_set=p.metricSet,
             colormap=None if p.colormap == AS_DISPLAYED or not scalar else p.colormap,
             functional_window=None if p.useDisplayWindow or not scalar or functional_preset
             else (p.functionalWindowMin, p.functionalWindowMax),

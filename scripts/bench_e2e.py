@@ -98,7 +98,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def child(anatomical: str, functional: str, method: str, device: str, out_dir: str) -> dict:
+def child(anatomical: str, functional: str, method: str, device: str, out_dir: str, metric_set: str = "all") -> dict:
     import resource  # noqa: PLC0415
 
     import SimpleITK as sitk  # noqa: PLC0415
@@ -137,7 +137,8 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
     out = pathlib.Path(out_dir)
     t0 = time.perf_counter()
     rc = cli.main(["fuse", "-a", anatomical, "-f", functional, "-m", method, "--device", device,
-                   "-o", str(out / "fused.nrrd"), "--metrics", str(out / "metrics.csv"), "-q"])
+                   "-o", str(out / "fused.nrrd"), "--metrics", str(out / "metrics.csv"), "--metric-set", metric_set,
+                   "-q"])
     total = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"medicalfusion fuse exited with {rc}")
@@ -150,10 +151,10 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
 
 
 def run_case(name: str, anatomical: str, functional: str, method: str, device: str, threads: int | None,
-             functional_size: list[int]) -> dict | None:
+             functional_size: list[int], metric_set: str = "all") -> dict | None:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as out:
         cmd = [sys.executable, __file__, "--child", anatomical, functional, "--method", method,
-               "--device", device, "--out", out]
+               "--device", device, "--out", out, "--metric-set", metric_set]
         if threads:
             cmd += ["--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -173,15 +174,16 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def report(rows: list[dict], command: str, threads: int, device: str) -> str:
+def report(rows: list[dict], command: str, threads: int, device: str, metric_set: str = "all") -> str:
     import torch  # noqa: PLC0415
 
     lines = [
-        "## End to end: files in, files out, with metrics", "",
+        "## End to end: files in, files out, with metrics"
+        + ("" if metric_set == "all" else f" (metric set '{metric_set}': every metric but FMI)"), "",
         f"Command: `{command}` (also run by `make bench`).",
         machine_line(f"torch {torch.__version__} with {threads} threads, device {device}; one child process per run."),
         "",
-        "Each run is `medicalfusion fuse -a ANATOMICAL -f FUNCTIONAL -m METHOD -o fused.nrrd --metrics metrics.csv` "
+        "Each run is `medicalfusion fuse -a ANATOMICAL -f FUNCTIONAL -m METHOD -o fused.nrrd --metrics metrics.csv --metric-set SET` "
         "in a fresh process (imports not counted). read: both inputs (DICOM series, NIfTI, NRRD); align: "
         "checks, resampling onto the anatomical grid, windows and colour; fuse: the engine and recombination; "
         "metrics: the metrics table; write: fused NRRD with metadata and the CSV. Memory: peak resident memory "
@@ -223,13 +225,15 @@ def main() -> None:
     p.add_argument("--child", nargs=2, metavar=("ANATOMICAL", "FUNCTIONAL"), help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--metric-set", default="all", help="the CLI's --metric-set: all (default) or quick (no FMI)")
+    p.add_argument("--section", default=SECTION, help=f"section of the output file (default {SECTION})")
     args = p.parse_args()
     import torch  # noqa: PLC0415
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.method, args.device, args.out)))
+        print(json.dumps(child(args.child[0], args.child[1], args.method, args.device, args.out, args.metric_set)))
         return
     from MedicalFusionLib.methods import all_methods  # noqa: PLC0415
     from MedicalFusionLib.sources import read_source  # noqa: PLC0415
@@ -241,15 +245,16 @@ def main() -> None:
         for name, (anatomical, functional) in cases.items():
             fsize = list(read_source(functional, "functional").image.GetSize())
             for method in methods:
-                row = run_case(name, anatomical, functional, method, args.device, args.threads, fsize)
+                row = run_case(name, anatomical, functional, method, args.device, args.threads, fsize, args.metric_set)
                 if row:
                     rows.append(row)
                     print(f"{name:14s} {method:12s} total {row['total']:6.2f} s  (read {_fmt(row['read'])}, align "
                           f"{_fmt(row['align'])}, fuse {_fmt(row['fuse'])}, metrics {_fmt(row['metrics'])}, write "
                           f"{_fmt(row['write'])})  {row['extra_mb']:.0f} MB", flush=True)
     command = " ".join(["python scripts/bench_e2e.py"] + sys.argv[1:])
-    replace_section(args.output, SECTION, report(rows, command, torch.get_num_threads(), args.device))
-    print(f"wrote section '{SECTION}' of {args.output}")
+    replace_section(args.output, args.section,
+                    report(rows, command, torch.get_num_threads(), args.device, args.metric_set))
+    print(f"wrote section '{args.section}' of {args.output}")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     import torch  # noqa: PLC0415
 
-    from MedicalFusionLib.metrics import METRIC_KEYS, volume_metrics  # noqa: PLC0415
+    from MedicalFusionLib.metrics import METRIC_KEYS, METRIC_SETS, volume_metrics  # noqa: PLC0415
     from MedicalFusionLib.metrics_torch import volume_metrics_torch  # noqa: PLC0415
     from MedicalFusionLib.pipeline import FusionOptions, fuse_images, source_gray8  # noqa: PLC0415
     from MedicalFusionLib.colour import gray8  # noqa: PLC0415
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                                       | np.any(np.moveaxis(b8, axis, 0) != 0, axis=(1, 2))))
         with PeakRSS() as mem:
             ours = volume_metrics_torch(a8, b8, f8, axis=axis, device=args.device)
-        times: dict[str, list[float]] = {"lp": [], "torch": [], "numpy": []}
+        times: dict[str, list[float]] = {"lp": [], "torch": [], "quick": [], "numpy": []}
         ref = None
         for rep in range(args.repeats):
             t0 = time.perf_counter()
@@ -161,11 +161,15 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             ours = volume_metrics_torch(a8, b8, f8, axis=axis, device=args.device)
             times["torch"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            volume_metrics_torch(a8, b8, f8, axis=axis, keys=METRIC_SETS["quick"], device=args.device)
+            times["quick"].append(time.perf_counter() - t0)
             if rep < args.numpy_repeats:
                 t0 = time.perf_counter()
                 ref = volume_metrics(a8, b8, f8, axis=axis)
                 times["numpy"].append(time.perf_counter() - t0)
-            print(f"{label}: lp {times['lp'][-1]:.2f} s, torch {times['torch'][-1]:.2f} s"
+            print(f"{label}: lp {times['lp'][-1]:.2f} s, torch {times['torch'][-1]:.2f} s, "
+                  f"quick {times['quick'][-1]:.2f} s"
                   + (f", numpy {times['numpy'][-1]:.2f} s" if rep < args.numpy_repeats else ""), flush=True)
         note_diffs(label, ref, ours)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -195,13 +199,15 @@ def main(argv=None) -> int:
              "One process, alternating lp fusion / torch metrics / numpy metrics (median seconds; numpy "
              f"{args.numpy_repeats} run(s), the others {args.repeats}). `lp` is `pipeline.fuse_images` without metrics "
              "(prepare + fuse + recombine); both metric columns measure all 16 metrics over the same non-empty "
-             "slices. Target: torch metrics at most half the lp fusion (torch / lp <= 0.5).", "",
+             "slices; *quick* is the `--metric-set quick` (every metric but FMI) in torch. Target: torch metrics at most "
+             "half the lp fusion (torch / lp <= 0.5).", "",
              "| volume | grid | slices measured | lp fusion s | torch metrics s | numpy metrics s | torch / lp "
-             "| numpy / torch | torch extra peak MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| numpy / torch | quick s | quick / lp | torch extra peak MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, shape, slices, med, mb in rows:
         lines.append(f"| {label} | {shape} | {slices} | {med['lp']:.2f} | {med['torch']:.2f} | {med['numpy']:.2f} | "
-                     f"{med['torch'] / med['lp']:.2f} | {med['numpy'] / med['torch']:.1f} | {mb:.0f} |")
+                     f"{med['torch'] / med['lp']:.2f} | {med['numpy'] / med['torch']:.1f} | {med['quick']:.2f} | "
+                     f"{med['quick'] / med['lp']:.2f} | {mb:.0f} |")
     lines += ["", "Where the torch time goes (each group of metrics alone, seconds):", "",
               "| volume | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS)]
     for label, split in splits:

@@ -122,9 +122,11 @@ def _check_window(window, flag: str) -> tuple[float, float] | None:
 # progress and signals
 
 
-def _progress_bar(desc: str, enabled: bool, unit: str = "slice"):
+def _progress_bar(desc: str, enabled: bool, unit: str = "slice", percent: bool = False):
     """A tqdm-backed ``progress(done, total)`` callback and a closer. Shown only on a terminal
-    (never as fragments in a log), and cleared before any message."""
+    (never as fragments in a log), and cleared before any message. With ``percent`` the bar counts
+    per cent of the whole run (the fusion reports fractions of a fixed total over its phases, not
+    slices)."""
     if not enabled or not sys.stderr.isatty():
         return None, lambda: None
     from tqdm import tqdm  # noqa: PLC0415
@@ -133,8 +135,12 @@ def _progress_bar(desc: str, enabled: bool, unit: str = "slice"):
 
     def progress(done: int, total: int) -> None:
         if bar["b"] is None:
-            bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
-        bar["b"].n = done
+            if percent:
+                bar["b"] = tqdm(total=100, desc=desc, leave=False, file=sys.stderr,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+            else:
+                bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+        bar["b"].n = round(100.0 * done / total, 1) if percent and total else done
         bar["b"].refresh()
 
     def close() -> None:
@@ -241,6 +247,7 @@ def fuse_options(args, anat, func):
     return FusionOptions(method=args.method, colormap=args.colormap, anatomical_window=window,
                          functional_window=fwindow, axis=args.axis, device=args.device,
                          batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)),
+                         metric_set=getattr(args, "metric_set", "all"),
                          anatomical_preset=getattr(args, "window_preset", None),
                          functional_preset=getattr(args, "functional_preset", None),
                          anatomical_units=_units(anat), functional_units=_units(func))
@@ -305,7 +312,7 @@ def run_fuse(args, anat, func, out, paths: dict):
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
     transform = placement(args, anat.image, func.image)
-    progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet)
+    progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet, percent=True)
     try:
         result = fuse_images(anat.image, func.image, options, progress=progress, transform=transform)
     finally:
@@ -468,6 +475,7 @@ def _add_threads(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES  # noqa: PLC0415
+    from .metrics import METRIC_SETS  # noqa: PLC0415
 
     devices = DEVICE_CHOICES + ("gpu",)
     p = _Parser(prog="medicalfusion", description="Multimodal medical image fusion (MRI/CT + PET/SPECT).")
@@ -505,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", "-o", required=True, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
                    ".png/.jpg for a 2D pair)")
     f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
+    f.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
+                   help="with --metrics: all (default), or quick: every metric but FMI (most of the metrics' time)")
     f.add_argument("--preview", help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     _add_threads(f)

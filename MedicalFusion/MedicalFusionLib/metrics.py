@@ -661,6 +661,22 @@ def slice_metrics(a: np.ndarray, b: np.ndarray, f: np.ndarray, keys: list[str] |
     return out
 
 
+#: Named sets of metrics: the CLI's --metric-set and the panel's "Metric set". 'quick' is every
+#: metric but the two FMI variants, which take ~85 % of the metrics' time on a CPU (docs/BENCHMARKS.md,
+#: section 'metrics'); 'all' is the full table, as the papers report it.
+METRIC_SETS: dict[str, list[str]] = {
+    "all": list(METRIC_KEYS),
+    "quick": [k for k in METRIC_KEYS if not k.startswith("FMI_")],
+}
+
+
+def metric_set_keys(name: str) -> list[str]:
+    """The metric keys of the named set (:data:`METRIC_SETS`); FusionError for an unknown name."""
+    if name not in METRIC_SETS:
+        raise FusionError(f"unknown metric set '{name}': choose {' or '.join(METRIC_SETS)}")
+    return list(METRIC_SETS[name])
+
+
 def check_keys(keys: list[str] | None) -> list[str]:
     """``keys`` as a list (default: all, in METRICS order); FusionError naming any unknown key."""
     keys = METRIC_KEYS if keys is None else list(keys)

@@ -73,6 +73,7 @@ class FusionOptions:
     device: str = "auto"
     batch_size: int | None = None
     compute_metrics: bool = True
+    metric_set: str = "all"              # metrics.METRIC_SETS: 'all', or 'quick' (all but FMI)
     # Radiology windows (see windows.py): a named preset is used when no window is given, and the
     # units (e.g. 'HU', 'SUVbw' from DICOM or node attributes; None = unknown, judged from the
     # values) pick the default: a CT in HU gets the soft-tissue window.
@@ -304,6 +305,10 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
             result = fuse_prepared(prepared, options, tracker=own)
             own.finish()
         return result
+    if options.compute_metrics:
+        from .metrics import metric_set_keys  # noqa: PLC0415
+
+        metric_keys = metric_set_keys(options.metric_set)     # a bad name fails before any work
     if options.batch_size is not None and (int(options.batch_size) != options.batch_size or options.batch_size < 1):
         raise FusionError(f"batch size {options.batch_size} is not a whole number of 1 or more")
     device = pick_device(options.device)
@@ -331,7 +336,7 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
         progress_m, cancel_m = tracker.callbacks()
         t1 = time.perf_counter()
         result.metrics = volume_metrics_torch(
-            a8, b8, f8, axis=axis, device=device,
+            a8, b8, f8, axis=axis, keys=metric_keys, device=device,
             progress=(lambda d, t: tracker.advance(0.08 + 0.92 * d / t, 1.0)) if progress_m else None,
             cancel=cancel_m)
         result.seconds_metrics = time.perf_counter() - t1

@@ -1,6 +1,8 @@
 """The command line: success writes everything; every bad input is one line, exit 2, nothing written."""
+import io
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -37,6 +39,48 @@ def test_fuse_writes_volume_metrics_and_preview(files, capsys):
     assert sitk.ReadImage(str(tmp / "p.png")).GetNumberOfComponentsPerPixel() == 3
     assert (_hash(a), _hash(f)) == before
     assert not [p for p in tmp.iterdir() if p.name.startswith(".mf-")]
+
+
+def test_quick_metric_set_writes_every_metric_but_fmi_with_the_same_values(files):
+    from MedicalFusionLib.metrics import METRIC_SETS
+
+    tmp, a, f = files
+    tables = {}
+    for name in ("all", "quick"):
+        csv = tmp / f"{name}.csv"
+        assert main(["fuse", "-a", str(a), "-f", str(f), "-m", "average", "-o", str(tmp / f"{name}.nrrd"),
+                     "--metrics", str(csv), "--metric-set", name, "-q"]) == 0
+        rows = [line.split(",") for line in csv.read_text(encoding="utf-8").splitlines()[1:]]
+        tables[name] = {r[0]: float(r[1]) for r in rows if r[0] in METRIC_SETS["all"]}
+    assert list(tables["all"]) == METRIC_SETS["all"] and list(tables["quick"]) == METRIC_SETS["quick"]
+    assert "FMI_pixel" not in tables["quick"] and "FMI_gradient" not in tables["quick"]
+    assert all(tables["quick"][k] == tables["all"][k] for k in tables["quick"])
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal: the CLI draws its progress bar only there."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_fuse_progress_bar_counts_per_cent_of_the_run(files, monkeypatch):
+    """The fusion reports fractions of a fixed total over its phases (prepare, fuse, recombine,
+    metrics): the bar shows per cent, never that internal total as if it were slices."""
+    import re
+
+    from MedicalFusionLib.progress import RESOLUTION
+
+    tmp, a, f = files
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    rc = main(["fuse", "-a", str(a), "-f", str(f), "-m", "average", "-o", str(tmp / "fused.nrrd"),
+               "--metrics", str(tmp / "m.csv")])
+    assert rc == 0
+    drawn = term.getvalue()
+    shown = [int(p) for p in re.findall(r"fusing \(average\): +(\d+)%", drawn)]
+    assert shown and max(shown) <= 100 and shown == sorted(shown)
+    assert f"/{RESOLUTION}" not in drawn and "slice" not in drawn
 
 
 def test_2d_png_pair_gives_a_2d_png(tmp_path):
