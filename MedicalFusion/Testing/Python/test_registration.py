@@ -244,6 +244,24 @@ def test_convergence_criteria_on_outcomes():
         reg.check_converged(outcome(transform=reg.affine_transform(squash)), s)
     with pytest.raises(FusionError, match="mirrored"):
         reg.check_converged(outcome(transform=reg.affine_transform(np.diag([-1.0, 1.0, 1.0, 1.0]))), s)
+    reg.check_converged(outcome(moved_mm=reg.MAX_MOVE_MM - 1.0), s)               # a refinement
+    with pytest.raises(FusionError, match="wrong structures"):
+        reg.check_converged(outcome(moved_mm=reg.MAX_MOVE_MM + 1.0), s)          # a jump elsewhere
+
+
+def test_real_pet_mr_pair_matched_far_away_is_refused_not_fused(shared_data):
+    """STS_001's PET -> MR (a 5 cm crop around a thigh tumour): after a 20 mm / 10 degree class
+    misalignment, mutual information pulls the PET 47-74 mm away, to a match it scores higher than
+    the true alignment. That must be a one-line error, never a silently misplaced tracer."""
+    from bench_registration import load_pairs, random_rigid, centre_of
+
+    [(_, anat, pet, *_)] = list(load_pairs(shared_data, ["sts/STS_001/PET-MR"]))
+    misaligned = reg.moved_geometry(pet, random_rigid(np.random.default_rng(1000), centre_of(pet)))
+    with pytest.raises(FusionError) as err:
+        reg.register(anat, misaligned, "rigid")
+    # refused by the move it made (or, as ITK's threaded sums run, by its not settling there)
+    assert "mm from where it started" in str(err.value) or "did not converge" in str(err.value)
+    assert "place the volumes roughly first" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bad_inputs_are_refused(pair):
