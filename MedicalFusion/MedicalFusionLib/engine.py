@@ -9,7 +9,9 @@ method.
 Batches are sized so that the panel stays responsive: unless a batch size is given, the first
 batch is one slice, and each later batch holds as many slices as the last batch's seconds per
 slice fit into :data:`BATCH_SECONDS` (never more than the memory bound of :func:`batch_size_for`).
-Methods do not depend on batch composition, so the sizes change nothing in the result.
+Methods do not depend on batch composition, so the sizes change nothing in the result. Inside a
+batch, methods whose single slice takes long call :func:`MedicalFusionLib.progress.heartbeat`; the
+engine then repeats its last report and asks cancel (at most every 0.1 s).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from .device import free_memory_bytes, pick_device
 from .errors import FusionCancelled
 from .methods import FusionMethod, get_method
+from .progress import beating
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -61,7 +64,14 @@ def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | 
     if progress:
         progress(0, total)
     start = 0
-    with torch.inference_mode():
+
+    def beat() -> None:         # inside a batch: the last report again, and a cancel check
+        if cancel is not None and cancel():
+            raise FusionCancelled("fusion cancelled")
+        if progress:
+            progress(start, total)
+
+    with torch.inference_mode(), beating(beat):
         while start < total:
             if cancel is not None and cancel():
                 raise FusionCancelled("fusion cancelled")

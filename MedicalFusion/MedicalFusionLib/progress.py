@@ -13,6 +13,10 @@ between calls are the stretches in which the panel is frozen and Cancel cannot b
   writes nothing;
 - calls to the callbacks are spaced at least :data:`MIN_INTERVAL` seconds apart (phase starts and
   the end always report), so fine-grained ticks cost nothing when the work is fast;
+- inside one unit of work that cannot be split (one slice of a network or of NSST-PAPCNN takes up
+  to a second on a busy CPU), the method calls :func:`heartbeat` at its natural steps (network
+  layers, PCNN maps); within a :func:`beating` block (the engine's batch loop) that repeats the
+  last report and asks ``cancel()``, at most every :data:`HEARTBEAT_SECONDS`;
 - a nested step that takes ``progress``/``cancel`` callbacks itself (``pipeline.fuse_images``
   called by ``scene.fuse_nodes``) gets them from :meth:`Progress.callbacks`: its ``done/total``
   then fills the current phase of the outer tracker.
@@ -22,6 +26,7 @@ between callback calls to phases with it).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Callable, Sequence
@@ -36,7 +41,38 @@ RESOLUTION = 1000
 #: Smallest spacing of callback calls made by :meth:`Progress.tick` and :meth:`Progress.advance` (s).
 MIN_INTERVAL = 0.05
 
+#: Smallest spacing of the calls :func:`heartbeat` passes on (s).
+HEARTBEAT_SECONDS = 0.1
+
 _state = threading.local()
+
+
+def heartbeat() -> None:
+    """Called by a method inside work that cannot be split (a network's layers, NSST-PAPCNN's maps):
+    within a :func:`beating` block of this thread it calls the block's function (at most every
+    :data:`HEARTBEAT_SECONDS`), which may raise :class:`FusionCancelled`; elsewhere it does nothing."""
+    beat = getattr(_state, "beat", None)
+    if beat is not None:
+        beat()
+
+
+@contextlib.contextmanager
+def beating(fn: Callable[[], None], every: float = HEARTBEAT_SECONDS):
+    """Within the block, :func:`heartbeat` in this thread calls ``fn()`` at most every ``every`` s."""
+    last = [time.perf_counter()]
+
+    def beat() -> None:
+        now = time.perf_counter()
+        if now - last[0] >= every:
+            last[0] = now
+            fn()
+
+    previous = getattr(_state, "beat", None)
+    _state.beat = beat
+    try:
+        yield
+    finally:
+        _state.beat = previous
 
 
 def _stack() -> list:

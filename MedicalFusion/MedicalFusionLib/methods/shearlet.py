@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ..progress import heartbeat
 from .frequency_bank import decompose
 from .local_filters import filter3x3, safe_pad
 from .registry import register_function
@@ -137,6 +138,7 @@ def pa_pcnn_firing_counts(s: torch.Tensor, iterations: int = PCNN_ITERATIONS) ->
     u = torch.empty(h, w, dtype=s.dtype, device=s.device)
     e = torch.empty(h, w, dtype=s.dtype, device=s.device)
     for m in range(n * k):
+        heartbeat()                                    # one map: a few ms; a slice: up to a second
         s_m, lam_s2_m, count = maps[m], lam_s2[m], counts[m]
         df, de, ve = params[m]
         u.zero_()
@@ -166,6 +168,7 @@ def _firing_counts_all_maps(s, decay_f, decay_e, lam, v_e, iterations: int) -> t
     counts = torch.zeros_like(s)
     v_e = v_e.expand_as(e)
     for _ in range(iterations):
+        heartbeat()
         rows = torch.add(y_pad[..., 1:-1], y_pad[..., :-2] + y_pad[..., 2:], alpha=0.5)
         link = torch.add(rows[..., 1:-1, :], rows[..., :-2, :] + rows[..., 2:, :], alpha=0.5).sub_(y)
         u.mul_(decay_f).add_(torch.addcmul(s, lam_s2, link))

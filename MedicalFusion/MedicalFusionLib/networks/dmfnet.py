@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..methods.pyramids import pad_to_multiple
 from ..methods.registry import FusionMethod, register
 from . import weights as _weights
+from .inference import report_between_layers
 
 NAME = "dmfnet"
 
@@ -352,7 +353,7 @@ def load_model(device: torch.device | str = "cpu") -> DMFNet:
 
 
 def _build(device):
-    model = load_model(device)
+    model = report_between_layers(load_model(device))
     return model.fuse
 
 

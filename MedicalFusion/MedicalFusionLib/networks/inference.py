@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..methods.registry import FusionMethod, register
+from ..progress import heartbeat
 from . import weights as _weights
 
 # On the CPU, small chunks keep each layer's activations in cache: measured on the 2-core machine,
@@ -18,6 +19,19 @@ CPU_CHUNK_PIXELS = 2 * 256 * 256
 # 22 -> 25 ms); outputs differ by rounding only (< 1e-6). The A/B figures are in
 # docs/evaluation/networks.md ("Inference speed").
 CPU_CHANNELS_LAST = True
+
+
+def _layer_done(_module, _inputs, _output) -> None:
+    heartbeat()
+
+
+def report_between_layers(model: nn.Module) -> nn.Module:
+    """``model`` with a :func:`~MedicalFusionLib.progress.heartbeat` after each of its layers: one
+    slice can take most of a second on a busy CPU, and the panel must hear from the run meanwhile."""
+    for layer in model.modules():
+        if layer is not model:
+            layer.register_forward_hook(_layer_done)
+    return model
 
 
 def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
@@ -33,7 +47,7 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
     """
     from ..methods.pyramids import pad_to_multiple
 
-    model = model.to(device).eval()
+    model = report_between_layers(model.to(device).eval())
     channels_last = device.type == "cpu" and CPU_CHANNELS_LAST and torch.get_num_threads() > 1
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -83,3 +83,73 @@ def test_every_available_method_keeps_the_contract(method, rng):
 def test_unknown_method_is_a_user_error():
     with pytest.raises(FusionError, match="unknown method 'nope'"):
         get_method("nope")
+
+
+def _slow_single_slice_method(steps: int, done: list):
+    """A method whose one slice takes ``steps`` x 20 ms and calls heartbeat() between its steps
+    (as a network's layers and NSST-PAPCNN's maps do)."""
+    import time
+
+    from MedicalFusionLib.methods.registry import FusionMethod
+    from MedicalFusionLib.progress import heartbeat
+
+    def build(device):
+        def fuse(a, b):
+            for _ in range(steps):
+                time.sleep(0.02)
+                done.append(1)
+                heartbeat()
+            return torch.maximum(a, b)
+        return fuse
+
+    return FusionMethod(name="slow", description="", reference="", family="basic", build=build)
+
+
+def test_inside_one_slice_the_engine_still_reports_and_can_be_cancelled(rng):
+    """One slice of 0.6 s: without heartbeats the panel would hear nothing for 0.6 s."""
+    import time
+
+    a, b = _stack(rng, n=1)
+    done, stamps = [], []
+    fuse_slices(a, b, _slow_single_slice_method(30, done), progress=lambda d, t: stamps.append(time.perf_counter()))
+    gaps = np.diff(stamps)
+    assert len(stamps) >= 5 and gaps.max() < 0.3            # a report every ~0.1 s, not one at the end
+    asked = []
+
+    def cancel():
+        asked.append(time.perf_counter())
+        return len(asked) > 2                                 # before the run, then once inside the slice
+
+    done.clear()
+    with pytest.raises(FusionCancelled):
+        fuse_slices(a, b, _slow_single_slice_method(30, done), cancel=cancel)
+    assert len(done) < 30                                    # stopped inside the slice, not after it
+
+
+def test_heartbeat_outside_a_run_does_nothing():
+    from MedicalFusionLib.progress import beating, heartbeat
+
+    heartbeat()                                              # no run: nothing to call, no error
+    calls = []
+    with beating(lambda: calls.append(1), every=0.0):
+        heartbeat()
+        heartbeat()
+    heartbeat()
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("name", ["nsst_papcnn", "mrdfn", "lywnet", "dmfnet"])
+def test_slow_methods_beat_inside_a_slice(name, rng):
+    """The methods whose single slice can take most of a second report from inside it."""
+    from MedicalFusionLib.progress import beating
+
+    method = get_method(name)
+    ok, reason = method.available()
+    if not ok:
+        pytest.skip(reason)
+    fn = method.build(torch.device("cpu"))
+    a, b = (torch.from_numpy(x).unsqueeze(1) for x in _stack(rng, n=1, h=64, w=64))
+    beats = []
+    with beating(lambda: beats.append(1), every=0.0):
+        fn(a, b)
+    assert len(beats) >= 8
