@@ -159,9 +159,11 @@ def main(argv=None) -> int:
               "uninterrupted stretch, 1-2 s on this machine; the benchmark fuses a small phantom first); a "
               "non-linear parent transform is sampled at every voxel while the nodes are read (no report inside); "
               "the robust window's percentiles are taken over the whole volume at once (fast on these grids, "
-              "seconds on a 512x512x300 CT). On a CPU shared with other work, torch's own intra-op threads stall "
-              "at every operation: a single slice of a network or of nsst_papcnn then takes seconds (see the "
-              "default-threads section), which no batch size can split."] + notes
+              "seconds on a 512x512x300 CT). Inside one slice, the networks report after every layer and "
+              "nsst_papcnn after every PCNN map (progress.heartbeat, at most every 0.1 s), so a slow single "
+              "slice does not freeze the panel; a single torch operation still cannot be interrupted, and on a "
+              "CPU shared with other work torch's own intra-op threads can stall at every operation (see the "
+              "default-threads section)."] + notes
     over = [f"{c} {m} {r['worst']:.2f} s in {r['worst_phase']}" for c, _, m, r in rows if r["worst"] > GOAL_S]
     lines.append("Over the goal in this run: " + ("; ".join(over) if over else "none") + ".")
     print("\n".join(lines))
