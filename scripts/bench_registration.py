@@ -287,7 +287,7 @@ def markdown(rows, args, settings, machine: str) -> str:
             f"{r['max_sec']:.1f} ({r['max_cpu']:.1f}) | {r['failures']} | {yes[r['met_accuracy']]} | "
             f"{yes[r['met_time']]} |")
     lines += ["", "Voxel size of an anisotropic grid: the cube root of the voxel volume. A target is met when the "
-              "worst trial meets it; a failed trial (a one-line error: did not converge) fails it.", ""]
+              "worst trial meets it; a failed trial (a one-line error, listed below: refused, or did not converge) fails it.", ""]
     errors = [(r["pair"], e) for r in rows for e in r["errors"]]
     if errors:
         lines += ["Failed trials:", ""] + [f"- {pair}: {e}" for pair, e in errors] + [""]
