@@ -28,21 +28,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
 
 
-def node_from_image(scene, image: sitk.Image, name: str):
-    """A scalar volume node holding ``image`` (LPS) with the matching RAS geometry."""
-    import slicer
-
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
-    flip = np.diag([-1.0, -1.0, 1.0])
-    d = flip @ np.array(image.GetDirection()).reshape(3, 3)
-    node.SetIJKToRASDirections(*d.ravel().tolist())
-    node.SetSpacing(*image.GetSpacing())
-    node.SetOrigin(*(flip @ np.array(image.GetOrigin())).tolist())
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
 def resampled(image: sitk.Image, size=(256, 256, 180)) -> sitk.Image:
     """``image`` on a grid of ``size`` voxels covering the same field of view (linear)."""
     old_size, old_spacing = np.array(image.GetSize()), np.array(image.GetSpacing())
@@ -95,8 +80,8 @@ def main(argv=None) -> int:
         scene = slicer.vtkMRMLScene()
         colors = slicer.vtkSlicerColorLogic()
         colors.SetMRMLScene(scene)
-        anat = node_from_image(scene, anat_img, "anatomical")
-        func = node_from_image(scene, func_img, "functional")
+        anat = fscene.add_volume_from_image(scene, anat_img, "anatomical")
+        func = fscene.add_volume_from_image(scene, func_img, "functional")
         func.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLPETProceduralColorNodePET-Heat")
         a_win = fscene.display_settings(anat).window
         f_win = fscene.display_settings(func).window

@@ -29,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_scene import node_from_image  # noqa: E402
+from MedicalFusionLib.scene import add_volume_from_image  # noqa: E402
 from benchdoc import command_line, common_arguments, machine_line, replace_section  # noqa: E402
 
 PHASES = ("start", "read", "prepare", "fuse", "recombine", "metrics", "write", "end")
@@ -49,7 +49,7 @@ def load_case(scene, case: str, data: pathlib.Path):
         from MedicalFusionLib.sample import sample_pair  # noqa: PLC0415
 
         t1, pet = sample_pair()
-        anat, func = node_from_image(scene, t1, "MNI T1"), node_from_image(scene, pet, "simulated PET")
+        anat, func = add_volume_from_image(scene, t1, "MNI T1"), add_volume_from_image(scene, pet, "simulated PET")
     for node in (anat, func):
         if node.GetDisplayNode() is None:
             node.CreateDefaultDisplayNodes()

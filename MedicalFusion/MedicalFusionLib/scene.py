@@ -198,7 +198,8 @@ def node_units(node) -> str | None:
 
 
 def add_volume_from_image(scene, image: sitk.Image, name: str):
-    """A new scalar volume node holding a 3D SimpleITK image (LPS) with its geometry in RAS."""
+    """A new scalar volume node holding a 3D SimpleITK image (LPS) with its geometry in RAS, and
+    its default display node."""
     slicer, vtk = _slicer(), _vtk()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
     slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
@@ -210,6 +211,7 @@ def add_volume_from_image(scene, image: sitk.Image, name: str):
             m.SetElement(r, c, direction[r, c] * image.GetSpacing()[c])
         m.SetElement(r, 3, origin[r])
     node.SetIJKToRASMatrix(m)
+    node.CreateDefaultDisplayNodes()
     return node
 
 
@@ -243,7 +245,6 @@ def load_dicom_volume(scene, folder, name: str | None = None):
         node.SetVoxelValueUnits(coded)
     if facts.notice:              # logged when the series was read
         node.SetAttribute(ATTRIBUTE_PREFIX + "units_notice", facts.notice)
-    node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     if facts.modality == "PT":
         window = functional_window_default(source.image)

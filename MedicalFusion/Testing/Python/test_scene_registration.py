@@ -12,9 +12,6 @@ The volumes are the small synthetic phantoms of test_registration.py (a second o
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -22,9 +19,7 @@ slicer = pytest.importorskip(
     "slicer", reason="slicer-core is not installed (pip install slicer-core): the MRML scene tests need real MRML nodes")
 vtk = pytest.importorskip("vtk", reason="vtk is not installed (it comes with slicer-core)")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))   # (test_registration does it too)
-
-from bench_scene import node_from_image  # noqa: E402
+from MedicalFusionLib.scene import add_volume_from_image  # noqa: E402
 from test_registration import phantom, rigid  # noqa: E402
 from test_scene import fingerprint, scene_state  # noqa: E402
 
@@ -53,8 +48,8 @@ def truth():
 @pytest.fixture
 def pair(scene, truth):
     """Anatomical 'MR' node and a 'PET' node misplaced by ``truth`` (in its geometry, no transform)."""
-    mr = node_from_image(scene, phantom("mr"), "MR")
-    pet = node_from_image(scene, reg.moved_geometry(phantom("pet", spacing=4.0, seed=1),
+    mr = add_volume_from_image(scene, phantom("mr"), "MR")
+    pet = add_volume_from_image(scene, reg.moved_geometry(phantom("pet", spacing=4.0, seed=1),
                                                     truth), "PET")
     return mr, pet
 

@@ -7,12 +7,7 @@ scene as it was. Skipped, with the reason, where the harness is (see test_slicer
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))     # bench_scene.node_from_image
 
 from test_slicer_module import harness, parametrize_versions, phantom, sample_cache, select_pair  # noqa: F401
 
@@ -22,14 +17,14 @@ TOLERANCE_MM = 2.0     # half the phantom PET's 4 mm voxel
 def misplaced_pair(h):
     """The synthetic head of test_registration.py as nodes: an MR, and a PET misplaced (in its own
     geometry) by a known rigid transform ``truth`` (LPS, anatomical point -> functional point)."""
-    from bench_scene import node_from_image  # noqa: PLC0415
+    from MedicalFusionLib.scene import add_volume_from_image  # noqa: PLC0415
     from test_registration import phantom as head, rigid  # noqa: PLC0415
 
     from MedicalFusionLib.registration import moved_geometry  # noqa: PLC0415
 
     truth = rigid()
-    mr = node_from_image(h.scene, head("mr"), "MR")
-    pet = node_from_image(h.scene, moved_geometry(head("pet", 4.0, seed=1), truth), "PET")
+    mr = add_volume_from_image(h.scene, head("mr"), "MR")
+    pet = add_volume_from_image(h.scene, moved_geometry(head("pet", 4.0, seed=1), truth), "PET")
     return mr, pet, truth
 
 
