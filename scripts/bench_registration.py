@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO / "MedicalFusion"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from MedicalFusionLib.errors import FusionError  # noqa: E402
+from MedicalFusionLib.sources import read_source  # noqa: E402
 from MedicalFusionLib.registration import RegistrationSettings, affine_matrix, moved_geometry, register  # noqa: E402
 
 SECTION = "registration"
@@ -50,12 +51,6 @@ STS_PATIENTS = ("STS_001", "STS_002", "STS_003")
 # (name, functional, anatomical, mask image, PET/SPECT?)
 STS_PAIRS = (("PET-CT", "PET", "CT", True), ("PET-MR", "PET", "MR_T1", True), ("MR-CT", "MR_T1", "CT", False))
 SPM_PAIRS = (("PET-T1", "PET", True), ("SPECT-T1", "SPECT", True), ("T2-T1", "T2", False))
-
-
-def read_series(folder: pathlib.Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    return reader.Execute()
 
 
 def brain_mask(t1: sitk.Image) -> sitk.Image:
@@ -95,7 +90,8 @@ def voxel_size(image: sitk.Image) -> float:
 def load_pairs(data: pathlib.Path, wanted: list[str] | None):
     """Yield (name, anatomical, functional, region points, target median, target p95, functional voxel)."""
     sts, spm = data / "sts", data / "spm12"
-    if (spm / "T1.nii").is_file():
+    spm_wanted = not wanted or any(w.startswith("spm12/") for w in wanted)
+    if spm_wanted and (spm / "T1.nii").is_file():
         t1 = sitk.ReadImage(str(spm / "T1.nii"))
         pts = region_points(brain_mask(t1))
         for name, func, is_nuclear in SPM_PAIRS:
@@ -105,7 +101,7 @@ def load_pairs(data: pathlib.Path, wanted: list[str] | None):
             f = sitk.ReadImage(str(spm / f"{func}.nii"))
             v = voxel_size(f)
             yield key, t1, f, pts, (v / 2.0 if is_nuclear else 1.0), v, v
-    else:
+    elif spm_wanted:
         print(f"spm12 not found in {spm}: skipped", file=sys.stderr)
     for patient in STS_PATIENTS:
         root = sts / patient
@@ -119,7 +115,8 @@ def load_pairs(data: pathlib.Path, wanted: list[str] | None):
                 continue
             for m in (func, anat):
                 if m not in images:
-                    images[m] = read_series(root / m / "dicom")
+                    # as `medicalfusion fuse --register` reads them (checked; PET in SUV)
+                    images[m] = read_source(root / m / "dicom", "functional" if m == func else "anatomical").image
             mask = sitk.ReadImage(str(root / anat / "gtv_mask.nii.gz"))
             v = voxel_size(images[func])
             yield key, images[anat], images[func], region_points(mask), (v / 2.0 if is_nuclear else 1.0), v, v

@@ -352,7 +352,7 @@ def apply_units(image: sitk.Image, facts: SeriesFacts) -> sitk.Image:
     factors = facts.suv_factors
     if not factors or all(f == 1.0 for f in factors):
         return image
-    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)     # already a copy
     if facts.suv_factor is not None:
         arr *= np.float32(facts.suv_factor)
     elif arr.ndim == 3 and arr.shape[0] == len(factors):

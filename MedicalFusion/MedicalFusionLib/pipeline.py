@@ -290,6 +290,17 @@ def source_gray8(prepared: Prepared, tick: Tick | None = None) -> tuple[np.ndarr
     return out[0], out[1]
 
 
+def _check_run_options(options: FusionOptions) -> list[str] | None:
+    """FusionError for a bad batch size or metric set; the metric keys to compute (None: no metrics)."""
+    if options.batch_size is not None and (int(options.batch_size) != options.batch_size or options.batch_size < 1):
+        raise FusionError(f"batch size {options.batch_size} is not a whole number of 1 or more")
+    if not options.compute_metrics:
+        return None
+    from .metrics import metric_set_keys  # noqa: PLC0415
+
+    return metric_set_keys(options.metric_set)
+
+
 def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: ProgressFn | None = None,
                   cancel: CancelFn | None = None, tracker: Progress | None = None) -> FusionResult:
     """Fuse prepared inputs (and measure, when ``options.compute_metrics``): engine, recombine,
@@ -305,12 +316,7 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
             result = fuse_prepared(prepared, options, tracker=own)
             own.finish()
         return result
-    if options.compute_metrics:
-        from .metrics import metric_set_keys  # noqa: PLC0415
-
-        metric_keys = metric_set_keys(options.metric_set)     # a bad name fails before any work
-    if options.batch_size is not None and (int(options.batch_size) != options.batch_size or options.batch_size < 1):
-        raise FusionError(f"batch size {options.batch_size} is not a whole number of 1 or more")
+    metric_keys = _check_run_options(options)
     device = pick_device(options.device)
     axis = array_axis(prepared.reference, options.axis)
     check_slice_size(prepared.reference, axis, str(options.axis) if not str(options.axis).isdigit() else "")
@@ -354,6 +360,7 @@ def fuse_images(anatomical: sitk.Image, functional: sitk.Image, options: FusionO
     """
     options = options or FusionOptions()
     get_method(options.method)               # unknown method: fail before any work
+    _check_run_options(options)              # ... and a bad batch size or metric set
     if isinstance(options.colormap, str):
         colour.colormap_table(options.colormap)
     elif options.colormap is not None:

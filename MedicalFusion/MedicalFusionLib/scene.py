@@ -225,7 +225,7 @@ def load_dicom_volume(scene, folder, name: str | None = None):
     soft-tissue preset; PET: PET-Heat when that colour node is in the scene). A notice about PET
     units (logged when the series is read) is kept in ``MedicalFusion.units_notice``. Returns the node.
     """
-    from .pipeline import anatomical_unit, functional_window_default  # noqa: PLC0415
+    from .pipeline import functional_window_default  # noqa: PLC0415
     from .sources import read_source  # noqa: PLC0415
     from .windows import choose_window  # noqa: PLC0415
 
@@ -252,8 +252,8 @@ def load_dicom_volume(scene, folder, name: str | None = None):
             display.SetAndObserveColorNodeID(colour.SLICER_COLOR_NODE_IDS["PET-Heat"])
     else:
         window = choose_window(source.image, "anatomical", units=facts.units or None).window
-        if window is None:
-            window = anatomical_unit(source.image, None)[1]
+        if window is None:                    # the pipeline's automatic anatomical window
+            window = colour.robust_window(sitk.GetArrayViewFromImage(source.image))
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(*window)
     return node

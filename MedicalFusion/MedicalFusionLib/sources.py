@@ -591,16 +591,19 @@ def as_3d(image: sitk.Image, role: str, name: str = "") -> tuple[sitk.Image, boo
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):
             raise FusionError(f"{label} contains NaN or infinite values: fix or mask them before fusing")
-        big = float(np.abs(arr).max())
+    lo, hi = arr.min(), arr.max()
+    if np.issubdtype(arr.dtype, np.floating):
+        big = max(abs(float(lo)), abs(float(hi)))
         if big > _FLOAT32_SAFE:
             raise FusionError(f"{label} has values up to {big:.3g}, too large to window in 32-bit floats: "
                               "rescale it (e.g. to its physical units) before fusing")
+        # rounding to float32 keeps the order of values: the extremes tell whether any two differ
         with np.errstate(under="ignore"):
-            as32 = arr.astype(np.float32)
-        if as32.min() == as32.max() and arr.min() != arr.max():
+            same32 = np.float32(lo) == np.float32(hi)
+        if same32 and lo != hi:
             raise FusionError(f"{label} has values that differ only beyond 32-bit float precision "
-                              f"({float(arr.min()):.3g}..{float(arr.max()):.3g}): rescale it before fusing")
-    if arr.min() == arr.max():
+                              f"({float(lo):.3g}..{float(hi):.3g}): rescale it before fusing")
+    if lo == hi:
         raise FusionError(f"{label} is constant (every voxel {arr.flat[0]}): there is nothing to fuse, check the file")
     was_2d = dim == 2
     if was_2d:
