@@ -311,7 +311,7 @@ def run_fuse(args, anat, func, out, paths: dict):
         raise FusionError(f"output {paths['output']} holds one 2D picture but the anatomical input is a 3D volume "
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
-    transform = placement(args, anat.image, func.image)
+    transform = placement(args, anat, func)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet, percent=True)
     try:
         result = fuse_images(anat.image, func.image, options, progress=progress, transform=transform)
@@ -336,19 +336,20 @@ def check_placement_arguments(args) -> None:
         check_transform_path(args.save_transform, "--save-transform")
 
 
-def placement(args, anatomical, functional):
+def placement(args, anat, func):
     """The transform placing the functional (None: as stored): registered when --register is given
     (starting from --transform if given), else read from --transform. A shared DICOM
-    FrameOfReferenceUID is noted (the package log, shown after the run)."""
+    FrameOfReferenceUID (from the headers read with the series) is noted (the package log, shown
+    after the run)."""
     from .registration import note_if_already_registered, read_transform, register  # noqa: PLC0415
 
     transform = read_transform(args.transform) if getattr(args, "transform", None) else None
-    note_if_already_registered(args.anatomical, args.functional)
+    note_if_already_registered(*(s.facts.frame_of_reference_uid if s.facts else None for s in (anat, func)))
     if not getattr(args, "register", None):
         return transform
     progress, close = _progress_bar(f"registering ({args.register})", not args.quiet, unit="iteration")
     try:
-        args.registration = register(anatomical, functional, args.register, initial=transform, progress=progress)
+        args.registration = register(anat.image, func.image, args.register, initial=transform, progress=progress)
     finally:
         close()
     return args.registration.transform

@@ -486,34 +486,10 @@ def check_converged(outcome: Registration, settings: RegistrationSettings) -> No
 # DICOM: already registered?
 
 
-def frame_of_reference_uid(path: str | os.PathLike) -> str | None:
-    """FrameOfReferenceUID (0020,0052) of a DICOM series folder or file; None for other inputs."""
-    p = pathlib.Path(path)
-    try:
-        if p.is_dir():
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p))
-            if not files:
-                return None
-            p = pathlib.Path(files[0])
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(p))
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    if reader.HasMetaDataKey("0020|0052"):
-        return reader.GetMetaData("0020|0052").strip() or None
-    return None
-
-
-def shared_frame_of_reference(anatomical: str | os.PathLike, functional: str | os.PathLike) -> str | None:
-    """The FrameOfReferenceUID when both inputs are DICOM with the same one (already registered)."""
-    a = frame_of_reference_uid(anatomical) if anatomical else None
-    return a if a is not None and a == frame_of_reference_uid(functional) else None
-
-
-def note_if_already_registered(anatomical: str | os.PathLike, functional: str | os.PathLike) -> str | None:
-    """Log (warning) that two DICOM series share a FrameOfReferenceUID; returns it, or None."""
-    uid = shared_frame_of_reference(anatomical, functional)
+def note_if_already_registered(anatomical_uid: str | None, functional_uid: str | None) -> str | None:
+    """Log (warning) that two DICOM series share a FrameOfReferenceUID (as their headers were read:
+    ``dicom.SeriesFacts.frame_of_reference_uid``); returns it, or None."""
+    uid = anatomical_uid if anatomical_uid and anatomical_uid == functional_uid else None
     if uid:
         logger.warning("both DICOM series share the FrameOfReferenceUID %s: they are already registered (one "
                        "scanner session, or registered and resampled before export); --register is not needed", uid)

@@ -788,17 +788,19 @@ def place_registration(scene, anatomical, functional, registration, created: lis
 def shared_frame_of_reference(anatomical, functional, database=None) -> str | None:
     """The DICOM FrameOfReferenceUID both volumes were loaded with, when it is the same; else None.
 
-    Looked up through Slicer's DICOM database (``slicer.dicomDatabase``, or ``database``) from the
-    nodes' ``DICOM.instanceUIDs`` attribute; None outside the Slicer application or for volumes that
-    did not come from DICOM.
+    A node's ``DICOM.FrameOfReferenceUID`` attribute (set by :func:`load_dicom_volume`), else a
+    look-up in Slicer's DICOM database (``slicer.dicomDatabase``, or ``database``) from its
+    ``DICOM.instanceUIDs`` attribute (Slicer's DICOM module); None for volumes that did not come
+    from DICOM.
     """
     database = database if database is not None else getattr(_slicer(), "dicomDatabase", None)
-    if database is None:
-        return None
 
     def uid(node):
+        own = (node.GetAttribute("DICOM.FrameOfReferenceUID") or "").strip()
         instances = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
-        return (database.instanceValue(instances[0], "0020,0052") or "").strip() if instances else ""
+        if own or database is None or not instances:
+            return own
+        return (database.instanceValue(instances[0], "0020,0052") or "").strip()
     a = uid(anatomical)
     return a if a and a == uid(functional) else None
 

@@ -411,11 +411,17 @@ def test_dicom_frame_of_reference(shared_data, tmp_path):
     sts = shared_data / "sts" / "STS_001"
     if not (sts / "CT" / "dicom").is_dir():
         pytest.skip(f"sts data not found in {sts.parent}")
-    uid = reg.shared_frame_of_reference(sts / "CT" / "dicom", sts / "PET" / "dicom")
+    from MedicalFusionLib.sources import read_source
+
+    def shared(a, b):          # as the CLI does it: the UIDs the series' headers gave when read
+        facts = [read_source(p, "input").facts for p in (a, b)]
+        return reg.note_if_already_registered(*(f.frame_of_reference_uid if f else None for f in facts))
+
+    uid = shared(sts / "CT" / "dicom", sts / "PET" / "dicom")
     assert uid and uid.startswith("1.3.6.1.4.1.14519")            # one hybrid PET/CT session
     other = shared_data / "sts" / "STS_002" / "PET" / "dicom"
-    assert reg.shared_frame_of_reference(sts / "CT" / "dicom", other) is None
-    assert reg.shared_frame_of_reference(shared_data / "spm12" / "T1.nii", shared_data / "spm12" / "PET.nii") is None
+    assert shared(sts / "CT" / "dicom", other) is None
+    assert shared(shared_data / "spm12" / "T1.nii", shared_data / "spm12" / "PET.nii") is None
 
 
 def test_cli_says_dicom_series_are_already_registered(shared_data, tmp_path, capsys):

@@ -249,3 +249,10 @@ def test_shared_frame_of_reference_from_the_dicom_database(scene, pair):
     pet.SetAttribute("DICOM.instanceUIDs", "1.2.3.3")
     assert fscene.shared_frame_of_reference(mr, pet, db) is None
     assert fscene.shared_frame_of_reference(mr, pet) is None               # no database outside Slicer
+
+    # volumes loaded by load_dicom_volume carry their own UID: no database needed
+    mr.SetAttribute("DICOM.FrameOfReferenceUID", "4.4.4")
+    pet.SetAttribute("DICOM.FrameOfReferenceUID", "4.4.4")
+    assert fscene.shared_frame_of_reference(mr, pet) == "4.4.4"
+    pet.SetAttribute("DICOM.FrameOfReferenceUID", "4.4.5")
+    assert fscene.shared_frame_of_reference(mr, pet, db) is None
