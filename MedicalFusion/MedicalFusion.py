@@ -418,6 +418,11 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         self._notices = []   # what the panel changed in a loaded scene, kept in the status line
         self._lastFunctional = None
+        self._missingDependencies = []   # pip names not importable yet (said in the status line)
+        self._abortReason = None   # why the running fusion must stop (scene closed, input removed)
+        self._runNodes = {}        # node ID -> its role, for the nodes the running fusion reads or writes
+        self._runNotice = ""       # how the last run ended when it did not finish (kept in the status line)
+        self._statusIsReason = False   # the status line shows why Fuse is disabled
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -431,14 +436,16 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         # A scene added to this one (File > Add Data of a .mrml) replaces the parameter node's content:
         # let go of the GUI while it loads, connect again (checking the loaded values) afterwards.
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndClose)
+        # Deleting a node the running fusion reads or writes cancels the run
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAboutToBeRemovedEvent, self.onNodeAboutToBeRemoved)
         self.ui.fuseButton.connect("clicked(bool)", self.onFuseButton)
         self.ui.progressBar.setVisible(False)
+        # Said in the status line whenever the panel shows it (not only here: opening the panel
+        # and every validation write the status line afterwards)
+        self._missingDependencies = missingDependencies()
         self.initializeParameterNode()
-        if missingDependencies():
-            self.ui.statusLabel.text = _("PyTorch / scikit-image are not installed yet: the first Fuse offers to "
-                                         "install them (a few minutes).")
 
     def cleanup(self) -> None:
         self._disconnectParameterNode()
@@ -452,7 +459,26 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A fusion running now (the close came while it processed events) stops at its next cancel
+        # check and writes nothing: its result would land in the next, empty scene.
+        if self._running and self._abortReason is None:
+            self._abortReason = _("the scene was closed")
         self.setParameterNode(None)
+
+    def onSceneStartImport(self, caller, event) -> None:
+        if self._running and self._abortReason is None:
+            self._abortReason = _("a scene was added to this one")
+        self.onSceneStartClose(caller, event)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAboutToBeRemoved(self, caller, event, node) -> None:
+        """A node the running fusion reads or writes is being deleted: the run stops at its next
+        cancel check and writes nothing (a scene close is reported by onSceneStartClose)."""
+        if not self._running or node is None or self._abortReason is not None or slicer.mrmlScene.IsClosing():
+            return
+        role = self._runNodes.get(node.GetID())
+        if role:
+            self._abortReason = _("the {role} '{name}' was removed").format(role=role, name=node.GetName())
 
     def onSceneEndClose(self, caller, event) -> None:
         # Also when the module is not shown: its logic and self-test use the panel's parameter node.
@@ -488,8 +514,18 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._lastFunctional = self._parameterNode.functionalVolume
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._checkCanApply()
-            if self._notices:
-                self.ui.statusLabel.text = " ".join(self._notices)
+            notes = self._notices + self._dependencyNotice()
+            if notes and self.ui.fuseButton.enabled:
+                self.ui.statusLabel.text = " ".join(notes)
+                self._statusIsReason = False
+
+    def _dependencyNotice(self) -> list:
+        """Why methods are missing from a Slicer where the dependencies are not installed yet."""
+        if not self._missingDependencies:
+            return []
+        return [_("Not installed yet: {packages}. The fusion methods need them (the networks MRDFN, LYWNet and "
+                  "DM-FNet need PyTorch), so they are not listed yet: the first Fuse offers to install them "
+                  "(a few minutes).").format(packages=", ".join(self._missingDependencies))]
 
     def _guiMapping(self) -> dict:
         """Parameter name -> widget, from the widgets' SlicerParameterName (what connectGui collects)."""
@@ -582,7 +618,14 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fuseButton.enabled = ok
         self.ui.fuseButton.toolTip = _("Fuse the functional volume into the anatomical one.") if ok else reason
         if not ok:
-            self.ui.statusLabel.text = " ".join([reason] + self._notices)
+            parts = [self._runNotice, reason] + self._notices + self._dependencyNotice()
+            self.ui.statusLabel.text = " ".join(part for part in parts if part)
+            self._statusIsReason = True
+        else:
+            self._runNotice = ""   # shown until something else is said
+            if self._statusIsReason:   # the reason no longer holds
+                self.ui.statusLabel.text = " ".join(self._notices + self._dependencyNotice())
+                self._statusIsReason = False
 
     def onFuseButton(self) -> None:
         """The Fuse button's clicked() handler: Fuse, or Cancel while a fusion runs."""
@@ -591,7 +634,9 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fuseButton.text = _("Cancelling...")
             return
         if missingDependencies():
-            if not ensureDependencies(askConfirmation=True):
+            installed = ensureDependencies(askConfirmation=True)
+            self._missingDependencies = missingDependencies()
+            if not installed:
                 self.ui.statusLabel.text = _("Dependencies not installed: fusion needs PyTorch and scikit-image. "
                                              "Click Fuse to try again.")
                 self._checkCanApply()
@@ -604,11 +649,29 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _progress(self, done: int, total: int) -> None:
         self.ui.progressBar.maximum = max(1, total)
         self.ui.progressBar.value = done
-        slicer.app.processEvents()   # keeps Cancel clickable while the logic runs
+        # Repaint only: clicks are taken in _cancel, which the logic calls before every progress
+        # report until it starts writing. From then on user input waits for the end of the run, so
+        # no scene close or node deletion can come between the nodes it writes.
+        slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 
     def _cancel(self) -> bool:
-        slicer.app.processEvents()
-        return self._cancelRequested
+        slicer.app.processEvents()   # keeps Cancel clickable while the logic runs
+        return self._cancelRequested or self._abortReason is not None
+
+    def _nodesOfRun(self, p) -> dict:
+        """Node ID -> role for the nodes the run reads or writes: deleting one of them cancels it."""
+        roles = {}
+        for node, role in ((p.outputTable, _("output table")), (p.outputVolume, _("output volume")),
+                           (p.functionalVolume, _("functional volume")), (p.anatomicalVolume, _("anatomical volume"))):
+            if node is None:
+                continue
+            roles[node.GetID()] = role
+            if node in (p.anatomicalVolume, p.functionalVolume):
+                transform = node.GetParentTransformNode()
+                while transform is not None:
+                    roles[transform.GetID()] = _("parent transform of the {role}").format(role=role)
+                    transform = transform.GetParentTransformNode()
+        return roles
 
     def _setRunning(self, running: bool) -> None:
         self._running = running
@@ -632,11 +695,19 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             kind=p.registration, method=p.method) if p.registerFirst else
             _("Fusing with '{method}'...").format(method=p.method))
         self._setRunning(True)
+        self._abortReason = None
+        self._runNotice = ""
+        self._runNodes = self._nodesOfRun(p)
         start = time.perf_counter()
         try:
             outcome = self.logic.process(p, progress=self._progress, cancel=self._cancel)
         except FusionCancelled:
-            self.ui.statusLabel.text = _("Cancelled: nothing was written, the scene is unchanged.")
+            if self._abortReason is not None:
+                self._runNotice = _("Cancelled: {reason}; nothing was written.").format(reason=self._abortReason)
+            else:
+                self._runNotice = _("Cancelled: nothing was written, the scene is unchanged.")
+            self.ui.statusLabel.text = self._runNotice
+            self._statusIsReason = False
             return
         except FusionError as exc:
             self.ui.statusLabel.text = str(exc)

@@ -275,14 +275,17 @@ class HarnessApp(qts.QObject):
 
     def processEvents(self, *args) -> None:
         """Let the 'user' act: queued actions whose turn has come run here, as Qt would deliver a
-        click while the module calls processEvents."""
+        click while the module calls processEvents. With ``qt.QEventLoop.ExcludeUserInputEvents``
+        Qt holds user input back until a later call that accepts it: such calls neither count
+        towards an action's turn nor run one (timers still fire)."""
         self.process_events_calls += 1
         if self._in_actions:
             return
+        user_input = not (args and int(args[0]) & qts.QEventLoop.ExcludeUserInputEvents)
         self._in_actions = True
         try:
             due = []
-            for entry in self._actions:
+            for entry in self._actions if user_input else ():
                 entry[0] -= 1
                 if entry[0] <= 0:
                     due.append(entry)
@@ -617,6 +620,17 @@ class SlicerHarness:
         self._colour_logic.SetMRMLApplicationLogic(self.app_logic)
         self._colour_logic.SetMRMLScene(scene)
         self.app_logic.SetModuleLogic("Colors", self._colour_logic)
+        # The scene's cache and data IO managers, as qSlicerCoreApplication sets them up
+        # (Base/QTCore/qSlicerCoreApplication.cxx at v5.8.1: lines 649-654 and 1398): .mrb reading
+        # and Sample Data's downloads use the remote cache directory (Slicer's cache folder)
+        self._remote_io = slicer.vtkMRMLRemoteIOLogic()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        (self.cache_dir / ".slicer-cache").touch()   # the sentinel vtkCacheManager (5.13) looks for
+        self._remote_io.GetCacheManager().SetRemoteCacheDirectory(str(self.cache_dir))
+        self._data_io_logic = slicer.vtkDataIOManagerLogic()
+        self._data_io_logic.SetMRMLApplicationLogic(self.app_logic)
+        self._data_io_logic.SetAndObserveDataIOManager(self._remote_io.GetDataIOManager())
+        self.app_logic.SetMRMLSceneDataIO(scene, self._remote_io, self._data_io_logic)
         self._sh_logic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
         self._sh_logic.SetMRMLScene(scene)
         slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
@@ -732,6 +746,24 @@ class SlicerHarness:
         self.scene.SetURL(str(path))
         if not self.scene.Commit():
             raise RuntimeError(f"cannot write the scene to {path}")
+
+    def save_scene_bundle(self, path) -> None:
+        """File > Save as a Medical Reality Bundle (.mrb), the scene with every node's data, the
+        way Slicer writes one: qSlicerSceneWriter::writeToMRB sets the scene's URL and root
+        directory and calls ``vtkMRMLScene::WriteToMRB`` (Modules/Loadable/Data/qSlicerSceneWriter.cxx,
+        v5.8.1 lines 155-190, main 154-189), which gives each storable node its default storage
+        node (volumes: NRRD) and writes the data beside the .mrml, then zips the folder."""
+        path = Path(path).resolve()
+        self.scene.SetURL(str(path))
+        self.scene.SetRootDirectory(str(path.parent))
+        if not self.scene.WriteToMRB(str(path)):
+            raise RuntimeError(f"cannot write the scene bundle {path}")
+
+    def open_scene_bundle(self, path, clear: bool = True) -> bool:
+        """File > Open of a .mrb, as qSlicerSceneBundleReader::load does: ``vtkMRMLScene::ReadFromMRB``
+        (Base/QTCore/qSlicerSceneBundleReader.cxx line 103 at v5.8.1 and main) unpacks it and
+        imports the .mrml, whose storage nodes read the data back."""
+        return bool(self.scene.ReadFromMRB(str(Path(path).resolve()), clear))
 
     def messages(self, level: int = logging.INFO) -> list:
         return [r.getMessage() for r in self.log_records if r.levelno >= level]

@@ -100,6 +100,23 @@ def _without_torch_scenarios(version: str, scene_path: str) -> dict:
         results["ctest"] = run_ctest_style(h)
         results["ctest"]["callback_errors"] = list(h.callback_errors)
 
+    # the panel opened in a Slicer without torch says why the methods and networks are missing:
+    # when it opens (setup() then enter()), with the inputs selected, and after a scene close
+    with sh.SlicerHarness(version, cache_dir=cache) as h:
+        widget = h.widget()
+        status = {"opened": widget.ui.statusLabel.text}
+        from MedicalFusionLib.scene import add_phantom_pair  # noqa: PLC0415
+
+        anatomical, functional = add_phantom_pair(h.scene)
+        widget.ui.anatomicalSelector.setCurrentNode(anatomical)
+        widget.ui.functionalSelector.setCurrentNode(functional)
+        status["selected"] = widget.ui.statusLabel.text
+        status["fuse_enabled"] = widget.ui.fuseButton.enabled
+        h.scene.Clear(0)
+        status["closed"] = widget.ui.statusLabel.text
+        status["callback_errors"] = list(h.callback_errors)
+        results["status"] = status
+
     # a scene saved with method 'mrdfn', opened with the module already shown, and before it is shown
     for order in ("module_first", "scene_first"):
         with sh.SlicerHarness(version, cache_dir=cache) as h:
@@ -491,6 +508,16 @@ if __name__ != "__main__":
                 assert outcome.startswith("skipped: needs torch"), (name, outcome)
             else:
                 assert outcome == "ok", (name, outcome, result["output"])
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_without_torch_the_status_line_says_why_the_networks_are_missing(version):
+        result = without_torch(version)["status"]
+        assert result["callback_errors"] == [], result
+        assert result["fuse_enabled"], result          # Fuse stays clickable: it offers the installation
+        for moment in ("opened", "selected", "closed"):
+            text = result[moment]
+            assert "Not installed yet: torch" in text and "networks" in text and "first Fuse" in text, (moment, text)
+        assert "Select an anatomical volume" in result["opened"] and "Select" not in result["selected"], result
 
     @pytest.mark.parametrize("version", VERSIONS)
     def test_without_torch_a_scene_saved_with_a_network_method_opens(version):
