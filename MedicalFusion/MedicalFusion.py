@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import pathlib
 import subprocess
 import time
 import unittest
@@ -58,6 +59,11 @@ PYTORCH_EXTENSION = "PyTorch"
 #: The sample registered with the Sample Data module (see registerSampleData).
 SAMPLE_NAME = "MedicalFusionPETMRI"
 SAMPLE_NODE_NAMES = ("MNI152 T1", "Simulated FDG PET")
+#: What Sample Data downloads for the sample (a file the extension ships) and the file type of the
+#: module's reader that loads it (see registerSampleData, MedicalFusionFileReader).
+SAMPLE_RECIPE_FILE = "MedicalFusionSample.mfsample"
+SAMPLE_RECIPE_MARKER = "MedicalFusion sample"
+SAMPLE_FILE_TYPE = "MedicalFusionSample"
 #: Errors a failed installation raises: pip's exit status, PythonSlicer not found, disk/network.
 INSTALL_ERRORS = (subprocess.CalledProcessError, RuntimeError, OSError)
 
@@ -271,26 +277,74 @@ from it. Test data: the Harvard Whole Brain Atlas (Johnson &amp; Becker) and the
 #
 
 
+def _sampleRecipePath() -> str:
+    return os.path.join(os.path.dirname(__file__), "Resources", SAMPLE_RECIPE_FILE)
+
+
 def registerSampleData() -> None:
     """Add the demo pair to the Sample Data module (category "Medical Image Fusion").
 
-    The pair is generated, not downloaded (see :func:`loadSample`), so the source has a custom
-    downloader; its ``uris`` only name the generated files (Slicer's SampleDataSource requires them).
+    The pair is generated, not downloaded, so the source names one small file the extension ships,
+    ``Resources/MedicalFusionSample.mfsample``, by a file:// URI, with the file type of this module's
+    file reader (:class:`MedicalFusionFileReader`). Sample Data then handles it as any sample,
+    whichever way it is asked: its button (no custom downloader, so the button calls
+    ``SampleDataLogic.downloadFromSource``) and ``SampleData.downloadSample(SAMPLE_NAME)`` both copy
+    that file into Slicer's cache and load it through Slicer's IO manager, i.e. through the reader,
+    which runs :func:`loadSample`. (A custom downloader would serve the button only:
+    ``downloadSample`` ignores it and would fetch the URIs.)
     """
     import SampleData  # noqa: PLC0415
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    fileNames = ["MedicalFusionSample_T1.nrrd", "MedicalFusionSample_PET.nrrd"]
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category=_("Medical Image Fusion"),
         sampleName=SAMPLE_NAME,
         thumbnailFileName=os.path.join(iconsPath, "MedicalFusionSample.png"),
-        uris=["medicalfusion-generated:" + name for name in fileNames],
-        fileNames=fileNames,
-        nodeNames=list(SAMPLE_NODE_NAMES),
-        loadFileType=["VolumeFile", "VolumeFile"],
-        customDownloader=loadSample,
+        uris=pathlib.Path(_sampleRecipePath()).resolve().as_uri(),
+        fileNames=SAMPLE_RECIPE_FILE,
+        nodeNames=SAMPLE_NODE_NAMES[0],
+        loadFileType=SAMPLE_FILE_TYPE,   # the keyword Slicer 5.4 to main accept
     )
+
+
+class MedicalFusionFileReader:
+    """Slicer's scripted file reader of this module (found by its name, ``<module>FileReader``, and
+    registered with the IO manager when the module loads): reads a ``*.mfsample`` file, the
+    sample's recipe, by generating and loading the demo pair (:func:`loadSample`). Sample Data
+    loads the sample through it; dropping the file on Slicer does the same."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def description(self) -> str:
+        return _("MedicalFusion sample")
+
+    def fileType(self) -> str:
+        return SAMPLE_FILE_TYPE
+
+    def extensions(self) -> list:
+        return [_("MedicalFusion sample") + " (*.mfsample)"]
+
+    def canLoadFile(self, filePath: str) -> bool:
+        if not str(filePath).lower().endswith(".mfsample"):
+            return False
+        try:
+            with open(filePath, encoding="utf-8") as f:
+                return f.readline().startswith(SAMPLE_RECIPE_MARKER)
+        except OSError:
+            return False
+
+    def canLoadFileConfidence(self, filePath: str) -> float:
+        return 0.6 if self.canLoadFile(filePath) else 0.0
+
+    def load(self, properties) -> bool:
+        try:
+            nodes = loadSample()
+        except Exception:  # noqa: BLE001 - a reader reports failure with False; the details go to the log
+            logging.exception("MedicalFusion: loading the sample failed")
+            return False
+        self.parent.loadedNodes = [node.GetID() for node in nodes]
+        return True
 
 
 def _ensureSampleTemplate(askConfirmation: bool = True) -> bool:
@@ -320,7 +374,7 @@ def loadSample(source=None) -> list:
     over MRI, and select it in the module. Returns [anatomical node, functional node].
 
     The files are generated once into Slicer's cache folder (a few seconds) and reused afterwards.
-    ``source``: the SampleDataSource when called from the Sample Data module.
+    ``source``: unused (kept for callers that pass a SampleDataSource, as a custom downloader gets).
     """
     from MedicalFusionLib import sample  # noqa: PLC0415
     from MedicalFusionLib.scene import move_to_subject_hierarchy_item  # noqa: PLC0415
@@ -893,9 +947,15 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
     def _loadSampleFromSampleData(self):
         import SampleData  # noqa: PLC0415
 
-        source = SampleData.SampleDataLogic().sourceForSampleName(SAMPLE_NAME)
+        logic = SampleData.SampleDataLogic()
+        source = logic.sourceForSampleName(SAMPLE_NAME)
         self.assertIsNotNone(source, "the MedicalFusion sample is not registered with the Sample Data module")
-        return source.customDownloader(source)   # what its button in the Sample Data module does
+        self.assertIsNone(source.customDownloader)
+        loaded = logic.downloadFromSource(source)   # what its button in the Sample Data module does
+        self.assertEqual(len(loaded), 1, loaded)
+        p = MedicalFusionLogic().getParameterNode()
+        self.assertIs(loaded[0], p.anatomicalVolume)
+        return p.anatomicalVolume, p.functionalVolume
 
     def test_SampleData(self):
         self.delayDisplay("The sample pair from the Sample Data module")

@@ -404,11 +404,12 @@ if __name__ != "__main__":
         sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("Medical Image Fusion")
         assert [s.sampleName for s in sources] == [h.module.SAMPLE_NAME]
         assert Path(sources[0].thumbnailFileName).is_file()
-        anatomical, functional = h.click_sample(h.module.SAMPLE_NAME)
+        (anatomical,) = h.click_sample(h.module.SAMPLE_NAME)     # Sample Data returns the first node
+        widget = h.widget()
+        assert widget._parameterNode.anatomicalVolume is anatomical
+        functional = widget._parameterNode.functionalVolume
         assert (anatomical.GetName(), functional.GetName()) == h.module.SAMPLE_NODE_NAMES
         assert h.slicer.util.arrayFromVolume(anatomical).shape == (189, 233, 197)   # the MNI152 template
-        widget = h.widget()
-        assert (widget._parameterNode.anatomicalVolume, widget._parameterNode.functionalVolume) == (anatomical, functional)
         assert widget.ui.fuseButton.enabled, widget.ui.fuseButton.toolTip
 
     # ---- the self-test, as Slicer runs it
