@@ -569,7 +569,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._checkCanApply()
             notes = self._notices + self._dependencyNotice()
-            if notes and self.ui.fuseButton.enabled:
+            if notes and self.ui.fuseButton.enabled and not self._running:
                 self.ui.statusLabel.text = " ".join(notes)
                 self._statusIsReason = False
 
@@ -703,9 +703,10 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _progress(self, done: int, total: int) -> None:
         self.ui.progressBar.maximum = max(1, total)
         self.ui.progressBar.value = done
-        # Repaint only: clicks are taken in _cancel, which the logic calls before every progress
-        # report until it starts writing. From then on user input waits for the end of the run, so
-        # no scene close or node deletion can come between the nodes it writes.
+        # Repaint only (as Sample Data's logMessage does): clicks are taken in _cancel, which the
+        # logic calls before every progress report until it starts writing. From then on user input
+        # waits for the end of the run, so no scene close or node deletion comes between the nodes
+        # it writes.
         slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 
     def _cancel(self) -> bool:
