@@ -247,7 +247,9 @@ def test_a_scene_saved_as_mrb_opens_in_a_fresh_slicer_with_the_fused_volume_tabl
                  "attributes": {k: fused.GetAttribute(k) for k in fused.GetAttributeNames()},
                  "rows": [[table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())]
                           for r in range(table.GetNumberOfRows())],
-                 "pet_transform": functional.GetParentTransformNode().GetName()}
+                 "pet_transform": functional.GetParentTransformNode().GetName(),
+                 "column_types": [table.GetColumnType(table.GetColumnName(c)) for c in range(table.GetNumberOfColumns())],
+                 "table_attributes": {k: table.GetAttribute(k) for k in table.GetAttributeNames()}}
         h.save_scene_bundle(bundle)
         assert h.callback_errors == []
     assert bundle.is_file()
@@ -267,6 +269,9 @@ def test_a_scene_saved_as_mrb_opens_in_a_fresh_slicer_with_the_fused_volume_tabl
         rows = [[table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())]
                 for r in range(table.GetNumberOfRows())]
         assert rows == saved["rows"]
+        assert [table.GetColumnType(table.GetColumnName(c)) for c in range(table.GetNumberOfColumns())] == \
+            saved["column_types"]                                 # numbers stay numbers (the .schema.tsv)
+        assert {k: table.GetAttribute(k) for k in table.GetAttributeNames()} == saved["table_attributes"]
         widget = h.widget()
         p = widget._parameterNode
         assert (p.method, p.axis, p.computeMetrics) == ("average", "coronal", True)
@@ -276,6 +281,8 @@ def test_a_scene_saved_as_mrb_opens_in_a_fresh_slicer_with_the_fused_volume_tabl
         # the fused volume is still on the anatomical's grid (both read back the same way)
         assert np.allclose(ijk_to_ras(fused), ijk_to_ras(p.anatomicalVolume))
         assert widget.ui.fuseButton.enabled, widget.ui.fuseButton.toolTip
+        shn = h.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(h.scene)
+        assert shn.GetItemParent(shn.GetItemByDataNode(fused)) == shn.GetItemParent(shn.GetItemByDataNode(p.anatomicalVolume))
         # and fuses again in the opened scene: the same result
         widget.ui.fuseButton.click()
         assert widget.ui.statusLabel.text.startswith("Done"), widget.ui.statusLabel.text
