@@ -901,7 +901,8 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
         if not ensureDependencies(askConfirmation=not slicer.app.testingEnabled()):
             logging.warning("MedicalFusion self-test: the dependencies are not installed; the tests that need them skip")
         for test in (self.test_WidgetValidation, self.test_SampleData, self.test_FuseNodeToNode,
-                     self.test_CancelAndBadInputLeaveSceneUnchanged, self.test_FuseSampleFromPanel):
+                     self.test_CancelAndBadInputLeaveSceneUnchanged, self.test_FuseSampleFromPanel,
+                     self.test_SceneCloseCancelsFusion):
             self.setUp()
             try:
                 test()
@@ -992,6 +993,22 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
             self.assertEqual(layoutManager.layout, layoutBefore)
         self.assertTrue(widget.ui.fuseButton.enabled)
         self.delayDisplay("Sample fused")
+
+    def test_SceneCloseCancelsFusion(self):
+        self.delayDisplay("Closing the scene during a fusion cancels it")
+        self._requireDependencies()
+        anatomical, functional = self._phantom()
+        widget = self._widget()
+        p = widget._parameterNode
+        p.anatomicalVolume, p.functionalVolume, p.outputVolume, p.outputTable = anatomical, functional, None, None
+        p.method, p.computeMetrics = "average", False
+        qt.QTimer.singleShot(0, lambda: slicer.mrmlScene.Clear(0))   # File > Close Scene while it runs
+        widget.ui.fuseButton.click()
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLVectorVolumeNode"), 0,
+                         widget.ui.statusLabel.text)
+        self.assertEqual(widget._abortReason, _("the scene was closed"), widget.ui.statusLabel.text)
+        self.assertTrue(widget.ui.fuseButton.text == _("Fuse") and widget.ui.inputsCollapsibleButton.enabled)
+        self.delayDisplay("Cancelled, nothing written")
 
     def test_FuseNodeToNode(self):
         self.delayDisplay("Fusing a generated phantom node to node")

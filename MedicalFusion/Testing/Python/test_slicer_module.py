@@ -37,8 +37,9 @@ import slicer_harness as sh  # noqa: E402
 
 HIDDEN_WITHOUT_TORCH = ("torch", "skimage", "sklearn", "nilearn")
 SELF_TESTS = ("test_WidgetValidation", "test_SampleData", "test_FuseNodeToNode",
-              "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel")
-NEEDS_TORCH = {"test_FuseNodeToNode", "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel"}
+              "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel", "test_SceneCloseCancelsFusion")
+NEEDS_TORCH = {"test_FuseNodeToNode", "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel",
+               "test_SceneCloseCancelsFusion"}
 
 
 # --------------------------------------------------------------------------------------------------
