@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import pathlib
 import subprocess
 import time
 import unittest
@@ -58,6 +59,11 @@ PYTORCH_EXTENSION = "PyTorch"
 #: The sample registered with the Sample Data module (see registerSampleData).
 SAMPLE_NAME = "MedicalFusionPETMRI"
 SAMPLE_NODE_NAMES = ("MNI152 T1", "Simulated FDG PET")
+#: What Sample Data downloads for the sample (a file the extension ships) and the file type of the
+#: module's reader that loads it (see registerSampleData, MedicalFusionFileReader).
+SAMPLE_RECIPE_FILE = "MedicalFusionSample.mfsample"
+SAMPLE_RECIPE_MARKER = "MedicalFusion sample"
+SAMPLE_FILE_TYPE = "MedicalFusionSample"
 #: Errors a failed installation raises: pip's exit status, PythonSlicer not found, disk/network.
 INSTALL_ERRORS = (subprocess.CalledProcessError, RuntimeError, OSError)
 
@@ -271,26 +277,74 @@ from it. Test data: the Harvard Whole Brain Atlas (Johnson &amp; Becker) and the
 #
 
 
+def _sampleRecipePath() -> str:
+    return os.path.join(os.path.dirname(__file__), "Resources", SAMPLE_RECIPE_FILE)
+
+
 def registerSampleData() -> None:
     """Add the demo pair to the Sample Data module (category "Medical Image Fusion").
 
-    The pair is generated, not downloaded (see :func:`loadSample`), so the source has a custom
-    downloader; its ``uris`` only name the generated files (Slicer's SampleDataSource requires them).
+    The pair is generated, not downloaded, so the source names one small file the extension ships,
+    ``Resources/MedicalFusionSample.mfsample``, by a file:// URI, with the file type of this module's
+    file reader (:class:`MedicalFusionFileReader`). Sample Data then handles it as any sample,
+    whichever way it is asked: its button (no custom downloader, so the button calls
+    ``SampleDataLogic.downloadFromSource``) and ``SampleData.downloadSample(SAMPLE_NAME)`` both copy
+    that file into Slicer's cache and load it through Slicer's IO manager, i.e. through the reader,
+    which runs :func:`loadSample`. (A custom downloader would serve the button only:
+    ``downloadSample`` ignores it and would fetch the URIs.)
     """
     import SampleData  # noqa: PLC0415
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    fileNames = ["MedicalFusionSample_T1.nrrd", "MedicalFusionSample_PET.nrrd"]
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category=_("Medical Image Fusion"),
         sampleName=SAMPLE_NAME,
         thumbnailFileName=os.path.join(iconsPath, "MedicalFusionSample.png"),
-        uris=["medicalfusion-generated:" + name for name in fileNames],
-        fileNames=fileNames,
-        nodeNames=list(SAMPLE_NODE_NAMES),
-        loadFileType=["VolumeFile", "VolumeFile"],
-        customDownloader=loadSample,
+        uris=pathlib.Path(_sampleRecipePath()).resolve().as_uri(),
+        fileNames=SAMPLE_RECIPE_FILE,
+        nodeNames=SAMPLE_NODE_NAMES[0],
+        loadFileType=SAMPLE_FILE_TYPE,   # the keyword Slicer 5.4 to main accept
     )
+
+
+class MedicalFusionFileReader:
+    """Slicer's scripted file reader of this module (found by its name, ``<module>FileReader``, and
+    registered with the IO manager when the module loads): reads a ``*.mfsample`` file, the
+    sample's recipe, by generating and loading the demo pair (:func:`loadSample`). Sample Data
+    loads the sample through it; dropping the file on Slicer does the same."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def description(self) -> str:
+        return _("MedicalFusion sample")
+
+    def fileType(self) -> str:
+        return SAMPLE_FILE_TYPE
+
+    def extensions(self) -> list:
+        return [_("MedicalFusion sample") + " (*.mfsample)"]
+
+    def canLoadFile(self, filePath: str) -> bool:
+        if not str(filePath).lower().endswith(".mfsample"):
+            return False
+        try:
+            with open(filePath, encoding="utf-8") as f:
+                return f.readline().startswith(SAMPLE_RECIPE_MARKER)
+        except OSError:
+            return False
+
+    def canLoadFileConfidence(self, filePath: str) -> float:
+        return 0.6 if self.canLoadFile(filePath) else 0.0
+
+    def load(self, properties) -> bool:
+        try:
+            nodes = loadSample()
+        except Exception:  # noqa: BLE001 - a reader reports failure with False; the details go to the log
+            logging.exception("MedicalFusion: loading the sample failed")
+            return False
+        self.parent.loadedNodes = [node.GetID() for node in nodes]
+        return True
 
 
 def _ensureSampleTemplate(askConfirmation: bool = True) -> bool:
@@ -320,7 +374,7 @@ def loadSample(source=None) -> list:
     over MRI, and select it in the module. Returns [anatomical node, functional node].
 
     The files are generated once into Slicer's cache folder (a few seconds) and reused afterwards.
-    ``source``: the SampleDataSource when called from the Sample Data module.
+    ``source``: unused (kept for callers that pass a SampleDataSource, as a custom downloader gets).
     """
     from MedicalFusionLib import sample  # noqa: PLC0415
     from MedicalFusionLib.scene import move_to_subject_hierarchy_item  # noqa: PLC0415
@@ -418,6 +472,11 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         self._notices = []   # what the panel changed in a loaded scene, kept in the status line
         self._lastFunctional = None
+        self._missingDependencies = []   # pip names not importable yet (said in the status line)
+        self._abortReason = None   # why the running fusion must stop (scene closed, input removed)
+        self._runNodes = {}        # node ID -> its role, for the nodes the running fusion reads or writes
+        self._runNotice = ""       # how the last run ended when it did not finish (kept in the status line)
+        self._statusIsReason = False   # the status line shows why Fuse is disabled
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -431,14 +490,16 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         # A scene added to this one (File > Add Data of a .mrml) replaces the parameter node's content:
         # let go of the GUI while it loads, connect again (checking the loaded values) afterwards.
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndClose)
+        # Deleting a node the running fusion reads or writes cancels the run
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAboutToBeRemovedEvent, self.onNodeAboutToBeRemoved)
         self.ui.fuseButton.connect("clicked(bool)", self.onFuseButton)
         self.ui.progressBar.setVisible(False)
+        # Said in the status line whenever the panel shows it (not only here: opening the panel
+        # and every validation write the status line afterwards)
+        self._missingDependencies = missingDependencies()
         self.initializeParameterNode()
-        if missingDependencies():
-            self.ui.statusLabel.text = _("PyTorch / scikit-image are not installed yet: the first Fuse offers to "
-                                         "install them (a few minutes).")
 
     def cleanup(self) -> None:
         self._disconnectParameterNode()
@@ -452,7 +513,26 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A fusion running now (the close came while it processed events) stops at its next cancel
+        # check and writes nothing: its result would land in the next, empty scene.
+        if self._running and self._abortReason is None:
+            self._abortReason = _("the scene was closed")
         self.setParameterNode(None)
+
+    def onSceneStartImport(self, caller, event) -> None:
+        if self._running and self._abortReason is None:
+            self._abortReason = _("a scene was added to this one")
+        self.onSceneStartClose(caller, event)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAboutToBeRemoved(self, caller, event, node) -> None:
+        """A node the running fusion reads or writes is being deleted: the run stops at its next
+        cancel check and writes nothing (a scene close is reported by onSceneStartClose)."""
+        if not self._running or node is None or self._abortReason is not None or slicer.mrmlScene.IsClosing():
+            return
+        role = self._runNodes.get(node.GetID())
+        if role:
+            self._abortReason = _("the {role} '{name}' was removed").format(role=role, name=node.GetName())
 
     def onSceneEndClose(self, caller, event) -> None:
         # Also when the module is not shown: its logic and self-test use the panel's parameter node.
@@ -488,8 +568,18 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._lastFunctional = self._parameterNode.functionalVolume
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._checkCanApply()
-            if self._notices:
-                self.ui.statusLabel.text = " ".join(self._notices)
+            notes = self._notices + self._dependencyNotice()
+            if notes and self.ui.fuseButton.enabled and not self._running:
+                self.ui.statusLabel.text = " ".join(notes)
+                self._statusIsReason = False
+
+    def _dependencyNotice(self) -> list:
+        """Why methods are missing from a Slicer where the dependencies are not installed yet."""
+        if not self._missingDependencies:
+            return []
+        return [_("Not installed yet: {packages}. The fusion methods need them (the networks MRDFN, LYWNet and "
+                  "DM-FNet need PyTorch), so they are not listed yet: the first Fuse offers to install them "
+                  "(a few minutes).").format(packages=", ".join(self._missingDependencies))]
 
     def _guiMapping(self) -> dict:
         """Parameter name -> widget, from the widgets' SlicerParameterName (what connectGui collects)."""
@@ -582,7 +672,14 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fuseButton.enabled = ok
         self.ui.fuseButton.toolTip = _("Fuse the functional volume into the anatomical one.") if ok else reason
         if not ok:
-            self.ui.statusLabel.text = " ".join([reason] + self._notices)
+            parts = [self._runNotice, reason] + self._notices + self._dependencyNotice()
+            self.ui.statusLabel.text = " ".join(part for part in parts if part)
+            self._statusIsReason = True
+        else:
+            self._runNotice = ""   # shown until something else is said
+            if self._statusIsReason:   # the reason no longer holds
+                self.ui.statusLabel.text = " ".join(self._notices + self._dependencyNotice())
+                self._statusIsReason = False
 
     def onFuseButton(self) -> None:
         """The Fuse button's clicked() handler: Fuse, or Cancel while a fusion runs."""
@@ -591,7 +688,9 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fuseButton.text = _("Cancelling...")
             return
         if missingDependencies():
-            if not ensureDependencies(askConfirmation=True):
+            installed = ensureDependencies(askConfirmation=True)
+            self._missingDependencies = missingDependencies()
+            if not installed:
                 self.ui.statusLabel.text = _("Dependencies not installed: fusion needs PyTorch and scikit-image. "
                                              "Click Fuse to try again.")
                 self._checkCanApply()
@@ -604,11 +703,30 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _progress(self, done: int, total: int) -> None:
         self.ui.progressBar.maximum = max(1, total)
         self.ui.progressBar.value = done
-        slicer.app.processEvents()   # keeps Cancel clickable while the logic runs
+        # Repaint only (as Sample Data's logMessage does): clicks are taken in _cancel, which the
+        # logic calls before every progress report until it starts writing. From then on user input
+        # waits for the end of the run, so no scene close or node deletion comes between the nodes
+        # it writes.
+        slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 
     def _cancel(self) -> bool:
-        slicer.app.processEvents()
-        return self._cancelRequested
+        slicer.app.processEvents()   # keeps Cancel clickable while the logic runs
+        return self._cancelRequested or self._abortReason is not None
+
+    def _nodesOfRun(self, p) -> dict:
+        """Node ID -> role for the nodes the run reads or writes: deleting one of them cancels it."""
+        roles = {}
+        for node, role in ((p.outputTable, _("output table")), (p.outputVolume, _("output volume")),
+                           (p.functionalVolume, _("functional volume")), (p.anatomicalVolume, _("anatomical volume"))):
+            if node is None:
+                continue
+            roles[node.GetID()] = role
+            if node in (p.anatomicalVolume, p.functionalVolume):
+                transform = node.GetParentTransformNode()
+                while transform is not None:
+                    roles[transform.GetID()] = _("parent transform of the {role}").format(role=role)
+                    transform = transform.GetParentTransformNode()
+        return roles
 
     def _setRunning(self, running: bool) -> None:
         self._running = running
@@ -632,11 +750,19 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             kind=p.registration, method=p.method) if p.registerFirst else
             _("Fusing with '{method}'...").format(method=p.method))
         self._setRunning(True)
+        self._abortReason = None
+        self._runNotice = ""
+        self._runNodes = self._nodesOfRun(p)
         start = time.perf_counter()
         try:
             outcome = self.logic.process(p, progress=self._progress, cancel=self._cancel)
         except FusionCancelled:
-            self.ui.statusLabel.text = _("Cancelled: nothing was written, the scene is unchanged.")
+            if self._abortReason is not None:
+                self._runNotice = _("Cancelled: {reason}; nothing was written.").format(reason=self._abortReason)
+            else:
+                self._runNotice = _("Cancelled: nothing was written, the scene is unchanged.")
+            self.ui.statusLabel.text = self._runNotice
+            self._statusIsReason = False
             return
         except FusionError as exc:
             self.ui.statusLabel.text = str(exc)
@@ -775,7 +901,8 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
         if not ensureDependencies(askConfirmation=not slicer.app.testingEnabled()):
             logging.warning("MedicalFusion self-test: the dependencies are not installed; the tests that need them skip")
         for test in (self.test_WidgetValidation, self.test_SampleData, self.test_FuseNodeToNode,
-                     self.test_CancelAndBadInputLeaveSceneUnchanged, self.test_FuseSampleFromPanel):
+                     self.test_CancelAndBadInputLeaveSceneUnchanged, self.test_FuseSampleFromPanel,
+                     self.test_SceneCloseCancelsFusion):
             self.setUp()
             try:
                 test()
@@ -822,9 +949,15 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
     def _loadSampleFromSampleData(self):
         import SampleData  # noqa: PLC0415
 
-        source = SampleData.SampleDataLogic().sourceForSampleName(SAMPLE_NAME)
+        logic = SampleData.SampleDataLogic()
+        source = logic.sourceForSampleName(SAMPLE_NAME)
         self.assertIsNotNone(source, "the MedicalFusion sample is not registered with the Sample Data module")
-        return source.customDownloader(source)   # what its button in the Sample Data module does
+        self.assertIsNone(source.customDownloader)
+        loaded = logic.downloadFromSource(source)   # what its button in the Sample Data module does
+        self.assertEqual(len(loaded), 1, loaded)
+        p = MedicalFusionLogic().getParameterNode()
+        self.assertIs(loaded[0], p.anatomicalVolume)
+        return p.anatomicalVolume, p.functionalVolume
 
     def test_SampleData(self):
         self.delayDisplay("The sample pair from the Sample Data module")
@@ -860,6 +993,22 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
             self.assertEqual(layoutManager.layout, layoutBefore)
         self.assertTrue(widget.ui.fuseButton.enabled)
         self.delayDisplay("Sample fused")
+
+    def test_SceneCloseCancelsFusion(self):
+        self.delayDisplay("Closing the scene during a fusion cancels it")
+        self._requireDependencies()
+        anatomical, functional = self._phantom()
+        widget = self._widget()
+        p = widget._parameterNode
+        p.anatomicalVolume, p.functionalVolume, p.outputVolume, p.outputTable = anatomical, functional, None, None
+        p.method, p.computeMetrics = "average", False
+        qt.QTimer.singleShot(0, lambda: slicer.mrmlScene.Clear(0))   # File > Close Scene while it runs
+        widget.ui.fuseButton.click()
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLVectorVolumeNode"), 0,
+                         widget.ui.statusLabel.text)
+        self.assertEqual(widget._abortReason, _("the scene was closed"), widget.ui.statusLabel.text)
+        self.assertTrue(widget.ui.fuseButton.text == _("Fuse") and widget.ui.inputsCollapsibleButton.enabled)
+        self.delayDisplay("Cancelled, nothing written")
 
     def test_FuseNodeToNode(self):
         self.delayDisplay("Fusing a generated phantom node to node")

@@ -343,8 +343,9 @@ def validate_inputs(scene, anatomical, functional, output_volume=None, output_ta
     """(ok, reason) for the panel: what stops fusion, as one line the user can act on.
 
     Checks: both inputs selected and in ``scene``, image data present, no label map, no 4D
-    volume (multi-volume, diffusion, sequence proxy, more than 3 components), the output not one of
-    the inputs, and the two volumes overlapping in world space (parent transforms applied).
+    volume (multi-volume, diffusion, sequence proxy, more than 3 components), no fused volume of
+    ours as an input, the output not one of the inputs, and the two volumes overlapping in world
+    space (parent transforms applied).
     """
     try:
         anatomical = _resolve(scene, anatomical, "anatomical")
@@ -367,6 +368,11 @@ def validate_inputs(scene, anatomical, functional, output_volume=None, output_ta
             return False, f"The {role} volume '{name}' is 4D ({node.GetClassName()}): extract one 3D frame first."
         if not node.IsA("vtkMRMLScalarVolumeNode"):
             return False, f"The {role} node '{name}' is not an image volume: select a scalar or RGB volume."
+        if node.IsA("vtkMRMLVectorVolumeNode") and node.GetAttribute(ATTRIBUTE_PREFIX + "method"):
+            # e.g. what a node selector picks when the PET is deleted after a fusion: fusing a fused
+            # image again would put the anatomy in twice
+            return False, (f"The {role} volume '{name}' is a MedicalFusion result (fused with "
+                           f"'{node.GetAttribute(ATTRIBUTE_PREFIX + 'method')}'): select the volume it was made from.")
         if node.GetImageData() is None or 0 in node.GetImageData().GetDimensions():
             return False, f"The {role} volume '{name}' has no voxels: load an image into it first."
         browser = _sequence_of(scene, node)

@@ -16,8 +16,10 @@ what that package and MedicalFusion.py touch is here, written to behave as Pytho
   ``click()`` on a disabled button does nothing.
 - ``qMRMLNodeComboBox`` filters the scene by ``nodeTypes`` / ``hideChildNodeTypes`` / hidden
   nodes and, without a "None" item and without action items, selects the first matching node when
-  it gets the scene or when the first matching node is added, as the real one does; a removed
-  current node is deselected.
+  it gets the scene or when the first matching node is added, as the real one does; when the
+  current node is removed it selects the node that followed it (else the last one), as the real
+  one does outside a scene close (see ``qMRMLNodeComboBox.setMRMLScene`` for the Slicer and Qt
+  source lines); while the scene closes, a removed current node is deselected.
 - :func:`load_ui` builds the widget tree of a Qt Designer .ui file (widgets, layouts, properties,
   signal/slot connections) from these classes and refuses a class it does not know, where the real
   QUiLoader would silently fall back to a plain QWidget.
@@ -1035,11 +1037,33 @@ class qMRMLNodeComboBox(QWidget):
                 self.nodeAdded.emit(node)
 
         @vtk.calldata_type(vtk.VTK_OBJECT)
+        def about_to_be_removed(caller, event, node):
+            # qMRMLSceneModel removes the node's row on NodeAboutToBeRemovedEvent, observed at
+            # priority -10 (after the default-priority observers), and not while the scene closes
+            # (qMRMLSceneModel.cxx, setMRMLScene and onMRMLSceneNodeAboutToBeRemoved: v5.8.1 lines
+            # 366 and 1222-1230, main 381 and 1184-1194). QComboBox then moves its current index to
+            # the row that took the removed one's place, or to the last row when it was the last
+            # (Qt 5 qcombobox.cpp, QComboBoxPrivate::_q_rowsRemoved:
+            # setCurrentIndex(qMin(count() - 1, qMax(indexBeforeChange, 0)))); if that row is an
+            # action item ("Create new ..."), qMRMLNodeComboBox::emitCurrentNodeChanged selects the
+            # last node instead, and with no node left refreshIfCurrentNodeHidden selects nothing
+            # (qMRMLNodeComboBox.cxx: v5.8.1 lines 752-772 and 1271-1283, main 719-743 and
+            # 1246-1258). Either way: the node that followed the removed one, else the last node.
+            if node is not self._current or scene.IsClosing():
+                return
+            before = self.nodes()
+            row = before.index(node) if node in before else len(before)
+            rest = [n for n in before if n is not node]
+            self._select(rest[row] if row < len(rest) else (rest[-1] if rest else None))
+
+        @vtk.calldata_type(vtk.VTK_OBJECT)
         def removed(caller, event, node):
+            # while the scene closes the model is reset at the end; the current node is then gone
             if node is self._current:
                 self._select(None)
 
         self._observers = [(scene, scene.AddObserver(scene.NodeAddedEvent, added)),
+                           (scene, scene.AddObserver(scene.NodeAboutToBeRemovedEvent, about_to_be_removed, -10.0)),
                            (scene, scene.AddObserver(scene.NodeRemovedEvent, removed))]
         first = self.nodes()
         if first and not self.noneEnabled:

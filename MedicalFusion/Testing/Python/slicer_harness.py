@@ -17,8 +17,11 @@ application:
   ``sys.modules`` before its source runs, then ``<Module>(parent)``), its widget representation
   (``setup()``, ``enter()`` / ``exit()``, ``reload()`` for "Reload and Test");
 - the subject hierarchy's automatic items for new data nodes (Slicer's plugin logic is Qt);
-- ``SampleData``: the module's registration API (``registerCustomSampleDataSource``, data sources
-  checked as Slicer checks them) and a click on a sample's button.
+- ``SampleData``: Slicer's own SampleData.py when a test passes it (``sample_data``, see
+  :func:`slicer_sample_data_source`), else a stand-in with its semantics, cited line by line
+  (registration, ``downloadSample``, ``downloadFromSource`` through the IO manager), and a click
+  on a sample's button;
+- the IO manager's scripted file readers (a module's ``<Module>FileReader`` class).
 
 Use it as a context manager; on exit every module it imported is removed again, so the rest of the
 test session keeps the slicer-core ``slicer`` meta-package::
@@ -202,6 +205,19 @@ class CoreIOManager:
         self._volumes_logic = slicer.vtkSlicerVolumesLogic()
         self._volumes_logic.SetMRMLApplicationLogic(app_logic)   # finds the Colors logic there
         self._volumes_logic.SetMRMLScene(scene)
+        self._readers: dict = {}   # file type -> [(scripted reader, its parent)]
+
+    def register_scripted_readers(self, module, name: str) -> None:
+        """What qSlicerScriptedLoadableModule::registerIO does for a scripted module: the class
+        ``<Module>FileReader`` of its source, if any, is instantiated with the C++ reader as
+        ``parent`` and registered for its ``fileType()`` (Base/QTGUI/qSlicerScriptedLoadableModule.cxx
+        lines 212-228 and Base/QTCore/qSlicerScriptedFileReader.cxx setPythonSource, 97-160, at v5.8.1)."""
+        cls = getattr(module, name + "FileReader", None)
+        if cls is None:
+            return
+        parent = types.SimpleNamespace(loadedNodes=[])
+        reader = cls(parent)
+        self._readers.setdefault(str(reader.fileType()), []).append((reader, parent))
 
     def fileType(self, filename) -> str:
         name = str(filename).lower()
@@ -211,6 +227,23 @@ class CoreIOManager:
 
     def loadNodes(self, fileType, properties, loadedNodes=None, userMessages=None) -> bool:
         path = str(properties["fileName"])
+        if fileType in self._readers:
+            # qSlicerCoreIOManager::loadNodes (Base/QTCore/qSlicerCoreIOManager.cxx, v5.8.1 lines
+            # 640-700): readers of the type in turn, skipped at confidence 0, the first whose load()
+            # succeeds gives its loadedNodes (IDs), which are added to the collection
+            for reader, parent in self._readers[fileType]:
+                if reader.canLoadFileConfidence(path) <= 0.0:
+                    continue
+                parent.loadedNodes = []
+                if not reader.load(dict(properties)):
+                    continue
+                if loadedNodes is not None:
+                    for node_id in parent.loadedNodes:
+                        node = self._scene.GetNodeByID(node_id)
+                        if node is not None:
+                            loadedNodes.AddItem(node)
+                return True
+            return False
         if fileType == "VolumeFile":
             name = properties.get("name") or Path(path).name.split(".")[0]
             node = self._volumes_logic.AddArchetypeVolume(path, name, 1 if properties.get("labelmap") else 0)
@@ -275,14 +308,17 @@ class HarnessApp(qts.QObject):
 
     def processEvents(self, *args) -> None:
         """Let the 'user' act: queued actions whose turn has come run here, as Qt would deliver a
-        click while the module calls processEvents."""
+        click while the module calls processEvents. With ``qt.QEventLoop.ExcludeUserInputEvents``
+        Qt holds user input back until a later call that accepts it: such calls neither count
+        towards an action's turn nor run one (timers still fire)."""
         self.process_events_calls += 1
         if self._in_actions:
             return
+        user_input = not (args and int(args[0]) & qts.QEventLoop.ExcludeUserInputEvents)
         self._in_actions = True
         try:
             due = []
-            for entry in self._actions:
+            for entry in self._actions if user_input else ():
                 entry[0] -= 1
                 if entry[0] <= 0:
                     due.append(entry)
@@ -425,36 +461,85 @@ def load_source_as_module(name: str, path: Path) -> types.ModuleType:
 
 
 # --------------------------------------------------------------------------------------------------
-# SampleData (the registration API other modules call)
+# SampleData
+
+
+#: Slicer's own SampleData.py for a version, where a test may read it: shared/slicer-python holds
+#: only Base/Python/slicer, so look for Modules/Scripted/SampleData/SampleData.py beside it, then in
+#: a Slicer git directory ($MEDICALFUSION_SLICER_GIT; a clone or mirror of github.com/Slicer/Slicer)
+SLICER_REVISIONS = {"v5.8.1": "v5.8.1", "main-583e9b37": "583e9b37d50ead7daf7b783dce465ccaecec8809"}
+SAMPLE_DATA_RELATIVE = "Modules/Scripted/SampleData/SampleData.py"
+
+
+def slicer_sample_data_source(version: str, folder: Path) -> Path | None:
+    """Slicer's unmodified SampleData.py of ``version`` (written into ``folder`` when read from git),
+    or None when neither shared/slicer-python nor a Slicer git directory has it."""
+    import subprocess  # noqa: PLC0415
+
+    beside = slicer_python_root() / version / SAMPLE_DATA_RELATIVE
+    if beside.is_file():
+        return beside
+    git_dir = os.environ.get("MEDICALFUSION_SLICER_GIT")
+    if not git_dir or version not in SLICER_REVISIONS:
+        return None
+    try:
+        text = subprocess.run(["git", "--git-dir", git_dir, "show", f"{SLICER_REVISIONS[version]}:{SAMPLE_DATA_RELATIVE}"],
+                              check=True, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = Path(folder) / version / "SampleData.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def _sample_data_module(slicer) -> types.ModuleType:
-    """``SampleData`` as other modules see it: data sources are built and checked as Slicer's
-    SampleDataSource does (uris, fileNames, nodeNames... of one length, a string for one file)."""
-    module = types.ModuleType("SampleData", "Stand-in for Slicer's SampleData module (registration API)")
+    """``SampleData`` where Slicer's own SampleData.py is not at hand: the same semantics, for what
+    other modules and a user's click use (Slicer's Modules/Scripted/SampleData/SampleData.py; line
+    numbers at v5.8.1 / main):
+
+    - a source's fields are lists of one length; a single string is one file (SampleDataSource
+      __init__, 147-215 / 147-215); ``loadFileType`` is accepted for ``loadFileTypes``;
+    - a sample's button calls the source's ``customDownloader(source)`` when it has one, else
+      ``SampleDataLogic().downloadFromSource(source)`` (SampleDataWidget.setCategory, 392-395 / 454-457);
+    - ``downloadSample(name)`` = ``downloadSamples(name)[0]`` = ``downloadFromSource(source)``:
+      the custom downloader is NOT used there (50-61, 856-870 / 50-61, 1041-1055);
+    - ``downloadFromSource``: each file is fetched into the scene's remote cache directory (a file
+      already there is reused; else ``urllib.request.urlretrieve(uri)``; a failure is retried 3
+      times), then loaded by ``loadNode(path, nodeName, loadFileType, properties)`` through
+      ``slicer.app.coreIOManager().loadNodes``, whose loaded nodes lose their storage nodes; the
+      first loaded node of each file is returned (680-800, 934-1031 / 850-980, 1133-1234).
+    """
+    import urllib.request  # noqa: PLC0415
+
+    module = types.ModuleType("SampleData", "Stand-in for Slicer's SampleData module (its semantics, cited)")
 
     class SampleDataSource:
         def __init__(self, sampleName=None, sampleDescription=None, uris=None, fileNames=None, nodeNames=None,
                      checksums=None, loadFiles=None, customDownloader=None, thumbnailFileName=None,
-                     loadFileType=None, loadFileProperties=None):
+                     loadFileTypes=None, loadFileProperties=None, loadFileType=None):
+            if loadFileType is not None and loadFileTypes is not None:
+                raise ValueError("loadFileType and loadFileTypes cannot be specified at the same time")
+            if loadFileTypes is None:
+                loadFileTypes = loadFileType
             self.sampleName = sampleName
             self.sampleDescription = sampleName if sampleDescription is None else sampleDescription
             if isinstance(uris, (list, tuple)):
                 n = len(uris)
-                loadFileType = [loadFileType] * n if loadFileType is None or isinstance(loadFileType, str) else loadFileType
+                loadFileTypes = [loadFileTypes] * n if loadFileTypes is None or isinstance(loadFileTypes, str) else loadFileTypes
                 nodeNames = [None] * n if nodeNames is None else nodeNames
                 loadFiles = [None] * n if loadFiles is None else loadFiles
                 checksums = [None] * n if checksums is None else checksums
             elif isinstance(uris, str):
                 uris, fileNames, nodeNames = [uris], [fileNames], [nodeNames]
-                loadFiles, loadFileType, checksums = [loadFiles], [loadFileType], [checksums]
+                loadFiles, loadFileTypes, checksums = [loadFiles], [loadFileTypes], [checksums]
             if uris is None or fileNames is None:
-                # Slicer fails here too (zip over None): a source needs uris and fileNames
+                # Slicer fails here too (len(None)): a source needs uris and fileNames
                 raise TypeError("a sample data source needs uris and fileNames (also with a customDownloader)")
-            if not len(uris) == len(fileNames) == len(nodeNames) == len(loadFiles) == len(loadFileType) == len(checksums):
+            if not len(uris) == len(fileNames) == len(nodeNames) == len(loadFiles) == len(loadFileTypes) == len(checksums):
                 raise ValueError("All fields of sample data source must have the same length")
             self.uris, self.fileNames, self.nodeNames = list(uris), list(fileNames), list(nodeNames)
-            self.loadFiles, self.loadFileType, self.checksums = list(loadFiles), list(loadFileType), list(checksums)
+            self.loadFiles, self.loadFileTypes, self.checksums = list(loadFiles), list(loadFileTypes), list(checksums)
             self.customDownloader = customDownloader
             self.thumbnailFileName = thumbnailFileName
             self.loadFileProperties = loadFileProperties or {}
@@ -463,13 +548,14 @@ def _sample_data_module(slicer) -> types.ModuleType:
         @staticmethod
         def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
                                            nodeNames=None, customDownloader=None, thumbnailFileName=None,
-                                           loadFileType="VolumeFile", loadFiles=None, loadFileProperties={},
-                                           checksums=None):
+                                           loadFileTypes=None, loadFiles=None, loadFileProperties={},
+                                           checksums=None, loadFileType=None):
             sources = SampleDataLogic.sampleDataSourcesByCategory()
             source = SampleDataSource(sampleName=sampleName, uris=uris, fileNames=fileNames, nodeNames=nodeNames,
-                                      thumbnailFileName=thumbnailFileName, loadFileType=loadFileType,
-                                      loadFiles=loadFiles, loadFileProperties=loadFileProperties,
-                                      checksums=checksums, customDownloader=customDownloader)
+                                      thumbnailFileName=thumbnailFileName, loadFileTypes=loadFileTypes,
+                                      loadFileType=loadFileType, loadFiles=loadFiles,
+                                      loadFileProperties=loadFileProperties, checksums=checksums,
+                                      customDownloader=customDownloader)
             registered = sources.setdefault(category, [])
             if not any(s.sampleName == sampleName for s in registered):
                 registered.append(source)
@@ -489,11 +575,75 @@ def _sample_data_module(slicer) -> types.ModuleType:
                         return source
             return None
 
-        def downloadFromSource(self, source):
-            raise RuntimeError("the test harness has no network: only custom downloaders can run")
+        def downloadSample(self, sampleName):
+            return self.downloadSamples(sampleName)[0]
+
+        def downloadSamples(self, sampleName):
+            source = self.sourceForSampleName(sampleName)
+            return self.downloadFromSource(source) if source else []
+
+        def downloadFileIntoCache(self, uri, name):
+            folder = Path(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory())
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            if not path.exists() or path.stat().st_size == 0:
+                try:
+                    urllib.request.urlretrieve(uri, str(path))
+                except OSError as exc:
+                    raise ValueError(f"Failed to download {uri} to {path}") from exc
+            return str(path)
+
+        def loadNode(self, uri, name, fileType=None, fileProperties=None):
+            import vtk  # noqa: PLC0415
+
+            properties = dict(fileProperties or {}, fileName=uri)
+            if name:
+                properties["name"] = name
+            io_manager = slicer.app.coreIOManager()
+            loaded = vtk.vtkCollection()
+            if not io_manager.loadNodes(fileType or io_manager.fileType(uri), properties, loaded) \
+                    and loaded.GetNumberOfItems() < 1:
+                return None
+            for i in range(loaded.GetNumberOfItems()):
+                node = loaded.GetItemAsObject(i)
+                storage = node.GetStorageNode() if node.IsA("vtkMRMLStorableNode") else None
+                if storage is not None:
+                    slicer.mrmlScene.RemoveNode(storage)
+                    node.SetAndObserveStorageNodeID(None)
+            return loaded.GetItemAsObject(0) if loaded.GetNumberOfItems() else slicer.mrmlScene
+
+        def downloadFromSource(self, source, maximumAttemptsCount=3):
+            nodes, paths = [], []
+            for uri, fileName, nodeName, loadFile, loadFileType in zip(
+                    source.uris, source.fileNames, source.nodeNames, source.loadFiles, source.loadFileTypes):
+                if nodeName is None:
+                    nodeName = os.path.splitext(os.path.basename(fileName))[0]
+                for _attempt in range(maximumAttemptsCount):
+                    try:
+                        path = self.downloadFileIntoCache(uri, fileName)
+                    except ValueError:
+                        continue
+                    paths.append(path)
+                    if loadFile is False:
+                        nodes.append(path)
+                        break
+                    node = self.loadNode(path, nodeName, loadFileType, dict(source.loadFileProperties))
+                    if node:
+                        nodes.append(node)
+                        break
+                    os.remove(path)   # a failed load: fetched again on the next attempt
+            return nodes or paths
+
+    def downloadSample(sampleName):
+        return SampleDataLogic().downloadSample(sampleName)
+
+    def downloadSamples(sampleName):
+        return SampleDataLogic().downloadSamples(sampleName)
 
     module.SampleDataSource = SampleDataSource
     module.SampleDataLogic = SampleDataLogic
+    module.downloadSample = downloadSample
+    module.downloadSamples = downloadSamples
     return module
 
 
@@ -510,7 +660,8 @@ class SlicerHarness:
     """
 
     def __init__(self, version: str, testing: bool = True, main_window: bool = False,
-                 module_path: Path = MODULE_DIR / f"{MODULE_NAME}.py", cache_dir: Path | None = None):
+                 module_path: Path = MODULE_DIR / f"{MODULE_NAME}.py", cache_dir: Path | None = None,
+                 sample_data: Path | None = None):
         reason = missing_reason(version)
         if reason:
             raise RuntimeError(reason)
@@ -518,6 +669,8 @@ class SlicerHarness:
         self.testing = testing
         self.main_window = main_window
         self.module_path = Path(module_path)
+        #: Slicer's SampleData.py to import as ``SampleData`` (slicer_sample_data_source), else the stand-in
+        self.sample_data = sample_data
         self._tmp = None
         if cache_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mf-slicer-")
@@ -594,8 +747,12 @@ class SlicerHarness:
         self._make_scene()
         slicer.app = HarnessApp(self, self.testing, self.main_window)
         setattr(slicer.moduleNames, MODULE_NAME, MODULE_NAME)
-        sys.modules["SampleData"] = _sample_data_module(slicer)
+        if self.sample_data is not None:
+            load_source_as_module("SampleData", Path(self.sample_data))   # Slicer's own SampleData.py
+        else:
+            sys.modules["SampleData"] = _sample_data_module(slicer)
         self.module = load_source_as_module(MODULE_NAME, self.module_path)
+        self.io_manager.register_scripted_readers(self.module, MODULE_NAME)
         module_object = ScriptedModule(self, MODULE_NAME, self.module_path)
         setattr(slicer.modules, MODULE_NAME.lower(), module_object)
         instance = getattr(self.module, MODULE_NAME)(module_object)
@@ -617,6 +774,17 @@ class SlicerHarness:
         self._colour_logic.SetMRMLApplicationLogic(self.app_logic)
         self._colour_logic.SetMRMLScene(scene)
         self.app_logic.SetModuleLogic("Colors", self._colour_logic)
+        # The scene's cache and data IO managers, as qSlicerCoreApplication sets them up
+        # (Base/QTCore/qSlicerCoreApplication.cxx at v5.8.1: lines 649-654 and 1398): .mrb reading
+        # and Sample Data's downloads use the remote cache directory (Slicer's cache folder)
+        self._remote_io = slicer.vtkMRMLRemoteIOLogic()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        (self.cache_dir / ".slicer-cache").touch()   # the sentinel vtkCacheManager (5.13) looks for
+        self._remote_io.GetCacheManager().SetRemoteCacheDirectory(str(self.cache_dir))
+        self._data_io_logic = slicer.vtkDataIOManagerLogic()
+        self._data_io_logic.SetMRMLApplicationLogic(self.app_logic)
+        self._data_io_logic.SetAndObserveDataIOManager(self._remote_io.GetDataIOManager())
+        self.app_logic.SetMRMLSceneDataIO(scene, self._remote_io, self._data_io_logic)
         self._sh_logic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
         self._sh_logic.SetMRMLScene(scene)
         slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
@@ -714,7 +882,9 @@ class SlicerHarness:
         return representation.self()
 
     def click_sample(self, sample_name: str):
-        """What a click on a sample's button in the Sample Data module does."""
+        """What a click on a sample's button in the Sample Data module does: SampleDataWidget connects
+        it to ``source.customDownloader(source)`` when the source has one, else to
+        ``logic.downloadFromSource(source)`` (SampleData.py, v5.8.1 lines 392-395, main 454-457)."""
         logic = sys.modules["SampleData"].SampleDataLogic()
         source = logic.sourceForSampleName(sample_name)
         if source is None:
@@ -732,6 +902,24 @@ class SlicerHarness:
         self.scene.SetURL(str(path))
         if not self.scene.Commit():
             raise RuntimeError(f"cannot write the scene to {path}")
+
+    def save_scene_bundle(self, path) -> None:
+        """File > Save as a Medical Reality Bundle (.mrb), the scene with every node's data, the
+        way Slicer writes one: qSlicerSceneWriter::writeToMRB sets the scene's URL and root
+        directory and calls ``vtkMRMLScene::WriteToMRB`` (Modules/Loadable/Data/qSlicerSceneWriter.cxx,
+        v5.8.1 lines 155-190, main 154-189), which gives each storable node its default storage
+        node (volumes: NRRD) and writes the data beside the .mrml, then zips the folder."""
+        path = Path(path).resolve()
+        self.scene.SetURL(str(path))
+        self.scene.SetRootDirectory(str(path.parent))
+        if not self.scene.WriteToMRB(str(path)):
+            raise RuntimeError(f"cannot write the scene bundle {path}")
+
+    def open_scene_bundle(self, path, clear: bool = True) -> bool:
+        """File > Open of a .mrb, as qSlicerSceneBundleReader::load does: ``vtkMRMLScene::ReadFromMRB``
+        (Base/QTCore/qSlicerSceneBundleReader.cxx line 103 at v5.8.1 and main) unpacks it and
+        imports the .mrml, whose storage nodes read the data back."""
+        return bool(self.scene.ReadFromMRB(str(Path(path).resolve()), clear))
 
     def messages(self, level: int = logging.INFO) -> list:
         return [r.getMessage() for r in self.log_records if r.levelno >= level]

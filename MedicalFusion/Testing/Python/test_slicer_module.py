@@ -37,8 +37,9 @@ import slicer_harness as sh  # noqa: E402
 
 HIDDEN_WITHOUT_TORCH = ("torch", "skimage", "sklearn", "nilearn")
 SELF_TESTS = ("test_WidgetValidation", "test_SampleData", "test_FuseNodeToNode",
-              "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel")
-NEEDS_TORCH = {"test_FuseNodeToNode", "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel"}
+              "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel", "test_SceneCloseCancelsFusion")
+NEEDS_TORCH = {"test_FuseNodeToNode", "test_CancelAndBadInputLeaveSceneUnchanged", "test_FuseSampleFromPanel",
+               "test_SceneCloseCancelsFusion"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +100,23 @@ def _without_torch_scenarios(version: str, scene_path: str) -> dict:
     with sh.SlicerHarness(version, testing=True, cache_dir=cache) as h:
         results["ctest"] = run_ctest_style(h)
         results["ctest"]["callback_errors"] = list(h.callback_errors)
+
+    # the panel opened in a Slicer without torch says why the methods and networks are missing:
+    # when it opens (setup() then enter()), with the inputs selected, and after a scene close
+    with sh.SlicerHarness(version, cache_dir=cache) as h:
+        widget = h.widget()
+        status = {"opened": widget.ui.statusLabel.text}
+        from MedicalFusionLib.scene import add_phantom_pair  # noqa: PLC0415
+
+        anatomical, functional = add_phantom_pair(h.scene)
+        widget.ui.anatomicalSelector.setCurrentNode(anatomical)
+        widget.ui.functionalSelector.setCurrentNode(functional)
+        status["selected"] = widget.ui.statusLabel.text
+        status["fuse_enabled"] = widget.ui.fuseButton.enabled
+        h.scene.Clear(0)
+        status["closed"] = widget.ui.statusLabel.text
+        status["callback_errors"] = list(h.callback_errors)
+        results["status"] = status
 
     # a scene saved with method 'mrdfn', opened with the module already shown, and before it is shown
     for order in ("module_first", "scene_first"):
@@ -387,11 +405,12 @@ if __name__ != "__main__":
         sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("Medical Image Fusion")
         assert [s.sampleName for s in sources] == [h.module.SAMPLE_NAME]
         assert Path(sources[0].thumbnailFileName).is_file()
-        anatomical, functional = h.click_sample(h.module.SAMPLE_NAME)
+        (anatomical,) = h.click_sample(h.module.SAMPLE_NAME)     # Sample Data returns the first node
+        widget = h.widget()
+        assert widget._parameterNode.anatomicalVolume is anatomical
+        functional = widget._parameterNode.functionalVolume
         assert (anatomical.GetName(), functional.GetName()) == h.module.SAMPLE_NODE_NAMES
         assert h.slicer.util.arrayFromVolume(anatomical).shape == (189, 233, 197)   # the MNI152 template
-        widget = h.widget()
-        assert (widget._parameterNode.anatomicalVolume, widget._parameterNode.functionalVolume) == (anatomical, functional)
         assert widget.ui.fuseButton.enabled, widget.ui.fuseButton.toolTip
 
     # ---- the self-test, as Slicer runs it
@@ -491,6 +510,16 @@ if __name__ != "__main__":
                 assert outcome.startswith("skipped: needs torch"), (name, outcome)
             else:
                 assert outcome == "ok", (name, outcome, result["output"])
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_without_torch_the_status_line_says_why_the_networks_are_missing(version):
+        result = without_torch(version)["status"]
+        assert result["callback_errors"] == [], result
+        assert result["fuse_enabled"], result          # Fuse stays clickable: it offers the installation
+        for moment in ("opened", "selected", "closed"):
+            text = result[moment]
+            assert "Not installed yet: torch" in text and "networks" in text and "first Fuse" in text, (moment, text)
+        assert "Select an anatomical volume" in result["opened"] and "Select" not in result["selected"], result
 
     @pytest.mark.parametrize("version", VERSIONS)
     def test_without_torch_a_scene_saved_with_a_network_method_opens(version):
