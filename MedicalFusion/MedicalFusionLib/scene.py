@@ -771,7 +771,7 @@ def add_colour_legend(scene, volume, bar, created: list | None = None):
     A legend this function gave the volume before (a rerun into the same output) is replaced, and its
     position, size, orientation and visibility carried over; with ``bar`` None it is removed, since
     it would no longer be true. When the volume leaves the scene, its legend nodes go with it (a
-    scene observer, see :func:`remove_orphan_legends`). IDs of the nodes made are appended to
+    scene observer, see :func:`_watch_removals`). IDs of the nodes made are appended to
     ``created``.
     """
     slicer = _slicer()
@@ -844,51 +844,38 @@ def _ours(node, part: str) -> bool:
 
 
 def _remove_legends(scene, legends) -> None:
-    for node in legends:
-        if node.GetScene() is scene:
-            scene.RemoveNode(node)
-    remove_orphan_legends(scene)
+    _remove_legend_parts(scene, [node.GetID() for node in legends])
 
 
-def _nodes_of_class(scene, cls: str) -> list:
-    return [scene.GetNthNodeByClass(i, cls) for i in range(scene.GetNumberOfNodesByClass(cls))]
+#: Role of a colour legend node's reference to its primary display node (vtkMRMLColorLegendDisplayNode).
+PRIMARY_DISPLAY_ROLE = "primaryDisplay"
 
 
-def remove_orphan_legends(scene) -> None:
-    """Remove the legend nodes :func:`add_colour_legend` made that lost their purpose: legends whose
-    volume left the scene, range display nodes no legend of ours uses, colour tables no range node
-    of ours uses. Nodes that are not ours are never touched."""
-    global _CLEANING  # noqa: PLW0603
-    if _CLEANING:
-        return
-    _CLEANING = True
-    try:
-        legends = [n for n in _nodes_of_class(scene, "vtkMRMLColorLegendDisplayNode") if _ours(n, "legend")]
-        for node in legends:
-            if node.GetDisplayableNode() is None:
-                scene.RemoveNode(node)
-        used = {n.GetPrimaryDisplayNode().GetID() for n in legends
-                if n.GetScene() is scene and n.GetPrimaryDisplayNode() is not None}
-        ranges = [n for n in _nodes_of_class(scene, "vtkMRMLScalarVolumeDisplayNode") if _ours(n, "range")]
-        for node in ranges:
-            if node.GetID() not in used:
-                scene.RemoveNode(node)
-        used = {n.GetColorNodeID() for n in ranges if n.GetScene() is scene}
-        for node in _nodes_of_class(scene, "vtkMRMLColorTableNode"):
-            if _ours(node, "colours") and node.GetID() not in used:
-                scene.RemoveNode(node)
-    finally:
-        _CLEANING = False
+def _remove_legend_parts(scene, node_ids) -> None:
+    """Remove the nodes of ours among ``node_ids`` and what each holds: a legend its range node, a
+    range node its colour table copy. Nodes that are not ours are never touched."""
+    queue = [i for i in node_ids if i]
+    while queue:
+        node = scene.GetNodeByID(queue.pop(0))
+        if _ours(node, "legend"):
+            queue.append(node.GetNodeReferenceID(PRIMARY_DISPLAY_ROLE))
+        elif _ours(node, "range"):
+            queue.append(node.GetColorNodeID())
+        elif not _ours(node, "colours"):
+            continue
+        queue = [i for i in queue if i]
+        scene.RemoveNode(node)
 
 
-_CLEANING = False
 #: Scenes observed by :func:`_watch_removals` (weak: a scene that is deleted leaves the set).
 _WATCHED: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def _watch_removals(scene) -> None:
-    """Once per scene: when a volume node or a legend of ours is removed (not while the whole scene
-    is closed), remove the legend parts left without purpose (:func:`remove_orphan_legends`)."""
+    """Once per scene: when a volume node leaves the scene (not while the whole scene is closed),
+    remove the legend parts of ours among its display nodes; when a legend of ours is removed
+    (e.g. by the user), remove its range node and colour copy. The removed node still holds the IDs
+    it referenced, so no search of the scene is needed."""
     if scene in _WATCHED:
         return
     vtk = _vtk()
@@ -896,10 +883,12 @@ def _watch_removals(scene) -> None:
 
     @calldata_type(vtk.VTK_OBJECT)
     def on_removed(caller, _event, node):
-        if caller.IsClosing() or node is None:
+        if caller is None or node is None or caller.IsClosing():   # None: the scene is being deleted
             return
-        if node.IsA("vtkMRMLVolumeNode") or _ours(node, "legend"):
-            remove_orphan_legends(caller)
+        if node.IsA("vtkMRMLDisplayableNode"):
+            _remove_legend_parts(caller, [node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes())])
+        elif _ours(node, "legend"):
+            _remove_legend_parts(caller, [node.GetNodeReferenceID(PRIMARY_DISPLAY_ROLE)])
 
     scene.AddObserver(scene.NodeRemovedEvent, on_removed)
     _WATCHED.add(scene)
