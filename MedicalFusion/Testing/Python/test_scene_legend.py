@@ -122,6 +122,9 @@ def test_fused_volume_gets_a_legend_with_the_functional_map_window_and_units(sce
     # what Slicer draws in a slice view showing the fused volume
     actor = view.show(volume, legend)
     assert actor.GetVisibility()
+    # the slice layer still shows the voxels through the RGB display node, not the legend's range node
+    shown_with = view.logic.GetBackgroundLayer().GetVolumeDisplayNode()    # the layer's copy of it
+    assert shown_with.IsA("vtkMRMLVectorVolumeDisplayNode") and shown_with.GetColorNodeID() != PET_HEAT
     assert actor.GetTitle() == "Phantom PET [SUVbw]"
     assert actor.GetLookupTable().GetTableRange() == pytest.approx((lo, hi))
     np.testing.assert_allclose(lut_table(actor.GetLookupTable()), colour.colormap_table("PET-Heat"), atol=1 / 255)
