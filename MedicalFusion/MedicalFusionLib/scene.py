@@ -771,7 +771,7 @@ def add_colour_legend(scene, volume, bar, created: list | None = None):
     A legend this function gave the volume before (a rerun into the same output) is replaced, and its
     position, size, orientation and visibility carried over; with ``bar`` None it is removed, since
     it would no longer be true. When the volume leaves the scene, its legend nodes go with it (a
-    scene observer, see :func:`_watch_removals`). IDs of the nodes made are appended to
+    scene observer, see :func:`watch_legends`). IDs of the nodes made are appended to
     ``created``.
     """
     slicer = _slicer()
@@ -819,7 +819,7 @@ def add_colour_legend(scene, volume, bar, created: list | None = None):
         node.SetVisibility2D(True)
     volume.AddAndObserveDisplayNodeID(node.GetID())
     node.Modified()     # adding it as a display node does not update the displayable manager
-    _watch_removals(scene)
+    watch_legends(scene)
     _remove_legends(scene, old)
     return node
 
@@ -867,15 +867,16 @@ def _remove_legend_parts(scene, node_ids) -> None:
         scene.RemoveNode(node)
 
 
-#: Scenes observed by :func:`_watch_removals` (weak: a scene that is deleted leaves the set).
+#: Scenes observed by :func:`watch_legends` (weak: a scene that is deleted leaves the set).
 _WATCHED: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _watch_removals(scene) -> None:
+def watch_legends(scene) -> None:
     """Once per scene: when a volume node leaves the scene (not while the whole scene is closed),
     remove the legend parts of ours among its display nodes; when a legend of ours is removed
     (e.g. by the user), remove its range node and colour copy. The removed node still holds the IDs
-    it referenced, so no search of the scene is needed."""
+    it referenced, so no search of the scene is needed. :func:`add_colour_legend` calls it; call it
+    too for a scene whose legends were read from a file (.mrml, .mrb) before any fusion in it."""
     if scene in _WATCHED:
         return
     vtk = _vtk()

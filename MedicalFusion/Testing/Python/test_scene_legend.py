@@ -239,7 +239,7 @@ def test_a_failure_while_making_the_legend_leaves_the_scene_as_it_was(scene, mon
     def fail(_scene):              # called once the new legend's nodes exist, before the old go
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(fscene, "_watch_removals", fail)
+    monkeypatch.setattr(fscene, "watch_legends", fail)
     for output in (None, first.volume_node):
         with pytest.raises(RuntimeError, match="out of memory"):
             fscene.fuse_nodes(scene, anatomical, functional, FusionOptions(**FAST, colormap="Rainbow"),
@@ -263,3 +263,33 @@ def test_a_scene_without_the_colors_module_still_gets_a_true_legend():
         assert our_parts(bare) == {}
     finally:
         bare.Clear(1)
+
+
+def test_legends_read_back_from_a_saved_scene_go_with_their_volume(scene, tmp_path):
+    """A scene saved with a fused volume and read into a new scene: the legend is read back with its
+    window and colour node; once watched, removing the volume removes its legend parts."""
+    anatomical, functional = phantom(scene)
+    out = fscene.fuse_nodes(scene, anatomical, functional, FusionOptions(**FAST))
+    lo, hi = out.result.prepared.functional_window
+    scene.SetURL(str(tmp_path / "saved.mrml"))
+    scene.SetRootDirectory(str(tmp_path))
+    assert scene.Commit()                       # the MRML text: node properties and references
+    other = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(other)
+    try:
+        other.SetURL(str(tmp_path / "saved.mrml"))
+        assert other.Import()
+        volume = other.GetFirstNodeByName(out.volume_node.GetName())
+        legend = fscene.colour_legend(volume)
+        primary = legend.GetPrimaryDisplayNode()
+        assert legend.GetTitleText() == "Phantom PET [SUVbw]" and primary.GetColorNodeID() == PET_HEAT
+        assert (primary.GetLevel() - primary.GetWindow() / 2, primary.GetLevel() + primary.GetWindow() / 2) \
+            == pytest.approx((lo, hi), abs=1e-4)
+        assert volume.GetDisplayNode().IsA("vtkMRMLVectorVolumeDisplayNode")
+        fscene.watch_legends(other)
+        other.RemoveNode(volume)
+        assert our_parts(other) == {}
+    finally:
+        colors.SetMRMLScene(None)
+        other.Clear(1)
