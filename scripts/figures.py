@@ -6,7 +6,9 @@ fuses the embedded sample (MNI152 T1 + simulated FDG PET, MedicalFusionLib/sampl
 core pipeline, as the panel does with its defaults (PET-Heat, windows from the data), and writes
 
 - docs/figures/fused-pet-mri-views.png: the fused volume in three orientations (axial | coronal |
-  sagittal, radiological convention, the slice with the most anatomy in each);
+  sagittal, radiological convention, the slice with the most anatomy in each), with the colour bar
+  under them (the PET's map over the window the fusion used, as the CLI's --preview draws it:
+  MedicalFusionLib.legend.draw_colour_bar);
 - MedicalFusion/Resources/Icons/MedicalFusionSample.png: a 128 x 128 thumbnail of the axial fused
   slice, the sample's button in Slicer's Sample Data module.
 
@@ -24,7 +26,7 @@ import SimpleITK as sitk
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
 
-from MedicalFusionLib import colour, outputs  # noqa: E402
+from MedicalFusionLib import colour, legend, outputs  # noqa: E402
 from MedicalFusionLib.pipeline import FusionOptions, fuse_images, source_gray8  # noqa: E402
 from MedicalFusionLib.sample import sample_pair, template_folder  # noqa: E402
 
@@ -32,8 +34,13 @@ VIEWS = REPO / "docs" / "figures" / "fused-pet-mri-views.png"
 THUMBNAIL = REPO / "MedicalFusion" / "Resources" / "Icons" / "MedicalFusionSample.png"
 
 
-def fused_views(method: str) -> list[np.ndarray]:
-    """The fused slice (uint8 RGB) in each orientation, as the preview montage orients it."""
+#: The functional's name on the colour bar (the Sample Data node's name in Slicer).
+FUNCTIONAL_NAME = "Simulated FDG PET"
+
+
+def fused_views(method: str) -> tuple[list[np.ndarray], legend.Legend | None]:
+    """The fused slice (uint8 RGB) in each orientation, as the preview montage orients it, and the
+    run's colour bar."""
     anatomical, functional = sample_pair()
     result = fuse_images(anatomical, functional, FusionOptions(method=method, compute_metrics=False))
     a8, _ = source_gray8(result.prepared)
@@ -43,7 +50,7 @@ def fused_views(method: str) -> list[np.ndarray]:
         montage = outputs.preview_montage(a8, functional_rgb, result.rgb, result.reference, orientation)
         width = (montage.shape[1] - 8) // 3           # three panels with two 4-pixel gaps
         views.append(montage[:, 2 * (width + 4):])
-    return views
+    return views, legend.legend_for(result.prepared, name=FUNCTIONAL_NAME)
 
 
 def side_by_side(views: list[np.ndarray]) -> np.ndarray:
@@ -76,8 +83,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if template_folder() is None:
         sys.exit("figures.py: nilearn (with its MNI152 template) is not installed: run make setup first")
-    views = fused_views(args.method)
-    outputs.write_preview(side_by_side(views), VIEWS)
+    views, bar = fused_views(args.method)
+    picture = side_by_side(views)
+    outputs.write_preview(legend.draw_colour_bar(picture, bar) if bar is not None else picture, VIEWS)
     outputs.write_preview(thumbnail(views[0]), THUMBNAIL)
     for path in (VIEWS, THUMBNAIL):
         print(f"{path.relative_to(REPO)}: {path.stat().st_size // 1024} KiB")

@@ -272,11 +272,13 @@ def fusion_metadata(result, anat, func) -> dict:
 
 
 def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict | None = None,
-                       transform=None) -> None:
+                       transform=None, functional_name: str = "functional") -> None:
     """Write every claimed output of ``fuse`` into the run's OutputSet (not yet in place);
     ``meta`` (units, windows: :func:`fusion_metadata`) goes into the fused file's header (NRRD and
-    MHA keep it) and the metrics CSV; ``transform`` (the registration's) into --save-transform."""
-    from . import colour, outputs  # noqa: PLC0415
+    MHA keep it) and the metrics CSV; ``transform`` (the registration's) into --save-transform.
+    The preview gets the colour bar (window, map and units of ``functional_name``) under the
+    pictures; the fused volume never carries it."""
+    from . import colour, legend, outputs  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
     from .pipeline import source_gray8  # noqa: PLC0415
 
@@ -289,6 +291,9 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
         a8, _ = source_gray8(result.prepared)
         func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
         montage = outputs.preview_montage(a8, func_rgb, result.rgb, result.reference, args.axis)
+        bar = legend.legend_for(result.prepared, name=functional_name)
+        if bar is not None:
+            montage = legend.draw_colour_bar(montage, bar)
         out.add_image(paths["preview"], outputs.picture(montage))
     if "metrics" in paths:
         extra = {"method": result.method, "device": result.device, "seconds": f"{result.seconds:.3f}",
@@ -318,8 +323,22 @@ def run_fuse(args, anat, func, out, paths: dict):
     finally:
         close()
     as_2d = ext in PICTURE_ONLY or (anat.was_2d and ext in (".tif", ".tiff"))
-    write_fuse_outputs(out, paths, result, args, as_2d, fusion_metadata(result, anat, func), transform)
+    write_fuse_outputs(out, paths, result, args, as_2d, fusion_metadata(result, anat, func), transform,
+                       functional_name=source_name(func))
     return result
+
+
+def source_name(source) -> str:
+    """A short name for an input in pictures: a DICOM series' description (or modality), else the
+    file or folder name without its image extension."""
+    facts = getattr(source, "facts", None)
+    if facts is not None and (facts.series_description or facts.modality):
+        return facts.series_description or facts.modality
+    name = os.path.basename(os.path.normpath(str(getattr(source, "path", "") or ""))) or "functional"
+    for ext in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
 
 
 # registration on demand (MedicalFusionLib/registration.py): --register, --transform, --save-transform

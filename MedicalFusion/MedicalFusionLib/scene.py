@@ -32,6 +32,10 @@ back to PET-Heat with a logged warning.
 Windows: ``FusionOptions`` windows when given; otherwise (``use_display_windows=True``) each input's
 display window/level, i.e. what the user sees in the slice views; otherwise the pipeline's defaults.
 
+Colour legend: a fused volume coloured through a map (not a grayscale fusion, not an RGB
+functional) gets Slicer's colour legend in the slice views, showing the map over the window the
+run used, in the functional's units (see :func:`add_colour_legend`).
+
 The metrics table has one row per metric and the columns ``metric, mean, std, slices,
 description``. How the result was made is stored as node attributes on both outputs (see
 :data:`ATTRIBUTE_PREFIX`): method, device, seconds, slice axis, windows, colour map, inputs, versions.
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,6 +52,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, colour
+from . import legend as colour_bar
 from .errors import FusionError
 from .progress import Progress
 from .windows import display_metadata
@@ -421,6 +427,7 @@ class SceneFusionResult:
     colormap: str | None = None
     info: dict = field(default_factory=dict)
     transform_node: object | None = None  # the registration's transform node (fuse_nodes(register=...))
+    legend_node: object | None = None     # the fused volume's colour legend (None: grayscale, RGB functional)
 
 
 def prepare_inputs(scene, anatomical, functional, options=None, use_display_windows: bool = True):
@@ -675,6 +682,8 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
         for key, value in display_metadata(prepared).items():   # units, how each window was chosen
             info.setdefault(key, value)
     image_data = volume_image_data(result.rgb)
+    bar = colour_bar.legend_for(prepared, None if isinstance(opts.colormap, str) else opts.colormap,
+                                functional.GetName())
     tracker.tick()
     vtk_table = None
     if opts.compute_metrics and result.metrics:
@@ -682,6 +691,7 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
 
         vtk_table = metrics_vtk_table(metrics_table_rows(result.metrics))
     created: list[str] = []
+    legend_parts: list[str] = []      # not in created_node_ids: display nodes get no subject hierarchy item
     given = [_NodeState(n) for n in (output_volume, output_table if vtk_table is not None else None) if n is not None]
     previous_parent = functional.GetTransformNodeID()
     transform_node = None
@@ -703,6 +713,7 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
         for node in (volume, table):
             if node is not None:
                 _set_attributes(node, info)
+        legend_node = add_colour_legend(scene, volume, bar, legend_parts)   # last: replaces an older one
     except BaseException:
         if registration is not None:
             functional.SetAndObserveTransformNodeID(previous_parent)
@@ -710,10 +721,184 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
             _remove_with_display_nodes(scene, node_id)
         for state in given:
             state.restore(scene)
+        for node_id in legend_parts:
+            if scene.GetNodeByID(node_id) is not None:
+                scene.RemoveNode(scene.GetNodeByID(node_id))
         raise
     return SceneFusionResult(volume_node=volume, table_node=table, result=result, seconds=seconds,
                              created_node_ids=created, colormap=info.get("colormap"), info=info,
-                             transform_node=transform_node)
+                             transform_node=transform_node, legend_node=legend_node)
+
+
+# --------------------------------------------------------------------------------------------------
+# the colour legend of the fused volume
+#
+# Slicer's colour legend (vtkMRMLColorLegendDisplayNode, drawn by the Colors module's displayable
+# manager) takes its colours and numbers from its *primary display node*: that node's colour node,
+# and for a scalar volume display node its window/level. The fused volume's own display node cannot
+# serve: it is a vector (RGB) display node whose window/level scales the RGB voxels (255 / 127.5
+# shows them as they are) and it has no colour node. So the legend gets a primary display node of its
+# own on the fused volume, a vtkMRMLScalarVolumeDisplayNode added after the volume's display node
+# (slice views use the first one, so it draws nothing), holding the functional's colour node and
+# the window lo..hi the run used. The legend then maps lo..hi over the colour node's entries as the
+# pipeline did, in the functional's units, and shows only in the views where the fused volume is.
+
+#: Attribute marking the nodes a fused volume's colour legend is made of: 'legend' (the
+#: vtkMRMLColorLegendDisplayNode), 'range' (its primary display node) or 'colours' (a colour table
+#: node holding the map's entries, made only when the map is not one of Slicer's own colour nodes).
+LEGEND_PART = ATTRIBUTE_PREFIX + "legend_part"
+
+
+def colour_legend(volume):
+    """The colour legend :func:`add_colour_legend` gave ``volume`` (a fused volume node), or None."""
+    found = _legends_of(volume)
+    return found[0] if found else None
+
+
+def _legends_of(volume) -> list:
+    out = []
+    for i in range(volume.GetNumberOfDisplayNodes() if volume is not None else 0):
+        node = volume.GetNthDisplayNode(i)
+        if node is not None and node.IsA("vtkMRMLColorLegendDisplayNode") and node.GetAttribute(LEGEND_PART) == "legend":
+            out.append(node)
+    return out
+
+
+def add_colour_legend(scene, volume, bar, created: list | None = None):
+    """Give a fused volume node Slicer's colour legend for ``bar`` (a
+    :class:`MedicalFusionLib.legend.Legend`); returns the legend node, or None when ``bar`` is None.
+
+    The legend shows ``bar.table`` over ``bar.window`` (lo..hi, the functional's values) with the
+    title '<functional> [<units>]' and five labels in one number format, in the slice views showing
+    the volume. The colours come from Slicer's colour node of the same name (PET-Heat, Rainbow...)
+    when it is in the scene, else from a new colour table node holding the table (a colour node
+    outside Slicer's list keeps the table the run used, even if that node is edited later).
+
+    A legend this function gave the volume before (a rerun into the same output) is replaced, and its
+    position, size, orientation and visibility carried over; with ``bar`` None it is removed, since
+    it would no longer be true. When the volume leaves the scene, its legend nodes go with it (a
+    scene observer, see :func:`watch_legends`). IDs of the nodes made are appended to
+    ``created``.
+    """
+    slicer = _slicer()
+    old = _legends_of(volume)
+    if bar is None:
+        _remove_legends(scene, old)
+        return None
+    created = created if created is not None else []
+    lo, hi = bar.window
+    colour_id = _legend_colour_node(scene, volume, bar, created)
+
+    primary = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode",
+                                      scene.GenerateUniqueName(f"{volume.GetName()} legend range"))
+    created.append(primary.GetID())
+    primary.SetAttribute(LEGEND_PART, "range")
+    primary.SetHideFromEditors(True)
+    primary.AutoWindowLevelOff()
+    primary.SetWindowLevelMinMax(lo, hi)
+    primary.SetAndObserveColorNodeID(colour_id)
+    volume.AddAndObserveDisplayNodeID(primary.GetID())
+
+    # as vtkSlicerColorLogic::AddDefaultColorLegendDisplayNode does, with our title and numbers
+    if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):   # the Colors module registers
+        scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())     # it; a bare scene has not
+    node = scene.AddNewNodeByClass("vtkMRMLColorLegendDisplayNode",
+                                   scene.GenerateUniqueName(f"{volume.GetName()} color legend"))
+    created.append(node.GetID())
+    node.SetAttribute(LEGEND_PART, "legend")
+    node.SetTitleText(bar.title)
+    node.SetLabelFormat(bar.label_format)
+    node.SetNumberOfLabels(colour_bar.TICKS)
+    node.SetUseColorNamesForLabels(False)
+    node.SetAndObserveColorNodeID(colour_id)          # the manager reads the primary's; kept equal
+    node.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseManualScalarRange)
+    node.SetScalarRange(lo, hi)
+    node.SetAndObservePrimaryDisplayNode(primary)
+    if old:
+        previous = old[0]
+        node.SetOrientation(previous.GetOrientation())
+        node.SetPosition(*previous.GetPosition())
+        node.SetSize(*previous.GetSize())
+        node.SetVisibility(previous.GetVisibility())
+    else:
+        node.SetVisibility(True)
+        node.SetVisibility2D(True)
+    volume.AddAndObserveDisplayNodeID(node.GetID())
+    node.Modified()     # adding it as a display node does not update the displayable manager
+    watch_legends(scene)
+    _remove_legends(scene, old)
+    return node
+
+
+def _legend_colour_node(scene, volume, bar, created: list) -> str:
+    node_id = colour.SLICER_COLOR_NODE_IDS.get(bar.colormap)
+    if node_id and scene.GetNodeByID(node_id) is not None:
+        return node_id
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode",
+                                    scene.GenerateUniqueName(f"{volume.GetName()} legend colours"))
+    created.append(table.GetID())
+    table.SetAttribute(LEGEND_PART, "colours")
+    table.SetTypeToUser()
+    table.SetNumberOfColors(len(bar.table))
+    for i, (r, g, b) in enumerate(np.asarray(bar.table, dtype=float)):
+        table.SetColor(i, str(i), float(r), float(g), float(b), 1.0)
+    return table.GetID()
+
+
+def _ours(node, part: str) -> bool:
+    return node is not None and node.GetAttribute(LEGEND_PART) == part
+
+
+def _remove_legends(scene, legends) -> None:
+    _remove_legend_parts(scene, [node.GetID() for node in legends])
+
+
+#: Role of a colour legend node's reference to its primary display node (vtkMRMLColorLegendDisplayNode).
+PRIMARY_DISPLAY_ROLE = "primaryDisplay"
+
+
+def _remove_legend_parts(scene, node_ids) -> None:
+    """Remove the nodes of ours among ``node_ids`` and what each holds: a legend its range node, a
+    range node its colour table copy. Nodes that are not ours are never touched."""
+    queue = [i for i in node_ids if i]
+    while queue:
+        node = scene.GetNodeByID(queue.pop(0))
+        if _ours(node, "legend"):
+            queue.append(node.GetNodeReferenceID(PRIMARY_DISPLAY_ROLE))
+        elif _ours(node, "range"):
+            queue.append(node.GetColorNodeID())
+        elif not _ours(node, "colours"):
+            continue
+        queue = [i for i in queue if i]
+        scene.RemoveNode(node)
+
+
+#: Scenes observed by :func:`watch_legends` (weak: a scene that is deleted leaves the set).
+_WATCHED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def watch_legends(scene) -> None:
+    """Once per scene: when a volume node leaves the scene (not while the whole scene is closed),
+    remove the legend parts of ours among its display nodes; when a legend of ours is removed
+    (e.g. by the user), remove its range node and colour copy. The removed node still holds the IDs
+    it referenced, so no search of the scene is needed. :func:`add_colour_legend` calls it; call it
+    too for a scene whose legends were read from a file (.mrml, .mrb) before any fusion in it."""
+    if scene in _WATCHED:
+        return
+    vtk = _vtk()
+    from vtkmodules.util.misc import calldata_type  # noqa: PLC0415
+
+    @calldata_type(vtk.VTK_OBJECT)
+    def on_removed(caller, _event, node):
+        if caller is None or node is None or caller.IsClosing():   # None: the scene is being deleted
+            return
+        if node.IsA("vtkMRMLDisplayableNode"):
+            _remove_legend_parts(caller, [node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes())])
+        elif _ours(node, "legend"):
+            _remove_legend_parts(caller, [node.GetNodeReferenceID(PRIMARY_DISPLAY_ROLE)])
+
+    scene.AddObserver(scene.NodeRemovedEvent, on_removed)
+    _WATCHED.add(scene)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -203,7 +203,10 @@ def test_existing_output_nodes_are_updated_in_place(scene, spm12_pair):
                             output_volume=vol.GetID(), output_table=table, progress=lambda d, t: progress.append((d, t)))
     assert out.volume_node is vol and out.created_node_ids == []
     assert scene_state(scene)[: len(state)] == state
-    assert [i for i, _ in scene_state(scene)[len(state):]] == [vol.GetDisplayNodeID()]   # only its display node
+    # only its display node, and its colour legend (the legend node and the display node it reads)
+    legend = fscene.colour_legend(vol)
+    assert [i for i, _ in scene_state(scene)[len(state):]] == [vol.GetDisplayNodeID(),
+                                                               legend.GetPrimaryDisplayNode().GetID(), legend.GetID()]
     np.testing.assert_array_equal(matrix(vol), matrix(t1))
     assert progress and progress[-1][0] == progress[-1][1]
     assert table.GetNumberOfRows() == 0          # no metrics asked for: table untouched
