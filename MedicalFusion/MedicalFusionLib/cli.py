@@ -368,7 +368,10 @@ def _report_fuse(args, result, paths: dict) -> None:
         print(f"preview -> {paths['preview']}")
 
 
-def cmd_fuse(args) -> int:
+def fuse_one(args):
+    """One ``fuse`` run from parsed ``fuse`` arguments: check, claim, read, fuse, write, commit
+    (all or nothing); returns ``(result, {dest: path written})``. ``cmd_fuse`` and each study of
+    ``batch`` (cohort.py) run exactly this."""
     from .outputs import OutputSet  # noqa: PLC0415
     from .sources import check_input_path, read_source  # noqa: PLC0415
 
@@ -382,6 +385,11 @@ def cmd_fuse(args) -> int:
         func = read_source(args.functional, "functional")
         result = run_fuse(args, anat, func, out, paths)
         out.commit()
+    return result, paths
+
+
+def cmd_fuse(args) -> int:
+    result, paths = fuse_one(args)
     _report_fuse(args, result, paths)
     return 0
 
