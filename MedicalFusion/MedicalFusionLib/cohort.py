@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -96,11 +97,18 @@ class Outcome:
     metrics: dict = field(default_factory=dict)
 
 
-def _fuse_actions() -> dict:
-    """``{long option name without dashes: argparse action}`` of the ``fuse`` subcommand."""
+@functools.lru_cache(maxsize=1)
+def _parser():
+    """The CLI's parser (built once per process; parsing leaves it unchanged)."""
     from .cli import build_parser  # noqa: PLC0415
 
-    parser = build_parser()
+    return build_parser()
+
+
+@functools.lru_cache(maxsize=1)
+def _fuse_actions() -> dict:
+    """``{long option name without dashes: argparse action}`` of the ``fuse`` subcommand."""
+    parser = _parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")  # noqa: SLF001
     actions = {}
     for action in sub.choices["fuse"]._actions:  # noqa: SLF001
@@ -116,12 +124,10 @@ def _column_key(name: str) -> str:
 
 def parse_fuse_argv(argv: list) -> tuple[object | None, str]:
     """``(args, "")`` from the CLI's own parser, or ``(None, its one-line error)``."""
-    from .cli import build_parser  # noqa: PLC0415
-
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv), ""
+            return _parser().parse_args(argv), ""
     except SystemExit:
         text = " ".join(err.getvalue().split()).replace("medicalfusion: error: ", "")
         return None, re.sub(r" \(see '.*?--help'\)$", "", text) or "bad options"
@@ -543,8 +549,14 @@ def connect(scheduler: str | None, tasks: int, workers: int | None, threads: int
             client.close()
             raise FusionError(f"the Dask scheduler at {scheduler} has no worker after 60 s: start some with "
                               f"'dask worker {scheduler}'") from None
-        if threads is None:
+        try:
             cores = client.run(_machine_cores)                     # {worker address: cores of its machine}
+        except Exception as exc:  # noqa: BLE001 - whatever the workers raised: they cannot run a study
+            client.close()
+            raise FusionError(f"the workers of {scheduler} cannot run MedicalFusion ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:120]}): install medicalfusion[cohort] on every "
+                              "worker") from None
+        if threads is None:
             info = client.scheduler_info()["workers"]
             per_host: dict = {}
             for addr, w in info.items():
@@ -577,16 +589,15 @@ def run_batch(args) -> int:
     study is ok or skipped, 2 when any failed (after every other study was done)."""
     from .outputs import OutputSet  # noqa: PLC0415
 
-    if args.methods:
-        from .methods import get_method  # noqa: PLC0415
+    from .methods import get_method  # noqa: PLC0415
 
-        for m in args.methods:
-            get_method(m)
-        if len(set(args.methods)) != len(args.methods):
-            raise FusionError("--methods names a method twice: give each once")
+    for m in args.methods or [args.method]:
+        ok, reason = get_method(m).available()
+        if not ok:
+            raise FusionError(reason)
+    if args.methods and len(set(args.methods)) != len(args.methods):
+        raise FusionError("--methods names a method twice: give each once")
     out_dir = pathlib.Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FusionError(f"--output {out_dir} is a file, not a folder: give a folder")
     tasks = plan(args.manifest, out_dir, args.methods, args.method, args.metric_set, args.preview)
     with OutputSet() as out:                    # DIR made (and removed again if nothing was done)
         out.folder(out_dir, "batch --output folder")
