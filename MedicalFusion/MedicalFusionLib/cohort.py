@@ -569,7 +569,25 @@ def connect(scheduler: str | None, tasks: int, workers: int | None, threads: int
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        silence_logs=logging.ERROR, dashboard_address=":8787")
     client = distributed.Client(cluster)
+    client.register_plugin(_interrupt_plugin(distributed), name="medicalfusion-ctrl-c")
     return client, cluster, threads, f"LocalCluster: {workers} worker processes x {threads} torch thread(s) ({cores} cores)"
+
+
+def _interrupt_plugin(distributed):
+    """A worker plugin for our own LocalCluster: its worker processes ignore SIGINT. Ctrl-C on a
+    terminal reaches the whole process group; only ``batch`` handles it (it closes the cluster, and
+    the message says what was kept), instead of every worker printing a KeyboardInterrupt traceback.
+    Registered plugins also run in a worker that the nanny restarts."""
+
+    class IgnoreInterrupt(distributed.WorkerPlugin):
+        def setup(self, worker):
+            import signal  # noqa: PLC0415
+            import threading  # noqa: PLC0415
+
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return IgnoreInterrupt()
 
 
 def _dashboard(client) -> str:
