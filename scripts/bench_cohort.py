@@ -113,7 +113,7 @@ def batch(manifest: pathlib.Path, out: pathlib.Path, method: str, metric_set: st
 
     t0 = time.perf_counter()
     tasks = cohort.plan(manifest, out, method=method, metric_set=metric_set)
-    client, cluster, threads, where = cohort.connect(None, len(tasks), None, None, quiet=True)
+    client, cluster, threads, where = cohort.connect(None, len(tasks), None, None)
     try:
         workers = len(client.scheduler_info()["workers"])
         t1 = time.perf_counter()

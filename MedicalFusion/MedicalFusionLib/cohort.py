@@ -532,7 +532,7 @@ def local_sizes(tasks: int, cores: int, workers: int | None = None, threads: int
     return workers, threads
 
 
-def connect(scheduler: str | None, tasks: int, workers: int | None, threads: int | None, quiet: bool):
+def connect(scheduler: str | None, tasks: int, workers: int | None, threads: int | None):
     """(client, cluster or None, torch threads per worker, a line saying where the work runs)."""
     import logging  # noqa: PLC0415
 
@@ -605,9 +605,8 @@ def _dashboard(client) -> str:
 def run_batch(args) -> int:
     """``medicalfusion batch``: plan, run every task on Dask, write the cohort tables; 0 when every
     study is ok or skipped, 2 when any failed (after every other study was done)."""
-    from .outputs import OutputSet  # noqa: PLC0415
-
     from .methods import get_method  # noqa: PLC0415
+    from .outputs import OutputSet  # noqa: PLC0415
 
     for m in args.methods or [args.method]:
         ok, reason = get_method(m).available()
@@ -616,14 +615,16 @@ def run_batch(args) -> int:
     if args.methods and len(set(args.methods)) != len(args.methods):
         raise FusionError("--methods names a method twice: give each once")
     out_dir = pathlib.Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FusionError(f"batch --output folder {out_dir} is a file, not a folder: give a folder")
     tasks = plan(args.manifest, out_dir, args.methods, args.method, args.metric_set, args.preview)
-    with OutputSet() as out:                    # DIR made (and removed again if nothing was done)
-        out.folder(out_dir, "batch --output folder")
-        out.commit()
-    args.interrupt_note = (f"the studies finished so far are kept in {out_dir} (each with its done.json); "
-                           "rerun the same command to do the rest")
-    client, cluster, threads, where = connect(args.scheduler, len(tasks), args.workers, args.worker_threads, args.quiet)
+    client, cluster, threads, where = connect(args.scheduler, len(tasks), args.workers, args.worker_threads)
     try:
+        with OutputSet() as out:                # DIR made once the manifest and the cluster are fine
+            out.folder(out_dir, "batch --output folder")
+            out.commit()
+        args.interrupt_note = (f"the studies finished so far are kept in {out_dir} (each with its done.json); "
+                               "rerun the same command to do the rest")
         if not args.quiet:
             print(f"{len(tasks)} fuse runs ({len({t.id for t in tasks})} studies) on {where}")
             print(f"Dask dashboard: {_dashboard(client)}")
