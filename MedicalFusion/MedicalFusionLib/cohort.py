@@ -46,8 +46,10 @@ from dataclasses import dataclass, field
 from .errors import FusionError
 
 REQUIRED_COLUMNS = ("id", "anatomical", "functional")
-#: ``fuse`` options that ``batch`` sets for every study (its outputs and its threads).
-SET_BY_BATCH = ("output", "metrics", "preview", "quiet", "threads", "save_transform")
+#: ``fuse`` options that ``batch`` sets for every study: its threads, its progress, and its file outputs
+#: (every row of cli.FUSE_OUTPUTS, so an output added to ``fuse`` is refused as a column until batch
+#: places it in the study's folder).
+SET_BY_BATCH = ("quiet", "threads")
 #: ``fuse`` options that name an input file: relative to the manifest's folder.
 PATH_OPTIONS = ("anatomical", "functional", "transform")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -118,6 +120,12 @@ def _fuse_actions() -> dict:
     return actions
 
 
+def _set_by_batch() -> tuple:
+    from .cli import FUSE_OUTPUTS  # noqa: PLC0415
+
+    return SET_BY_BATCH + tuple(dest for dest, _what, _kind in FUSE_OUTPUTS)
+
+
 def _column_key(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
@@ -158,7 +166,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
         if k not in actions and k != "id":
             raise FusionError(f"manifest {p}: column '{k}' is not a fuse option: use id, anatomical, functional "
                               "and the long names of 'medicalfusion fuse --help' (e.g. method, window, register)")
-        if k in actions and actions[k].dest in SET_BY_BATCH:
+        if k in actions and actions[k].dest in _set_by_batch():
             raise FusionError(f"manifest {p}: column '{k}' is set by batch for every study (outputs go to "
                               "DIR/<id>/): remove the column")
     dup = sorted({k for k in keys if keys.count(k) > 1})

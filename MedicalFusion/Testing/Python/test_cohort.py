@@ -232,6 +232,8 @@ def test_rank_methods_takes_names_and_directions_from_one_table():
     ("id,anatomical\n", "no column functional"),
     ("id,anatomical,functional,colourmap\n", "column 'colourmap' is not a fuse option"),
     ("id,anatomical,functional,output\n", "column 'output' is set by batch"),
+    ("id,anatomical,functional,save_transform\n", "column 'save-transform' is set by batch"),
+    ("id,anatomical,functional,threads\n", "column 'threads' is set by batch"),
     ("id,anatomical,functional\na,x.nrrd,y.nrrd\nA,x.nrrd,y.nrrd\n", "id 'A' is also on line 2"),
     ("id,anatomical,functional\n../up,x.nrrd,y.nrrd\n", "id '../up' must start"),
     ("id,anatomical,functional\n", "lists no study"),
