@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(docs/COHORTS.md)")
     b.add_argument("manifest", help="CSV with a header: id, anatomical, functional, optional method and any other "
                    "fuse option by its long name; relative paths are relative to the manifest")
-    b.add_argument("--output", "-o", required=True, help="folder: DIR/<id>/ gets what fuse writes (fused.nrrd, "
+    b.add_argument("--output", "-o", required=True, metavar="DIR", help="folder: DIR/<id>/ gets what fuse writes (fused.nrrd, "
                    "metrics.csv), DIR/summary.csv one line per study, DIR/cohort_metrics.csv every study's metrics")
     b.add_argument("--method", "-m", default="lp", help="method for the studies whose row names none; default lp")
     b.add_argument("--methods", nargs="+", metavar="METHOD", help="fuse every study with each of these methods "
@@ -592,9 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preview", action="store_true", help="also write DIR/<id>/preview.png")
     b.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (tcp://HOST:8786); default: "
                    "a LocalCluster on this machine")
-    b.add_argument("--workers", type=positive_int, help="LocalCluster worker processes (default: one per core, "
+    b.add_argument("--workers", type=positive_int, metavar="N", help="LocalCluster worker processes (default: one per core, "
                    "at most one per study)")
-    b.add_argument("--threads", dest="worker_threads", type=positive_int,
+    b.add_argument("--threads", dest="worker_threads", type=positive_int, metavar="T",
                    help="torch threads per worker (default: the cores of a worker's machine shared among its workers)")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     b.set_defaults(func=cmd_batch)

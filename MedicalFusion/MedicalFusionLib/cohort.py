@@ -578,7 +578,7 @@ def connect(scheduler: str | None, tasks: int, workers: int | None, threads: int
                                        silence_logs=logging.ERROR, dashboard_address=":8787")
     client = distributed.Client(cluster)
     client.register_plugin(_interrupt_plugin(distributed), name="medicalfusion-ctrl-c")
-    return client, cluster, threads, f"LocalCluster: {workers} worker processes x {threads} torch thread(s) ({cores} cores)"
+    return client, cluster, threads, f"LocalCluster: {workers} worker process(es) x {threads} torch thread(s) ({cores} cores)"
 
 
 def _interrupt_plugin(distributed):
@@ -620,6 +620,9 @@ def run_batch(args) -> int:
         ok, reason = get_method(m).available()
         if not ok:
             raise FusionError(reason)
+    if args.scheduler and args.workers:
+        raise FusionError("--workers sizes the LocalCluster started on this machine; with --scheduler the "
+                          "cluster's own workers run the studies: drop --workers")
     if args.methods and len(set(args.methods)) != len(args.methods):
         raise FusionError("--methods names a method twice: give each once")
     out_dir = pathlib.Path(args.output)
