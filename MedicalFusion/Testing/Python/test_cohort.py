@@ -272,3 +272,19 @@ def test_local_cluster_sizes_never_oversubscribe_the_cores():
     for tasks, cores in ((5, 16), (100, 3), (2, 2)):
         w, t = cohort.local_sizes(tasks, cores)
         assert w * t <= cores
+
+
+def test_one_progress_bar_over_the_studies_on_a_terminal(cluster, tmp_path, capsys, monkeypatch):
+    rows = ["id,anatomical,functional"]
+    for seed in range(3):
+        a, f = write_study(tmp_path, f"p{seed}", seed)
+        rows.append(f"p{seed},{a},{f}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["batch", str(tmp_path / "manifest.csv"), "-o", str(tmp_path / "out"), "--scheduler",
+                 cluster[0].scheduler_address, "--metric-set", "quick"]) == 0
+    captured = capsys.readouterr()
+    assert "studies" in captured.err and "3/3" in captured.err
+    assert "Dask dashboard:" in captured.out and "3 ok, 0 skipped" in captured.out
