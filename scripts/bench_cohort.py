@@ -12,8 +12,8 @@ The cohort is ``--studies`` spm12-sized studies: the SPM12 T1 + PET pair (91x109
   (torch's default threads), as a researcher runs them by hand today (process start, imports and
   the network's loading every time);
 - single process (hand-tuned): one Python process that imports once, keeps the network
-  (registry.keep_built) and runs ``cli.fuse_one`` for every study, at each torch thread count from
-  1 to the cores; the best is reported (the cohort's floor without parallel processes);
+  (registry.keep_built) and runs ``cli.fuse_one`` for every study, at 1, half the cores and all the
+  cores as torch threads; the best is reported (the cohort's floor without parallel processes);
 - batch: ``medicalfusion batch`` (its LocalCluster with the default sizing), the whole command
   timed from its start (cluster start-up and worker imports included), and inside it, through the
   same functions: the run from the first submit to the last result.
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         b = batch(manifest, work / "batch", args.method, args.metric_set)
         print(f"batch: {b['whole']:.1f} s whole, run {b['run']:.1f} s, {b['where']}", flush=True)
         singles = {}
-        for t in range(1, cores + 1):
+        for t in sorted({1, max(1, cores // 2), cores}):
             shutil.rmtree(work / "single", ignore_errors=True)
             singles[t] = single_process(fuse_argv(manifest, work / "single", args.method, args.metric_set), t)
             print(f"single process, {t} thread(s): {singles[t][0]:.1f} s ({singles[t][1]:.1f} s in the loop)", flush=True)
