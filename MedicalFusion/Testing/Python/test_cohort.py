@@ -288,3 +288,33 @@ def test_one_progress_bar_over_the_studies_on_a_terminal(cluster, tmp_path, caps
     captured = capsys.readouterr()
     assert "studies" in captured.err and "3/3" in captured.err
     assert "Dask dashboard:" in captured.out and "3 ok, 0 skipped" in captured.out
+
+
+def test_ctrl_c_keeps_the_finished_studies_and_a_rerun_does_the_rest(cluster, tmp_path, capsys):
+    rows = ["id,anatomical,functional"]
+    for seed in range(12):
+        a, f = write_study(tmp_path, f"c{seed}", seed % 6)
+        rows.append(f"c{seed},{a},{f}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["batch", str(tmp_path / "manifest.csv"), "-o", str(out), "--scheduler", cluster[0].scheduler_address, "-q"]
+
+    def ctrl_c():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(out.glob("*/done.json")):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)          # as Ctrl-C: batch's handler, in the main thread
+
+    thread = threading.Thread(target=ctrl_c, daemon=True)
+    thread.start()
+    assert main(argv) == 130
+    thread.join()
+    err = capsys.readouterr().err
+    assert err.startswith("medicalfusion: interrupted; the studies finished so far are kept") and err.count("\n") == 1
+    assert not (out / "summary.csv").exists()
+    assert main(argv) == 0
+    status = [r["status"] for r in read_csv(out / "summary.csv")]
+    assert len(status) == 12 and "skipped" in status and "ok" in status and set(status) <= {"ok", "skipped"}
+    assert leftovers(out) == []
+    assert all(cohort.verified(out / f"c{i}", json.loads((out / f"c{i}" / "done.json").read_text())["options"])
+               for i in range(12))
