@@ -196,7 +196,9 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
 
 def study_options(row: dict, manifest_dir: pathlib.Path, method: str | None, metric_set: str) -> list:
     """The ``fuse`` options of one manifest row (without the outputs), in column order; ``method``
-    (from --methods) replaces the row's; ValueError for a value that is no value of its option."""
+    (one of --methods, or --method for a row without one) replaces the row's method column, and
+    ``metric_set`` fills an empty metric-set column. A yes/no column is a flag (a ``fuse`` option
+    without a value, should one be added); ValueError for a value that is neither."""
     actions = _fuse_actions()
     argv = []
     for key, value in row.items():
@@ -218,8 +220,6 @@ def study_options(row: dict, manifest_dir: pathlib.Path, method: str | None, met
         argv += [opt, *tokens]
     if method:
         argv += ["--method", method]
-    elif not row.get("method"):
-        argv += ["--method", "lp"]
     if not row.get("metric-set"):
         argv += ["--metric-set", metric_set]
     return argv
