@@ -39,6 +39,7 @@ bench: setup
 	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_cohort.py --studies 24 --method mrdfn --output docs/BENCHMARKS.md
 
 ## the evaluation tables on the aanlib test split, written to out/evaluation
 evaluate: setup

@@ -1,4 +1,4 @@
-"""The ``medicalfusion`` command: fuse, presets, methods, evaluate, train, demo.
+"""The ``medicalfusion`` command: fuse, batch, presets, methods, evaluate, train, demo.
 
 Every user error ends in one line on stderr (``medicalfusion: error: ...``) and exit status 2,
 argparse mistakes included; "internal error" (exit 1) is left for bugs. Every file a run writes
@@ -387,7 +387,10 @@ def _report_fuse(args, result, paths: dict) -> None:
         print(f"preview -> {paths['preview']}")
 
 
-def cmd_fuse(args) -> int:
+def fuse_one(args):
+    """One ``fuse`` run from parsed ``fuse`` arguments: check, claim, read, fuse, write, commit
+    (all or nothing); returns ``(result, {dest: path written})``. ``cmd_fuse`` and each study of
+    ``batch`` (cohort.py) run exactly this."""
     from .outputs import OutputSet  # noqa: PLC0415
     from .sources import check_input_path, read_source  # noqa: PLC0415
 
@@ -401,6 +404,11 @@ def cmd_fuse(args) -> int:
         func = read_source(args.functional, "functional")
         result = run_fuse(args, anat, func, out, paths)
         out.commit()
+    return result, paths
+
+
+def cmd_fuse(args) -> int:
+    result, paths = fuse_one(args)
     _report_fuse(args, result, paths)
     return 0
 
@@ -458,6 +466,12 @@ def cmd_train(args) -> int:
                   seed=args.seed, device=args.device)
     print(f"trained {args.method}: {entry.get('file', '')} sha256 {str(entry.get('sha256', ''))[:12]}...")
     return 0
+
+
+def cmd_batch(args) -> int:
+    from .cohort import run_batch  # noqa: PLC0415  (Dask only when a batch runs)
+
+    return run_batch(args)
 
 
 def cmd_demo(args) -> int:
@@ -582,6 +596,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", choices=devices)
     _add_threads(t)
     t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("batch", help="fuse every study of a manifest (CSV) on Dask: a laptop or a cluster "
+                       "(docs/COHORTS.md)")
+    b.add_argument("manifest", help="CSV with a header: id, anatomical, functional, optional method and any other "
+                   "fuse option by its long name; relative paths are relative to the manifest")
+    b.add_argument("--output", "-o", required=True, metavar="DIR", help="folder: DIR/<id>/ gets what fuse writes (fused.nrrd, "
+                   "metrics.csv), DIR/summary.csv one line per study, DIR/cohort_metrics.csv every study's metrics")
+    b.add_argument("--method", "-m", default="lp", help="method for the studies whose row names none; default lp")
+    b.add_argument("--methods", nargs="+", metavar="METHOD", help="fuse every study with each of these methods "
+                   "(DIR/<id>/<method>/) and rank them over the cohort (DIR/ranking.csv)")
+    b.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
+                   help="metrics of every study (a metric-set column wins): all (default) or quick (no FMI)")
+    b.add_argument("--preview", action="store_true", help="also write DIR/<id>/preview.png")
+    b.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (tcp://HOST:8786); default: "
+                   "a LocalCluster on this machine")
+    b.add_argument("--workers", type=positive_int, metavar="N", help="LocalCluster worker processes (default: one per core, "
+                   "at most one per study)")
+    b.add_argument("--threads", dest="worker_threads", type=positive_int, metavar="T",
+                   help="torch threads per worker (default: the cores of a worker's machine shared among its workers)")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    b.set_defaults(func=cmd_batch)
 
     d = sub.add_parser("demo", help="fuse the embedded sample (MNI152 T1 + simulated PET)")
     d.add_argument("--output", default="out/demo", help="folder for sample, fused volume, preview and metrics")

@@ -24,6 +24,7 @@ import torch
 from .device import free_memory_bytes, pick_device
 from .errors import FusionCancelled
 from .methods import FusionMethod, get_method
+from .methods.registry import build_method
 from .progress import beating
 
 ProgressFn = Callable[[int, int], None]
@@ -59,7 +60,7 @@ def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | 
     bs = limit if batch_size else 1
     if cancel is not None and cancel():
         raise FusionCancelled("fusion cancelled")
-    fn = m.build(dev)
+    fn = build_method(m, dev)
     total = len(nonempty)
     if progress:
         progress(0, total)

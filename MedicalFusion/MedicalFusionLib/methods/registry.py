@@ -51,6 +51,9 @@ class FusionMethod:
 _REGISTRY: dict[str, FusionMethod] = {}
 _FAMILY_ORDER = ("basic", "pyramid", "classic", "network")
 _loaded = False
+_kept: dict | None = None          # {(name, build, device, torch threads): FuseFn} while keep_built() is on
+#: Real ``build`` calls per method name in this process (what :func:`keep_built` saves is visible here).
+build_counts: dict[str, int] = {}
 
 
 def register(method: FusionMethod) -> FusionMethod:
@@ -87,6 +90,27 @@ def all_methods() -> list[FusionMethod]:
 
 def method_names() -> list[str]:
     return [m.name for m in all_methods()]
+
+
+def keep_built(on: bool = True) -> None:
+    """Keep every method's built function for the life of this process (on), so a network's weights
+    are read, checked and loaded once however many volumes it fuses: a cohort worker (cohort.py)
+    turns it on. Off (the default, the CLI and the panel) builds per run and keeps nothing."""
+    global _kept
+    _kept = {} if on else None
+
+
+def build_method(method: FusionMethod, device: torch.device) -> FuseFn:
+    """``method.build(device)``, or the one kept from an earlier call with the same method, device
+    and torch thread count (a network's CPU layout depends on it) while :func:`keep_built` is on."""
+    key = (method.name, method.build, str(device), torch.get_num_threads())
+    if _kept is not None and key in _kept:
+        return _kept[key]
+    fn = method.build(device)
+    build_counts[method.name] = build_counts.get(method.name, 0) + 1
+    if _kept is not None:
+        _kept[key] = fn
+    return fn
 
 
 def get_method(name: str) -> FusionMethod:

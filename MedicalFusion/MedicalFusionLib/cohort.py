@@ -1,0 +1,705 @@
+"""``medicalfusion batch MANIFEST.csv --output DIR``: every study of a cohort fused on Dask distributed.
+
+One way through: a study is one ``medicalfusion fuse`` run. Its manifest row becomes a ``fuse``
+command line (:func:`study_argv`), parsed by the CLI's own parser and run by the CLI's own
+:func:`~MedicalFusionLib.cli.fuse_one` inside a Dask worker; nothing here fuses, reads or writes an
+image by itself. What this module adds around that:
+
+- the manifest (:func:`read_manifest`): a CSV with a header; columns ``id``, ``anatomical``,
+  ``functional``, optional ``method`` and any other ``fuse`` option by its long name (``window``
+  "LO HI", ``register`` rigid, ``colormap``, ``metric-set``...); relative paths are relative to the
+  manifest's folder. The options ``batch`` sets itself (output, metrics, preview, quiet, threads,
+  save-transform) are refused as columns;
+- per study: its folder ``DIR/<id>/`` (``DIR/<id>/<method>/`` with ``--methods``) holds what ``fuse``
+  writes (``fused.nrrd``, ``metrics.csv``; ``preview.png`` with ``--preview``), put in place
+  together by the run's OutputSet, then ``done.json`` (the study's options and the sha256 of every
+  file), written last. A rerun skips a study whose ``done.json`` matches its options and files and
+  redoes every other one. A study runs under a lock (``DIR/.locks/``, released by the OS when its
+  process dies), so a task that Dask runs again after a lost worker never writes beside another;
+  leftovers of a killed run (``.mf-tmp-*``) are removed under that lock before the study is redone;
+- the cohort: ``DIR/summary.csv`` (id, method, status ok / failed / skipped, message, seconds),
+  ``DIR/cohort_metrics.csv`` (every study's metrics, one row per study and method) and, with
+  ``--methods``, ``DIR/ranking.csv`` (mean rank over studies and metrics, see :func:`rank_methods`);
+- the workers: a LocalCluster sized to the machine (worker processes x torch threads <= cores) or
+  the scheduler given by ``--scheduler``; each worker keeps the methods it built
+  (:func:`~MedicalFusionLib.methods.registry.keep_built`), so a network's weights are loaded once per
+  worker, not once per study.
+
+Dask is imported only here and only when a batch runs (the ``cohort`` extra); the Slicer extension
+never imports this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .errors import FusionError
+
+REQUIRED_COLUMNS = ("id", "anatomical", "functional")
+#: ``fuse`` options that ``batch`` sets for every study: its threads, its progress, and its file outputs
+#: (every row of cli.FUSE_OUTPUTS, so an output added to ``fuse`` is refused as a column until batch
+#: places it in the study's folder).
+SET_BY_BATCH = ("quiet", "threads")
+#: ``fuse`` options that name an input file: relative to the manifest's folder.
+PATH_OPTIONS = ("anatomical", "functional", "transform")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DONE_NAME = "done.json"
+LOCK_FOLDER = ".locks"
+SUMMARY_COLUMNS = ("id", "method", "status", "message", "seconds")
+TRUE_WORDS, FALSE_WORDS = ("1", "yes", "y", "true", "on", "x"), ("", "0", "no", "n", "false", "off")
+#: Metrics of the metrics table (metrics.METRICS, which gives every metric's direction) left out of
+#: the ranking, with the reason. Every other metric of that table counts, so a metric added there
+#: (e.g. a colour-fidelity one) is ranked without a change here.
+NOT_RANKED = {
+    "MI_bits": "MI_nats in other units (counted once)",
+    "SSIM_avg": "half of SSIM_sum (counted once)",
+    "FMI_pixel": "not in the reference evaluator (CDDFuse's Evaluator.py)",
+    "FMI_gradient": "not in the reference evaluator (CDDFuse's Evaluator.py)",
+    "ARI": "not in the reference evaluator (CDDFuse's Evaluator.py)",
+}
+#: Test hook: ``<study id>:<pause point>`` makes that study's first run pause at the OutputSet's
+#: pause point (outputs.pause_point) until its process is killed; later runs (the pause file exists) go on.
+TEST_PAUSE_ENV = "MEDICALFUSION_TEST_COHORT_PAUSE"
+
+
+# --------------------------------------------------------------------------------------------------
+# the manifest -> one fuse command line per study and method
+
+
+@dataclass
+class Task:
+    """One ``fuse`` run of the cohort: a study with one method."""
+
+    id: str
+    method: str
+    folder: str                       # DIR/<id>/ or DIR/<id>/<method>/
+    options: list                     # the study's fuse options (inputs and method included)
+    argv: list                        # options + the outputs batch sets
+    error: str = ""                   # a bad manifest value: the study fails without running
+    lock: str = ""
+
+
+@dataclass
+class Outcome:
+    id: str
+    method: str
+    status: str                       # ok | failed | skipped
+    message: str = ""
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=1)
+def _parser():
+    """The CLI's parser (built once per process; parsing leaves it unchanged)."""
+    from .cli import build_parser  # noqa: PLC0415
+
+    return build_parser()
+
+
+@functools.lru_cache(maxsize=1)
+def _fuse_actions() -> dict:
+    """``{long option name without dashes: argparse action}`` of the ``fuse`` subcommand."""
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")  # noqa: SLF001
+    actions = {}
+    for action in sub.choices["fuse"]._actions:  # noqa: SLF001
+        for opt in action.option_strings:
+            if opt.startswith("--") and opt != "--help":
+                actions[opt[2:]] = action
+    return actions
+
+
+def _set_by_batch() -> tuple:
+    from .cli import FUSE_OUTPUTS  # noqa: PLC0415
+
+    return SET_BY_BATCH + tuple(dest for dest, _what, _kind in FUSE_OUTPUTS)
+
+
+def _column_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def parse_fuse_argv(argv: list) -> tuple[object | None, str]:
+    """``(args, "")`` from the CLI's own parser, or ``(None, its one-line error)``."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return _parser().parse_args(argv), ""
+    except SystemExit:
+        text = " ".join(err.getvalue().split()).replace("medicalfusion: error: ", "")
+        return None, re.sub(r" \(see '.*?--help'\)$", "", text) or "bad options"
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """The manifest's rows (``{column key: value}``, empty rows left out) and its option columns;
+    FusionError for a missing file, a missing or unknown column, a missing, bad or repeated id."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FusionError(f"manifest {p} does not exist or is not a file: give a CSV file with a header "
+                          "(id,anatomical,functional[,method,...])")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FusionError(f"manifest {p} cannot be read ({type(exc).__name__}): give a UTF-8 CSV file") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        raise FusionError(f"manifest {p} is empty: give a CSV file with a header (id,anatomical,functional)")
+    keys = [_column_key(h) for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in keys]
+    if missing:
+        raise FusionError(f"manifest {p} has no column {', '.join(missing)}: its header must name "
+                          "id, anatomical and functional (then any fuse option by its long name)")
+    actions = _fuse_actions()
+    for k in keys:
+        if k not in actions and k != "id":
+            raise FusionError(f"manifest {p}: column '{k}' is not a fuse option: use id, anatomical, functional "
+                              "and the long names of 'medicalfusion fuse --help' (e.g. method, window, register)")
+        if k in actions and actions[k].dest in _set_by_batch():
+            raise FusionError(f"manifest {p}: column '{k}' is set by batch for every study (outputs go to "
+                              "DIR/<id>/): remove the column")
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise FusionError(f"manifest {p}: column {', '.join(dup)} appears twice: keep one")
+    rows, seen = [], {}
+    for line, values in enumerate(reader, start=2):
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) > len(keys):
+            raise FusionError(f"manifest {p} line {line}: {len(values)} values for {len(keys)} columns: "
+                              "quote values that hold a comma")
+        row = {k: (values[i].strip() if i < len(values) else "") for i, k in enumerate(keys)}
+        sid = row["id"]
+        if not ID_PATTERN.match(sid):
+            raise FusionError(f"manifest {p} line {line}: id '{sid}' must start with a letter or digit and hold only "
+                              "letters, digits, '.', '_' and '-' (it names the study's output folder)")
+        if sid.casefold() in seen:
+            raise FusionError(f"manifest {p} line {line}: id '{sid}' is also on line {seen[sid.casefold()]}: "
+                              "give every study its own id")
+        seen[sid.casefold()] = line
+        rows.append(row)
+    if not rows:
+        raise FusionError(f"manifest {p} lists no study: add one row per study under the header")
+    return rows, [k for k in keys if k != "id"]
+
+
+def study_options(row: dict, manifest_dir: pathlib.Path, method: str | None, metric_set: str) -> list:
+    """The ``fuse`` options of one manifest row (without the outputs), in column order; ``method``
+    (one of --methods, or --method for a row without one) replaces the row's method column, and
+    ``metric_set`` fills an empty metric-set column. A yes/no column is a flag (a ``fuse`` option
+    without a value, should one be added); ValueError for a value that is neither."""
+    actions = _fuse_actions()
+    argv = []
+    for key, value in row.items():
+        if key == "id" or (key == "method" and method):
+            continue
+        action = actions[key]
+        opt = f"--{key}"
+        if action.nargs == 0:                           # a flag: yes / no
+            if value.lower() in TRUE_WORDS:
+                argv.append(opt)
+            elif value.lower() not in FALSE_WORDS:
+                raise ValueError(f"column {key}: '{value}' is neither yes nor no")
+            continue
+        if value == "":
+            continue                                    # the option's default
+        if action.dest in PATH_OPTIONS and "://" not in value and value != "-":
+            value = os.path.abspath(os.path.join(manifest_dir, os.path.expanduser(value)))
+        tokens = value.replace(",", " ").split() if action.nargs not in (None, 1) else [value]
+        argv += [opt, *tokens]
+    if method:
+        argv += ["--method", method]
+    if not row.get("metric-set"):
+        argv += ["--metric-set", metric_set]
+    return argv
+
+
+def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list | None = None,
+         method: str = "lp", metric_set: str = "all", preview: bool = False) -> list[Task]:
+    """Every task of the cohort: a study x method with its ``fuse`` command line, parsed by the
+    CLI's parser here already (a bad value fails that study only, before any work)."""
+    rows, columns = read_manifest(manifest)
+    if methods and "method" in columns:
+        raise FusionError("the manifest has a method column and --methods was given: drop one of them")
+    manifest_dir = pathlib.Path(manifest).resolve().parent
+    out = pathlib.Path(output).resolve()
+    tasks = []
+    for row in rows:
+        for m in (methods or [None]):
+            folder = out / row["id"] / m if m else out / row["id"]
+            chosen = m or row.get("method") or method
+            try:
+                options = study_options(row, manifest_dir, m or (None if row.get("method") else method), metric_set)
+            except ValueError as exc:
+                tasks.append(Task(row["id"], chosen, str(folder), [], [], error=str(exc)))
+                continue
+            argv = ["fuse", *options, "--output", str(folder / "fused.nrrd"), "--metrics", str(folder / "metrics.csv"),
+                    "--quiet"] + (["--preview", str(folder / "preview.png")] if preview else [])
+            args, error = parse_fuse_argv(argv)
+            chosen = args.method if args is not None else chosen
+            lock = out / LOCK_FOLDER / (row["id"] + (f"__{m}" if m else "") + ".lock")
+            tasks.append(Task(row["id"], chosen, str(folder), options, argv, error=error, lock=str(lock)))
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------------
+# one study, in a worker
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verified(folder: str | os.PathLike, options: list) -> bool:
+    """True when ``folder/done.json`` was written for these options and every file it lists is
+    there with its recorded sha256 (a complete study from an earlier run)."""
+    folder = pathlib.Path(folder)
+    try:
+        done = json.loads((folder / DONE_NAME).read_text(encoding="utf-8"))
+        if done.get("options") != options or not done.get("files"):
+            return False
+        return all(_sha256(folder / name) == digest for name, digest in done["files"].items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def study_lock(path: str):
+    """Hold an exclusive lock on ``path`` for the block (POSIX flock: the OS releases it when the
+    process dies, so a killed worker never leaves a study locked). Without fcntl (Windows) the
+    block runs unlocked."""
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_leftovers(folder: pathlib.Path) -> None:
+    """Temporaries and backups of an OutputSet whose process was killed (held lock: none is live)."""
+    from .outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
+
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith((TEMP_PREFIX, BACKUP_PREFIX)):
+                with contextlib.suppress(OSError):
+                    os.unlink(folder / name)
+
+
+_configured: dict = {}
+
+
+def _configure_worker(threads: int) -> None:
+    """This process's torch and ITK threads, built methods kept, ITK's warnings off (once)."""
+    import SimpleITK as sitk  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from .methods.registry import keep_built  # noqa: PLC0415
+
+    if _configured.get("threads") != threads:
+        torch.set_num_threads(threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        _configured["threads"] = threads
+    if not _configured.get("kept"):
+        keep_built(True)
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        _configured["kept"] = True
+
+
+@contextlib.contextmanager
+def _test_pause(study_id: str):
+    from .outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
+
+    hook = os.environ.get(TEST_PAUSE_ENV, "")
+    sid, _, point = hook.partition(":")
+    marker = os.environ.get(PAUSE_FILE_ENV)
+    if not hook or sid != study_id or not marker or os.path.exists(marker):
+        yield
+        return
+    os.environ[PAUSE_ENV] = point
+    try:
+        yield
+    finally:
+        os.environ.pop(PAUSE_ENV, None)
+
+
+def run_task(task: Task, threads: int) -> Outcome:
+    """Run one study (in a Dask worker): skip it when its outputs are verified, else ``fuse`` it as
+    the CLI does and write its done.json last. Never raises for the study's own failure: that is
+    an Outcome with status 'failed' and the one-line message ``fuse`` would print."""
+    from .errors import FusionCancelled  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    if task.error:
+        return Outcome(task.id, task.method, "failed", task.error)
+    folder = pathlib.Path(task.folder)
+    with study_lock(task.lock):
+        if verified(folder, task.options):
+            return Outcome(task.id, task.method, "skipped", "outputs verified (done.json)",
+                           time.perf_counter() - t0, read_metrics(folder / "metrics.csv"))
+        _configure_worker(threads)
+        made = [p for p in (folder.parent, folder) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(folder)
+        with contextlib.suppress(OSError):
+            os.unlink(folder / DONE_NAME)                     # it vouches for no file from here on
+        status, message = "ok", ""
+        try:
+            with _test_pause(task.id):
+                status, message = _fuse_and_mark(task, folder)
+        except FusionError as exc:
+            status, message = "failed", str(exc)
+        except FusionCancelled:
+            status, message = "failed", "cancelled"
+        except MemoryError:
+            status, message = "failed", "out of memory: give the workers more memory, or --batch-size 1 in the manifest"
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: one study's line, the others go on
+            detail = " ".join(str(exc).split())[:300]
+            status, message = "failed", f"internal error: {type(exc).__name__}: {detail} (report it)"
+        if status == "failed":
+            for p in reversed(made):                           # leave no empty folder behind
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            return Outcome(task.id, task.method, status, message, time.perf_counter() - t0)
+    return Outcome(task.id, task.method, "ok", "", time.perf_counter() - t0, read_metrics(folder / "metrics.csv"))
+
+
+def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
+    from . import __version__  # noqa: PLC0415
+    from .cli import fuse_one  # noqa: PLC0415
+    from .outputs import OutputSet  # noqa: PLC0415
+
+    args, error = parse_fuse_argv(task.argv)
+    if args is None:
+        return "failed", error
+    fuse_one(args)
+    files = {p.name: _sha256(p) for p in args.output_set.written}
+    done = {"options": task.options, "files": files, "version": __version__}
+    with OutputSet() as out:
+        out.add_text(folder / DONE_NAME, json.dumps(done, indent=1) + "\n", "done marker")
+        out.commit()
+    return "ok", ""
+
+
+# --------------------------------------------------------------------------------------------------
+# the cohort tables
+
+
+def read_metrics(path: str | os.PathLike) -> dict:
+    """``{metric: mean}`` of a metrics.csv that ``fuse`` wrote, and its 'seconds' run information."""
+    from .metrics import METRIC_KEYS  # noqa: PLC0415
+
+    values = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row.get("metric") in METRIC_KEYS or row.get("metric") == "seconds":
+                    with contextlib.suppress(TypeError, ValueError):
+                        values[row["metric"]] = float(row["mean"])
+    except OSError:
+        return {}
+    return values
+
+
+def ranked_metrics(table=None) -> list:
+    """The metrics the ranking uses, with their directions: every row of the metrics table
+    (metrics.METRICS) but :data:`NOT_RANKED`."""
+    from .metrics import METRICS  # noqa: PLC0415
+
+    return [m for m in (METRICS if table is None else table) if m.key not in NOT_RANKED]
+
+
+def _ranks(values: list) -> list:
+    """1 = best of ``values`` (higher is better), ties get the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def rank_methods(outcomes: list, methods: list, table=None) -> tuple[list, list, int]:
+    """Rank ``methods`` over the cohort: in each study that every method fused, every ranked metric
+    (:func:`ranked_metrics`; a metric that is lower-is-better is ranked on its negative) ranks the
+    methods (1 best, ties shared); a method's score is its mean rank over studies and metrics.
+    Returns (rows sorted best first: {method, mean_rank, <metric>: cohort mean}, the metric keys
+    used, the number of studies)."""
+    by_study: dict = {}
+    for o in outcomes:
+        if o.status in ("ok", "skipped") and o.method in methods:
+            by_study.setdefault(o.id, {})[o.method] = o.metrics
+    studies = [s for s, per in by_study.items() if all(m in per for m in methods)]
+    metrics = [m for m in ranked_metrics(table)
+               if studies and all(m.key in by_study[s][meth] for s in studies for meth in methods)]
+    totals = {m: 0.0 for m in methods}
+    for s in studies:
+        for info in metrics:
+            sign = 1.0 if info.higher_is_better else -1.0
+            ranks = _ranks([sign * by_study[s][meth][info.key] for meth in methods])
+            for meth, r in zip(methods, ranks):
+                totals[meth] += r
+    n = len(studies) * len(metrics)
+    rows = []
+    for meth in methods:
+        row = {"method": meth, "mean_rank": totals[meth] / n if n else float("nan")}
+        for info in metrics:
+            row[info.key] = sum(by_study[s][meth][info.key] for s in studies) / len(studies)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["mean_rank"], r["method"]))
+    return rows, [m.key for m in metrics], len(studies)
+
+
+def summary_text(outcomes: list) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(SUMMARY_COLUMNS)
+    for o in outcomes:
+        w.writerow([o.id, o.method, o.status, o.message, f"{o.seconds:.2f}"])
+    return buf.getvalue()
+
+
+def cohort_metrics_text(outcomes: list) -> str:
+    """Every fused study's metrics: one row per study and method, one column per metric."""
+    from .metrics import METRIC_KEYS  # noqa: PLC0415
+
+    keys = [k for k in METRIC_KEYS if any(k in o.metrics for o in outcomes)]
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["id", "method", "seconds", *keys])
+    for o in outcomes:
+        if o.status in ("ok", "skipped") and o.metrics:
+            seconds = o.metrics.get("seconds")
+            w.writerow([o.id, o.method, "" if seconds is None else f"{seconds:.3f}",
+                        *(f"{o.metrics[k]:.6g}" if k in o.metrics else "" for k in keys)])
+    return buf.getvalue()
+
+
+def ranking_text(rows: list, keys: list, studies: int) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["position", "method", "mean_rank", "studies", *keys])
+    for i, r in enumerate(rows, start=1):
+        w.writerow([i, r["method"], f"{r['mean_rank']:.4f}", studies, *(f"{r[k]:.6g}" for k in keys)])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# the cluster
+
+
+def _dask():
+    try:
+        import distributed  # noqa: PLC0415
+    except ImportError:
+        raise FusionError("medicalfusion batch runs on Dask: install it with pip install 'medicalfusion[cohort]' "
+                          "(dask[distributed])") from None
+    return distributed
+
+
+def _machine_cores() -> int:
+    from .cli import cpu_count  # noqa: PLC0415
+
+    return cpu_count()
+
+
+def local_sizes(tasks: int, cores: int, workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """(worker processes, torch threads each) for a LocalCluster: one process per core by default
+    (fewer when there are fewer studies), and threads so that processes x threads <= cores."""
+    if workers is None:
+        workers = max(1, min(cores // (threads or 1), tasks))
+    if threads is None:
+        threads = max(1, cores // workers)
+    return workers, threads
+
+
+def connect(scheduler: str | None, tasks: int, workers: int | None, threads: int | None):
+    """(client, cluster or None, torch threads per worker, a line saying where the work runs)."""
+    import logging  # noqa: PLC0415
+
+    distributed = _dask()
+    if scheduler:
+        try:
+            client = distributed.Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise FusionError(f"cannot reach the Dask scheduler at {scheduler} ({' '.join(str(exc).split())[:160]}): "
+                              "check the address (tcp://HOST:8786) and that 'dask scheduler' runs there") from None
+        try:
+            client.wait_for_workers(1, timeout=60)
+        except TimeoutError:
+            client.close()
+            raise FusionError(f"the Dask scheduler at {scheduler} has no worker after 60 s: start some with "
+                              f"'dask worker {scheduler}'") from None
+        try:
+            cores = client.run(_machine_cores)                     # {worker address: cores of its machine}
+        except Exception as exc:  # noqa: BLE001 - whatever the workers raised: they cannot run a study
+            client.close()
+            raise FusionError(f"the workers of {scheduler} cannot run MedicalFusion ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:120]}): install medicalfusion[cohort] on every "
+                              "worker") from None
+        if threads is None:
+            info = client.scheduler_info()["workers"]
+            per_host: dict = {}
+            for addr, w in info.items():
+                per_host.setdefault(w["host"], [0, cores.get(addr, 1)])[0] += w["nthreads"]
+            threads = max(1, min(c // max(1, n) for n, c in per_host.values()))
+        n = len(client.scheduler_info()["workers"])
+        return client, None, threads, f"{n} workers at {scheduler}, {threads} torch thread(s) each"
+    cores = _machine_cores()
+    workers, threads = local_sizes(tasks, cores, workers, threads)
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       silence_logs=logging.ERROR, dashboard_address=":8787")
+    client = distributed.Client(cluster)
+    client.register_plugin(_interrupt_plugin(distributed), name="medicalfusion-ctrl-c")
+    return client, cluster, threads, f"LocalCluster: {workers} worker process(es) x {threads} torch thread(s) ({cores} cores)"
+
+
+def _interrupt_plugin(distributed):
+    """A worker plugin for our own LocalCluster: its worker processes ignore SIGINT. Ctrl-C on a
+    terminal reaches the whole process group; only ``batch`` handles it (it closes the cluster, and
+    the message says what was kept), instead of every worker printing a KeyboardInterrupt traceback.
+    Registered plugins also run in a worker that the nanny restarts."""
+
+    class IgnoreInterrupt(distributed.WorkerPlugin):
+        def setup(self, worker):
+            import signal  # noqa: PLC0415
+            import threading  # noqa: PLC0415
+
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return IgnoreInterrupt()
+
+
+def _dashboard(client) -> str:
+    try:
+        link = client.dashboard_link
+    except Exception:  # noqa: BLE001 - no bokeh, or the dashboard was turned off
+        link = ""
+    return link or "not running (pip install bokeh)"
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def run_batch(args) -> int:
+    """``medicalfusion batch``: plan, run every task on Dask, write the cohort tables; 0 when every
+    study is ok or skipped, 2 when any failed (after every other study was done)."""
+    from .methods import get_method  # noqa: PLC0415
+    from .outputs import OutputSet  # noqa: PLC0415
+
+    for m in args.methods or [args.method]:
+        ok, reason = get_method(m).available()
+        if not ok:
+            raise FusionError(reason)
+    if args.scheduler and args.workers:
+        raise FusionError("--workers sizes the LocalCluster started on this machine; with --scheduler the "
+                          "cluster's own workers run the studies: drop --workers")
+    if args.methods and len(set(args.methods)) != len(args.methods):
+        raise FusionError("--methods names a method twice: give each once")
+    out_dir = pathlib.Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FusionError(f"batch --output folder {out_dir} is a file, not a folder: give a folder")
+    tasks = plan(args.manifest, out_dir, args.methods, args.method, args.metric_set, args.preview)
+    client, cluster, threads, where = connect(args.scheduler, len(tasks), args.workers, args.worker_threads)
+    try:
+        with OutputSet() as out:                # DIR made once the manifest and the cluster are fine
+            out.folder(out_dir, "batch --output folder")
+            out.commit()
+        args.interrupt_note = (f"the studies finished so far are kept in {out_dir} (each with its done.json); "
+                               "rerun the same command to do the rest")
+        if not args.quiet:
+            print(f"{len(tasks)} fuse runs ({len({t.id for t in tasks})} studies) on {where}")
+            print(f"Dask dashboard: {_dashboard(client)}")
+        t0 = time.perf_counter()
+        outcomes = _run_all(client, tasks, threads, show_bar=not args.quiet and sys.stderr.isatty())
+        wall = time.perf_counter() - t0
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    methods = args.methods or []
+    ranking = rank_methods(outcomes, methods) if len(methods) > 1 else None
+    with OutputSet() as out:
+        out.add_text(out_dir / "summary.csv", summary_text(outcomes), "summary.csv")
+        out.add_text(out_dir / "cohort_metrics.csv", cohort_metrics_text(outcomes), "cohort_metrics.csv")
+        if ranking is not None:
+            out.add_text(out_dir / "ranking.csv", ranking_text(*ranking), "ranking.csv")
+        out.commit()
+    failed = [o for o in outcomes if o.status == "failed"]
+    if not args.quiet:
+        counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
+        print(f"{counts['ok']} ok, {counts['skipped']} skipped (verified), {counts['failed']} failed in {wall:.1f} s "
+              f"-> {out_dir / 'summary.csv'}, {out_dir / 'cohort_metrics.csv'}")
+        if ranking is not None:
+            rows, keys, n = ranking
+            print(f"ranking over {n} studies and {len(keys)} metrics ({', '.join(keys)}) -> {out_dir / 'ranking.csv'}")
+            for i, r in enumerate(rows, start=1):
+                print(f"  {i}. {r['method']:14s} mean rank {r['mean_rank']:.3f}")
+    for o in failed:
+        print(f"medicalfusion: error: study {o.id} ({o.method}): {o.message}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _run_all(client, tasks: list, threads: int, show_bar: bool) -> list:
+    """Submit every task, collect the outcomes in manifest order (a task whose worker died again
+    and again is a failed study)."""
+    distributed = _dask()
+    futures = {}
+    outcomes: dict = {}
+    for i, t in enumerate(tasks):
+        if t.error:
+            outcomes[i] = Outcome(t.id, t.method, "failed", t.error)
+            continue
+        key = f"fuse-{t.id}-{t.method}-{os.urandom(4).hex()}"
+        futures[client.submit(run_task, t, threads, key=key, pure=False, retries=0)] = i
+    bar = None
+    if show_bar:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=len(tasks), desc="studies", unit="study", file=sys.stderr, initial=len(outcomes))
+    try:
+        for fut in distributed.as_completed(list(futures)):
+            i, t = futures[fut], tasks[futures[fut]]
+            try:
+                outcomes[i] = fut.result()
+            except distributed.KilledWorker:
+                outcomes[i] = Outcome(t.id, t.method, "failed", "its worker died every time it ran this study "
+                                      "(out of memory? see the worker logs); rerun to try again")
+            except Exception as exc:  # noqa: BLE001 - the cluster's failure is this study's line
+                outcomes[i] = Outcome(t.id, t.method, "failed",
+                                      f"Dask: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [outcomes[i] for i in range(len(tasks))]
