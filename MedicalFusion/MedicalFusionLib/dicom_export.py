@@ -204,7 +204,7 @@ def _orientation_letter(v: np.ndarray) -> str:
     out = ""
     for axis in order:
         if abs(v[axis]) > 1e-3 and len(out) < 3:
-            out += letters[axis][0 if (v[axis] > 0) != (axis == 2) else 1]
+            out += letters[axis][0 if v[axis] > 0 else 1]
     return out or "L"
 
 
@@ -310,13 +310,14 @@ def _slice_dataset(hd, pydicom, series: dict, pixels: np.ndarray, number: int, p
         study_id=attrs.get("StudyID") or None, study_date=attrs.get("StudyDate") or None,
         study_time=attrs.get("StudyTime") or None,
         referring_physician_name=attrs.get("ReferringPhysicianName") or None,
-        patient_orientation=series["patient_orientation"], series_description=series["description"],
+        patient_orientation=tuple(v[0] for v in series["patient_orientation"]), series_description=series["description"],
         software_versions=f"MedicalFusion {__version__}", manufacturer_model_name="MedicalFusion",
         series_date=now.date(), series_time=now.time(), content_date=now.date(), content_time=now.time(),
         specific_character_set=identity.specific_character_set)
     for key, value in attrs.items():          # whatever SCImage did not take, as read
         if sc.get(key) in (None, ""):
             setattr(sc, key, value)
+    sc.PatientOrientation = list(series["patient_orientation"])   # oblique: e.g. LP\\AF (highdicom takes one letter)
     if "Laterality" not in sc:
         sc.Laterality = ""                    # General Series, type 2C: unknown
     sc.ConversionType = "WSD"                 # a workstation made it
