@@ -69,7 +69,8 @@ class Orthanc:
     """One Orthanc server process with a temporary configuration and storage (see module doc)."""
 
     def __init__(self, workdir: str | os.PathLike | None = None, user: str | None = None,
-                 password: str | None = None, port: int | None = None, lua: str | None = None):
+                 password: str | None = None, port: int | None = None, lua: str | None = None,
+                 extra: dict | None = None):
         why = missing()
         if why:
             raise RuntimeError(why)
@@ -78,6 +79,7 @@ class Orthanc:
         self.user, self.password = user, password
         self.port = port or free_port()
         self.lua = lua
+        self.extra = dict(extra or {})       # more configuration, e.g. SslEnabled + SslCertificate
         self.proc: subprocess.Popen | None = None
         self.root = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.root}/dicom-web"
@@ -98,6 +100,7 @@ class Orthanc:
             "AuthenticationEnabled": self.user is not None,
             "RegisteredUsers": {self.user: self.password or ""} if self.user is not None else {},
         }
+        cfg.update(self.extra)
         if self.lua:
             script = self.workdir / "filter.lua"
             script.write_text(self.lua, encoding="utf-8")
@@ -176,6 +179,77 @@ class Orthanc:
         for item in found:
             if item.get("Type") == "Series":
                 self.session.delete(f"{self.root}/series/{item['ID']}", timeout=30).raise_for_status()
+
+
+class TlsFront:
+    """HTTPS in front of a local HTTP server: TLS with the given certificate on a free loopback
+    port, every connection piped to ``127.0.0.1:backend_port``. (The Debian build of Orthanc 1.10
+    crashes on its own SslEnabled connections here, so the HTTPS tests put this in front.)"""
+
+    def __init__(self, backend_port: int, certfile: str, keyfile: str):
+        import ssl  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        self.backend_port = backend_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certfile, keyfile)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(32)
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._threading = threading
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                continue
+            self._threading.Thread(target=self._handle, args=(raw,), daemon=True).start()
+
+    def _handle(self, raw: socket.socket) -> None:
+        import ssl  # noqa: PLC0415
+
+        try:
+            raw.settimeout(60)
+            tls = self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        back = socket.create_connection(("127.0.0.1", self.backend_port), timeout=60)
+
+        def pipe(src, dst):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        t = self._threading.Thread(target=pipe, args=(back, tls), daemon=True)
+        t.start()
+        pipe(tls, back)
+        t.join(timeout=60)
+        tls.close()
+        back.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.listener.close()
 
 
 def main(argv=None) -> int:

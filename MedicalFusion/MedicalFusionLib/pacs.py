@@ -110,6 +110,16 @@ class Pacs:
             self.session.auth = auth
         self.session.verify = not insecure
         if insecure:
+            # requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE override session.verify = False:
+            # --insecure must win over them
+            merge = self.session.merge_environment_settings
+
+            def unverified(*args, **kwargs):
+                settings = merge(*args, **kwargs)
+                settings["verify"] = False
+                return settings
+
+            self.session.merge_environment_settings = unverified
             with contextlib.suppress(ImportError):
                 import urllib3  # noqa: PLC0415
 
@@ -202,6 +212,11 @@ class Pacs:
                         ["not listed as stored"]
                     raise FusionError(f"PACS {self.shown}: {len(failed)} of {len(datasets)} instances of the fused "
                                       f"series were not stored ({', '.join(reasons)})")
+            held = self.count_instances(study, series)          # what the PACS really kept
+            if held != len(datasets):
+                raise FusionError(f"PACS {self.shown}: {len(datasets) - held} of {len(datasets)} instances of the "
+                                  "fused series were not stored (the server acknowledged them but holds "
+                                  f"{held}: a filter or a storage limit on the server?)")
         except (FusionError, KeyboardInterrupt) as exc:
             note = self.remove(stored) if stored.instances or isinstance(exc, KeyboardInterrupt) else "nothing was stored"
             if isinstance(exc, KeyboardInterrupt):
@@ -209,6 +224,12 @@ class Pacs:
             raise FusionError(f"{exc}; {note}") from None
         stored.seconds = time.perf_counter() - t0
         return stored
+
+    def count_instances(self, study_uid: str, series_uid: str) -> int:
+        """How many instances of a series the PACS lists (QIDO-RS)."""
+        with self._talking(f"checking the stored series {series_uid}"):
+            found = self.client.search_for_instances(study_uid, series_uid, fields=["SOPInstanceUID"], get_remaining=True)
+        return len({(item.get("00080018", {}).get("Value") or [""])[0] for item in found})
 
     def remove(self, stored: StoredSeries) -> str:
         """Remove a series stored in part; returns what happened, for the message."""
