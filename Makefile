@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup demo test check-py39 bench evaluate train clean
+.PHONY: setup demo test check-py39 pacs-deps bench evaluate train clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,30 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/medicalfusion demo --output out/demo
 
-## the test suite (tests that need ../shared/data skip with a reason when it is absent), after the 3.9 check
-test: setup check-py39
-	$(PY) -m pytest -q
+## the test suite (tests that need ../shared/data skip with a reason when it is absent), after the 3.9 check;
+## the DICOM/PACS tests run (never skip) with the Debian packages of pacs-deps
+test: setup check-py39 pacs-deps
+	MEDICALFUSION_REQUIRE_PACS=1 $(PY) -m pytest -q
+
+## Debian packages of the DICOM/PACS tests: dciodvfy (dicom3tools), Orthanc + its DICOMweb plugin (started by
+## the tests on 127.0.0.1 from scripts/orthanc.py), openssl (a test certificate); apt-get installs the missing
+## ones when run as root (CI), else says what to install
+PACS_DEBS := dicom3tools orthanc orthanc-dicomweb openssl
+pacs-deps:
+	@missing=""; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
+	ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1 \
+		|| missing="$$missing orthanc-dicomweb"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else \
+			echo "make: the DICOM/PACS tests need these Debian packages:$$missing (sudo apt-get install$$missing)"; \
+			exit 1; \
+		fi; \
+	fi
 
 ## the Slicer module and the core must run on Python 3.9 (Slicer 5.4-5.8): syntax and standard library
 check-py39: setup
