@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -258,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--storage", help="folder for configuration and storage (default: a temporary one, removed)")
     p.add_argument("--load", nargs="*", default=[], help="folders of DICOM files to store at start")
     args = p.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):     # Ctrl-C or kill PID stop Orthanc too (also in the background)
+        signal.signal(sig, signal.default_int_handler)
     user, password = os.environ.get("MEDICALFUSION_PACS_USER"), os.environ.get("MEDICALFUSION_PACS_PASSWORD")
     with Orthanc(args.storage, user=user, password=password, port=args.port) as pacs:
         n = pacs.upload(*args.load) if args.load else 0

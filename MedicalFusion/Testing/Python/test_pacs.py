@@ -4,7 +4,8 @@ session on 127.0.0.1, in a temporary folder, with a login; never a mock), loaded
 sts patients (CT, PET, MR).
 
 Checked: QIDO-RS + WADO-RS retrieval, fusion, STOW-RS store under the same study, the stored series
-equal to the local -o output voxel for voxel and to a fusion of the same series read from disk (same
+equal to the local -o output voxel for voxel, a slice rendered by the PACS (WADO-RS /rendered, what
+a web viewer shows) equal to the fused slice and to a fusion of the same series read from disk (same
 SUV/HU handling); credentials only from the environment and never printed; a PACS that is down,
 refuses the login, does not answer in time, or holds a partial series: one line, nothing stored; a
 store the PACS refuses half way (an Orthanc Lua filter rejects the fused slices after the second)
@@ -130,6 +131,20 @@ def test_pull_fuse_store_lands_in_the_same_study(pacs, login, tmp_path, capfd, p
     local = sitk.ReadImage(str(tmp_path / "local.nrrd"))
     assert np.array_equal(sitk.GetArrayFromImage(local), sitk.GetArrayFromImage(fused))
     np.testing.assert_allclose(local.GetOrigin(), stored.GetOrigin(), atol=1e-4)
+    # what a PACS viewer gets: the slice rendered by the server (WADO-RS /rendered) is the fused slice
+    import io
+
+    import pydicom
+    from PIL import Image
+
+    middle = sorted((tmp_path / "stored").iterdir())[count // 2]
+    ds = pydicom.dcmread(str(middle), stop_before_pixels=True)
+    rendered = server.session.get(f"{server.dicomweb}/studies/{study}/series/{uid}/instances/{ds.SOPInstanceUID}/rendered",
+                                  headers={"Accept": "image/png"}, timeout=30)
+    assert rendered.status_code == 200, rendered.status_code
+    k = round(fused.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])[2])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(rendered.content)).convert("RGB")),
+                          sitk.GetArrayFromImage(fused)[k])
     server.delete_series(uid)        # the next tests see the study as loaded
 
 
