@@ -330,10 +330,10 @@ def check_arguments(args) -> None:
         if any(series) or getattr(args, "store", False):
             raise FusionError("--anatomical-series, --functional-series and --store need --pacs URL")
         if not (args.anatomical and args.functional):
-            raise FusionError("give --anatomical and --functional (files or DICOM folders), or --pacs with "
+            raise FusionError("--anatomical and --functional are required (files or DICOM folders), or --pacs with "
                               "--anatomical-series and --functional-series")
     if not (getattr(args, "output", None) or getattr(args, "output_dicom", None) or getattr(args, "store", False)):
-        raise FusionError("say where the fused volume goes: -o FILE, --output-dicom FOLDER, or --store (with --pacs)")
+        raise FusionError("an output is required: -o FILE, --output-dicom FOLDER, or --store (with --pacs)")
     if getattr(args, "pacs_timeout", None) is not None and not args.pacs_timeout > 0:
         raise FusionError("--pacs-timeout must be more than 0 seconds")
 
@@ -368,8 +368,13 @@ def commit_and_store(out, args, datasets) -> StoredSeries | None:
         args.pacs_stored = stored
     try:
         out.commit()
+    except FusionError as exc:
+        if stored is None:
+            raise
+        raise FusionError(f"{exc}; the fused series stored on the PACS: {args.pacs_client.remove(stored)}") from None
     except BaseException:
         if stored is not None:
-            logger.warning("the local outputs could not be written: %s", args.pacs_client.remove(stored))
+            args.interrupt_note = f"nothing was written; the fused series stored on the PACS: " \
+                                  f"{args.pacs_client.remove(stored)}"
         raise
     return stored

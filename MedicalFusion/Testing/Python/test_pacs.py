@@ -320,3 +320,29 @@ def test_https_is_verified_unless_insecure(pacs, https_pacs, login, tmp_path, ca
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
     rc, lines = cli(capfd, *args, "-o", tmp_path / "c.nrrd", "-q")
     assert rc == 0, lines
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments (no PACS needed: refused before any work)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--store", "-a", "a.nrrd", "-f", "f.nrrd"], "need --pacs URL"),
+    (["--anatomical-series", "1.2.3", "-a", "a.nrrd", "-f", "f.nrrd", "-o", "o.nrrd"], "need --pacs URL"),
+    (["--pacs", "http://127.0.0.1:9/dicom-web", "--anatomical-series", "1.2.3", "--store"],
+     "--pacs needs --anatomical-series UID and --functional-series UID"),
+    (["--pacs", "http://127.0.0.1:9/dicom-web", "--anatomical-series", "1.2.3", "--functional-series", "1.2.4",
+      "-a", "a.nrrd", "--store"], "not both"),
+    (["--pacs", "http://127.0.0.1:9/dicom-web", "--anatomical-series", "1.2.3", "--functional-series", "1.2.3",
+      "--store"], "the same series"),
+    (["--pacs", "ftp://127.0.0.1/dicom-web", "--anatomical-series", "1.2.3", "--functional-series", "1.2.4",
+      "--store"], "is not a DICOMweb URL"),
+    (["--pacs", "http://127.0.0.1:9/dicom-web", "--anatomical-series", "1.2.3", "--functional-series", "1.2.4"],
+     "an output is required"),
+], ids=["store-without-pacs", "series-without-pacs", "one-series", "files-and-pacs", "same-series", "not-http",
+        "no-output"])
+def test_pacs_argument_mistakes_are_one_line(capfd, tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    rc, lines = cli(capfd, "fuse", *args)
+    assert_one_line(rc, lines, expected)
+    assert os.listdir(tmp_path) == []
