@@ -50,7 +50,7 @@ check-py39: setup
 	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib
 
 ## speed and memory benchmarks and registration accuracy, written to docs/BENCHMARKS.md
-bench: setup
+bench: setup pacs-deps
 	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --threads 1 --section metrics-threads1 --output docs/BENCHMARKS.md
@@ -60,6 +60,7 @@ bench: setup
 	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_pacs.py --repeats 3 --threads 1 --output docs/BENCHMARKS.md
 
 ## the evaluation tables on the aanlib test split, written to out/evaluation
 evaluate: setup

@@ -122,9 +122,11 @@ def series_identity(anat, func) -> SeriesIdentity:
     anat_files = list(anat.facts.files) if getattr(anat, "facts", None) is not None else []
     func_files = list(func.facts.files) if getattr(func, "facts", None) is not None else []
     anat_headers, anat_instances = _instances(anat_files)
-    _func_headers, func_instances = _instances(func_files)
+    func_headers, func_instances = _instances(func_files)
     if anat_headers:
         first = anat_headers[0]
+        if func_headers:
+            check_same_patient(first, func_headers[0])
         attributes = {k: first.get(k) for k in PATIENT_STUDY_KEYWORDS if first.get(k) not in (None, "")}
         for k in ("StudyID", "AccessionNumber"):     # SH: 16 characters at most (some sources write more)
             if k in attributes:
@@ -142,9 +144,21 @@ def series_identity(anat, func) -> SeriesIdentity:
             number = SERIES_NUMBER_OFFSET
         return SeriesIdentity(attributes, frame, number, False, anat_instances, func_instances,
                               str(first.get("SeriesInstanceUID", "")), func.facts.series_instance_uid if func_files else "")
+    # a synthetic patient does not point at a real patient's instances
     return SeriesIdentity(synthetic_identity(getattr(anat, "path", "")), pydicom.uid.generate_uid(),
-                          SERIES_NUMBER_OFFSET, True, [], func_instances, "",
-                          func.facts.series_instance_uid if func_files else "")
+                          SERIES_NUMBER_OFFSET, True, [], [], "", "")
+
+
+def check_same_patient(anatomical, functional) -> None:
+    """FusionError when two DICOM headers name different patients (Patient ID and its issuer): the
+    fused series would be filed under the anatomical's patient with another patient's uptake."""
+    def who(ds):
+        return str(ds.get("PatientID", "") or "").strip(), str(ds.get("IssuerOfPatientID", "") or "").strip()
+
+    a, f = who(anatomical), who(functional)
+    if a[0] and f[0] and a != f:
+        raise FusionError(f"the anatomical series is of patient ID '{a[0]}' and the functional series of patient ID "
+                          f"'{f[0]}': a fused DICOM series would mix two patients; check the inputs (or write -o only)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -277,3 +277,17 @@ def test_an_interrupted_run_leaves_no_folder_and_no_other_output(tmp_path):
     assert "nothing was written" in err
     assert not (tmp_path / "dcm").exists() and not (tmp_path / "o.nrrd").exists()
     assert not leftovers(tmp_path)
+
+
+def test_series_of_two_patients_are_not_fused_into_dicom(tmp_path, capfd):
+    """The fused series is filed under the anatomical's patient: another patient's PET is refused."""
+    from dicom_series import write_series
+
+    z, y, x = np.mgrid[0:5, 0:20, 0:18]
+    write_series(tmp_path / "ct", (40 * np.sin(x / 3.0) + z).astype(np.int16), "CT", fields={"PatientID": "A-1"})
+    write_series(tmp_path / "pet", (100 * np.exp(-((x - 9) ** 2 + (y - 10) ** 2) / 20.0)).astype(np.int16), "PT",
+                 fields={"PatientID": "B-2", "Units": "GML"})
+    rc, lines = cli(capfd, "fuse", "-a", tmp_path / "ct", "-f", tmp_path / "pet", "-o", tmp_path / "o.nrrd",
+                    "--output-dicom", tmp_path / "dcm", "-q")
+    assert_one_line(rc, lines, "patient ID 'A-1'", "patient ID 'B-2'", "mix two patients")
+    assert not (tmp_path / "dcm").exists() and not (tmp_path / "o.nrrd").exists()
