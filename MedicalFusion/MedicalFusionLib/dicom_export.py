@@ -325,9 +325,11 @@ def _slice_dataset(hd, pydicom, series: dict, pixels: np.ndarray, number: int, p
         study_time=attrs.get("StudyTime") or None,
         referring_physician_name=attrs.get("ReferringPhysicianName") or None,
         patient_orientation=tuple(v[0] for v in series["patient_orientation"]), series_description=series["description"],
-        software_versions=f"MedicalFusion {__version__}", manufacturer_model_name="MedicalFusion",
-        series_date=now.date(), series_time=now.time(), content_date=now.date(), content_time=now.time(),
-        specific_character_set=identity.specific_character_set)
+        software_versions=f"MedicalFusion {__version__}", manufacturer_model_name="MedicalFusion")
+    # set here, not through SCImage: highdicom 0.22 (the last for Python 3.9) has no such arguments
+    sc.SpecificCharacterSet = identity.specific_character_set
+    sc.SeriesDate, sc.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    sc.ContentDate, sc.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for key, value in attrs.items():          # whatever SCImage did not take, as read
         if sc.get(key) in (None, ""):
             setattr(sc, key, value)

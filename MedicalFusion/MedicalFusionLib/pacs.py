@@ -44,6 +44,10 @@ STORE_BATCH = 32
 #: A gap between neighbouring slices larger than this many times the usual spacing: slices missing.
 GAP_FACTOR = 1.5
 logger = logging.getLogger(__name__)
+# dicomweb-client's own log lines (e.g. "Resource could not be deleted") are not shown on the terminal
+# next to our one-line messages (Python's last-resort handler would print them); an application
+# that configures logging still gets them
+logging.getLogger("dicomweb_client").addHandler(logging.NullHandler())
 
 
 def _requests():
@@ -124,7 +128,19 @@ class Pacs:
                 import urllib3  # noqa: PLC0415
 
                 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self.client = client_class(self.url, session=self.session, timeout=(min(self.timeout, 10.0), self.timeout))
+        limits = (min(self.timeout, 10.0), self.timeout)          # (connect, read) seconds
+        request = self.session.request
+
+        def with_timeout(method, url, **kwargs):                # every request has a time limit
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = limits
+            return request(method, url, **kwargs)
+
+        self.session.request = with_timeout
+        try:
+            self.client = client_class(self.url, session=self.session, timeout=limits)
+        except TypeError:            # dicomweb-client < 0.61 (the last for Python 3.9): no timeout argument
+            self.client = client_class(self.url, session=self.session)
         self.client.set_http_retry_params(retry=False)
         self._requests = requests
 
@@ -238,8 +254,8 @@ class Pacs:
             self.client.delete_series(stored.study_uid, stored.series_uid)
             if self._series_gone(stored):
                 return f"the {what} already stored were removed again"
-        except (self._requests.exceptions.RequestException, ValueError):
-            pass
+        except (self._requests.exceptions.RequestException, ValueError, AttributeError):
+            pass                     # no DICOMweb DELETE on this server (or in this dicomweb-client)
         try:
             if self._orthanc_delete(stored.series_uid) and self._series_gone(stored):
                 return f"the {what} already stored were removed again (Orthanc REST API)"
