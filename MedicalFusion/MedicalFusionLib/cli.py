@@ -221,7 +221,7 @@ def check_fuse_arguments(args) -> None:
 
 
 def fuse_inputs(args) -> dict:
-    inputs = {"anatomical input": args.anatomical, "functional input": args.functional}   # None with --pacs
+    inputs = {"anatomical input": args.anatomical, "functional input": args.functional}
     if getattr(args, "transform", None):
         inputs["transform file"] = args.transform
     return inputs
