@@ -245,8 +245,9 @@ def _ds_number(x: float) -> str:
 
 
 def _functional_slices(reference: sitk.Image, func_image: sitk.Image | None, transform, order: list) -> list:
-    """For each written slice, the functional slice indices its resampling read (the slab of the
-    functional's third index spanned by the slice's corners and centre, widened by one)."""
+    """For each written slice, the functional slice indices its resampling read: floor to ceiling
+    of the functional's continuous third index at the slice's corners and centre (what linear
+    interpolation reads), within the functional; none where the slice lies outside it."""
     if func_image is None or func_image.GetDimension() != 3:
         return [[] for _ in order]
     size = reference.GetSize()

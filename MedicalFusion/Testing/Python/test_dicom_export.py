@@ -291,3 +291,14 @@ def test_series_of_two_patients_are_not_fused_into_dicom(tmp_path, capfd):
                     "--output-dicom", tmp_path / "dcm", "-q")
     assert_one_line(rc, lines, "patient ID 'A-1'", "patient ID 'B-2'", "mix two patients")
     assert not (tmp_path / "dcm").exists() and not (tmp_path / "o.nrrd").exists()
+
+
+def test_source_functional_slices_follow_the_placement():
+    """Each fused slice names the functional slices it was resampled from, through the transform."""
+    ref = make_image(np.zeros((10, 8, 8), np.float32), spacing=(1.0, 1.0, 2.0))
+    func = make_image(np.zeros((20, 4, 4), np.float32), spacing=(2.0, 2.0, 1.0))
+    plain = dicom_export._functional_slices(ref, func, None, list(range(10)))
+    assert plain[3] == [6]                            # z = 6 mm: functional slice 6 exactly
+    shifted = dicom_export._functional_slices(ref, func, sitk.TranslationTransform(3, (0.0, 0.0, 4.5)), list(range(10)))
+    assert shifted[3] == [10, 11]                     # placed 4.5 mm higher: between slices 10 and 11
+    assert plain[9] == [18] and shifted[9] == []      # beyond the functional: no functional source
