@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup demo test check-py39 bench evaluate train clean
+.PHONY: setup demo test check-py39 pacs-deps bench evaluate train clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +20,37 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/medicalfusion demo --output out/demo
 
-## the test suite (tests that need ../shared/data skip with a reason when it is absent), after the 3.9 check
-test: setup check-py39
-	$(PY) -m pytest -q
+## the test suite (tests that need ../shared/data skip with a reason when it is absent), after the 3.9 check;
+## as root (CI) the DICOM/PACS tests run (never skip) with the Debian packages of pacs-deps; a user who
+## cannot install them sees which packages to install and those tests skip with that reason
+test: setup check-py39 pacs-deps
+	MEDICALFUSION_REQUIRE_PACS=$$([ "$$(id -u)" = 0 ] && echo 1) $(PY) -m pytest -q
+
+## Debian packages of the DICOM/PACS tests: dciodvfy (dicom3tools), Orthanc + its DICOMweb plugin (started by
+## the tests on 127.0.0.1 from scripts/orthanc.py), openssl (a test certificate); apt-get installs the missing
+## ones when run as root (CI), else says what to install (and the tests that need them skip)
+PACS_DEBS := dicom3tools orthanc orthanc-dicomweb openssl
+pacs-deps:
+	@missing=""; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
+	ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1 \
+		|| missing="$$missing orthanc-dicomweb"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else \
+			echo "make: the DICOM/PACS tests need these Debian packages and skip without them:$$missing (sudo apt-get install$$missing)"; \
+		fi; \
+	fi
 
 ## the Slicer module and the core must run on Python 3.9 (Slicer 5.4-5.8): syntax and standard library
 check-py39: setup
 	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib
 
 ## speed and memory benchmarks and registration accuracy, written to docs/BENCHMARKS.md
-bench: setup
+bench: setup pacs-deps
 	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --threads 1 --section metrics-threads1 --output docs/BENCHMARKS.md
@@ -40,6 +61,7 @@ bench: setup
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_cohort.py --studies 24 --method mrdfn --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_pacs.py --repeats 3 --threads 1 --output docs/BENCHMARKS.md
 
 ## the evaluation tables on the aanlib test split, written to out/evaluation
 evaluate: setup

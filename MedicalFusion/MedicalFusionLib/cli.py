@@ -286,7 +286,8 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
     fused = outputs.fused_image_for_file(result.rgb, result.reference, as_2d)
     for key, value in meta.items():
         fused.SetMetaData(f"MedicalFusion.{key}", value)
-    out.add_image(paths["output"], fused)
+    if "output" in paths:
+        out.add_image(paths["output"], fused)
     if "preview" in paths:
         a8, _ = source_gray8(result.prepared)
         func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
@@ -310,13 +311,13 @@ def run_fuse(args, anat, func, out, paths: dict):
     from .pipeline import fuse_images  # noqa: PLC0415
     from .sources import extension  # noqa: PLC0415
 
-    ext = extension(paths["output"])
+    ext = extension(paths["output"]) if "output" in paths else ""
     slices = anat.image.GetSize()[2] if anat.image.GetDimension() == 3 else 1
     if ext in PICTURE_ONLY and slices > 1:
         raise FusionError(f"output {paths['output']} holds one 2D picture but the anatomical input is a 3D volume "
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
-    transform = placement(args, anat, func)
+    transform = args.fuse_transform = placement(args, anat, func)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet, percent=True)
     try:
         result = fuse_images(anat.image, func.image, options, progress=progress, transform=transform)
@@ -379,7 +380,12 @@ def _report_fuse(args, result, paths: dict) -> None:
         return
     if getattr(args, "registration", None) is not None:
         print(args.registration.summary() + (f" -> {paths['save_transform']}" if "save_transform" in paths else ""))
-    print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {paths['output']}")
+    where = [str(paths["output"])] if "output" in paths else []
+    where += [f"{args.output_dicom}/ (DICOM, {args.dicom_instances} files)"] if getattr(args, "output_dicom", None) else []
+    stored = getattr(args, "pacs_stored", None)
+    where += [f"PACS series {stored.series_uid} ({len(stored.instances)} instances, study {stored.study_uid})"] \
+        if stored is not None else []
+    print(f"fused with {result.method} on {result.device} in {result.seconds:.2f} s -> {', '.join(where)}")
     if "metrics" in paths:
         shown = ", ".join(f"{k} {v[0]:.3f}" for k, v in result.metrics.items() if k in ("SSIM_avg", "Qabf", "VIF", "MI_bits"))
         print(f"metrics ({shown}) -> {paths['metrics']}")
@@ -389,21 +395,28 @@ def _report_fuse(args, result, paths: dict) -> None:
 
 def fuse_one(args):
     """One ``fuse`` run from parsed ``fuse`` arguments: check, claim, read, fuse, write, commit
-    (all or nothing); returns ``(result, {dest: path written})``. ``cmd_fuse`` and each study of
-    ``batch`` (cohort.py) run exactly this."""
+    (all or nothing; with --store, stored in the PACS too); returns ``(result, {dest: path
+    written})``. ``cmd_fuse`` and each study of ``batch`` (cohort.py) run exactly this."""
+    from . import pacs  # noqa: PLC0415
     from .outputs import OutputSet  # noqa: PLC0415
     from .sources import check_input_path, read_source  # noqa: PLC0415
 
     check_fuse_arguments(args)
+    pacs.check_arguments(args)
     for label, path in fuse_inputs(args).items():
-        check_input_path(path, label)
+        if path is not None:
+            check_input_path(path, label)
     with OutputSet(fuse_inputs(args)) as out:
         args.output_set = out
         paths = claim_outputs(out, args)
-        anat = read_source(args.anatomical, "anatomical")
-        func = read_source(args.functional, "functional")
-        result = run_fuse(args, anat, func, out, paths)
-        out.commit()
+        if args.output_dicom:
+            out.claim_folder(args.output_dicom, "--output-dicom folder")
+        with pacs.fuse_inputs(args) as (anatomical, functional):
+            anat = read_source(anatomical, "anatomical")
+            func = read_source(functional, "functional")
+            result = run_fuse(args, anat, func, out, paths)
+            datasets = write_dicom_outputs(out, args, result, anat, func)
+        pacs.commit_and_store(out, args, datasets)
     return result, paths
 
 
@@ -411,6 +424,24 @@ def cmd_fuse(args) -> int:
     result, paths = fuse_one(args)
     _report_fuse(args, result, paths)
     return 0
+
+
+def write_dicom_outputs(out, args, result, anat, func) -> list:
+    """The fused series as DICOM (MedicalFusionLib/dicom_export.py) when --output-dicom or --store
+    asks for it: written into the run's OutputSet; returns the datasets (for --store)."""
+    if not (args.output_dicom or args.store):
+        return []
+    from . import dicom_export  # noqa: PLC0415
+
+    datasets = dicom_export.fused_series(result, anat, func, transform=getattr(args, "fuse_transform", None))
+    args.dicom_instances = len(datasets)
+    if datasets and getattr(datasets[0], "PatientName", "") == dicom_export.SYNTHETIC_PATIENT_NAME:
+        logging.getLogger("MedicalFusionLib").warning(
+            "the anatomical input is not DICOM: the fused series has a new, synthetic patient and study (patient "
+            "%s, ID %s)", dicom_export.SYNTHETIC_PATIENT_NAME, datasets[0].PatientID)
+    if args.output_dicom:
+        dicom_export.add_dicom_folder(out, args.output_dicom, datasets, result, "--output-dicom folder")
+    return datasets
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fuse", help="fuse a registered anatomical + functional pair")
-    f.add_argument("--anatomical", "-a", required=True, help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
-    f.add_argument("--functional", "-f", required=True, help="PET/SPECT values (scalar) or pseudo-colour RGB "
+    f.add_argument("--anatomical", "-a", help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
+    f.add_argument("--functional", "-f", help="PET/SPECT values (scalar) or pseudo-colour RGB "
                    "(8-bit, or floats in 0..1)")
     f.add_argument("--method", "-m", default="lp", help="fusion method (see 'medicalfusion methods'); default lp")
     f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
@@ -544,8 +575,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto", choices=devices, help="torch device; default auto")
     f.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE),
                    help=f"slices per batch, 1 to {MAX_BATCH_SIZE} (default: sized to the device memory)")
-    f.add_argument("--output", "-o", required=True, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
-                   ".png/.jpg for a 2D pair)")
+    f.add_argument("--output", "-o", help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
+                   ".png/.jpg for a 2D pair); -o, --output-dicom or --store is needed")
+    # DICOM and PACS (MedicalFusionLib/dicom_export.py, pacs.py; docs/PACS.md)
+    f.add_argument("--output-dicom", metavar="DIR", help="also (or only) write the fused volume as a DICOM series "
+                   "(RGB Secondary Capture, one file a slice, on the anatomical's grid, in its patient and study) "
+                   "into this new or empty folder")
+    f.add_argument("--pacs", metavar="URL", help="DICOMweb root of a PACS (e.g. http://127.0.0.1:8042/dicom-web) to "
+                   "retrieve the two series from; login from $MEDICALFUSION_PACS_USER and $MEDICALFUSION_PACS_PASSWORD "
+                   "(or ~/.netrc)")
+    f.add_argument("--anatomical-series", metavar="UID", help="with --pacs: SeriesInstanceUID of the anatomical series")
+    f.add_argument("--functional-series", metavar="UID", help="with --pacs: SeriesInstanceUID of the functional series")
+    f.add_argument("--store", action="store_true", help="with --pacs: store the fused series on the PACS, in the "
+                   "anatomical's study (STOW-RS); all instances or none")
+    f.add_argument("--insecure", action="store_true", help="with --pacs https://...: do not verify the server's "
+                   "certificate (only for a server you trust)")
+    f.add_argument("--pacs-timeout", type=positive_float, metavar="SECONDS",
+                   help="with --pacs: give up when the PACS does not answer within this time (default 30)")
     f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
     f.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
                    help="with --metrics: all (default), or quick: every metric but FMI (most of the metrics' time)")

@@ -49,7 +49,8 @@ REQUIRED_COLUMNS = ("id", "anatomical", "functional")
 #: ``fuse`` options that ``batch`` sets for every study: its threads, its progress, and its file outputs
 #: (every row of cli.FUSE_OUTPUTS, so an output added to ``fuse`` is refused as a column until batch
 #: places it in the study's folder).
-SET_BY_BATCH = ("quiet", "threads")
+#: The DICOM series output and the PACS store (--output-dicom, --store) are not batch outputs yet.
+SET_BY_BATCH = ("quiet", "threads", "output_dicom", "store")
 #: ``fuse`` options that name an input file: relative to the manifest's folder.
 PATH_OPTIONS = ("anatomical", "functional", "transform")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -325,6 +325,39 @@ class OutputSet:
             self._made_folders.append(m)
         return p
 
+    def claim_folder(self, path: str | os.PathLike, what: str = "output folder") -> pathlib.Path:
+        """Check a folder output (a DICOM series) before any work: its parent exists and is
+        writable; the folder itself does not exist yet or is empty; not an input or inside one."""
+        if path is None or not str(path):
+            raise FusionError(f"{what} is an empty path: give a folder name")
+        p = pathlib.Path(path)
+        shown = display_path(p)
+        if len(os.fsencode(os.path.abspath(p))) >= _path_max():
+            raise FusionError(f"{what} {shown}: the path is longer than this system allows: choose a shorter one")
+        if not p.parent.is_dir():
+            raise FusionError(f"the folder of {what} {shown} does not exist: create it or choose another path")
+        if not os.access(p.parent, os.W_OK | os.X_OK):
+            raise FusionError(f"{what} {shown} is not writable: choose a folder you can write to")
+        if os.path.lexists(p):
+            if not p.is_dir() or p.is_symlink():
+                raise FusionError(f"{what} {shown} exists and is not a folder: give a new or empty folder")
+            try:
+                if os.listdir(p):
+                    raise FusionError(f"{what} {shown} is not empty: give a new or empty folder "
+                                      "(a DICOM series is written as a folder of its own)")
+            except OSError as exc:
+                raise FusionError(f"{what} {shown} cannot be used: {_os_error_reason(exc)}") from None
+        ident = _identity(p)
+        if ident in self._input_folders or ident in self._protected or _identity(p.parent) in self._input_folders:
+            raise FusionError(f"{what} {shown} is or would be inside an input folder: choose another folder")
+        key = _name_key(p)
+        for c in self._claims:
+            if key in {_name_key(m) for m in c.members}:
+                raise FusionError(f"{what} {shown} and {c.what} {display_path(c.path)} name the same path: "
+                                  "give each output its own name")
+        self._claims.append(_Claim(p, what, [p]))
+        return p
+
     # ---- writing -------------------------------------------------------------------------------
     def _claim_of(self, path, what, kind, compress=True) -> _Claim:
         p = pathlib.Path(path)
@@ -462,6 +495,37 @@ class OutputSet:
         self._finish(staged, tmp, rewrite_header=False)
         return claim.path
 
+    def add_folder(self, path: str | os.PathLike, write: Callable[[pathlib.Path], object], what: str | None = None,
+                   verify: Callable[[pathlib.Path], object] | None = None) -> pathlib.Path:
+        """A folder output (e.g. a DICOM series): ``write(tmp)`` fills a new temporary folder beside
+        the target, ``verify(tmp)`` may raise FusionError or return False; at :meth:`commit` the
+        folder is renamed into place with the other outputs (an empty folder there is replaced), so
+        it appears complete or not at all."""
+        p = pathlib.Path(path)
+        claim = next((c for c in self._claims if c.path == p), None)
+        if claim is None:
+            self.claim_folder(p, what or "output folder")
+            claim = self._claims[-1]
+        if self.committed:
+            raise RuntimeError("this OutputSet was already committed")
+        stem = TEMP_PREFIX + secrets.token_hex(4)
+        staged = _Staged(claim, claim.path.parent, stem)
+        self._staged.append(staged)
+        tmp = claim.path.parent / stem
+        try:
+            os.mkdir(tmp)
+            write(tmp)
+        except FusionError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            reason = _os_error_reason(exc) if isinstance(exc, OSError) else "the writer failed"
+            raise self._failure(claim, reason, staged) from None
+        pause_point(f"write:{claim.what}")
+        if (verify(tmp) if verify is not None else any(tmp.iterdir())) is False:
+            raise self._failure(claim, "the folder came out empty or incomplete", staged)
+        staged.moves = [(tmp, claim.path)]
+        return claim.path
+
     # ---- putting in place ----------------------------------------------------------------------
     def commit(self) -> list[pathlib.Path]:
         """Rename every temporary into place, all or none; returns the final paths."""
@@ -496,7 +560,7 @@ class OutputSet:
             for _final, backup in done:
                 if backup is not None:
                     with contextlib.suppress(OSError):
-                        os.unlink(backup)
+                        _remove(backup)
             self.committed = True
             self.written = [final for _tmp, final in moves]
         return self.written
@@ -506,9 +570,11 @@ class OutputSet:
         for final, backup in reversed(done):
             with contextlib.suppress(OSError):
                 if backup is not None:
+                    if os.path.isdir(final) and not os.path.islink(final):
+                        shutil.rmtree(final)       # a folder output put in place
                     os.replace(backup, final)
                 elif os.path.lexists(final):
-                    os.unlink(final)
+                    _remove(final)
 
     def abort(self) -> None:
         """Remove every temporary and every folder this set made (nothing is put in place)."""
@@ -518,12 +584,20 @@ class OutputSet:
             for staged in self._staged:
                 for t in self._temporaries(staged):
                     with contextlib.suppress(OSError):
-                        os.unlink(t)
+                        _remove(t)
             self._staged = []
             for folder in reversed(self._made_folders):
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)
             self._made_folders = []
+
+
+def _remove(path: pathlib.Path) -> None:
+    """Remove a file, a link, or a folder output with everything in it."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def _point_header_at(header: pathlib.Path, temp_stem: str, final_stem: str, data_files: list) -> None:
