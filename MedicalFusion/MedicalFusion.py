@@ -656,10 +656,18 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      "{outputs}.").format(seconds=time.perf_counter() - start, device=result.device,
                                                           method=result.method, engine=result.seconds, outputs=outputs)
         if outcome.transform_node is not None:
+            info = outcome.info
             self.ui.statusLabel.text += " " + _("Registered: '{node}' is now the functional's parent transform "
-                                                "(normalised mutual information {info}).").format(
+                                                "(normalised mutual information {nmi}; restarts from perturbed "
+                                                "starts end {centre} mm apart at the centre, {overlap} mm over the "
+                                                "overlap).").format(
                 node=outcome.transform_node.GetName(),
-                info=outcome.info.get("registration_normalized_mutual_information", ""))
+                nmi=info.get("registration_normalized_mutual_information", ""),
+                centre=info.get("registration_spread_centre_mm", ""),
+                overlap=info.get("registration_spread_overlap_mm", ""))
+            if info.get("registration_warning"):
+                self.ui.statusLabel.text += " " + _("Warning: {warning}").format(warning=info["registration_warning"])
+                slicer.util.warningDisplay(info["registration_warning"], windowTitle=_("MedicalFusion"))
         logging.info("MedicalFusion: %s | %s", self.ui.statusLabel.text, versionReport(p.device))
         self.logic.showResults(outcome, p.anatomicalVolume, foreground=p.showAsForeground,
                                switchLayout=p.switchToTableLayout)

@@ -318,7 +318,10 @@ def run_fuse(args, anat, func, out, paths: dict):
     finally:
         close()
     as_2d = ext in PICTURE_ONLY or (anat.was_2d and ext in (".tif", ".tiff"))
-    write_fuse_outputs(out, paths, result, args, as_2d, fusion_metadata(result, anat, func), transform)
+    meta = fusion_metadata(result, anat, func)
+    if getattr(args, "registration", None) is not None:     # how sure the registration is, in the CSV and header
+        meta.update({k: str(v) for k, v in args.registration.metadata().items()})
+    write_fuse_outputs(out, paths, result, args, as_2d, meta, transform)
     return result
 
 
@@ -334,6 +337,8 @@ def check_placement_arguments(args) -> None:
             raise FusionError("--save-transform writes the registration's transform: add --register rigid|affine "
                               "(or --transform)")
         check_transform_path(args.save_transform, "--save-transform")
+    if getattr(args, "strict_registration", False) and not getattr(args, "register", None):
+        raise FusionError("--strict-registration refuses an uncertain registration: add --register rigid|affine")
 
 
 def placement(args, anat, func):
@@ -352,6 +357,11 @@ def placement(args, anat, func):
         args.registration = register(anat.image, func.image, args.register, initial=transform, progress=progress)
     finally:
         close()
+    warning = args.registration.warning
+    if warning and getattr(args, "strict_registration", False):
+        raise FusionError(f"{warning} (refused: --strict-registration)")
+    if warning:                       # shown with --quiet too
+        print(f"medicalfusion: warning: {warning}", file=sys.stderr)
     return args.registration.transform
 
 
@@ -528,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-transform", metavar="OUT.tfm",
                    help="save the registration's transform as an ITK transform file (.tfm; in Slicer: load it "
                    "and set it as the functional's parent transform)")
+    f.add_argument("--strict-registration", action="store_true",
+                   help="with --register: refuse an uncertain registration (restarts from perturbed starts end "
+                   "more than a voxel apart) instead of warning")
     f.set_defaults(func=cmd_fuse)
 
     pr = sub.add_parser("presets", help="list the named windows (--window-preset, --functional-preset)")

@@ -748,12 +748,10 @@ def register_nodes(scene, anatomical, functional, kind: str = "rigid", progress=
 
 
 def registration_info(registration) -> dict:
-    """Node attributes describing a registration (without the prefix)."""
-    return {"registration": registration.kind, "registration_start": registration.start,
-            "registration_normalized_mutual_information": f"{registration.metric_before:.3f} -> "
-                                                          f"{registration.metric_after:.3f}",
-            "registration_iterations": registration.iterations,
-            "registration_seconds": round(registration.seconds, 3)}
+    """Node attributes describing a registration (without the prefix): kind, start, match score,
+    iterations, time, and how sure it is (the restarts' spread in mm, the voxel limit, whether it
+    is uncertain): :meth:`MedicalFusionLib.registration.Registration.metadata`."""
+    return registration.metadata()
 
 
 def place_registration(scene, anatomical, functional, registration, created: list | None = None):
