@@ -35,6 +35,7 @@ bench: setup
 	$(PY) scripts/bench_metrics.py --repeats 3 --threads 1 --section metrics-threads1 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_ui_gaps.py --threads 1 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_ui_gaps.py --methods lp nsct dmfnet nsst_papcnn --cases spm12 --section ui-gaps-default-threads --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_ui_gaps.py --methods lp --register rigid --threads 1 --section ui-gaps-register --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_registration.py --trials 5 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md

@@ -94,6 +94,11 @@ def test_fuse_with_registration_sets_a_transform_node_as_the_functional_parent(s
     assert node.GetAttribute("MedicalFusion.registration") == "rigid"
     assert node.GetAttribute("MedicalFusion.previous_parent") == ""
     assert out.volume_node.GetAttribute("MedicalFusion.registration") == "rigid"
+    # how sure: the restarts' spread (mm) and the voxel limit, on the transform node
+    spread = float(node.GetAttribute("MedicalFusion.registration_spread_centre_mm"))
+    assert 0.0 <= spread < float(node.GetAttribute("MedicalFusion.registration_spread_limit_mm")) == 4.0
+    assert node.GetAttribute("MedicalFusion.registration_restarts") == "2"
+    assert node.GetAttribute("MedicalFusion.registration_spread_overlap_mm") is not None
     # the user can remove it: the PET goes back to where it was
     pet.SetAndObserveTransformNodeID(None)
     scene.RemoveNode(node)

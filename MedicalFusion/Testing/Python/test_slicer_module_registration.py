@@ -87,6 +87,8 @@ def test_fuse_with_register_first_sets_an_aligning_parent_transform(harness):
     assert np.array_equal(h.slicer.util.arrayFromVolume(functional), before)       # not hardened
     assert len(h.nodes("vtkMRMLVectorVolumeNode")) == 1
     assert "Registered" in widget.ui.statusLabel.text and node.GetName() in widget.ui.statusLabel.text
+    assert "mm apart at the centre" in widget.ui.statusLabel.text and "Warning" not in widget.ui.statusLabel.text
+    assert node.GetAttribute("MedicalFusion.registration_uncertain") == "False"
     shn = h.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(h.scene)   # beside the anatomical
     assert shn.GetItemParent(shn.GetItemByDataNode(node)) == shn.GetItemParent(shn.GetItemByDataNode(anatomical))
     # what the user sees in the Transforms module: the registration as 'transform from parent' (RAS)
@@ -122,3 +124,30 @@ def test_cancel_during_the_registration_leaves_the_scene_as_it_was(harness):
     assert functional.GetTransformNodeID() is None
     assert widget.ui.statusLabel.text.startswith("Cancelled")
     assert widget.ui.fuseButton.text == "Fuse" and widget.ui.fuseButton.enabled
+
+
+@parametrize_versions
+def test_an_uncertain_registration_is_shown_as_a_warning(harness):
+    """A limb-like tube: nothing fixes the shift along its axis, the restarts end apart; the
+    fusion is still made (and placed), but the status and a message say so."""
+    import qt_standins as qts  # noqa: PLC0415
+    from MedicalFusionLib.scene import add_volume_from_image  # noqa: PLC0415
+    from test_registration import rigid, tube  # noqa: PLC0415
+
+    from MedicalFusionLib.registration import moved_geometry  # noqa: PLC0415
+
+    h = harness
+    widget = h.widget()
+    mr = add_volume_from_image(h.scene, tube("mr", 3.0, 120.0), "limb MR")
+    pet = add_volume_from_image(h.scene, moved_geometry(tube("pet", 4.0, 30.0, seed=1),
+                                                        rigid(angles_deg=(3, 0, 2), translation=(4, -3, 2))), "limb PET")
+    select_pair(widget, mr, pet)
+    p = widget._parameterNode
+    p.method, p.computeMetrics, p.registerFirst = "average", False, True
+    dialogs = len(qts.QMessageBox.shown)
+    widget.ui.fuseButton.click()
+    text = widget.ui.statusLabel.text
+    assert "Registered" in text and "Warning: the rigid registration is uncertain" in text, text
+    assert len(qts.QMessageBox.shown) == dialogs + 1
+    node = h.scene.GetNodeByID(pet.GetTransformNodeID())
+    assert node.GetAttribute("MedicalFusion.registration_uncertain") == "True"
