@@ -771,6 +771,35 @@ def check_converged(outcome: Registration, settings: RegistrationSettings) -> No
 
 
 # --------------------------------------------------------------------------------------------------
+# registering through another volume of the functional's study (--register-with)
+
+#: Two volumes without a FrameOfReferenceUID count as sharing a placement when the smaller one lies
+#: at least this much inside the other (one PET/CT session: the PET's box inside the CT's).
+MIN_SHARED_PLACEMENT = 0.5
+
+
+def check_same_frame(functional: sitk.Image, other: sitk.Image, functional_uid: str | None = None,
+                     other_uid: str | None = None, what: str = "the volume to register with") -> str:
+    """Refuse (one-line FusionError) to register through ``other`` unless it shares the
+    functional's frame: the same DICOM FrameOfReferenceUID when both have one (a PET and its CT of
+    one hybrid session), else a placement (the smaller volume at least :data:`MIN_SHARED_PLACEMENT`
+    inside the other, as stored). Returns how they were matched ('frame of reference' or 'placement')."""
+    if functional_uid and other_uid:
+        if functional_uid != other_uid:
+            raise FusionError(f"{what} does not share the functional's DICOM FrameOfReferenceUID ({other_uid} vs "
+                              f"{functional_uid}): its registration would not place the functional; give the "
+                              "functional's own CT from the same session (or register the functional itself)")
+        return "frame of reference"
+    shared = mutual_overlap(score_grid(registration_image(functional, "functional"), 20_000),
+                            score_grid(registration_image(other, what), 20_000), sitk.Transform())
+    if shared < MIN_SHARED_PLACEMENT:
+        raise FusionError(f"{what} and the functional do not share a placement (only {100 * shared:.0f}% of the "
+                          "smaller lies inside the other) nor a DICOM FrameOfReferenceUID: give the functional's own "
+                          "CT from the same session (or register the functional itself)")
+    return "placement"
+
+
+# --------------------------------------------------------------------------------------------------
 # DICOM: already registered?
 
 

@@ -667,3 +667,74 @@ def test_cli_uncertain_registration_warns_even_quiet_and_strict_refuses(tmp_path
     assert code == 0, captured.err
     assert "warning" not in captured.err
     assert "spread" in captured.out and "mm at the centre" in captured.out
+
+
+# ------------------------------------------------------------------------------------------------
+# --register-with: register the functional's own CT, apply the result to the functional
+
+
+@pytest.fixture
+def study_files(tmp_path, pair):
+    """An MR; a PET and a 'CT' of one session (one frame: both moved by the same ``truth``); a CT
+    of another placement."""
+    anat, pet = pair
+    truth = rigid()
+    ct = phantom("t2", spacing=3.5, seed=3)              # a second sharp contrast plays the CT
+    paths = {name: tmp_path / f"{name}.nrrd" for name in ("mr", "pet", "ct", "other_ct")}
+    sitk.WriteImage(anat, str(paths["mr"]))
+    sitk.WriteImage(reg.moved_geometry(pet, truth), str(paths["pet"]))
+    sitk.WriteImage(reg.moved_geometry(ct, truth), str(paths["ct"]))
+    sitk.WriteImage(reg.moved_geometry(ct, rigid(angles_deg=(0, 0, 0), translation=(0.0, 0.0, 200.0))),
+                    str(paths["other_ct"]))
+    return paths, truth
+
+
+def test_cli_register_with_the_functionals_ct(tmp_path, study_files, capsys, pair):
+    paths, truth = study_files
+    tfm = tmp_path / "ct_to_mr.tfm"
+    code, err = run(capsys, "-a", paths["mr"], "-f", paths["pet"], "-o", tmp_path / "fused.nrrd", "--register", "rigid",
+                    "--register-with", paths["ct"], "--save-transform", tfm)
+    assert code == 0, err
+    found = reg.read_transform(tfm)
+    assert tre(found, truth, pair[0]) < 2.0                   # the CT's registration places the PET
+    direct = reg.register(pair[0], sitk.ReadImage(str(paths["ct"])), "rigid")    # it is the CT's, not the PET's
+    assert np.allclose(reg.affine_matrix(found), reg.affine_matrix(direct.transform), atol=1e-6)
+
+    before = sorted(tmp_path.iterdir())
+    for extra, message in ((["--register", "rigid", "--register-with", paths["other_ct"]], "do not share a placement"),
+                           (["--register-with", paths["ct"]], "add --register")):
+        code, err = run(capsys, "-a", paths["mr"], "-f", paths["pet"], "-o", tmp_path / "fused2.nrrd", *extra)
+        assert code == cli.EXIT_USER_ERROR and message in err and err.count("\n") == 1, err
+    assert sorted(tmp_path.iterdir()) == before                    # nothing written
+
+
+def test_same_frame_by_dicom_uid_or_placement(pair):
+    anat, pet = pair
+    assert reg.check_same_frame(pet, anat, "1.2.3", "1.2.3") == "frame of reference"
+    assert reg.check_same_frame(pet, anat) == "placement"
+    with pytest.raises(FusionError, match="FrameOfReferenceUID") as err:
+        reg.check_same_frame(pet, anat, "1.2.3", "1.2.4")           # even when they overlap
+    assert "\n" not in str(err.value)
+
+
+def test_sts_register_pet_to_mr_through_its_ct(shared_data, tmp_path, capsys):
+    """The clinical case on real series: STS_001's PET placed on its MR by registering its CT
+    (same hybrid session, one FrameOfReferenceUID); another patient's CT is refused."""
+    sts = shared_data / "sts"
+    if not (sts / "STS_001" / "CT" / "dicom").is_dir():
+        pytest.skip(f"sts data not found in {sts}")
+    series = {name: sts / "STS_001" / name / "dicom" for name in ("MR_T1", "PET", "CT")}
+    tfm = tmp_path / "ct_to_mr.tfm"
+    code = cli.main(["fuse", "-a", str(series["MR_T1"]), "-f", str(series["PET"]), "-o", str(tmp_path / "f.nrrd"),
+                     "--method", "average", "--register", "rigid", "--register-with", str(series["CT"]),
+                     "--save-transform", str(tfm)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "applied to the functional" in captured.out and "spread" in captured.out
+    assert tfm.is_file()
+    code = cli.main(["fuse", "-a", str(series["MR_T1"]), "-f", str(series["PET"]), "-o", str(tmp_path / "g.nrrd"),
+                     "--method", "average", "--register", "rigid", "-q",
+                     "--register-with", str(sts / "STS_002" / "CT" / "dicom")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USER_ERROR and "FrameOfReferenceUID" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct_to_mr.tfm", "f.nrrd"]
