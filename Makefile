@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup demo test check-py39 bench evaluate train clean
+.PHONY: setup demo test check-py39 bench bench-deps evaluate train clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ test: setup check-py39
 check-py39: setup
 	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib
 
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+## the registration benchmark's peers (itk-elastix, antspyx): the `bench` extra
+bench-deps: $(VENV)/.bench-installed
+
 ## speed and memory benchmarks and registration accuracy, written to docs/BENCHMARKS.md
-bench: setup
+bench: setup bench-deps
 	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --threads 1 --section metrics-threads1 --output docs/BENCHMARKS.md

@@ -364,6 +364,9 @@ class MedicalFusionParameterNode:
         'No preset': as displayed, else automatic (a CT in HU gets the soft-tissue window).
     registerFirst, registration - align the functional to the anatomical first ('rigid' or 'affine'):
         the result becomes a new parent transform of the functional (MedicalFusionLib.scene.place_registration).
+    registerWith - 'Register using': None registers the functional itself; another scalar volume of its
+        study placed like it (the CT of a PET/CT) is registered instead and the transform becomes the
+        parent of both (MedicalFusionLib.scene.check_register_with).
     method, device, axis - the fusion method (registry name), torch device, slice orientation.
     computeMetrics - also write the metrics table (on by default; progress and Cancel cover it too).
     metricSet - 'all' metrics, or 'quick': all but FMI, which takes most of the metrics' time on a CPU.
@@ -383,6 +386,7 @@ class MedicalFusionParameterNode:
     functionalWindowPreset: Annotated[str, Choice([NO_PRESET] + FUNCTIONAL_PRESETS), Default(NO_PRESET)]
     registerFirst: Annotated[bool, Default(False)]
     registration: Annotated[str, Choice(REGISTRATION_CHOICES), Default("rigid")]
+    registerWith: Union[vtkMRMLScalarVolumeNode, None]
     method: Annotated[str, Choice(METHOD_CHOICES), Default(DEFAULT_METHOD)]
     device: Annotated[str, Choice(DEVICE_CHOICES), Default("auto")]
     axis: Annotated[str, Choice(AXIS_CHOICES), Default("axial")]
@@ -577,6 +581,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.functionalWindowMaxSpinBox.enabled = typed
         self.ui.functionalWindowPresetComboBox.enabled = scalarFunctional
         self.ui.registrationComboBox.enabled = p.registerFirst
+        self.ui.registerWithSelector.enabled = p.registerFirst
         self.ui.metricSetComboBox.enabled = p.computeMetrics
         ok, reason = self.logic.validate(p)
         self.ui.fuseButton.enabled = ok
@@ -737,7 +742,8 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
         outcome = fuse_nodes(slicer.mrmlScene, p.anatomicalVolume, p.functionalVolume, self.options(p),
                              output_volume=p.outputVolume, output_table=p.outputTable,
                              use_display_windows=p.useDisplayWindow, progress=progress, cancel=cancel,
-                             register=p.registration if p.registerFirst else None)
+                             register=p.registration if p.registerFirst else None,
+                             register_with=p.registerWith if p.registerFirst else None)
         created = [slicer.mrmlScene.GetNodeByID(nodeID) for nodeID in outcome.created_node_ids]
         place_beside(slicer.mrmlScene, [n for n in created if n is not None], p.anatomicalVolume)
         return outcome
