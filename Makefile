@@ -28,12 +28,17 @@ test: setup check-py39
 check-py39: setup
 	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib
 
-$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
+BENCH_VENV ?= .venv-bench
+BENCH_PEERS := itk-elastix==0.25.4 antspyx==0.6.3 SimpleITK   # pyproject.toml's `bench` extra
+
+$(BENCH_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(BENCH_PEERS)
 	touch $@
 
-## the registration benchmark's peers (itk-elastix, antspyx): the `bench` extra
-bench-deps: $(VENV)/.bench-installed
+## the registration benchmark's peers (itk-elastix, antspyx: the `bench` extra) in their own venv
+## (antspyx pins numpy<2.4 and scipy<1.16, older than the project's)
+bench-deps: $(BENCH_VENV)/.installed
 
 ## speed and memory benchmarks and registration accuracy, written to docs/BENCHMARKS.md
 bench: setup bench-deps
@@ -44,6 +49,7 @@ bench: setup bench-deps
 	$(PY) scripts/bench_ui_gaps.py --methods lp nsct dmfnet nsst_papcnn --cases spm12 --section ui-gaps-default-threads --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_ui_gaps.py --methods lp --register rigid --threads 1 --section ui-gaps-register --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_registration.py --trials 5 --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_registration.py --cases hybrid synthetic-mr spm12-t2 --peers elastix ants --peers-python $(BENCH_VENV)/bin/python --trials 5 --threads 1 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md
