@@ -34,9 +34,20 @@ silently bad fusion. The criteria (:func:`check_converged`):
   information can prefer a match of the wrong structures far away (a real PET->MR pair ended 47-74
   mm off after 20 mm misalignments, with a higher mutual information than the true alignment).
 
-Progress and cancel: ``progress(done, total)`` is called on every optimizer iteration (done counts
-iterations over all levels; total is their maximum); ``cancel()`` is asked at the same moments and
-stops the registration at that iteration (:class:`FusionCancelled`).
+How sure: the same registration also runs from :attr:`RegistrationSettings.restarts` perturbed
+starts (turned 5 degrees and shifted 10 mm) over the coarse levels; how far their answers lie from
+the main one (mm, at the anatomical's centre and over the overlap) is the result's spread, and
+more than one voxel of the coarser image makes :attr:`Registration.warning` (the caller shows it;
+the command line's --strict-registration refuses it).
+
+Progress and cancel: ``progress(done, total)`` is called on every optimizer iteration of every
+start (done counts iterations over all levels and starts; total is their maximum), and between
+every two steps of work and inside SimpleITK's filters (their progress events) the last report is
+repeated at most every 0.1 s (the heartbeat); ``cancel()`` is asked at the same moments and stops
+the registration there (the optimizer at that iteration, a filter aborted: :class:`FusionCancelled`).
+The pyramid levels are made here (:func:`_level_images`), not by SimpleITK's framework, and the
+match score is taken on a sub-grid (:func:`score_grid`), so no stretch is a whole volume's work
+without a report (docs/REGISTRATION.md, "Progress and Cancel").
 """
 from __future__ import annotations
 
@@ -282,8 +293,8 @@ SCORE_POINTS = 250_000
 
 
 def score_grid(image: sitk.Image, points: int = SCORE_POINTS) -> sitk.Image:
-    """Every k-th voxel of ``image`` along each axis (the smallest k giving at most ``points``
-    voxels... and at least ``points / 8``): voxel values and positions exactly the image's own."""
+    """Every k-th voxel of ``image`` along each axis, k the smallest giving at most ``points``
+    voxels: voxel values and positions exactly the image's own."""
     k = max(1, int(np.ceil((float(np.prod(image.GetSize())) / points) ** (1.0 / 3.0))))
     return _subsampled(image, (k, k, k))
 
