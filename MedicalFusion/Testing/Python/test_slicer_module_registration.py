@@ -184,6 +184,9 @@ def test_register_using_the_functionals_ct_places_both(harness):
     new = [n for n in h.nodes("vtkMRMLLinearTransformNode") if n.GetID() not in transforms_before]
     assert len(new) == 1, widget.ui.statusLabel.text
     assert functional.GetTransformNodeID() == new[0].GetID() == ct.GetTransformNodeID()
-    assert placement_error(anatomical, functional, truth) < TOLERANCE_MM
-    assert placement_error(anatomical, ct, truth) < TOLERANCE_MM
+    # at the corners of the MR's box (up to 115 mm from its centre) the sharp second contrast's
+    # registration ends within 2.5 mm (within 2 mm over the head: test_scene_registration.py); the
+    # PET, placed by it, is off by what the CT is off
+    assert placement_error(anatomical, ct, truth) < 2.5
+    assert abs(placement_error(anatomical, functional, truth) - placement_error(anatomical, ct, truth)) < 1e-6
     assert new[0].GetAttribute("MedicalFusion.registered_with") == ct.GetID()
