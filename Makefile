@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup demo test check-py39 pacs-deps bench evaluate train clean
+.PHONY: setup demo test check-py39 pacs-deps bench bench-deps evaluate train clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,14 +49,28 @@ pacs-deps:
 check-py39: setup
 	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib
 
+BENCH_VENV ?= .venv-bench
+BENCH_PEERS := itk-elastix==0.25.4 antspyx==0.6.3 SimpleITK   # pyproject.toml's `bench` extra
+
+$(BENCH_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(BENCH_PEERS)
+	touch $@
+
+## the registration benchmark's peers (itk-elastix, antspyx: the `bench` extra) in their own venv
+## (antspyx pins numpy<2.4 and scipy<1.16, older than the project's)
+bench-deps: $(BENCH_VENV)/.installed
+
 ## speed and memory benchmarks and registration accuracy, written to docs/BENCHMARKS.md
-bench: setup pacs-deps
+bench: setup pacs-deps bench-deps
 	$(PY) scripts/bench.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_metrics.py --repeats 3 --threads 1 --section metrics-threads1 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_ui_gaps.py --threads 1 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_ui_gaps.py --methods lp nsct dmfnet nsst_papcnn --cases spm12 --section ui-gaps-default-threads --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_ui_gaps.py --methods lp --register rigid --threads 1 --section ui-gaps-register --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_registration.py --trials 5 --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_registration.py --cases hybrid synthetic-mr spm12-t2 --peers elastix ants --peers-python $(BENCH_VENV)/bin/python --trials 5 --threads 1 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md

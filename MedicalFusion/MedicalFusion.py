@@ -418,6 +418,9 @@ class MedicalFusionParameterNode:
         'No preset': as displayed, else automatic (a CT in HU gets the soft-tissue window).
     registerFirst, registration - align the functional to the anatomical first ('rigid' or 'affine'):
         the result becomes a new parent transform of the functional (MedicalFusionLib.scene.place_registration).
+    registerWith - 'Register using': None registers the functional itself; another scalar volume of its
+        study placed like it (the CT of a PET/CT) is registered instead and the transform becomes the
+        parent of both (MedicalFusionLib.scene.check_register_with).
     method, device, axis - the fusion method (registry name), torch device, slice orientation.
     computeMetrics - also write the metrics table (on by default; progress and Cancel cover it too).
     metricSet - 'all' metrics, or 'quick': all but FMI, which takes most of the metrics' time on a CPU.
@@ -437,6 +440,7 @@ class MedicalFusionParameterNode:
     functionalWindowPreset: Annotated[str, Choice([NO_PRESET] + FUNCTIONAL_PRESETS), Default(NO_PRESET)]
     registerFirst: Annotated[bool, Default(False)]
     registration: Annotated[str, Choice(REGISTRATION_CHOICES), Default("rigid")]
+    registerWith: Union[vtkMRMLScalarVolumeNode, None]
     method: Annotated[str, Choice(METHOD_CHOICES), Default(DEFAULT_METHOD)]
     device: Annotated[str, Choice(DEVICE_CHOICES), Default("auto")]
     axis: Annotated[str, Choice(AXIS_CHOICES), Default("axial")]
@@ -667,6 +671,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.functionalWindowMaxSpinBox.enabled = typed
         self.ui.functionalWindowPresetComboBox.enabled = scalarFunctional
         self.ui.registrationComboBox.enabled = p.registerFirst
+        self.ui.registerWithSelector.enabled = p.registerFirst
         self.ui.metricSetComboBox.enabled = p.computeMetrics
         ok, reason = self.logic.validate(p)
         self.ui.fuseButton.enabled = ok
@@ -782,10 +787,18 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      "{outputs}.").format(seconds=time.perf_counter() - start, device=result.device,
                                                           method=result.method, engine=result.seconds, outputs=outputs)
         if outcome.transform_node is not None:
+            info = outcome.info
             self.ui.statusLabel.text += " " + _("Registered: '{node}' is now the functional's parent transform "
-                                                "(normalised mutual information {info}).").format(
+                                                "(normalised mutual information {nmi}; restarts from perturbed "
+                                                "starts end {centre} mm apart at the centre, {overlap} mm over the "
+                                                "overlap).").format(
                 node=outcome.transform_node.GetName(),
-                info=outcome.info.get("registration_normalized_mutual_information", ""))
+                nmi=info.get("registration_normalized_mutual_information", ""),
+                centre=info.get("registration_spread_centre_mm", ""),
+                overlap=info.get("registration_spread_overlap_mm", ""))
+            if info.get("registration_warning"):
+                self.ui.statusLabel.text += " " + _("Warning: {warning}").format(warning=info["registration_warning"])
+                slicer.util.warningDisplay(info["registration_warning"], windowTitle=_("MedicalFusion"))
         logging.info("MedicalFusion: %s | %s", self.ui.statusLabel.text, versionReport(p.device))
         self.logic.showResults(outcome, p.anatomicalVolume, foreground=p.showAsForeground,
                                switchLayout=p.switchToTableLayout)
@@ -855,7 +868,8 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
         outcome = fuse_nodes(slicer.mrmlScene, p.anatomicalVolume, p.functionalVolume, self.options(p),
                              output_volume=p.outputVolume, output_table=p.outputTable,
                              use_display_windows=p.useDisplayWindow, progress=progress, cancel=cancel,
-                             register=p.registration if p.registerFirst else None)
+                             register=p.registration if p.registerFirst else None,
+                             register_with=p.registerWith if p.registerFirst else None)
         created = [slicer.mrmlScene.GetNodeByID(nodeID) for nodeID in outcome.created_node_ids]
         place_beside(slicer.mrmlScene, [n for n in created if n is not None], p.anatomicalVolume)
         return outcome

@@ -224,6 +224,8 @@ def fuse_inputs(args) -> dict:
     inputs = {"anatomical input": args.anatomical, "functional input": args.functional}
     if getattr(args, "transform", None):
         inputs["transform file"] = args.transform
+    if getattr(args, "register_with", None):
+        inputs["--register-with input"] = args.register_with
     return inputs
 
 
@@ -324,8 +326,12 @@ def run_fuse(args, anat, func, out, paths: dict):
     finally:
         close()
     as_2d = ext in PICTURE_ONLY or (anat.was_2d and ext in (".tif", ".tiff"))
-    write_fuse_outputs(out, paths, result, args, as_2d, fusion_metadata(result, anat, func), transform,
-                       functional_name=source_name(func))
+    meta = fusion_metadata(result, anat, func)
+    if getattr(args, "registration", None) is not None:     # how sure the registration is, in the CSV and header
+        meta.update({k: str(v) for k, v in args.registration.metadata().items()})
+        if getattr(args, "register_with", None):
+            meta["registration_with"] = str(args.register_with)
+    write_fuse_outputs(out, paths, result, args, as_2d, meta, transform, functional_name=source_name(func))
     return result
 
 
@@ -354,6 +360,11 @@ def check_placement_arguments(args) -> None:
             raise FusionError("--save-transform writes the registration's transform: add --register rigid|affine "
                               "(or --transform)")
         check_transform_path(args.save_transform, "--save-transform")
+    if getattr(args, "strict_registration", False) and not getattr(args, "register", None):
+        raise FusionError("--strict-registration refuses an uncertain registration: add --register rigid|affine")
+    if getattr(args, "register_with", None) and not getattr(args, "register", None):
+        raise FusionError("--register-with names the volume to register (e.g. the PET's own CT): add --register "
+                          "rigid|affine")
 
 
 def placement(args, anat, func):
@@ -363,15 +374,28 @@ def placement(args, anat, func):
     after the run)."""
     from .registration import note_if_already_registered, read_transform, register  # noqa: PLC0415
 
+    from .registration import check_same_frame  # noqa: PLC0415
+    from .sources import read_source  # noqa: PLC0415
+
     transform = read_transform(args.transform) if getattr(args, "transform", None) else None
     note_if_already_registered(*(s.facts.frame_of_reference_uid if s.facts else None for s in (anat, func)))
     if not getattr(args, "register", None):
         return transform
+    moving = func
+    if getattr(args, "register_with", None):       # e.g. the PET's own CT: CT -> anatomical, applied to the PET
+        moving = read_source(args.register_with, "--register-with")
+        check_same_frame(func.image, moving.image, *(s.facts.frame_of_reference_uid if s.facts else None
+                                                      for s in (func, moving)), what="--register-with")
     progress, close = _progress_bar(f"registering ({args.register})", not args.quiet, unit="iteration")
     try:
-        args.registration = register(anat.image, func.image, args.register, initial=transform, progress=progress)
+        args.registration = register(anat.image, moving.image, args.register, initial=transform, progress=progress)
     finally:
         close()
+    warning = args.registration.warning
+    if warning and getattr(args, "strict_registration", False):
+        raise FusionError(f"{warning} (refused: --strict-registration)")
+    if warning:                       # shown with --quiet too
+        print(f"medicalfusion: warning: {warning}", file=sys.stderr)
     return args.registration.transform
 
 
@@ -379,7 +403,10 @@ def _report_fuse(args, result, paths: dict) -> None:
     if args.quiet:
         return
     if getattr(args, "registration", None) is not None:
-        print(args.registration.summary() + (f" -> {paths['save_transform']}" if "save_transform" in paths else ""))
+        through = (f" (of {args.register_with}, applied to the functional)" if getattr(args, "register_with", None)
+                   else "")
+        print(args.registration.summary() + through
+              + (f" -> {paths['save_transform']}" if "save_transform" in paths else ""))
     where = [str(paths["output"])] if "output" in paths else []
     where += [f"{args.output_dicom}/ (DICOM, {args.dicom_instances} files)"] if getattr(args, "output_dicom", None) else []
     stored = getattr(args, "pacs_stored", None)
@@ -607,6 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-transform", metavar="OUT.tfm",
                    help="save the registration's transform as an ITK transform file (.tfm; in Slicer: load it "
                    "and set it as the functional's parent transform)")
+    f.add_argument("--register-with", metavar="VOLUME",
+                   help="with --register: register this volume instead of the functional and apply the result to "
+                   "the functional (e.g. the PET's own CT from the same PET/CT session: CT -> MR is far better "
+                   "constrained than PET -> MR); it must share the functional's DICOM FrameOfReferenceUID, or "
+                   "(files without one) its placement")
+    f.add_argument("--strict-registration", action="store_true",
+                   help="with --register: refuse an uncertain registration (restarts from perturbed starts end "
+                   "more than a voxel apart) instead of warning")
     f.set_defaults(func=cmd_fuse)
 
     pr = sub.add_parser("presets", help="list the named windows (--window-preset, --functional-preset)")

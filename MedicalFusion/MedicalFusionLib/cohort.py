@@ -52,7 +52,7 @@ REQUIRED_COLUMNS = ("id", "anatomical", "functional")
 #: The DICOM series output and the PACS store (--output-dicom, --store) are not batch outputs yet.
 SET_BY_BATCH = ("quiet", "threads", "output_dicom", "store")
 #: ``fuse`` options that name an input file: relative to the manifest's folder.
-PATH_OPTIONS = ("anatomical", "functional", "transform")
+PATH_OPTIONS = ("anatomical", "functional", "transform", "register_with")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DONE_NAME = "done.json"
 LOCK_FOLDER = ".locks"

@@ -34,9 +34,20 @@ silently bad fusion. The criteria (:func:`check_converged`):
   information can prefer a match of the wrong structures far away (a real PET->MR pair ended 47-74
   mm off after 20 mm misalignments, with a higher mutual information than the true alignment).
 
-Progress and cancel: ``progress(done, total)`` is called on every optimizer iteration (done counts
-iterations over all levels; total is their maximum); ``cancel()`` is asked at the same moments and
-stops the registration at that iteration (:class:`FusionCancelled`).
+How sure: the same registration also runs from :attr:`RegistrationSettings.restarts` perturbed
+starts (turned 5 degrees and shifted 10 mm) over the coarse levels; how far their answers lie from
+the main one (mm, at the anatomical's centre and over the overlap) is the result's spread, and
+more than one voxel of the coarser image makes :attr:`Registration.warning` (the caller shows it;
+the command line's --strict-registration refuses it).
+
+Progress and cancel: ``progress(done, total)`` is called on every optimizer iteration of every
+start (done counts iterations over all levels and starts; total is their maximum), and between
+every two steps of work and inside SimpleITK's filters (their progress events) the last report is
+repeated at most every 0.1 s (the heartbeat); ``cancel()`` is asked at the same moments and stops
+the registration there (the optimizer at that iteration, a filter aborted: :class:`FusionCancelled`).
+The pyramid levels are made here (:func:`_level_images`), not by SimpleITK's framework, and the
+match score is taken on a sub-grid (:func:`score_grid`), so no stretch is a whole volume's work
+without a report (docs/REGISTRATION.md, "Progress and Cancel").
 """
 from __future__ import annotations
 
@@ -52,6 +63,7 @@ import SimpleITK as sitk
 
 from .align import overlap_fraction
 from .errors import FusionCancelled, FusionError
+from .progress import HEARTBEAT_SECONDS
 
 KINDS = ("rigid", "affine")
 #: File names ITK writes transforms to (.tfm/.txt: text, which Slicer reads; .h5/.hdf5: HDF5; .mat: Matlab).
@@ -92,6 +104,11 @@ class RegistrationSettings:
     start: str = "auto"                  # auto | placement | moments
     sampling: str = "regular"            # regular (a jittered grid) | random
     seed: int = 7
+    restarts: int = 2                    # perturbed starts run besides the main one, for the spread (0: none)
+    restart_shift_mm: float = 10.0       # each perturbed start: shifted this far ...
+    restart_turn_deg: float = 5.0        # ... and turned this much about the anatomical's centre
+    restart_levels: int = 2              # the restarts run the first this many (coarsest) levels
+    level_voxels: int = 2_000_000        # a level's anatomical grid is subsampled to at most this many voxels
 
 
 @dataclass
@@ -110,11 +127,49 @@ class Registration:
     seconds: float
     level_iterations: list = field(default_factory=list)
     moved_mm: float = 0.0                # how far the result is from the start at the anatomical's centre
+    restarts: int = 0                    # perturbed starts run besides the main one
+    restarts_failed: int = 0             # ... of which SimpleITK gave up (the spread is then infinite)
+    spread_centre_mm: float = float("nan")   # largest distance of a restart's answer from the main one, at the anatomical's centre
+    spread_overlap_mm: float = float("nan")  # ... the largest over the overlap of the two images
+    spread_limit_mm: float = float("nan")    # one voxel of the coarser image: a larger spread is a warning
+
+    @property
+    def warning(self) -> str | None:
+        """One line when the answer is uncertain (the restarts disagree by more than a voxel), else None."""
+        if self.restarts < 1 or self.spread_overlap_mm <= self.spread_limit_mm:
+            return None
+        if self.restarts_failed:
+            what = f"{self.restarts_failed} of {self.restarts} restarts from perturbed starts failed"
+        else:
+            what = (f"restarted from {self.restarts} perturbed starts it ends up to {self.spread_overlap_mm:.1f} mm "
+                    f"apart over the overlap ({self.spread_centre_mm:.1f} mm at the anatomical's centre), more than "
+                    f"one voxel of the coarser image ({self.spread_limit_mm:.1f} mm)")
+        return (f"the {self.kind} registration is uncertain: {what}: check the alignment before using the fusion, "
+                "or place the volumes roughly first")
+
+    def spread_text(self) -> str:
+        if self.restarts < 1:
+            return "no restarts"
+        return (f"spread {self.spread_centre_mm:.2f} mm at the centre, {self.spread_overlap_mm:.2f} mm over the "
+                f"overlap (limit {self.spread_limit_mm:.1f} mm)")
 
     def summary(self) -> str:
         return (f"{self.kind} registration: normalised mutual information {self.metric_before:.3f} -> "
-                f"{self.metric_after:.3f}, "
+                f"{self.metric_after:.3f}, {self.spread_text()}, "
                 f"{self.iterations} iterations, {self.seconds:.1f} s")
+
+    def metadata(self) -> dict:
+        """Key/value pairs for the transform node's attributes, the metrics CSV and file headers."""
+        return {"registration": self.kind, "registration_start": self.start,
+                "registration_normalized_mutual_information": f"{self.metric_before:.3f} -> {self.metric_after:.3f}",
+                "registration_iterations": self.iterations,
+                "registration_seconds": round(self.seconds, 3),
+                "registration_restarts": self.restarts,
+                "registration_spread_centre_mm": round(self.spread_centre_mm, 3),
+                "registration_spread_overlap_mm": round(self.spread_overlap_mm, 3),
+                "registration_spread_limit_mm": round(self.spread_limit_mm, 3),
+                "registration_uncertain": self.warning is not None,
+                "registration_warning": self.warning or ""}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,27 +287,73 @@ def registration_image(image: sitk.Image, role: str) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
+#: The match score (:func:`normalized_mutual_information`) is taken on a regular sub-grid of the
+#: anatomical with at least this many points (all voxels when it has fewer).
+SCORE_POINTS = 250_000
+
+
+def score_grid(image: sitk.Image, points: int = SCORE_POINTS) -> sitk.Image:
+    """Every k-th voxel of ``image`` along each axis, k the smallest giving at most ``points``
+    voxels: voxel values and positions exactly the image's own."""
+    k = max(1, int(np.ceil((float(np.prod(image.GetSize())) / points) ** (1.0 / 3.0))))
+    return _subsampled(image, (k, k, k))
+
+
 def normalized_mutual_information(fixed: sitk.Image, moving: sitk.Image, transforms: list,
-                                  bins: int = 32) -> list[float]:
+                                  bins: int = 32, points: int = SCORE_POINTS) -> list[float]:
     """How well the pair matches under each of ``transforms``, measured alike: normalised mutual
-    information in [0, 1] (2 MI / (H(A) + H(B)): scikit-learn's normalized_mutual_info_score) of the
-    fixed image's voxels that lie inside the moved image under *every* transform (one common
+    information in [0, 1] (2 MI / (H(A) + H(B)), as scikit-learn's normalized_mutual_info_score) of
+    the fixed image's voxels that lie inside the moved image under *every* transform (one common
     overlap, so a placement is not rewarded for seeing less), each image quantised to ``bins``
     levels over its own 0.5-99.5th percentiles (one outlier voxel does not squash the rest into a
-    bin). NaN for all when fewer than 1000 voxels are shared."""
-    from sklearn.metrics import normalized_mutual_info_score  # noqa: PLC0415
-
-    def levels(values: np.ndarray, image: sitk.Image) -> np.ndarray:
-        lo, hi = np.percentile(sitk.GetArrayViewFromImage(image), [0.5, 99.5])
-        return np.clip(((values - lo) / max(hi - lo, 1e-12) * bins).astype(np.int64), 0, bins - 1)
-
-    moved = [sitk.GetArrayFromImage(sitk.Resample(moving, fixed, t, sitk.sitkLinear, float("nan"), sitk.sitkFloat32))
+    bin). The fixed voxels are those of :func:`score_grid` (a regular sub-grid of at most ``points``
+    voxels: the score of a 1 mm MR took 12-20 s at full resolution, and a regular sub-grid of a
+    quarter of a million voxels gives the same value within ~1e-3). NaN for all when fewer than 1000
+    voxels are shared."""
+    grid = score_grid(fixed, points)
+    moved = [sitk.GetArrayFromImage(sitk.Resample(moving, grid, t, sitk.sitkLinear, float("nan"), sitk.sitkFloat32))
              for t in transforms]
     inside = np.logical_and.reduce([np.isfinite(m) for m in moved])
     if inside.sum() < 1000:
         return [float("nan")] * len(transforms)
-    a = levels(sitk.GetArrayViewFromImage(fixed)[inside], fixed)
-    return [float(normalized_mutual_info_score(a, levels(m[inside], moving))) for m in moved]
+    a = _levels(sitk.GetArrayViewFromImage(grid)[inside], sitk.GetArrayViewFromImage(grid), bins)
+    reference = sitk.GetArrayFromImage(score_grid(moving, points))   # a copy: the sub-grid is a temporary
+    return [_nmi(a, _levels(m[inside], reference, bins), bins) for m in moved]
+
+
+def _levels(values: np.ndarray, reference: np.ndarray, bins: int) -> np.ndarray:
+    lo, hi = np.percentile(reference, [0.5, 99.5])
+    return np.clip(((values - lo) / max(hi - lo, 1e-12) * bins).astype(np.int64), 0, bins - 1)
+
+
+def _nmi(a: np.ndarray, b: np.ndarray, bins: int) -> float:
+    """2 MI(a, b) / (H(a) + H(b)) of two label arrays in [0, bins) (1 when both are constant)."""
+    joint = np.bincount(a * bins + b, minlength=bins * bins).reshape(bins, bins) / float(len(a))
+    pa, pb = joint.sum(1), joint.sum(0)
+
+    def entropy(p):
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+    ha, hb = entropy(pa), entropy(pb)
+    if ha + hb <= 0.0:
+        return 1.0
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    return float(max(0.0, 2.0 * mi / (ha + hb)))
+
+
+def _subsampled(image: sitk.Image, factors) -> sitk.Image:
+    """Every ``factors[i]``-th voxel along axis i, from the first: the kept voxels keep their
+    physical positions (origin and direction unchanged, spacing times the factor)."""
+    factors = [int(f) for f in factors]
+    if all(f == 1 for f in factors):
+        return image
+    arr = sitk.GetArrayViewFromImage(image)[::factors[2], ::factors[1], ::factors[0]]
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.SetOrigin(image.GetOrigin())
+    out.SetDirection(image.GetDirection())
+    out.SetSpacing([s * f for s, f in zip(image.GetSpacing(), factors)])
+    return out
 
 
 def _sampling_fraction(fixed: sitk.Image, samples: int, shrink: int = 1) -> float:
@@ -298,7 +399,9 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
 
     ``initial``: a linear transform to start from (e.g. one read with :func:`read_transform`, or the
     functional's present parent transform in Slicer); None starts from the images' placement.
-    An affine registration first runs the rigid one and continues from its result.
+    An affine registration first runs the rigid one and continues from its result. The same
+    registration also runs from ``settings.restarts`` perturbed starts: how far their answers lie
+    from the main one is the result's spread (:attr:`Registration.warning` when over a voxel).
     Raises FusionError (bad input, failed or not converged), FusionCancelled (cancel() said so).
     """
     if kind not in KINDS:
@@ -308,21 +411,31 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
         raise FusionError("the transform to start the registration from is not linear: "
                           "start from a rigid or affine transform (or none)")
     t0 = time.perf_counter()
-    fixed = registration_image(anatomical, "anatomical")
-    moving = registration_image(functional, "functional")
-    matrix, start = _start_transform(fixed, moving, initial, settings.start)
-    stages = ("rigid",) if kind == "rigid" else ("rigid", "affine")
     levels = len(settings.shrink_factors)
-    levels += min(AFFINE_LEVELS, levels) if kind == "affine" else 0
-    tracker = _Tracker(progress, cancel, settings.iterations * levels)
+    plan = [("rigid", level) for level in range(levels)]
+    if kind == "affine":
+        plan += [("affine", level) for level in range(max(0, levels - AFFINE_LEVELS), levels)]
+    runs = 1 + max(0, int(settings.restarts))
+    restart_levels = min(levels, max(1, int(settings.restart_levels)))
+    tracker = _Tracker(progress, cancel, settings.iterations * (len(plan) + (runs - 1) * restart_levels))
     tracker.check_cancel()
+    fixed = registration_image(anatomical, "anatomical")
+    tracker.beat()
+    moving = registration_image(functional, "functional")
+    tracker.beat()
+    fixed_grid, moving_grid = score_grid(fixed), score_grid(moving)
+    matrix, start = _start_transform(fixed_grid, moving_grid, initial, settings.start)
+    tracker.beat()
+    centre = _centre(fixed)
+    starts = [matrix] + [matrix @ _perturbation(i, centre, settings) for i in range(runs - 1)]
     try:
-        start_matrix, start_tx = matrix, affine_transform(matrix)
-        for stage in stages:
-            matrix, stop_condition = _run_stage(fixed, moving, matrix, stage, settings, tracker)
-        final = affine_transform(matrix)
-        metric_before, metric_after = normalized_mutual_information(fixed, moving, [start_tx, final],
+        answers, failed, stop_condition = _optimise(fixed, moving, starts, plan, restart_levels, settings, tracker)
+        final = affine_transform(answers[0])
+        tracker.beat()
+        metric_before, metric_after = normalized_mutual_information(fixed, moving, [affine_transform(matrix), final],
                                                                     settings.histogram_bins)
+    except FusionCancelled:
+        raise
     except RuntimeError as exc:
         if tracker.cancelled:
             raise FusionCancelled("registration cancelled") from None
@@ -332,91 +445,278 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
             reason = "the images overlap too little"
         raise FusionError(f"the {kind} registration failed ({reason}): check that both volumes show the same "
                           "region, or place them roughly first (e.g. with a transform to start from)") from None
+    tracker.check_cancel()
     values = tracker.values
     still_improving = (values[0] - values[-1]) / max(abs(values[-1]), 1e-12) if len(values) > 1 else 0.0
+    spread_centre, spread_overlap = _spread(fixed_grid, moving_grid, answers[1:], failed)
     outcome = Registration(
         transform=final, kind=kind, start=start, metric_before=metric_before, metric_after=metric_after,
-        overlap=mutual_overlap(fixed, moving, final), iterations=tracker.iterations, stop_condition=stop_condition,
-        still_improving=float(still_improving), seconds=time.perf_counter() - t0,
-        level_iterations=list(tracker.level_iterations), moved_mm=_moved(fixed, start_matrix, matrix))
+        overlap=mutual_overlap(fixed_grid, moving_grid, final), iterations=tracker.iterations,
+        stop_condition=stop_condition, still_improving=float(still_improving), seconds=time.perf_counter() - t0,
+        level_iterations=list(tracker.level_iterations), moved_mm=_moved(fixed, matrix, answers[0]),
+        restarts=runs - 1, restarts_failed=sum(f is not None for f in failed[1:]),
+        spread_centre_mm=spread_centre, spread_overlap_mm=spread_overlap,
+        spread_limit_mm=coarser_voxel_mm(anatomical, functional))
     check_converged(outcome, settings)
     return outcome
 
 
+def _centre(image: sitk.Image) -> np.ndarray:
+    return np.array(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in image.GetSize()]))
+
+
 def _moved(fixed: sitk.Image, start: np.ndarray, end: np.ndarray) -> float:
     """How far apart ``start`` and ``end`` (4x4, anatomical -> functional) put the anatomical's centre (mm)."""
-    centre = np.append(fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()]), 1.0)
+    centre = np.append(_centre(fixed), 1.0)
     return float(np.linalg.norm((end @ centre - start @ centre)[:3]))
 
 
-class _Tracker:
-    """Progress over all stages and levels, cancel, and the finest level's last metric values."""
+# --------------------------------------------------------------------------------------------------
+# how sure: restarts from perturbed starts
 
-    def __init__(self, progress: ProgressFn | None, cancel: CancelFn | None, total: int):
-        self.progress, self.cancel, self.total = progress, cancel, total
-        self.offset, self.iterations, self.cancelled = 0, 0, False
+#: Directions of the restarts' shifts and axes of their turns (the i-th restart uses row i, cycled).
+_RESTART_SHIFTS = np.array([(1.0, 1.0, -1.0), (-1.0, 1.0, 1.0), (1.0, -1.0, 1.0), (-1.0, -1.0, -1.0)]) / np.sqrt(3.0)
+_RESTART_AXES = np.array([(1.0, 0.0, 1.0), (0.0, 1.0, -1.0), (-1.0, 1.0, 0.0), (1.0, 1.0, 0.0)]) / np.sqrt(2.0)
+
+
+def _perturbation(i: int, centre: np.ndarray, settings: RegistrationSettings) -> np.ndarray:
+    """The i-th restart's change of the start (4x4, anatomical points): a turn of
+    ``restart_turn_deg`` about an axis through the anatomical's centre, then a shift of
+    ``restart_shift_mm``; alternating signs, a different direction each."""
+    sign = 1.0 if i % 2 == 0 else -1.0
+    rotation = sitk.VersorTransform(tuple(_RESTART_AXES[i % 4]), sign * np.deg2rad(settings.restart_turn_deg))
+    rotation.SetCenter(tuple(float(c) for c in centre))
+    m = affine_matrix(rotation)
+    m[:3, 3] += settings.restart_shift_mm * _RESTART_SHIFTS[i % 4]
+    return m
+
+
+def coarser_voxel_mm(anatomical: sitk.Image, functional: sitk.Image) -> float:
+    """One voxel of the coarser image (the larger voxel volume): its largest spacing (mm)."""
+    spacings = [np.array(anatomical.GetSpacing(), float), np.array(functional.GetSpacing(), float)]
+    return float(max(spacings, key=lambda s: float(np.prod(s))).max())
+
+
+def _spread(fixed: sitk.Image, moving: sitk.Image, answers: list, failed: list) -> tuple[float, float]:
+    """How far the restarts' answers (``answers[1:]``) lie from the main one after the same levels
+    (``answers[0]``), in mm: at the anatomical's centre, and the largest over the overlap (the
+    voxels of ``fixed``, a sub-grid of the anatomical, that the main answer places inside the
+    functional). NaN without restarts; inf when a restart failed."""
+    if len(answers) < 2:
+        return float("nan"), float("nan")
+    if any(f is not None for f in failed[1:]):
+        return float("inf"), float("inf")
+    idx = np.argwhere(np.ones(fixed.GetSize()[::-1], bool))[:, ::-1].astype(float)
+    direction = np.array(fixed.GetDirection()).reshape(3, 3)
+    points = np.array(fixed.GetOrigin()) + (idx * np.array(fixed.GetSpacing())) @ direction.T
+    main = answers[0]
+    mapped = points @ main[:3, :3].T + main[:3, 3]
+    m_dir = np.array(moving.GetDirection()).reshape(3, 3)
+    cidx = ((mapped - np.array(moving.GetOrigin())) @ m_dir) / np.array(moving.GetSpacing())
+    inside = np.all((cidx >= -0.5) & (cidx <= np.array(moving.GetSize()) - 0.5), axis=1)
+    points = points[inside] if inside.any() else points
+    points = np.vstack([points, _centre(fixed)[None]])
+    centre_spread, overlap_spread = 0.0, 0.0
+    for other in answers[1:]:
+        diff = points @ (other - main)[:3, :3].T + (other - main)[:3, 3]
+        distance = np.linalg.norm(diff, axis=1)
+        centre_spread = max(centre_spread, float(distance[-1]))
+        overlap_spread = max(overlap_spread, float(distance.max()))
+    return centre_spread, overlap_spread
+
+
+# --------------------------------------------------------------------------------------------------
+# the optimisation: a pyramid, one level at a time, every start in turn at each level
+
+
+#: The heartbeat's clock (seconds; tests replace it with a fake one).
+_clock = time.perf_counter
+
+
+class _Tracker:
+    """Progress over all runs, stages and levels, the heartbeat, cancel, and the main run's last
+    metric values. ``clock``: seconds (default :data:`_clock`)."""
+
+    def __init__(self, progress: ProgressFn | None, cancel: CancelFn | None, total: int,
+                 clock: Callable[[], float] | None = None, every: float = HEARTBEAT_SECONDS):
+        self.progress, self.cancel, self.total = progress, cancel, max(1, total)
+        self.clock, self.every = clock or _clock, every
+        self.offset, self.count, self.slot = 0, 0, -1
+        self.iterations, self.cancelled, self.main = 0, False, True
         self.values: list[float] = []
         self.level_iterations: list[int] = []
+        self.last = self.clock()
 
-    def check_cancel(self) -> bool:
-        if self.cancel is not None and self.cancel():
-            self.cancelled = True
-        if self.cancelled:
-            raise FusionCancelled("registration cancelled")
-        return False
-
-    def new_level(self, per_level: int) -> None:
-        if self.level_iterations:
-            self.offset += per_level
-        self.level_iterations.append(0)
-        self.values = []
-
-    def iteration(self, value: float) -> bool:
-        """Record one iteration; True when the user asked to cancel."""
-        self.level_iterations[-1] += 1
-        self.iterations += 1
-        self.values = (self.values + [value])[-MOTION_WINDOW - 1:]
+    def _report(self) -> bool:
+        self.last = self.clock()
         if self.progress is not None:
-            self.progress(min(self.offset + self.level_iterations[-1], self.total), self.total)
+            self.progress(min(self.offset + self.count, self.total), self.total)
         if self.cancel is not None and self.cancel():
             self.cancelled = True
         return self.cancelled
 
+    def check_cancel(self) -> None:
+        if not self.cancelled and self.cancel is not None and self.cancel():
+            self.cancelled = True
+        if self.cancelled:
+            raise FusionCancelled("registration cancelled")
 
-def _run_stage(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: str, settings: RegistrationSettings,
-               tracker: _Tracker) -> tuple[np.ndarray, str]:
-    """One multi-resolution optimisation of a rigid or affine transform from ``start`` (4x4, LPS),
-    one level at a time (each level starts where the previous one ended)."""
+    def due(self) -> bool:
+        """Inside work that cannot stop at once (a SimpleITK filter's progress event): the last
+        report again and a cancel check, at most every ``every`` s. True when cancelled."""
+        if self.cancelled:
+            return True
+        if self.clock() - self.last >= self.every:
+            return self._report()
+        return False
+
+    def beat(self) -> None:
+        """Between steps of work: as :meth:`due`; raises FusionCancelled when cancelled."""
+        if self.due():
+            raise FusionCancelled("registration cancelled")
+
+    def new_run(self, per_level: int, main: bool) -> None:
+        """One start's optimisation of one level begins (it has ``per_level`` iterations at most)."""
+        self.slot += 1
+        self.offset, self.count, self.main = self.slot * per_level, 0, main
+        if main:
+            self.level_iterations.append(0)
+            self.values = []
+
+    def iteration(self, value: float) -> bool:
+        """Record one iteration; True when the user asked to cancel."""
+        self.count += 1
+        if self.main:
+            self.level_iterations[-1] += 1
+            self.iterations += 1
+            self.values = (self.values + [value])[-MOTION_WINDOW - 1:]
+        return self._report()
+
+
+def _observed(image_filter, image: sitk.Image, tracker: _Tracker) -> sitk.Image:
+    """Run a SimpleITK filter with the tracker's heartbeat on its progress events (ITK reports
+    them from the calling thread); a cancel aborts the filter and raises FusionCancelled."""
+    def on_progress() -> None:
+        if tracker.due():
+            image_filter.Abort()
+
+    image_filter.AddCommand(sitk.sitkProgressEvent, on_progress)
+    try:
+        return image_filter.Execute(image)
+    except RuntimeError:
+        if tracker.cancelled:
+            raise FusionCancelled("registration cancelled") from None
+        raise
+    finally:
+        image_filter.RemoveAllCommands()
+
+
+def _reduced(image: sitk.Image, sigma_mm: float, factors, tracker: _Tracker) -> sitk.Image:
+    """``image`` as a pyramid level sees it: smoothed by a Gaussian of ``sigma_mm`` (physical) on a
+    grid ``factors`` times coarser. Cheap first: blocks of voxels no wider than sigma are averaged
+    (BinShrink, whose output voxels sit at the blocks' centres), the rest of the smoothing is done
+    on that smaller grid (a block of b voxels already has a variance of (b^2 - 1) / 12 voxels^2), and
+    what is left of ``factors`` is taken by keeping every k-th voxel. Each SimpleITK filter runs
+    with the heartbeat."""
+    spacing = np.array(image.GetSpacing(), float)
+    factors = np.array([int(f) for f in factors])
+    blocks = np.ones(3, int)
+    if sigma_mm > 0:
+        blocks = np.clip(np.floor(sigma_mm / spacing).astype(int), 1, factors)
+    if (blocks > 1).any():
+        binner = sitk.BinShrinkImageFilter()
+        binner.SetShrinkFactors([int(b) for b in blocks])
+        image = _observed(binner, image, tracker)
+    rest = np.sqrt(np.maximum(sigma_mm ** 2 - (blocks ** 2 - 1) / 12.0 * spacing ** 2, 0.0)) if sigma_mm > 0 else np.zeros(3)
+    if (rest > 0).any():
+        if (rest >= np.array(image.GetSpacing())).all():
+            smoother = sitk.SmoothingRecursiveGaussianImageFilter()
+            smoother.SetSigma([float(r) for r in rest])
+        else:                                   # under a voxel: ITK's discrete kernel, as the framework's pyramid
+            smoother = sitk.DiscreteGaussianImageFilter()
+            smoother.SetVariance([float(r) ** 2 for r in rest])
+            smoother.SetMaximumError(0.01)
+            smoother.SetUseImageSpacing(True)
+        image = _observed(smoother, image, tracker)
+    tracker.beat()
+    return _subsampled(image, np.maximum(factors // blocks, 1))
+
+
+def _level_images(fixed: sitk.Image, moving: sitk.Image, shrink: int, sigma: float, max_voxels: int,
+                  tracker: _Tracker) -> tuple[sitk.Image, sitk.Image]:
+    """The pyramid level (:func:`_reduced`): both images smoothed by ``sigma`` mm; the fixed one on
+    a grid ``shrink`` times coarser, or more to keep at most ``max_voxels`` (its voxels are where the
+    metric samples: 20,000 of them), the moving one as coarse as the smoothing allows (a voxel no
+    larger than sigma, at most ``shrink`` times its own). Done here rather than by SimpleITK's
+    registration framework, which smooths both at full resolution and sets up the metric over every
+    fixed voxel with no progress report (0.8-2 s on a 1 mm MR, each level and start)."""
+    shrink = max(int(shrink), int(np.ceil((float(np.prod(fixed.GetSize())) / max_voxels) ** (1.0 / 3.0))))
+    f = _reduced(fixed, sigma, (shrink,) * 3, tracker)
+    factors = [max(1, min(shrink, int(sigma // s))) if sigma > 0 else 1 for s in moving.GetSpacing()]
+    m = _reduced(moving, sigma, factors, tracker)
+    return f, m
+
+
+def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, restart_levels: int,
+              settings: RegistrationSettings, tracker: _Tracker) -> tuple[list, list, str]:
+    """Every start (4x4, LPS; the first is the main one) through the ``plan`` of (stage, level),
+    one level at a time: each level's images are made once and every start runs on them from where
+    its previous level ended; the restarts (starts after the first) run the first
+    ``restart_levels`` rigid levels only. Returns [the main answer, the main answer after those
+    levels, each restart's answer] (4x4), each start's failure (None: fine) and the main run's
+    last stop condition. The main run's failure raises (RuntimeError)."""
     # Rotations must turn about the anatomy, whatever the start: x -> start(optimised(x)) with the
     # optimised transform centred on the anatomical's centre c. SimpleITK (2.5) drops the centre of
     # the optimised transform when a moving initial transform is set (it then turns about the world
     # origin: on volumes hundreds of mm from it, as CT/PET of the legs, the rotation scales grow
     # ~40x, rotation and translation couple, and the optimizer creeps for all its iterations). So
     # the images are shifted by -c (geometry only) and the problem is solved where c is the origin.
-    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()]))
+    centre = _centre(fixed)
     shift = np.eye(4)
     shift[:3, 3] = -centre
     fixed, moving = _shifted(fixed, -centre), _shifted(moving, -centre)
-    current = shift @ start @ np.linalg.inv(shift)
-    # The affine stage refines the rigid result: the finer levels only (from the coarsest, MI's
-    # landscape on heavily smoothed images pulls scales away and the fine levels do not recover).
-    levels = slice(None) if kind == "rigid" else slice(-AFFINE_LEVELS, None)
-    shrink, sigmas = settings.shrink_factors[levels], settings.smoothing_sigmas_mm[levels]
+    tracker.beat()
+    current = [shift @ s @ np.linalg.inv(shift) for s in starts]
+    failed: list = [None] * len(starts)
     stop_condition = ""
-    for factor, sigma in zip(shrink, sigmas):
-        tracker.new_level(settings.iterations)
-        current, stop_condition = _run_level(fixed, moving, current, kind, factor, sigma, settings, tracker)
-    return np.linalg.inv(shift) @ current @ shift, stop_condition
+    images, key = None, None
+    compared = current[0]
+    for step, (stage, level) in enumerate(plan):
+        shrink, sigma = settings.shrink_factors[level], settings.smoothing_sigmas_mm[level]
+        if key != (shrink, sigma):
+            images, key = None, None     # the previous level's images go before the next ones are made
+            images, key = _level_images(fixed, moving, shrink, sigma, settings.level_voxels, tracker), (shrink, sigma)
+        for i in range(len(starts)):
+            if i > 0 and step >= restart_levels:
+                break
+            tracker.new_run(settings.iterations, main=(i == 0))
+            if failed[i] is not None:
+                continue
+            try:
+                current[i], stop = _run_level(*images, current[i], stage, settings, tracker)
+            except FusionCancelled:
+                raise
+            except RuntimeError as exc:
+                if i == 0 or tracker.cancelled:
+                    raise
+                failed[i] = str(exc).strip().splitlines()[-1] if str(exc).strip() else "failed"
+                continue
+            if i == 0:
+                stop_condition = stop
+        if step == restart_levels - 1:
+            compared = current[0]
+    back = np.linalg.inv(shift)
+    return [back @ c @ shift for c in [current[0], compared] + current[1:]], failed, stop_condition
 
 
-def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: str, shrink: int, sigma: float,
+def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: str,
                settings: RegistrationSettings, tracker: _Tracker) -> tuple[np.ndarray, str]:
-    """One pyramid level from ``start`` (4x4, centred frame); returns the result and the
-    optimizer's stop condition."""
+    """One pyramid level (images already smoothed and subsampled: :func:`_level_images`) from
+    ``start`` (4x4, centred frame); returns the result and the optimizer's stop condition."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM if settings.sampling == "random" else method.REGULAR)
-    method.SetMetricSamplingPercentagePerLevel([_sampling_fraction(fixed, settings.samples, shrink)], settings.seed)
+    method.SetMetricSamplingPercentagePerLevel([_sampling_fraction(fixed, settings.samples)], settings.seed)
     method.SetInterpolator(sitk.sitkLinear)
     # The affine stage takes image gradients from the interpolator, consistent with the values the
     # metric measures: ITK's default gradient filter (a smoothed gradient image) pulls scales away
@@ -427,11 +727,10 @@ def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: s
         learningRate=settings.learning_rate, minStep=settings.min_step, numberOfIterations=settings.iterations,
         relaxationFactor=settings.relaxation, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([int(shrink)])
-    method.SetSmoothingSigmasPerLevel([float(sigma)])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetShrinkFactorsPerLevel([1])
+    method.SetSmoothingSigmasPerLevel([0.0])
     # The start goes in as the moving initial transform (its centre, the origin here, is where the
-    # anatomical's centre is: see _run_stage).
+    # anatomical's centre is: see _optimise).
     method.SetMovingInitialTransform(affine_transform(start))
     method.SetInitialTransform(sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3), inPlace=False)
 
@@ -480,6 +779,35 @@ def check_converged(outcome: Registration, settings: RegistrationSettings) -> No
         raise FusionError(f"{what} moved the functional {outcome.moved_mm:.0f} mm from where it started (more than "
                           f"{MAX_MOVE_MM:.0f} mm), so it may have matched the wrong structures: place the volumes "
                           "roughly first (within 2-3 cm) or check the inputs")
+
+
+# --------------------------------------------------------------------------------------------------
+# registering through another volume of the functional's study (--register-with)
+
+#: Two volumes without a FrameOfReferenceUID count as sharing a placement when the smaller one lies
+#: at least this much inside the other (one PET/CT session: the PET's box inside the CT's).
+MIN_SHARED_PLACEMENT = 0.5
+
+
+def check_same_frame(functional: sitk.Image, other: sitk.Image, functional_uid: str | None = None,
+                     other_uid: str | None = None, what: str = "the volume to register with") -> str:
+    """Refuse (one-line FusionError) to register through ``other`` unless it shares the
+    functional's frame: the same DICOM FrameOfReferenceUID when both have one (a PET and its CT of
+    one hybrid session), else a placement (the smaller volume at least :data:`MIN_SHARED_PLACEMENT`
+    inside the other, as stored). Returns how they were matched ('frame of reference' or 'placement')."""
+    if functional_uid and other_uid:
+        if functional_uid != other_uid:
+            raise FusionError(f"{what} does not share the functional's DICOM FrameOfReferenceUID ({other_uid} vs "
+                              f"{functional_uid}): its registration would not place the functional; give the "
+                              "functional's own CT from the same session (or register the functional itself)")
+        return "frame of reference"
+    shared = mutual_overlap(score_grid(registration_image(functional, "functional"), 20_000),
+                            score_grid(registration_image(other, what), 20_000), sitk.Transform())
+    if shared < MIN_SHARED_PLACEMENT:
+        raise FusionError(f"{what} and the functional do not share a placement (only {100 * shared:.0f}% of the "
+                          "smaller lies inside the other) nor a DICOM FrameOfReferenceUID: give the functional's own "
+                          "CT from the same session (or register the functional itself)")
+    return "placement"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -608,12 +608,16 @@ class _NodeState:
 def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, output_table=None,
                use_display_windows: bool = True, progress: Callable[[int, int], None] | None = None,
                cancel: Callable[[], bool] | None = None, register: str | None = None,
-               registration_settings=None) -> SceneFusionResult:
+               registration_settings=None, register_with=None) -> SceneFusionResult:
     """Fuse two volume nodes of ``scene`` into an RGB vector volume node (and a metrics table node).
 
     ``register`` ('rigid' or 'affine'): first align the functional to the anatomical (see
     :func:`register_nodes`); with the fusion's outputs, a linear transform node holding the result
     becomes the functional's parent (:func:`place_registration`). Progress then runs over both.
+    ``register_with`` (a scalar volume node or ID, e.g. the PET's own CT of the same PET/CT
+    session): register that volume instead and apply the result to the functional; the transform
+    node becomes the parent of both. It must share the functional's DICOM FrameOfReferenceUID, or
+    its parent transform and placement (:func:`check_register_with`).
 
     ``options`` is a :class:`~MedicalFusionLib.pipeline.FusionOptions`; its ``colormap`` and windows,
     when None, come from the display nodes (see the module docstring). ``output_volume`` /
@@ -628,7 +632,7 @@ def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, 
     """
     with Progress(progress, cancel, scene_phases(bool(register))) as tracker:
         result = _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table,
-                             use_display_windows, tracker, register, registration_settings)
+                             use_display_windows, tracker, register, registration_settings, register_with)
         tracker.finish()
     return result
 
@@ -642,7 +646,8 @@ def scene_phases(register: bool) -> tuple[tuple[str, float], ...]:
 
 
 def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table, use_display_windows,
-                tracker: Progress, register: str | None, registration_settings) -> SceneFusionResult:
+                tracker: Progress, register: str | None, registration_settings,
+                register_with=None) -> SceneFusionResult:
     from .pipeline import fuse_images  # noqa: PLC0415  (torch only when fusing)
 
     t0 = time.perf_counter()
@@ -658,10 +663,16 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
     tracker.tick()
     a_img, f_img, opts, transform, info = prepare_inputs(scene, anatomical, functional, options, use_display_windows)
     registration = None
+    also_placed = []
     if register:
+        moving, m_img, start = functional, f_img, transform
+        if register_with is not None:
+            moving = check_register_with(scene, functional, register_with)
+            m_img, start = image_from_node(moving), functional_transform(anatomical, moving)
+            also_placed = [moving]
         tracker.phase("register")
         register_progress, register_cancel = tracker.callbacks()
-        registration = _register_images(anatomical, functional, a_img, f_img, transform, register,
+        registration = _register_images(anatomical, moving, a_img, m_img, start, register,
                                         register_progress, register_cancel, registration_settings)
         transform = registration.transform
         info.update(registration_info(registration))
@@ -694,11 +705,12 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
     legend_parts: list[str] = []      # not in created_node_ids: display nodes get no subject hierarchy item
     given = [_NodeState(n) for n in (output_volume, output_table if vtk_table is not None else None) if n is not None]
     previous_parent = functional.GetTransformNodeID()
+    previous_parents = [(node, node.GetTransformNodeID()) for node in also_placed]
     transform_node = None
     tracker.commit()      # the last cancel check: the scene is changed from here on
     try:
         if registration is not None:
-            transform_node = place_registration(scene, anatomical, functional, registration, created)
+            transform_node = place_registration(scene, anatomical, functional, registration, created, also_placed)
         volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
                                   f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
         write_volume(volume, anatomical, image_data)
@@ -717,6 +729,8 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
     except BaseException:
         if registration is not None:
             functional.SetAndObserveTransformNodeID(previous_parent)
+            for node, parent in previous_parents:
+                node.SetAndObserveTransformNodeID(parent)
         for node_id in created:   # leave the scene as it was (display nodes made for it too)
             _remove_with_display_nodes(scene, node_id)
         for state in given:
@@ -939,16 +953,45 @@ def register_nodes(scene, anatomical, functional, kind: str = "rigid", progress=
 
 
 def registration_info(registration) -> dict:
-    """Node attributes describing a registration (without the prefix)."""
-    return {"registration": registration.kind, "registration_start": registration.start,
-            "registration_normalized_mutual_information": f"{registration.metric_before:.3f} -> "
-                                                          f"{registration.metric_after:.3f}",
-            "registration_iterations": registration.iterations,
-            "registration_seconds": round(registration.seconds, 3)}
+    """Node attributes describing a registration (without the prefix): kind, start, match score,
+    iterations, time, and how sure it is (the restarts' spread in mm, the voxel limit, whether it
+    is uncertain): :meth:`MedicalFusionLib.registration.Registration.metadata`."""
+    return registration.metadata()
 
 
-def place_registration(scene, anatomical, functional, registration, created: list | None = None):
-    """Put a registration in the scene: a new ``vtkMRMLLinearTransformNode`` becomes the functional's parent.
+def check_register_with(scene, functional, register_with):
+    """The node to register instead of the functional (``register_with``, node or ID), checked: a
+    scalar volume other than the functional, in the same frame as the functional: the same DICOM
+    FrameOfReferenceUID when both have one (:func:`shared_frame_of_reference`), else the same
+    parent transform and a shared placement (registration.check_same_frame). One-line FusionError
+    otherwise."""
+    from .registration import check_same_frame  # noqa: PLC0415
+
+    node = _resolve(scene, register_with, "volume to register with")
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise FusionError("the volume to register with must be a scalar volume (e.g. the PET's own CT)")
+    if node is functional or node.GetID() == functional.GetID():
+        return functional
+    name = f"'{node.GetName()}'"
+    if shared_frame_of_reference(functional, node):
+        same = True
+    else:
+        uids = [(n.GetAttribute("DICOM.FrameOfReferenceUID") or "").strip() for n in (functional, node)]
+        if all(uids):       # both DICOM, different frames
+            check_same_frame(image_from_node(functional), image_from_node(node), *uids, what=name)
+        same = False
+    if functional.GetTransformNodeID() != node.GetTransformNodeID():
+        raise FusionError(f"{name} and '{functional.GetName()}' have different parent transforms: registering {name} "
+                          "places the functional only when both are placed alike (give them the same parent, or none)")
+    if not same:
+        check_same_frame(image_from_node(functional), image_from_node(node), what=name)
+    return node
+
+
+def place_registration(scene, anatomical, functional, registration, created: list | None = None,
+                       also: list | None = None):
+    """Put a registration in the scene: a new ``vtkMRMLLinearTransformNode`` becomes the functional's
+    parent (and the parent of the nodes in ``also``: the volume registered instead of the functional).
 
     The node holds the result as its transform *from parent* (RAS), and sits under the anatomical's
     parent transform, so the functional follows the anatomical wherever that is moved. A transform
@@ -971,8 +1014,12 @@ def place_registration(scene, anatomical, functional, registration, created: lis
     node.SetAndObserveTransformNodeID(anatomical.GetTransformNodeID())
     info = registration_info(registration)
     info["previous_parent"] = functional.GetTransformNodeID() or ""
+    if also:
+        info["registered_with"] = " ".join(n.GetID() for n in also)
     _set_attributes(node, info)
     functional.SetAndObserveTransformNodeID(node.GetID())
+    for other in also or []:
+        other.SetAndObserveTransformNodeID(node.GetID())
     return node
 
 

@@ -94,6 +94,11 @@ def test_fuse_with_registration_sets_a_transform_node_as_the_functional_parent(s
     assert node.GetAttribute("MedicalFusion.registration") == "rigid"
     assert node.GetAttribute("MedicalFusion.previous_parent") == ""
     assert out.volume_node.GetAttribute("MedicalFusion.registration") == "rigid"
+    # how sure: the restarts' spread (mm) and the voxel limit, on the transform node
+    spread = float(node.GetAttribute("MedicalFusion.registration_spread_centre_mm"))
+    assert 0.0 <= spread < float(node.GetAttribute("MedicalFusion.registration_spread_limit_mm")) == 4.0
+    assert node.GetAttribute("MedicalFusion.registration_restarts") == "2"
+    assert node.GetAttribute("MedicalFusion.registration_spread_overlap_mm") is not None
     # the user can remove it: the PET goes back to where it was
     pet.SetAndObserveTransformNodeID(None)
     scene.RemoveNode(node)
@@ -256,3 +261,48 @@ def test_shared_frame_of_reference_from_the_dicom_database(scene, pair):
     assert fscene.shared_frame_of_reference(mr, pet) == "4.4.4"
     pet.SetAttribute("DICOM.FrameOfReferenceUID", "4.4.5")
     assert fscene.shared_frame_of_reference(mr, pet, db) is None
+
+
+def test_register_with_the_functionals_ct_places_both(scene, pair, truth):
+    """'Register using' another volume of the functional's study (the PET's own CT): that volume is
+    registered, and one transform node becomes the parent of both; refused with one line (scene
+    unchanged) when it is not in the functional's frame."""
+    mr, pet = pair
+    ct = add_volume_from_image(scene, reg.moved_geometry(phantom("t2", spacing=3.5, seed=3), truth), "CT")
+    far = add_volume_from_image(scene, reg.moved_geometry(phantom("t2", spacing=3.5, seed=3),
+                                                          rigid(angles_deg=(0, 0, 0), translation=(0, 0, 250.0))),
+                                "other CT")
+    before = scene_state(scene)
+    with pytest.raises(FusionError, match="do not share a placement") as err:
+        fscene.fuse_nodes(scene, mr, pet, OPTIONS, register="rigid", register_with=far, registration_settings=FAST)
+    assert "\n" not in str(err.value)
+    assert scene_state(scene) == before and far.GetTransformNodeID() is None
+
+    out = fscene.fuse_nodes(scene, mr, pet, OPTIONS, register="rigid", register_with=ct, registration_settings=FAST)
+    node = out.transform_node
+    assert pet.GetTransformNodeID() == node.GetID() == ct.GetTransformNodeID()
+    assert world_error(mr, pet, truth) < 2.0 and world_error(mr, ct, truth) < 2.0
+    assert node.GetAttribute("MedicalFusion.registered_with") == ct.GetID()
+
+    # a volume under another parent transform is not in the PET's placement
+    pet.SetAndObserveTransformNodeID(None)
+    with pytest.raises(FusionError, match="different parent transforms"):
+        fscene.fuse_nodes(scene, mr, pet, OPTIONS, register="rigid", register_with=ct, registration_settings=FAST)
+    assert pet.GetTransformNodeID() is None and ct.GetTransformNodeID() == node.GetID()
+
+
+def test_cancel_while_registering_with_the_ct_leaves_both_parents(scene, pair, truth):
+    mr, pet = pair
+    ct = add_volume_from_image(scene, reg.moved_geometry(phantom("t2", spacing=3.5, seed=3), truth), "CT")
+    before = scene_state(scene)
+    asked = []
+
+    def cancel():
+        asked.append(1)
+        return len(asked) > 30
+
+    with pytest.raises(FusionCancelled):
+        fscene.fuse_nodes(scene, mr, pet, OPTIONS, register="rigid", register_with=ct, cancel=cancel,
+                          registration_settings=FAST)
+    assert scene_state(scene) == before
+    assert pet.GetTransformNodeID() is None and ct.GetTransformNodeID() is None
