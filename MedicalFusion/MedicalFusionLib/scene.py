@@ -38,11 +38,12 @@ run used, in the functional's units (see :func:`add_colour_legend`).
 
 The metrics table has one row per metric and the columns ``metric, mean, std, slices,
 description``. How the result was made is stored as node attributes on both outputs (see
-:data:`ATTRIBUTE_PREFIX`): method, device, seconds, slice axis, windows, colour map, inputs, versions.
+:data:`ATTRIBUTE_PREFIX`): method, device, seconds, slice axis, windows, colour map, inputs (names and node IDs), versions.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -227,7 +228,8 @@ def load_dicom_volume(scene, folder, name: str | None = None):
     The voxels are read as the command line reads them (SimpleITK; PET in SUV when its header
     allows, see :mod:`MedicalFusionLib.dicom`). The node gets the units (``MedicalFusion.units``
     and the voxel value units code), ``DICOM.Modality`` and ``DICOM.FrameOfReferenceUID``
-    attributes, and a display node with the window the pipeline would choose (a CT in HU: the
+    attributes, the series folder (``MedicalFusion.dicom_folder``: the DICOM export of a fused
+    volume reads patient, study and source instances there, see :mod:`MedicalFusionLib.scene_dicom`), and a display node with the window the pipeline would choose (a CT in HU: the
     soft-tissue preset; PET: PET-Heat when that colour node is in the scene). A notice about PET
     units (logged when the series is read) is kept in ``MedicalFusion.units_notice``. Returns the node.
     """
@@ -244,6 +246,8 @@ def load_dicom_volume(scene, folder, name: str | None = None):
         node.SetAttribute(ATTRIBUTE_PREFIX + "units", facts.units)
     node.SetAttribute("DICOM.Modality", facts.modality)
     node.SetAttribute("DICOM.FrameOfReferenceUID", facts.frame_of_reference_uid)
+    # where its files are: the DICOM export of a fused volume takes patient, study and sources from them
+    node.SetAttribute(ATTRIBUTE_PREFIX + "dicom_folder", os.path.abspath(str(folder)))
     code = {"HU": HU_CODE, "SUVbw": SUVBW_CODE}.get(facts.units)
     if code is not None:
         coded = _slicer().vtkCodedEntry()
@@ -440,7 +444,8 @@ def prepare_inputs(scene, anatomical, functional, options=None, use_display_wind
     options = FusionOptions(**vars(options)) if options is not None else FusionOptions()
     a_img = image_from_node(anatomical)
     f_img = image_from_node(functional)
-    info = {"anatomical": anatomical.GetName(), "functional": functional.GetName()}
+    info = {"anatomical": anatomical.GetName(), "functional": functional.GetName(),
+            "anatomical_id": anatomical.GetID(), "functional_id": functional.GetID()}
     if options.anatomical_units is None:
         options.anatomical_units = node_units(anatomical)
     if options.functional_units is None:
