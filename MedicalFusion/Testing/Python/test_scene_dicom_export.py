@@ -222,6 +222,12 @@ def test_inputs_gone_or_changed_are_refused(tmp_path):
     fused.SetOrigin(origin[0] + 5, origin[1], origin[2])
     with pytest.raises(FusionError, match="no longer on the grid"):
         sd.export_fused_node_dicom(s, fused, tmp_path / "b")
+    # the CT moved after loading (and the fused volume with it): no longer on its series' grid
+    ct_origin = ct.GetOrigin()
+    ct.SetOrigin(ct_origin[0] + 5, ct_origin[1], ct_origin[2])
+    with pytest.raises(FusionError, match="no longer on the grid of the DICOM series"):
+        sd.export_fused_node_dicom(s, fused, tmp_path / "b")
+    ct.SetOrigin(*ct_origin)
     fused.SetOrigin(*origin)
     np.testing.assert_array_equal(sc.ijk_to_ras(fused), m)
     # the PET was deleted
