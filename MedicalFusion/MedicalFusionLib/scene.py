@@ -38,7 +38,9 @@ run used, in the functional's units (see :func:`add_colour_legend`).
 
 The metrics table has one row per metric and the columns ``metric, mean, std, slices,
 description``. How the result was made is stored as node attributes on both outputs (see
-:data:`ATTRIBUTE_PREFIX`): method, device, seconds, slice axis, windows, colour map, inputs (names and node IDs), versions.
+:data:`ATTRIBUTE_PREFIX`): method, device, seconds, slice axis, windows, colour map, inputs, versions.
+The fused volume also references its two input nodes (MRML node references, roles
+:data:`INPUT_REFERENCE_ROLES`: kept when the scene is saved, read back or imported).
 """
 from __future__ import annotations
 
@@ -66,6 +68,8 @@ ATTRIBUTE_PREFIX = "MedicalFusion."
 #: (vtkMRMLVectorVolumeNode derives from vtkMRMLTensorVolumeNode, so the tensor base class is not listed.)
 FOUR_D_CLASSES = ("vtkMRMLMultiVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode")
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: Node reference roles from a fused volume to the nodes it was fused from (the DICOM export reads them).
+INPUT_REFERENCE_ROLES = {"anatomical": "MedicalFusion.anatomical", "functional": "MedicalFusion.functional"}
 
 
 def _slicer():
@@ -444,8 +448,7 @@ def prepare_inputs(scene, anatomical, functional, options=None, use_display_wind
     options = FusionOptions(**vars(options)) if options is not None else FusionOptions()
     a_img = image_from_node(anatomical)
     f_img = image_from_node(functional)
-    info = {"anatomical": anatomical.GetName(), "functional": functional.GetName(),
-            "anatomical_id": anatomical.GetID(), "functional_id": functional.GetID()}
+    info = {"anatomical": anatomical.GetName(), "functional": functional.GetName()}
     if options.anatomical_units is None:
         options.anatomical_units = node_units(anatomical)
     if options.functional_units is None:
@@ -579,6 +582,7 @@ class _NodeState:
         self.node = node
         self.attributes = {n: node.GetAttribute(n) for n in (node.GetAttributeNames() or ())}
         self.display_ids = _display_ids(node)
+        self.references = {role: node.GetNodeReferenceID(role) for role in INPUT_REFERENCE_ROLES.values()}
         self.data = node.GetImageData() if hasattr(node, "GetImageData") else node.GetTable()
         self.matrix = None
         if hasattr(node, "GetIJKToRASMatrix"):
@@ -608,6 +612,8 @@ class _NodeState:
         for display_id in _display_ids(node):
             if display_id not in self.display_ids:
                 _remove_with_display_nodes(scene, display_id)
+        for role, node_id in self.references.items():
+            node.SetNodeReferenceID(role, node_id)
 
 
 def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, output_table=None,
@@ -707,6 +713,8 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
         volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
                                   f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
         write_volume(volume, anatomical, image_data)
+        for role, node in (("anatomical", anatomical), ("functional", functional)):
+            volume.SetNodeReferenceID(INPUT_REFERENCE_ROLES[role], node.GetID())
         tracker.advance(1, 2)
         table = None
         if vtk_table is not None:

@@ -26,8 +26,8 @@ that grid (a volume cropped or resampled after loading is refused: the series wo
 it does not show).
 
 The fused node must still be on the anatomical's grid (same IJK-to-RAS and size); the inputs are the
-nodes the fused node was made from (``MedicalFusion.anatomical_id`` / ``functional_id``, recorded by
-``fuse_nodes``). The functional's source slices are found with the inputs' parent transforms as they
+nodes the fused node was made from (its node references ``MedicalFusion.anatomical`` /
+``MedicalFusion.functional``, set by ``fuse_nodes``). The functional's source slices are found with the inputs' parent transforms as they
 are at export time (the placement the fusion used, unless it was changed since). Nothing in the scene
 is changed.
 """
@@ -249,17 +249,15 @@ def _picture(scene, fused) -> _Picture:
 def _inputs(scene, fused, anatomical, functional):
     found = []
     for role, given in (("anatomical", anatomical), ("functional", functional)):
-        recorded_id = fused.GetAttribute(sc.ATTRIBUTE_PREFIX + f"{role}_id") or ""
+        recorded_id = fused.GetNodeReferenceID(sc.INPUT_REFERENCE_ROLES[role]) or ""
         recorded_name = fused.GetAttribute(sc.ATTRIBUTE_PREFIX + role) or "?"
         node = sc._resolve(scene, given, role) if given is not None else None
         if node is None:
-            if not recorded_id:
-                raise FusionError(f"'{fused.GetName()}' does not record which volumes it was fused from: "
-                                  "fuse again, then export")
-            node = scene.GetNodeByID(recorded_id)
+            node = scene.GetNodeByID(recorded_id) if recorded_id else None
             if node is None:
-                raise FusionError(f"the {role} volume '{recorded_name}' that '{fused.GetName()}' was fused from is no "
-                                  "longer in the scene: load it again and fuse again, then export")
+                raise FusionError(f"the {role} volume '{recorded_name}' that '{fused.GetName()}' was fused from is not "
+                                  "in the scene (deleted, or not recorded by an older version): load it again and "
+                                  "fuse again, then export")
         elif recorded_id and node.GetID() != recorded_id:
             raise FusionError(f"'{fused.GetName()}' was fused from the {role} volume '{recorded_name}', not "
                               f"'{node.GetName()}': export it with the volumes it was made from")

@@ -232,7 +232,7 @@ def test_inputs_gone_or_changed_are_refused(tmp_path):
     np.testing.assert_array_equal(sc.ijk_to_ras(fused), m)
     # the PET was deleted
     s.RemoveNode(pet)
-    with pytest.raises(FusionError, match="no longer in the scene"):
+    with pytest.raises(FusionError, match="is not in the scene"):
         sd.export_fused_node_dicom(s, fused, tmp_path / "c")
     assert not any(tmp_path.iterdir())
 
@@ -316,3 +316,31 @@ def test_volumes_not_from_dicom_get_a_synthetic_patient_and_say_so(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), slicer.util.arrayFromVolume(fused)[::-1])
     for ds in headers(tmp_path / "dicom"):
         assert "SourceImageSequence" not in ds       # a synthetic patient names no real instances
+
+
+def test_the_inputs_are_found_after_the_scene_is_saved_and_imported_into_another():
+    """The fused volume's references to its inputs are MRML node references: importing the saved
+    scene into a scene that already holds volumes renames the node IDs, and they follow."""
+    s = new_scene()
+    anatomical, functional = sc.add_phantom_pair(s)
+    fused = sc.fuse_nodes(s, anatomical, functional, options()).volume_node
+    assert sd._inputs(s, fused, None, None) == [anatomical, functional]
+    s.SetSaveToXMLString(1)
+    s.Commit()
+    xml = s.GetSceneXMLString()
+
+    other = new_scene()
+    for node in sc.add_phantom_pair(other):     # takes the IDs the saved nodes had
+        node.SetName("already here " + node.GetName())
+    count = other.GetNumberOfNodes()
+    other.SetLoadFromXMLString(1)
+    other.SetSceneXMLString(xml)
+    other.Import()
+    assert other.GetNumberOfNodes() > count
+    imported = [n for n in (other.GetNthNodeByClass(i, "vtkMRMLVectorVolumeNode")
+                            for i in range(other.GetNumberOfNodesByClass("vtkMRMLVectorVolumeNode")))
+                if n.GetName() == fused.GetName()]
+    assert len(imported) == 1
+    a, f = sd._inputs(other, imported[0], None, None)
+    assert (a.GetName(), f.GetName()) == (anatomical.GetName(), functional.GetName())
+    assert a.GetID() != anatomical.GetID() and a.GetScene() is other
