@@ -2,7 +2,7 @@
 
 The user loads the sts STS_001 CT and PET, clicks Fuse, then, in the 'DICOM export' section, picks a
 folder and clicks 'Export as DICOM series'. Checked: the button is disabled until a fused volume is
-selected (and after a fusion the new result is selected), the folder holds the fused node's voxels on
+selected and while a fusion runs (after a fusion the new result is selected), the folder holds the fused node's voxels on
 the CT's IJK-to-RAS grid as a series of the CT's patient and study (SimpleITK's series reader), a
 non-empty or missing folder is one status line with nothing written, and the inputs are unchanged.
 Skipped, with the reason, when ../shared/slicer-python, slicer-core or the sts data are missing.
@@ -106,3 +106,16 @@ def test_export_button_writes_the_fused_volume_as_a_series_of_the_ct_study(harne
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(n), voxels)
         np.testing.assert_array_equal(ijk_to_ras(n), matrix)
         assert {a: n.GetAttribute(a) for a in n.GetAttributeNames()} == attributes
+
+    # while a fusion runs (a fused volume selected), the export is disabled; afterwards the new one is selected
+    seen = {}
+
+    def during_fusion():
+        seen.update(export=ui.exportDicomButton.enabled, section=ui.exportCollapsibleButton.enabled,
+                    selected=ui.exportVolumeSelector.currentNode())
+
+    h.app.after_process_events(2, during_fusion)
+    ui.fuseButton.click()
+    assert ui.statusLabel.text.startswith("Done"), ui.statusLabel.text
+    assert seen == {"export": False, "section": False, "selected": fused}
+    assert ui.exportVolumeSelector.currentNode() not in (None, fused) and ui.exportDicomButton.enabled
