@@ -2,9 +2,10 @@
 
 The user loads the sts STS_001 CT and PET, clicks Fuse, then, in the 'DICOM export' section, picks a
 folder and clicks 'Export as DICOM series'. Checked: the button is disabled until a fused volume is
-selected and while a fusion runs (after a fusion the new result is selected), the folder holds the fused node's voxels on
-the CT's IJK-to-RAS grid as a series of the CT's patient and study (SimpleITK's series reader), a
-non-empty or missing folder is one status line with nothing written, and the inputs are unchanged.
+selected and while a fusion runs (after a fusion the new result is selected), the folder holds the
+fused node's voxels on the CT's IJK-to-RAS grid as a series of the CT's patient and study
+(SimpleITK's series reader), a non-empty or missing folder is one status line with nothing written,
+and the inputs are unchanged.
 Skipped, with the reason, when ../shared/slicer-python, slicer-core or the sts data are missing.
 """
 from __future__ import annotations
