@@ -499,11 +499,14 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Deleting a node the running fusion reads or writes cancels the run
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAboutToBeRemovedEvent, self.onNodeAboutToBeRemoved)
         self.ui.fuseButton.connect("clicked(bool)", self.onFuseButton)
+        self.ui.exportVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._checkCanExport)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicomButton)
         self.ui.progressBar.setVisible(False)
         # Said in the status line whenever the panel shows it (not only here: opening the panel
         # and every validation write the status line afterwards)
         self._missingDependencies = missingDependencies()
         self.initializeParameterNode()
+        self._checkCanExport()
 
     def cleanup(self) -> None:
         self._disconnectParameterNode()
@@ -741,8 +744,10 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fuseButton.enabled = True
         self.ui.progressBar.setVisible(running)
         self.ui.progressBar.value = 0
-        for box in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton):
+        for box in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton,
+                    self.ui.exportCollapsibleButton):
             box.enabled = not running
+        self._checkCanExport()
         if not running:
             self._checkCanApply()
 
@@ -802,6 +807,38 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logging.info("MedicalFusion: %s | %s", self.ui.statusLabel.text, versionReport(p.device))
         self.logic.showResults(outcome, p.anatomicalVolume, foreground=p.showAsForeground,
                                switchLayout=p.switchToTableLayout)
+        self.ui.exportVolumeSelector.setCurrentNode(outcome.volume_node)   # ready to export
+
+    def _checkCanExport(self, node=None) -> None:
+        """The DICOM export button: enabled for a fused volume (a MedicalFusion result) while no fusion runs."""
+        from MedicalFusionLib.scene_dicom import can_export  # noqa: PLC0415
+
+        ok, reason = can_export(self.ui.exportVolumeSelector.currentNode())
+        self.ui.exportDicomButton.enabled = ok and not self._running
+        self.ui.exportDicomButton.toolTip = (_("Write the fused volume into the folder as a DICOM series of the "
+                                               "anatomical's patient and study.") if ok else reason)
+
+    def onExportDicomButton(self) -> None:
+        """Export the selected fused volume as a DICOM series (MedicalFusionLib.scene_dicom); one status line."""
+        from MedicalFusionLib.errors import FusionError  # noqa: PLC0415
+        from MedicalFusionLib.scene_dicom import export_fused_node_dicom  # noqa: PLC0415
+
+        self._statusIsReason = False
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            done = export_fused_node_dicom(slicer.mrmlScene, self.ui.exportVolumeSelector.currentNode(),
+                                           self.ui.exportFolderPathLineEdit.currentPath.strip())
+        except FusionError as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - show any failure to the user, details in the log
+            logging.exception("MedicalFusion DICOM export failed")
+            self.ui.statusLabel.text = _("DICOM export failed: {error}").format(error=exc)
+            return
+        finally:
+            slicer.app.restoreOverrideCursor()
+        self.ui.statusLabel.text = done.message
+        logging.info("MedicalFusion: %s", done.message)
 
 
 #

@@ -39,10 +39,13 @@ run used, in the functional's units (see :func:`add_colour_legend`).
 The metrics table has one row per metric and the columns ``metric, mean, std, slices,
 description``. How the result was made is stored as node attributes on both outputs (see
 :data:`ATTRIBUTE_PREFIX`): method, device, seconds, slice axis, windows, colour map, inputs, versions.
+The fused volume also references its two input nodes (MRML node references, roles
+:data:`INPUT_REFERENCE_ROLES`: kept when the scene is saved, read back or imported).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -65,6 +68,8 @@ ATTRIBUTE_PREFIX = "MedicalFusion."
 #: (vtkMRMLVectorVolumeNode derives from vtkMRMLTensorVolumeNode, so the tensor base class is not listed.)
 FOUR_D_CLASSES = ("vtkMRMLMultiVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode")
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: Node reference roles from a fused volume to the nodes it was fused from (the DICOM export reads them).
+INPUT_REFERENCE_ROLES = {"anatomical": "MedicalFusion.anatomical", "functional": "MedicalFusion.functional"}
 
 
 def _slicer():
@@ -227,7 +232,8 @@ def load_dicom_volume(scene, folder, name: str | None = None):
     The voxels are read as the command line reads them (SimpleITK; PET in SUV when its header
     allows, see :mod:`MedicalFusionLib.dicom`). The node gets the units (``MedicalFusion.units``
     and the voxel value units code), ``DICOM.Modality`` and ``DICOM.FrameOfReferenceUID``
-    attributes, and a display node with the window the pipeline would choose (a CT in HU: the
+    attributes, the series folder (``MedicalFusion.dicom_folder``: the DICOM export of a fused
+    volume reads patient, study and source instances there, see :mod:`MedicalFusionLib.scene_dicom`), and a display node with the window the pipeline would choose (a CT in HU: the
     soft-tissue preset; PET: PET-Heat when that colour node is in the scene). A notice about PET
     units (logged when the series is read) is kept in ``MedicalFusion.units_notice``. Returns the node.
     """
@@ -244,6 +250,8 @@ def load_dicom_volume(scene, folder, name: str | None = None):
         node.SetAttribute(ATTRIBUTE_PREFIX + "units", facts.units)
     node.SetAttribute("DICOM.Modality", facts.modality)
     node.SetAttribute("DICOM.FrameOfReferenceUID", facts.frame_of_reference_uid)
+    # where its files are: the DICOM export of a fused volume takes patient, study and sources from them
+    node.SetAttribute(ATTRIBUTE_PREFIX + "dicom_folder", os.path.abspath(str(folder)))
     code = {"HU": HU_CODE, "SUVbw": SUVBW_CODE}.get(facts.units)
     if code is not None:
         coded = _slicer().vtkCodedEntry()
@@ -574,6 +582,7 @@ class _NodeState:
         self.node = node
         self.attributes = {n: node.GetAttribute(n) for n in (node.GetAttributeNames() or ())}
         self.display_ids = _display_ids(node)
+        self.references = {role: node.GetNodeReferenceID(role) for role in INPUT_REFERENCE_ROLES.values()}
         self.data = node.GetImageData() if hasattr(node, "GetImageData") else node.GetTable()
         self.matrix = None
         if hasattr(node, "GetIJKToRASMatrix"):
@@ -603,6 +612,8 @@ class _NodeState:
         for display_id in _display_ids(node):
             if display_id not in self.display_ids:
                 _remove_with_display_nodes(scene, display_id)
+        for role, node_id in self.references.items():
+            node.SetNodeReferenceID(role, node_id)
 
 
 def fuse_nodes(scene, anatomical, functional, options=None, output_volume=None, output_table=None,
@@ -714,6 +725,8 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
         volume = _new_or_existing(scene, output_volume, "vtkMRMLVectorVolumeNode",
                                   f"{anatomical.GetName()} + {functional.GetName()} fused ({result.method})", created)
         write_volume(volume, anatomical, image_data)
+        for role, node in (("anatomical", anatomical), ("functional", functional)):
+            volume.SetNodeReferenceID(INPUT_REFERENCE_ROLES[role], node.GetID())
         tracker.advance(1, 2)
         table = None
         if vtk_table is not None:

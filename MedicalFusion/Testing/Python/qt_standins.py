@@ -914,7 +914,28 @@ class ctkDoubleRangeSlider(ctkRangeWidget):
 
 
 class ctkPathLineEdit(QWidget):
+    """A path field: ``currentPath`` (set from code or typed) emits currentPathChanged(path) on change."""
+
     SIGNALS = ("currentPathChanged",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._path = ""
+        self.filters = ""
+        self.settingKey = ""
+
+    @property
+    def currentPath(self) -> str:
+        return self._path
+
+    @currentPath.setter
+    def currentPath(self, value: str) -> None:
+        if value != self._path:
+            self._path = value
+            self.currentPathChanged.emit(value)
+
+    def setCurrentPath(self, value: str) -> None:
+        self.currentPath = value
 
 
 class ctkDirectoryButton(QWidget):

@@ -148,6 +148,42 @@ def test_pull_fuse_store_lands_in_the_same_study(pacs, login, tmp_path, capfd, p
     server.delete_series(uid)        # the next tests see the study as loaded
 
 
+def test_slicer_scene_round_trip_pull_fuse_export_store(pacs, login, tmp_path):
+    """Issue 22 item 3 as far as slicer-core allows: both series pulled from the PACS (WADO-RS) into
+    folders, loaded into a real vtkMRMLScene (scene.load_dicom_volume), fused (fuse_nodes), exported
+    from the fused node (scene_dicom.export_fused_node_dicom, what the panel's button calls) and
+    stored back (STOW-RS): the PACS lists it in the CT's study, equal to the fused node."""
+    slicer = pytest.importorskip("slicer")
+    import pydicom
+    from MedicalFusionLib import pacs as pacs_client
+    from MedicalFusionLib import scene as sc
+    from MedicalFusionLib import scene_dicom
+    from MedicalFusionLib.pipeline import FusionOptions
+
+    server, series = pacs
+    ct_uid, pet_uid = series["STS_001"]["CT"], series["STS_001"]["PET"]
+    study = server.series_uids()[ct_uid][0]
+    client = pacs_client.Pacs(server.dicomweb)
+    scene = slicer.vtkMRMLScene()
+    colours = slicer.vtkSlicerColorLogic()
+    colours.SetMRMLScene(scene)
+    ct = sc.load_dicom_volume(scene, client.retrieve_series(ct_uid, tmp_path / "pulled" / "ct", "anatomical"))
+    pet = sc.load_dicom_volume(scene, client.retrieve_series(pet_uid, tmp_path / "pulled" / "pet", "functional"))
+    fused = sc.fuse_nodes(scene, ct, pet, FusionOptions(method="average", compute_metrics=False)).volume_node
+    done = scene_dicom.export_fused_node_dicom(scene, fused, tmp_path / "export")
+    assert done.study_instance_uid == study and not done.synthetic
+    stored = client.store_series([pydicom.dcmread(str(f)) for f in done.files])
+    try:
+        assert (stored.study_uid, stored.series_uid) == (study, done.series_instance_uid)
+        listed = _fused_series(server, study)
+        assert listed[done.series_instance_uid][1] == len(done.files)
+        back = _download(server, done.series_instance_uid, tmp_path / "stored")
+        assert np.array_equal(sitk.GetArrayFromImage(back), slicer.util.arrayFromVolume(fused))
+        np.testing.assert_allclose(back.GetOrigin(), sc.image_from_node(ct).GetOrigin(), atol=1e-4)
+    finally:
+        server.delete_series(done.series_instance_uid)        # the next tests see the study as loaded
+
+
 def test_output_dicom_alongside_store_and_mr_as_anatomical(pacs, login, tmp_path, capfd):
     server, series = pacs
     mr, pet = series["STS_002"]["MR_T1"], series["STS_002"]["PET"]
