@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import hashlib
 import io
 import json
 import os
@@ -44,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import FusionError
+from .outputs import sha256_of
 
 REQUIRED_COLUMNS = ("id", "anatomical", "functional")
 #: ``fuse`` options that ``batch`` sets for every study: its threads, its progress, and its file outputs
@@ -258,14 +258,6 @@ def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list |
 # one study, in a worker
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verified(folder: str | os.PathLike, options: list) -> bool:
     """True when ``folder/done.json`` was written for these options and every file it lists is
     there with its recorded sha256 (a complete study from an earlier run)."""
@@ -274,7 +266,7 @@ def verified(folder: str | os.PathLike, options: list) -> bool:
         done = json.loads((folder / DONE_NAME).read_text(encoding="utf-8"))
         if done.get("options") != options or not done.get("files"):
             return False
-        return all(_sha256(folder / name) == digest for name, digest in done["files"].items())
+        return all(sha256_of(folder / name) == digest for name, digest in done["files"].items())
     except (OSError, ValueError, AttributeError, TypeError):
         return False
 
@@ -396,7 +388,7 @@ def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
     if args is None:
         return "failed", error
     fuse_one(args)
-    files = {p.name: _sha256(p) for p in args.output_set.written}
+    files = {p.name: sha256_of(p) for p in args.output_set.written}
     done = {"options": task.options, "files": files, "version": __version__}
     with OutputSet() as out:
         out.add_text(folder / DONE_NAME, json.dumps(done, indent=1) + "\n", "done marker")

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import os
 import pathlib
@@ -73,6 +74,15 @@ TEMP_PREFIX = ".mf-tmp-"
 BACKUP_PREFIX = ".mf-bak-"
 PAUSE_ENV, PAUSE_FILE_ENV = "MEDICALFUSION_TEST_PAUSE_AT", "MEDICALFUSION_TEST_PAUSE_FILE"
 _SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (weights' checksums, a cohort study's done marker)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 _held: list = []        # signals that arrived while held back by signals_held()

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from ..errors import FusionError
+from ..outputs import sha256_of  # noqa: F401  (also this module's public name)
 
 WEIGHTS_ENV = "MEDICALFUSION_WEIGHTS"
 OWN_WEIGHTS_ENV = "MEDICALFUSION_OWN_WEIGHTS"
@@ -72,14 +73,6 @@ def _is_shipped(directory: pathlib.Path) -> bool:
         return directory.resolve() == shipped_weights_dir().resolve()
     except OSError:
         return False
-
-
-def sha256_of(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def settings_digest(entry: dict) -> str:
