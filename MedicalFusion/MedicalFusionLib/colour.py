@@ -104,9 +104,13 @@ def robust_window(values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99
 def apply_colormap(unit: np.ndarray, name_or_table) -> np.ndarray:
     """Map values in [0, 1] through a 256-entry table to RGB floats in [0, 1] (shape ... x 3)."""
     table = colormap_table(name_or_table) if isinstance(name_or_table, str) else np.asarray(name_or_table)
-    n = table.shape[0]
-    idx = np.clip(np.floor(np.asarray(unit, dtype=np.float32) * n), 0, n - 1).astype(np.intp)
-    return table[idx].astype(np.float32)
+    return table[colormap_index(unit, table.shape[0])].astype(np.float32)
+
+
+def colormap_index(unit: np.ndarray, n: int) -> np.ndarray:
+    """The entry of an ``n``-entry table that values in [0, 1] map to (uint8 for up to 256 entries)."""
+    idx = np.clip(np.floor(np.asarray(unit, dtype=np.float32) * n), 0, n - 1)
+    return idx.astype(np.uint8 if n <= 256 else np.int32)
 
 
 # RGB -> YCbCr (rows Y, Cb, Cr; the +0.5 offsets of Cb/Cr are added separately) and its inverse
@@ -162,3 +166,191 @@ def gray8(image: np.ndarray) -> np.ndarray:
     if a.dtype != np.uint8:
         raise TypeError("gray8 expects uint8 images")
     return a
+
+
+# --------------------------------------------------------------------------------------------------
+# CIELAB (sRGB, D65) and the colour-keeping recombination
+#
+# Constants: IEC 61966-2-1 sRGB transfer curve and primaries (RGB -> XYZ matrix of the D65 sRGB
+# primaries, as scikit-image's rgb2lab uses them), CIE 1976 L*a*b* with the D65 white of the 2-degree
+# observer. Our own vectorised float code; scikit-image's rgb2lab is the independent reference in the tests.
+
+_XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
+                          [0.212671, 0.715160, 0.072169],
+                          [0.019334, 0.119193, 0.950227]])
+_RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB)
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+_LAB_EPS = 0.008856            # (6/29)^3 as CIE rounds it
+_LAB_KAPPA = 7.787             # 1/3 (29/6)^2
+
+
+def srgb_to_linear(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v)
+    return np.where(v > 0.04045, ((np.maximum(v, 0.04045) + 0.055) / 1.055) ** 2.4, v / 12.92)
+
+
+def linear_to_srgb(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v)
+    return np.where(v > 0.0031308, 1.055 * np.maximum(v, 0.0031308) ** (1 / 2.4) - 0.055, 12.92 * v)
+
+
+def _lab_f(t: np.ndarray) -> np.ndarray:
+    return np.where(t > _LAB_EPS, np.cbrt(t), _LAB_KAPPA * t + 16.0 / 116.0)
+
+
+def _lab_f_inv(f: np.ndarray) -> np.ndarray:
+    return np.where(f > 0.2068966, f * f * f, (f - 16.0 / 116.0) / _LAB_KAPPA)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB floats in [0, 1] (... x 3) to CIELAB (L* in [0, 100]), D65."""
+    lin = srgb_to_linear(np.asarray(rgb, dtype=np.float64))
+    xyz = lin @ _XYZ_FROM_RGB.T / _WHITE_D65
+    f = _lab_f(xyz)
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+
+
+def lab_to_linear_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (... x 3) to linear-light sRGB, not clipped (outside [0, 1] = outside the sRGB gamut)."""
+    lab = np.asarray(lab, dtype=np.float64)
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], -1)
+    return (_lab_f_inv(f) * _WHITE_D65) @ _RGB_FROM_XYZ.T
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (... x 3) to sRGB floats, clipped to [0, 1]."""
+    return np.clip(linear_to_srgb(np.clip(lab_to_linear_rgb(lab), 0.0, 1.0)), 0.0, 1.0)
+
+
+def gray_lightness(y: np.ndarray) -> np.ndarray:
+    """L* of the neutral grey whose sRGB value (and hence BT.601 luma) is ``y`` in [0, 1]."""
+    return 116.0 * _lab_f(srgb_to_linear(np.clip(np.asarray(y, dtype=np.float32), 0.0, 1.0))) - 16.0
+
+
+#: The colour-keeping recombination's two parameters (docs/EVALUATION.md, "Colour"): the fused
+#: lightness is mapped into an interval of at least MIN_LIGHTNESS_RANGE L* units where the colour
+#: fits the sRGB gamut; a colour whose full chroma leaves a narrower interval (saturated yellows,
+#: reds, blues near their gamut cusp) has its chroma lowered just enough to reach that range, but
+#: never below MIN_CHROMA_KEPT of the functional's.
+MIN_LIGHTNESS_RANGE = 30.0
+MIN_CHROMA_KEPT = 0.85
+_GAMUT_TOL = 1e-6
+_L_GRID = np.linspace(0.0, 100.0, 201)
+
+
+def _in_gamut(lab: np.ndarray) -> np.ndarray:
+    lin = lab_to_linear_rgb(lab)
+    return np.all((lin >= -_GAMUT_TOL) & (lin <= 1.0 + _GAMUT_TOL), axis=-1)
+
+
+def lightness_interval(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each chromaticity (a*, b*) (1-D arrays), the [L_min, L_max] where it fits the sRGB gamut
+    (a grid of 0.5 L* units, then 12 bisection steps at each end); NaN where it fits nowhere."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = a.size
+    grid = np.empty((n, _L_GRID.size, 3))
+    grid[..., 0] = _L_GRID
+    grid[..., 1] = a[:, None]
+    grid[..., 2] = b[:, None]
+    ok = _in_gamut(grid)
+    any_ok = ok.any(1)
+    first = np.argmax(ok, 1)
+    last = _L_GRID.size - 1 - np.argmax(ok[:, ::-1], 1)
+    step = _L_GRID[1] - _L_GRID[0]
+
+    def refine(inside: np.ndarray, outside: np.ndarray) -> np.ndarray:
+        for _ in range(12):
+            mid = 0.5 * (inside + outside)
+            good = _in_gamut(np.stack([mid, a, b], -1))
+            inside = np.where(good, mid, inside)
+            outside = np.where(good, outside, mid)
+        return inside
+
+    lo_in = _L_GRID[first]
+    hi_in = _L_GRID[last]
+    lo = refine(lo_in, np.maximum(lo_in - step, 0.0))
+    hi = refine(hi_in, np.minimum(hi_in + step, 100.0))
+    lo = np.where(first == 0, 0.0, lo)
+    hi = np.where(last == _L_GRID.size - 1, 100.0, hi)
+    return np.where(any_ok, lo, np.nan), np.where(any_ok, hi, np.nan)
+
+
+def colour_plan(rgb: np.ndarray, min_range: float = MIN_LIGHTNESS_RANGE,
+                min_chroma: float = MIN_CHROMA_KEPT) -> np.ndarray:
+    """How the recombination shows each functional colour (``rgb``: n x 3 in [0, 1]): n x 4 float64
+    rows (a*, b*, L_min, L_max) -- the chromaticity it keeps (the colour's own, scaled toward
+    neutral by the least factor in [min_chroma, 1] that leaves a lightness interval of at least
+    ``min_range``; ``min_chroma`` where none does) and the interval where that fits the gamut."""
+    lab = rgb_to_lab(np.asarray(rgb, dtype=np.float64).reshape(-1, 3))
+    n = lab.shape[0]
+    scales = np.linspace(1.0, min_chroma, 8)
+    best_k = np.full(n, min_chroma)
+    found = np.zeros(n, dtype=bool)
+    lo_k = np.zeros(n)
+    hi_k = np.full(n, 100.0)
+    for k in scales:                          # from the full chroma down: the first that fits
+        lo, hi = lightness_interval(k * lab[:, 1], k * lab[:, 2])
+        fits = ~found & np.isfinite(lo) & ((hi - lo) >= min_range)
+        best_k[fits], lo_k[fits], hi_k[fits] = k, lo[fits], hi[fits]
+        found |= fits
+    rest = ~found
+    if rest.any():                           # none reaches the range: the least chroma allowed
+        lo, hi = lightness_interval(min_chroma * lab[rest, 1], min_chroma * lab[rest, 2])
+        mid = lab[rest, 0]
+        lo_k[rest] = np.where(np.isfinite(lo), lo, mid)
+        hi_k[rest] = np.where(np.isfinite(hi), hi, mid)
+    return np.stack([best_k * lab[:, 1], best_k * lab[:, 2], lo_k, hi_k], -1)
+
+
+class _PlanCache:
+    """colour_plan of 8-bit functional colours, kept by 24-bit key (the same functional colours
+    recur in every slab and for every method)."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self):
+        self.plans: dict[int, np.ndarray] = {}
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        missing = [int(k) for k in keys if int(k) not in self.plans]
+        if missing:
+            if len(self.plans) + len(missing) > self.LIMIT:
+                self.plans.clear()
+            mk = np.asarray(missing, dtype=np.int64)
+            rgb = np.stack([(mk >> 16) & 255, (mk >> 8) & 255, mk & 255], -1) / 255.0
+            for k, row in zip(missing, colour_plan(rgb)):
+                self.plans[k] = row
+        return np.stack([self.plans[int(k)] for k in keys]) if len(keys) else np.zeros((0, 4))
+
+
+_PLANS = _PlanCache()
+#: A functional colour counts as neutral (shown as today: a grey of the fused luma) when its Cb and
+#: Cr are both within this of 0.5 (half an 8-bit step).
+NEUTRAL_TOL = 1.0 / 512
+
+
+def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray) -> np.ndarray:
+    """The colour-keeping recombination: fused luma + the functional's colour -> RGB uint8 (... x 3).
+
+    Where the functional is neutral the output is the grey of the fused luma (as the YCbCr
+    recombination gives it). Elsewhere, in CIELAB: the functional's chromaticity (a*, b*) is kept
+    (its hue always; its chroma, or at least MIN_CHROMA_KEPT of it, see :func:`colour_plan`), and
+    the fused luma's lightness L*(y) in [0, 100] is mapped linearly into the interval
+    [L_min, L_max] where that chromaticity fits the sRGB gamut, so that it is never clipped away.
+    """
+    fused_y = np.asarray(fused_y, dtype=np.float32)
+    out = np.repeat(to_uint8(fused_y)[..., None], 3, axis=-1)
+    coloured = (np.abs(functional_ycc[..., 1] - 0.5) > NEUTRAL_TOL) | (np.abs(functional_ycc[..., 2] - 0.5) > NEUTRAL_TOL)
+    if not coloured.any():
+        return out
+    rgb8 = to_uint8(ycbcr_to_rgb(functional_ycc[coloured])).astype(np.int64)
+    keys = (rgb8[:, 0] << 16) | (rgb8[:, 1] << 8) | rgb8[:, 2]
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    plan = _PLANS.get(uniq).astype(np.float32)[inverse.reshape(-1)]
+    lightness = gray_lightness(fused_y[coloured])
+    lab = np.empty((lightness.size, 3), dtype=np.float32)
+    lab[:, 0] = plan[:, 2] + (plan[:, 3] - plan[:, 2]) * (lightness / 100.0)
+    lab[:, 1:] = plan[:, :2]
+    out[coloured] = to_uint8(lab_to_rgb(lab))
+    return out
