@@ -228,13 +228,12 @@ def gray_lightness(y: np.ndarray) -> np.ndarray:
     return 116.0 * _lab_f(srgb_to_linear(np.clip(np.asarray(y, dtype=np.float32), 0.0, 1.0))) - 16.0
 
 
-#: The colour-keeping recombination's two parameters (docs/EVALUATION.md, "Colour"): the fused
-#: lightness is mapped into an interval of at least MIN_LIGHTNESS_RANGE L* units where the colour
-#: fits the sRGB gamut; a colour whose full chroma leaves a narrower interval (saturated yellows,
-#: reds, blues near their gamut cusp) has its chroma lowered just enough to reach that range, but
-#: never below MIN_CHROMA_KEPT of the functional's.
-MIN_LIGHTNESS_RANGE = 30.0
-MIN_CHROMA_KEPT = 0.85
+#: The colour-keeping recombination's one parameter (docs/EVALUATION.md, "Colour"): the output
+#: lightness is DETAIL_WEIGHT x (the fused lightness clamped to the colour's gamut interval) +
+#: (1 - DETAIL_WEIGHT) x (the fused lightness mapped linearly onto that interval). 1 keeps the
+#: anatomy's detail at full strength where its lightness fits the interval and none outside; 0
+#: keeps a little everywhere (the interval's width over 100).
+DETAIL_WEIGHT = 0.85
 _GAMUT_TOL = 1e-6
 _L_GRID = np.linspace(0.0, 100.0, 201)
 
@@ -276,31 +275,16 @@ def lightness_interval(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.where(any_ok, lo, np.nan), np.where(any_ok, hi, np.nan)
 
 
-def colour_plan(rgb: np.ndarray, min_range: float = MIN_LIGHTNESS_RANGE,
-                min_chroma: float = MIN_CHROMA_KEPT) -> np.ndarray:
+def colour_plan(rgb: np.ndarray) -> np.ndarray:
     """How the recombination shows each functional colour (``rgb``: n x 3 in [0, 1]): n x 4 float64
-    rows (a*, b*, L_min, L_max) -- the chromaticity it keeps (the colour's own, scaled toward
-    neutral by the least factor in [min_chroma, 1] that leaves a lightness interval of at least
-    ``min_range``; ``min_chroma`` where none does) and the interval where that fits the gamut."""
+    rows (a*, b*, L_min, L_max): the colour's own chromaticity and the lightness interval where it
+    fits the sRGB gamut (always containing the colour's own L*)."""
     lab = rgb_to_lab(np.asarray(rgb, dtype=np.float64).reshape(-1, 3))
-    n = lab.shape[0]
-    scales = np.linspace(1.0, min_chroma, 8)
-    best_k = np.full(n, min_chroma)
-    found = np.zeros(n, dtype=bool)
-    lo_k = np.zeros(n)
-    hi_k = np.full(n, 100.0)
-    for k in scales:                          # from the full chroma down: the first that fits
-        lo, hi = lightness_interval(k * lab[:, 1], k * lab[:, 2])
-        fits = ~found & np.isfinite(lo) & ((hi - lo) >= min_range)
-        best_k[fits], lo_k[fits], hi_k[fits] = k, lo[fits], hi[fits]
-        found |= fits
-    rest = ~found
-    if rest.any():                           # none reaches the range: the least chroma allowed
-        lo, hi = lightness_interval(min_chroma * lab[rest, 1], min_chroma * lab[rest, 2])
-        mid = lab[rest, 0]
-        lo_k[rest] = np.where(np.isfinite(lo), lo, mid)
-        hi_k[rest] = np.where(np.isfinite(hi), hi, mid)
-    return np.stack([best_k * lab[:, 1], best_k * lab[:, 2], lo_k, hi_k], -1)
+    lo, hi = lightness_interval(lab[:, 1], lab[:, 2])
+    own = lab[:, 0]
+    lo = np.where(np.isfinite(lo), np.minimum(lo, own), own)
+    hi = np.where(np.isfinite(hi), np.maximum(hi, own), own)
+    return np.stack([lab[:, 1], lab[:, 2], lo, hi], -1)
 
 
 class _PlanCache:
@@ -335,9 +319,10 @@ def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray) -> np.ndarray:
 
     Where the functional is neutral the output is the grey of the fused luma (as the YCbCr
     recombination gives it). Elsewhere, in CIELAB: the functional's chromaticity (a*, b*) is kept
-    (its hue always; its chroma, or at least MIN_CHROMA_KEPT of it, see :func:`colour_plan`), and
-    the fused luma's lightness L*(y) in [0, 100] is mapped linearly into the interval
-    [L_min, L_max] where that chromaticity fits the sRGB gamut, so that it is never clipped away.
+    as it is (hue and chroma), and the fused luma's lightness L = L*(y) is brought into the interval
+    [L_min, L_max] where that chromaticity fits the sRGB gamut (:func:`colour_plan`), so that the
+    colour is never clipped away: ``w clip(L, L_min, L_max) + (1 - w) (L_min + (L_max - L_min) L / 100)``
+    with w = :data:`DETAIL_WEIGHT`. A neutral colour's interval is [0, 100]: the grey of the fused luma.
     """
     fused_y = np.asarray(fused_y, dtype=np.float32)
     out = np.repeat(to_uint8(fused_y)[..., None], 3, axis=-1)
@@ -350,7 +335,9 @@ def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray) -> np.ndarray:
     plan = _PLANS.get(uniq).astype(np.float32)[inverse.reshape(-1)]
     lightness = gray_lightness(fused_y[coloured])
     lab = np.empty((lightness.size, 3), dtype=np.float32)
-    lab[:, 0] = plan[:, 2] + (plan[:, 3] - plan[:, 2]) * (lightness / 100.0)
+    lo, hi = plan[:, 2], plan[:, 3]
+    linear = lo + (hi - lo) * (lightness / 100.0)
+    lab[:, 0] = linear + DETAIL_WEIGHT * (np.clip(lightness, lo, hi) - linear)
     lab[:, 1:] = plan[:, :2]
     out[coloured] = to_uint8(lab_to_rgb(lab))
     return out
