@@ -287,28 +287,52 @@ def colour_plan(rgb: np.ndarray) -> np.ndarray:
     return np.stack([lab[:, 1], lab[:, 2], lo, hi], -1)
 
 
-class _PlanCache:
-    """colour_plan of 8-bit functional colours, kept by 24-bit key (the same functional colours
-    recur in every slab and for every method)."""
+#: Fused luma levels of the per-colour tables of :func:`keep_colour` (the luma is rounded to
+#: 1/1023 before the table look-up: at most one 8-bit step from computing every voxel).
+LUMA_LEVELS = 1024
 
-    LIMIT = 1 << 20
+
+def _colour_rows(plan: np.ndarray, weight: float) -> np.ndarray:
+    """For each row (a*, b*, L_min, L_max) of ``plan``, the RGB uint8 output at every fused luma level."""
+    lightness = gray_lightness(np.linspace(0.0, 1.0, LUMA_LEVELS, dtype=np.float32)).astype(np.float64)[None]
+    lo, hi = plan[:, 2:3], plan[:, 3:4]
+    linear = lo + (hi - lo) * (lightness / 100.0)
+    lab = np.empty((plan.shape[0], LUMA_LEVELS, 3))
+    lab[..., 0] = linear + weight * (np.clip(lightness, lo, hi) - linear)
+    lab[..., 1] = plan[:, 0:1]
+    lab[..., 2] = plan[:, 1:2]
+    return to_uint8(lab_to_rgb(lab))
+
+
+class _ColourTables:
+    """The output of each 8-bit functional colour at every fused luma level (LUMA_LEVELS x 3 uint8),
+    kept by 24-bit key: the same functional colours recur in every slab and for every method (a
+    scalar functional has at most its map's 256; an RGB picture a few thousand)."""
+
+    LIMIT = 1 << 15          # colours kept (3 KB each)
 
     def __init__(self):
-        self.plans: dict[int, np.ndarray] = {}
+        self.rows: dict[int, np.ndarray] = {}
+        self.weight = None
 
     def get(self, keys: np.ndarray) -> np.ndarray:
-        missing = [int(k) for k in keys if int(k) not in self.plans]
+        if self.weight != DETAIL_WEIGHT:          # the parameter changed (an experiment): start again
+            self.rows.clear()
+            self.weight = DETAIL_WEIGHT
+        missing = [int(k) for k in keys if int(k) not in self.rows]
         if missing:
-            if len(self.plans) + len(missing) > self.LIMIT:
-                self.plans.clear()
+            if len(self.rows) + len(missing) > self.LIMIT:
+                self.rows.clear()
             mk = np.asarray(missing, dtype=np.int64)
             rgb = np.stack([(mk >> 16) & 255, (mk >> 8) & 255, mk & 255], -1) / 255.0
-            for k, row in zip(missing, colour_plan(rgb)):
-                self.plans[k] = row
-        return np.stack([self.plans[int(k)] for k in keys]) if len(keys) else np.zeros((0, 4))
+            for start in range(0, len(missing), 512):
+                rows = _colour_rows(colour_plan(rgb[start:start + 512]), DETAIL_WEIGHT)
+                for k, row in zip(missing[start:start + 512], rows):
+                    self.rows[k] = row
+        return np.stack([self.rows[int(k)] for k in keys])
 
 
-_PLANS = _PlanCache()
+_TABLES = _ColourTables()
 #: A functional colour counts as neutral (shown as today: a grey of the fused luma) when its Cb and
 #: Cr are both within this of 0.5 (half an 8-bit step).
 NEUTRAL_TOL = 1.0 / 512
@@ -323,21 +347,27 @@ def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray) -> np.ndarray:
     [L_min, L_max] where that chromaticity fits the sRGB gamut (:func:`colour_plan`), so that the
     colour is never clipped away: ``w clip(L, L_min, L_max) + (1 - w) (L_min + (L_max - L_min) L / 100)``
     with w = :data:`DETAIL_WEIGHT`. A neutral colour's interval is [0, 100]: the grey of the fused luma.
+    Fast: each functional colour's output at :data:`LUMA_LEVELS` fused lumas is computed once (and
+    kept), so a voxel is a table look-up.
     """
     fused_y = np.asarray(fused_y, dtype=np.float32)
     out = np.repeat(to_uint8(fused_y)[..., None], 3, axis=-1)
-    coloured = (np.abs(functional_ycc[..., 1] - 0.5) > NEUTRAL_TOL) | (np.abs(functional_ycc[..., 2] - 0.5) > NEUTRAL_TOL)
-    if not coloured.any():
+    ycc = np.asarray(functional_ycc).reshape(-1, 3)
+    idx = np.flatnonzero((np.abs(ycc[:, 1] - 0.5) > NEUTRAL_TOL) | (np.abs(ycc[:, 2] - 0.5) > NEUTRAL_TOL))
+    if idx.size == 0:
         return out
-    rgb8 = to_uint8(ycbcr_to_rgb(functional_ycc[coloured])).astype(np.int64)
+    rgb8 = to_uint8(ycbcr_to_rgb(ycc[idx])).astype(np.int32)
     keys = (rgb8[:, 0] << 16) | (rgb8[:, 1] << 8) | rgb8[:, 2]
     uniq, inverse = np.unique(keys, return_inverse=True)
-    plan = _PLANS.get(uniq).astype(np.float32)[inverse.reshape(-1)]
-    lightness = gray_lightness(fused_y[coloured])
-    lab = np.empty((lightness.size, 3), dtype=np.float32)
-    lo, hi = plan[:, 2], plan[:, 3]
-    linear = lo + (hi - lo) * (lightness / 100.0)
-    lab[:, 0] = linear + DETAIL_WEIGHT * (np.clip(lightness, lo, hi) - linear)
-    lab[:, 1:] = plan[:, :2]
-    out[coloured] = to_uint8(lab_to_rgb(lab))
+    tables = _TABLES.get(uniq).reshape(-1, 3)
+    level = np.rint(np.clip(fused_y.reshape(-1)[idx], 0.0, 1.0) * np.float32(LUMA_LEVELS - 1)).astype(np.intp)
+    level += inverse.reshape(-1) * LUMA_LEVELS
+    out.reshape(-1, 3)[idx] = np.take(tables, level, axis=0)
+    return out
+    rgb8 = to_uint8(ycbcr_to_rgb(functional_ycc[coloured])).astype(np.int32)
+    keys = (rgb8[:, 0] << 16) | (rgb8[:, 1] << 8) | rgb8[:, 2]
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    tables = _TABLES.get(uniq)
+    level = np.rint(np.clip(fused_y[coloured], 0.0, 1.0) * np.float32(LUMA_LEVELS - 1)).astype(np.intp)
+    out[coloured] = tables[inverse.reshape(-1), level]
     return out
