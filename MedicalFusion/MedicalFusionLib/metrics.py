@@ -27,7 +27,8 @@ Public API::
                                          -> {key: (mean, std, n_slices)} over non-empty slices
                                             (the numpy reference; the pipeline uses the torch version,
                                             metrics_torch.volume_metrics_torch, same values)
-    metrics_table_rows(result)           -> rows for a CSV file or a Slicer table node
+    metrics_table_rows(result)           -> rows for a CSV file or a Slicer table node (the 16, then
+                                            the COLOUR_METRICS present: metrics_torch.colour_metrics_torch)
 """
 from __future__ import annotations
 

@@ -10,6 +10,11 @@ it); the tests compare the two on real and synthetic volumes within the toleranc
 docs/EVALUATION.md states, and docs/BENCHMARKS.md (section 'metrics') lists the largest difference
 measured per metric.
 
+:func:`colour_metrics_torch` adds the colour fidelity of a fused volume (CIELAB hue error, chroma
+kept and the uptake read back from the colour, against the functional's own colour; metrics.COLOUR_METRICS),
+which the grayscale metrics cannot see; its independent reference (scikit-image's rgb2lab) is in
+Testing/Python/test_colour_fidelity.py.
+
 Where the time goes and how it is saved:
 
 - **Exact integer statistics.** Inputs are 8-bit, so EN, MI, ARI (one ``bincount`` of all slices'
