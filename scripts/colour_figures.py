@@ -50,13 +50,13 @@ def row(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return np.concatenate(parts[:-1], 1)
 
 
-def before_after(anatomical01, ycc, grayscale, names) -> list[np.ndarray]:
+def before_after(anatomical01, ycc, grayscale, names, table=None) -> list[np.ndarray]:
     tiles = []
     for name in names:
         method = get_method(name)
         fused_y = fuse_slices(anatomical01, ycc[..., 0], method, device=torch.device("cpu"))
         for keep in (False, True):
-            tiles.append(recombine(fused_y, ycc, method.chroma_scale, grayscale, keep_colour=keep)[0])
+            tiles.append(recombine(fused_y, ycc, method.chroma_scale, grayscale, keep_colour=keep, table=table)[0])
     return tiles
 
 
@@ -80,7 +80,8 @@ def bone_figure() -> str:
     _, patient, k, case = best
     p = case.prepared
     sl = slice(k, k + 1)
-    tiles = [case.reference_rgb[k]] + before_after(p.anatomical[sl], p.functional_ycc[sl], p.grayscale, METHODS)
+    tiles = [case.reference_rgb[k]] + before_after(p.anatomical[sl], p.functional_ycc[sl], p.grayscale, METHODS,
+                                                  p.functional_table)
     box = crop_box(np.any(case.reference_rgb[k] > 0, -1) & (p.anatomical[k] > 0.02))
     image = row([np.repeat(np.repeat(t[box], 2, 0), 2, 1) for t in tiles])
     _write(FIGURES / "colour-bone-pet-ct.png", image)

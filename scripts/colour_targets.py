@@ -115,7 +115,8 @@ def run_sts(methods, writer, log) -> None:
                 fused_y = fuse_volume(p.anatomical, p.functional_ycc[..., 0], method, axis=axis,
                                       device=torch.device("cpu"))
                 for when, keep in (("before", False), ("after", True)):
-                    rgb = recombine(fused_y, p.functional_ycc, method.chroma_scale, p.grayscale, keep_colour=keep)
+                    rgb = recombine(fused_y, p.functional_ycc, method.chroma_scale, p.grayscale, keep_colour=keep,
+                                    table=p.functional_table)
                     row = measure(rgb, p.functional_ycc, p.functional_level, p.functional_table, p.bone, p.anatomical,
                                   case.coloured, region_lab, axis)
                     row["hot_spot_pts"] = 100.0 * (top_fraction_in(chroma(rgb), case.mask) - reference_share)

@@ -234,6 +234,16 @@ def gray_lightness(y: np.ndarray) -> np.ndarray:
 #: anatomy's detail at full strength where its lightness fits the interval and none outside; 0
 #: keeps a little everywhere (the interval's width over 100).
 DETAIL_WEIGHT = 0.85
+#: Where a colour's full chroma leaves a lightness interval narrower than MIN_LIGHTNESS_RANGE (L*
+#: units: saturated colours near their gamut cusp), its chroma is lowered just enough to open it,
+#: but never below MIN_CHROMA_KEPT of the functional's, and, for a scalar functional (it has a
+#: colour bar), never so far that the colour reads back more than READBACK_TOLERANCE of the window
+#: away from its own entry (nearest bar entry in a*, b*: PET-Heat's yellow-to-white half encodes
+#: the uptake in chroma alone, so there the chroma stays whole).
+MIN_LIGHTNESS_RANGE = 40.0
+MIN_CHROMA_KEPT = 0.82
+READBACK_TOLERANCE = 0.02
+_CHROMA_STEPS = np.linspace(1.0, MIN_CHROMA_KEPT, 10)
 _GAMUT_TOL = 1e-6
 _L_GRID = np.linspace(0.0, 100.0, 201)
 
@@ -275,16 +285,41 @@ def lightness_interval(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.where(any_ok, lo, np.nan), np.where(any_ok, hi, np.nan)
 
 
-def colour_plan(rgb: np.ndarray) -> np.ndarray:
+def _nearest_entry(ab: np.ndarray, bar_ab: np.ndarray) -> np.ndarray:
+    d = (ab * ab).sum(-1)[..., None] - 2.0 * ab @ bar_ab.T + (bar_ab * bar_ab).sum(-1)
+    return d.argmin(-1)
+
+
+def colour_plan(rgb: np.ndarray, bar: np.ndarray | None = None) -> np.ndarray:
     """How the recombination shows each functional colour (``rgb``: n x 3 in [0, 1]): n x 4 float64
-    rows (a*, b*, L_min, L_max): the colour's own chromaticity and the lightness interval where it
-    fits the sRGB gamut (always containing the colour's own L*)."""
+    rows (a*, b*, L_min, L_max): the chromaticity it keeps (the colour's own hue; its chroma, or
+    less where it leaves no lightness range: see :data:`MIN_LIGHTNESS_RANGE`; ``bar``: the scalar
+    functional's N x 3 colour table, for the read-back bound) and the lightness interval where that
+    fits the sRGB gamut (always containing the colour's own L* at full chroma)."""
     lab = rgb_to_lab(np.asarray(rgb, dtype=np.float64).reshape(-1, 3))
-    lo, hi = lightness_interval(lab[:, 1], lab[:, 2])
-    own = lab[:, 0]
-    lo = np.where(np.isfinite(lo), np.minimum(lo, own), own)
-    hi = np.where(np.isfinite(hi), np.maximum(hi, own), own)
-    return np.stack([lab[:, 1], lab[:, 2], lo, hi], -1)
+    n = lab.shape[0]
+    bar_ab = None if bar is None else rgb_to_lab(np.asarray(bar, dtype=np.float64)[:, :3])[:, 1:]
+    own = None if bar_ab is None else _nearest_entry(lab[:, 1:], bar_ab)
+    tolerance = 0 if bar_ab is None else READBACK_TOLERANCE * len(bar_ab)
+    chosen = np.zeros(n, dtype=bool)
+    allowed = np.ones(n, dtype=bool)          # every step so far reads back within the tolerance
+    k_out, lo_out, hi_out = np.ones(n), np.full(n, np.nan), np.full(n, np.nan)
+    for k in _CHROMA_STEPS:
+        ab = k * lab[:, 1:]
+        if bar_ab is not None:    # this chroma and a little less (8-bit rounding) read back the same level
+            for margin in (0.0, 0.03):
+                allowed &= np.abs(_nearest_entry((k - margin) * lab[:, 1:], bar_ab) - own) <= tolerance
+        lo, hi = lightness_interval(ab[:, 0], ab[:, 1])
+        ok = allowed & ~chosen & np.isfinite(lo)
+        take = ok & ((hi - lo) >= MIN_LIGHTNESS_RANGE)
+        # keep the least reduction that opens the range; else the most reduction allowed so far
+        better = ok & (~np.isfinite(lo_out) | ((hi - lo) > (hi_out - lo_out)))
+        k_out[better], lo_out[better], hi_out[better] = k, lo[better], hi[better]
+        chosen |= take
+    full = lab[:, 0]
+    lo_out = np.where(np.isfinite(lo_out), np.minimum(lo_out, np.where(k_out == 1.0, full, lo_out)), full)
+    hi_out = np.where(np.isfinite(hi_out), np.maximum(hi_out, np.where(k_out == 1.0, full, hi_out)), full)
+    return np.stack([k_out * lab[:, 1], k_out * lab[:, 2], lo_out, hi_out], -1)
 
 
 #: Fused luma levels of the per-colour tables of :func:`keep_colour` (the luma is rounded to
@@ -312,24 +347,26 @@ class _ColourTables:
     LIMIT = 1 << 15          # colours kept (3 KB each)
 
     def __init__(self):
-        self.rows: dict[int, np.ndarray] = {}
-        self.weight = None
+        self.rows: dict[tuple, np.ndarray] = {}
+        self.settings = None
 
-    def get(self, keys: np.ndarray) -> np.ndarray:
-        if self.weight != DETAIL_WEIGHT:          # the parameter changed (an experiment): start again
+    def get(self, keys: np.ndarray, bar: np.ndarray | None = None) -> np.ndarray:
+        settings = (DETAIL_WEIGHT, MIN_LIGHTNESS_RANGE, MIN_CHROMA_KEPT, READBACK_TOLERANCE)
+        if self.settings != settings:             # a parameter changed (an experiment): start again
             self.rows.clear()
-            self.weight = DETAIL_WEIGHT
-        missing = [int(k) for k in keys if int(k) not in self.rows]
+            self.settings = settings
+        bar_key = None if bar is None else hash(np.ascontiguousarray(bar, dtype=np.float32).tobytes())
+        missing = [int(k) for k in keys if (bar_key, int(k)) not in self.rows]
         if missing:
             if len(self.rows) + len(missing) > self.LIMIT:
                 self.rows.clear()
             mk = np.asarray(missing, dtype=np.int64)
             rgb = np.stack([(mk >> 16) & 255, (mk >> 8) & 255, mk & 255], -1) / 255.0
             for start in range(0, len(missing), 512):
-                rows = _colour_rows(colour_plan(rgb[start:start + 512]), DETAIL_WEIGHT)
+                rows = _colour_rows(colour_plan(rgb[start:start + 512], bar), DETAIL_WEIGHT)
                 for k, row in zip(missing[start:start + 512], rows):
-                    self.rows[k] = row
-        return np.stack([self.rows[int(k)] for k in keys])
+                    self.rows[(bar_key, k)] = row
+        return np.stack([self.rows[(bar_key, int(k))] for k in keys])
 
 
 _TABLES = _ColourTables()
@@ -338,12 +375,14 @@ _TABLES = _ColourTables()
 NEUTRAL_TOL = 1.0 / 512
 
 
-def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray) -> np.ndarray:
+def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray, bar: np.ndarray | None = None) -> np.ndarray:
     """The colour-keeping recombination: fused luma + the functional's colour -> RGB uint8 (... x 3).
 
     Where the functional is neutral the output is the grey of the fused luma (as the YCbCr
     recombination gives it). Elsewhere, in CIELAB: the functional's chromaticity (a*, b*) is kept
-    as it is (hue and chroma), and the fused luma's lightness L = L*(y) is brought into the interval
+    (its hue; its chroma, or at least MIN_CHROMA_KEPT of it where the full chroma leaves less than
+    MIN_LIGHTNESS_RANGE of lightness and the colour bar ``bar`` of a scalar functional still reads
+    the same level, see :func:`colour_plan`), and the fused luma's lightness L = L*(y) is brought into the interval
     [L_min, L_max] where that chromaticity fits the sRGB gamut (:func:`colour_plan`), so that the
     colour is never clipped away: ``w clip(L, L_min, L_max) + (1 - w) (L_min + (L_max - L_min) L / 100)``
     with w = :data:`DETAIL_WEIGHT`. A neutral colour's interval is [0, 100]: the grey of the fused luma.
@@ -359,15 +398,8 @@ def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray) -> np.ndarray:
     rgb8 = to_uint8(ycbcr_to_rgb(ycc[idx])).astype(np.int32)
     keys = (rgb8[:, 0] << 16) | (rgb8[:, 1] << 8) | rgb8[:, 2]
     uniq, inverse = np.unique(keys, return_inverse=True)
-    tables = _TABLES.get(uniq).reshape(-1, 3)
+    tables = _TABLES.get(uniq, bar).reshape(-1, 3)
     level = np.rint(np.clip(fused_y.reshape(-1)[idx], 0.0, 1.0) * np.float32(LUMA_LEVELS - 1)).astype(np.intp)
     level += inverse.reshape(-1) * LUMA_LEVELS
     out.reshape(-1, 3)[idx] = np.take(tables, level, axis=0)
-    return out
-    rgb8 = to_uint8(ycbcr_to_rgb(functional_ycc[coloured])).astype(np.int32)
-    keys = (rgb8[:, 0] << 16) | (rgb8[:, 1] << 8) | rgb8[:, 2]
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    tables = _TABLES.get(uniq)
-    level = np.rint(np.clip(fused_y[coloured], 0.0, 1.0) * np.float32(LUMA_LEVELS - 1)).astype(np.intp)
-    out[coloured] = tables[inverse.reshape(-1), level]
     return out

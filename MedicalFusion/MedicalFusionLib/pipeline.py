@@ -269,7 +269,7 @@ def _recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: fl
 
 
 def recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: float, grayscale: bool,
-              tick: Tick | None = None, keep_colour: bool = True) -> np.ndarray:
+              tick: Tick | None = None, keep_colour: bool = True, table: np.ndarray | None = None) -> np.ndarray:
     """Fused luma + the functional's colour -> RGB uint8, slab by slab; ``tick(fraction)`` between slabs.
 
     Every method with ``chroma_scale`` 1 gets the colour-keeping recombination
@@ -278,14 +278,15 @@ def recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: flo
     grey of the fused luma where the functional is neutral). A grayscale fusion is the fused luma
     as grey, unchanged. ``chroma_scale`` < 1 (``alpha``, Slicer's overlay) and ``keep_colour=False``
     (the former recombination, kept for the before/after measurements) keep the functional's
-    BT.601 Cb/Cr, scaled toward neutral by ``chroma_scale``, with the fused luma."""
+    BT.601 Cb/Cr, scaled toward neutral by ``chroma_scale``, with the fused luma. ``table``: a
+    scalar functional's colour table (its colour bar: :attr:`Prepared.functional_table`)."""
     out = np.empty(fused_y.shape + (3,), dtype=np.uint8)
     step = max(1, SLAB_VOXELS // max(1, fused_y[0].size))
     lab = keep_colour and chroma_scale == 1.0 and not grayscale
     for start in range(0, fused_y.shape[0], step):
         part = slice(start, start + step)
         if lab:
-            out[part] = colour.keep_colour(fused_y[part], functional_ycc[part])
+            out[part] = colour.keep_colour(fused_y[part], functional_ycc[part], table)
         else:
             out[part] = _recombine(fused_y[part], functional_ycc[part], chroma_scale, grayscale)
         if tick is not None:
@@ -353,7 +354,7 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
                           batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel)
     tracker.phase("recombine")
     rgb = recombine(fused_y, prepared.functional_ycc, method.chroma_scale, prepared.grayscale,
-                    _span(tracker, 0.0, 1.0))
+                    _span(tracker, 0.0, 1.0), table=prepared.functional_table)
     del fused_y
     seconds = time.perf_counter() - t0
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
