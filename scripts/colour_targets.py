@@ -154,8 +154,6 @@ def mean_ranks(rows: list[dict]) -> list[str]:
     each network, before and after, among the three networks (same recombination) and the peers."""
     lines = ["| set | network | mean rank before | after | change | ahead of every peer after |", "|---|---|---|---|---|---|"]
     for pair, peers in PEERS.items():
-        for when_rows in (None,):
-            pass
         table = {(r["method"], r["recombination"]): r for r in rows if pair in r["set"] and "EN" in r}
         for net in NETWORKS:
             out = {}
@@ -212,7 +210,17 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="aanlib: the first N test pairs of each modality pair")
     ap.add_argument("--ranks", action="store_true", help="aanlib: also the evaluator's metrics and the mean ranks")
     ap.add_argument("--out", default="/tmp/colour/targets")
+    ap.add_argument("--tables", nargs="+", metavar="CSV",
+                    help="no measuring: the Markdown tables (targets, mean ranks) of earlier runs' CSVs, to stdout")
     args = ap.parse_args(argv)
+    if args.tables:
+        rows = []
+        for path in args.tables:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows += [{k: (float(v) if k not in ("set", "method", "recombination") and v != "" else v)
+                          for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        print("\n".join(targets_table(rows) + [""] + mean_ranks(rows)))
+        return 0
     torch.set_num_threads(1)
     methods = args.methods or [m.name for m in all_methods() if m.available()[0]]
     out = pathlib.Path(args.out)

@@ -228,11 +228,11 @@ def gray_lightness(y: np.ndarray) -> np.ndarray:
     return 116.0 * _lab_f(srgb_to_linear(np.clip(np.asarray(y, dtype=np.float32), 0.0, 1.0))) - 16.0
 
 
-#: The colour-keeping recombination's one parameter (docs/EVALUATION.md, "Colour"): the output
-#: lightness is DETAIL_WEIGHT x (the fused lightness clamped to the colour's gamut interval) +
-#: (1 - DETAIL_WEIGHT) x (the fused lightness mapped linearly onto that interval). 1 keeps the
-#: anatomy's detail at full strength where its lightness fits the interval and none outside; 0
-#: keeps a little everywhere (the interval's width over 100).
+#: The colour-keeping recombination's parameters (docs/EVALUATION.md, "Colour"). The output's luma
+#: is DETAIL_WEIGHT x (the fused luma clamped to the range of lumas the colour has inside its gamut
+#: interval of lightness) + (1 - DETAIL_WEIGHT) x (the fused luma mapped linearly onto that range).
+#: 1 keeps the anatomy's detail at full strength where it fits and none outside; 0 keeps a little
+#: everywhere.
 DETAIL_WEIGHT = 0.85
 #: Where a colour's full chroma leaves a lightness interval narrower than MIN_LIGHTNESS_RANGE (L*
 #: units: saturated colours near their gamut cusp), its chroma is lowered just enough to open it,
@@ -328,12 +328,33 @@ LUMA_LEVELS = 1024
 
 
 def _colour_rows(plan: np.ndarray, weight: float) -> np.ndarray:
-    """For each row (a*, b*, L_min, L_max) of ``plan``, the RGB uint8 output at every fused luma level."""
-    lightness = gray_lightness(np.linspace(0.0, 1.0, LUMA_LEVELS, dtype=np.float32)).astype(np.float64)[None]
+    """For each row (a*, b*, L_min, L_max) of ``plan``, the RGB uint8 output at every fused luma level.
+
+    Along L* in [L_min, L_max] at the row's (a*, b*) the output's BT.601 luma rises monotonically
+    from Y_min to Y_max; the fused luma y is brought into that range (``weight`` clamp(y) +
+    (1 - weight) linear map of [0, 1] onto it) and the L* whose colour has that luma is taken
+    (interpolated on 256 steps): where the colour allows it, the output's luma is the fused luma,
+    as with the YCbCr recombination (so a reader, and the evaluators that read the luma, see the
+    same anatomy), and the colour is the functional's."""
+    n = plan.shape[0]
+    y = np.linspace(0.0, 1.0, LUMA_LEVELS)
+    t = np.linspace(0.0, 1.0, 256)
     lo, hi = plan[:, 2:3], plan[:, 3:4]
-    linear = lo + (hi - lo) * (lightness / 100.0)
-    lab = np.empty((plan.shape[0], LUMA_LEVELS, 3))
-    lab[..., 0] = linear + weight * (np.clip(lightness, lo, hi) - linear)
+    grid = np.empty((n, t.size, 3))
+    grid[..., 0] = lo + (hi - lo) * t
+    grid[..., 1] = plan[:, 0:1]
+    grid[..., 2] = plan[:, 1:2]
+    luma = linear_to_srgb(np.clip(lab_to_linear_rgb(grid), 0.0, 1.0)) @ _LUMA
+    luma = np.maximum.accumulate(luma, axis=1)                 # monotone (rounding at the ends)
+    y_lo, y_hi = luma[:, :1], luma[:, -1:]
+    linear = y_lo + (y_hi - y_lo) * y[None]
+    target = linear + weight * (np.clip(y[None], y_lo, y_hi) - linear)
+    lab = np.empty((n, LUMA_LEVELS, 3))
+    for i in range(n):
+        if y_hi[i, 0] > y_lo[i, 0]:
+            lab[i, :, 0] = np.interp(target[i], luma[i], grid[i, :, 0])
+        else:
+            lab[i, :, 0] = lo[i, 0]
     lab[..., 1] = plan[:, 0:1]
     lab[..., 2] = plan[:, 1:2]
     return to_uint8(lab_to_rgb(lab))
@@ -382,10 +403,11 @@ def keep_colour(fused_y: np.ndarray, functional_ycc: np.ndarray, bar: np.ndarray
     recombination gives it). Elsewhere, in CIELAB: the functional's chromaticity (a*, b*) is kept
     (its hue; its chroma, or at least MIN_CHROMA_KEPT of it where the full chroma leaves less than
     MIN_LIGHTNESS_RANGE of lightness and the colour bar ``bar`` of a scalar functional still reads
-    the same level, see :func:`colour_plan`), and the fused luma's lightness L = L*(y) is brought into the interval
-    [L_min, L_max] where that chromaticity fits the sRGB gamut (:func:`colour_plan`), so that the
-    colour is never clipped away: ``w clip(L, L_min, L_max) + (1 - w) (L_min + (L_max - L_min) L / 100)``
-    with w = :data:`DETAIL_WEIGHT`. A neutral colour's interval is [0, 100]: the grey of the fused luma.
+    the same level, see :func:`colour_plan`), and the lightness is chosen along the interval
+    [L_min, L_max] where that chromaticity fits the sRGB gamut, so that the colour is never clipped
+    away: the lightness whose colour has the fused luma, where there is one (the fused luma clamped
+    to the colour's range of lumas, with :data:`DETAIL_WEIGHT`; see :func:`_colour_rows`). A neutral
+    colour's interval is [0, 100]: the grey of the fused luma.
     Fast: each functional colour's output at :data:`LUMA_LEVELS` fused lumas is computed once (and
     kept), so a voxel is a table look-up.
     """
