@@ -2,7 +2,8 @@
 
 Protocol (the one of the reference evaluator most fusion papers use, CDDFuse's utils/Evaluator.py):
 the MRI and the functional's BT.601 luma are fused; the fused luma is recombined with the
-functional's Cb/Cr to RGB uint8 (grayscale for CT); then every image is read as 8-bit grayscale
+functional's colour to RGB uint8 by the pipeline's ``recombine`` (grayscale for CT); then every
+image is read as 8-bit grayscale
 (BT.601 luma) and the metrics of :mod:`.metrics` are computed per pair and averaged over the
 pairs. For a coloured functional (PET, SPECT) the colour metrics of the pipeline
 (:func:`~MedicalFusionLib.metrics_torch.colour_metrics_torch`: hue error, chroma kept, against the
@@ -146,7 +147,7 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
                           "check --dataset, --split and --pairs")
     results: dict = {}
     summary = [f"# Evaluation on the aanlib {split} split", "",
-               "Protocol: fused luma + functional Cb/Cr -> RGB uint8 -> BT.601 8-bit grayscale; A = MRI, "
+               "Protocol: fused luma + functional colour (pipeline.recombine) -> RGB uint8 -> BT.601 8-bit grayscale; A = MRI, "
                "B = CT/PET/SPECT. SSIM_sum = SSIM(F,A)+SSIM(F,B) (reference evaluator), SSIM_avg = half of it; "
                f"MI in nats (sum over A and B); mean ± std over pairs; device {dev}.", ""]
     with OutputSet() as out:
