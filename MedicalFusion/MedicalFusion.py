@@ -1064,7 +1064,7 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
     def test_FuseNodeToNode(self):
         self.delayDisplay("Fusing a generated phantom node to node")
         self._requireDependencies()
-        from MedicalFusionLib.metrics import METRICS  # noqa: PLC0415
+        from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRICS  # noqa: PLC0415
         from MedicalFusionLib.pipeline import FusionOptions  # noqa: PLC0415
         from MedicalFusionLib.scene import fuse_nodes, ijk_to_ras  # noqa: PLC0415
 
@@ -1077,7 +1077,10 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(ijk_to_ras(fused), ijk_to_ras(anatomical)))
         self.assertEqual(fused.GetImageData().GetScalarType(), vtk.VTK_UNSIGNED_CHAR)
         self.assertEqual(fused.GetImageData().GetNumberOfScalarComponents(), 3)
-        self.assertEqual(outcome.table_node.GetNumberOfRows(), len(METRICS))
+        table = outcome.table_node
+        names = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+        self.assertEqual(names[:len(METRICS)], [m.key for m in METRICS])
+        self.assertTrue(set(names[len(METRICS):]) <= set(COLOUR_METRIC_KEYS))
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(functional), before))
         self.assertTrue(np.array_equal(ijk_to_ras(functional), functionalMatrix))
         self.assertIsNotNone(functional.GetParentTransformNode())

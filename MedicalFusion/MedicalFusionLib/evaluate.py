@@ -2,9 +2,13 @@
 
 Protocol (the one of the reference evaluator most fusion papers use, CDDFuse's utils/Evaluator.py):
 the MRI and the functional's BT.601 luma are fused; the fused luma is recombined with the
-functional's Cb/Cr to RGB uint8 (grayscale for CT); then every image is read as 8-bit grayscale
+functional's colour to RGB uint8 by the pipeline's ``recombine`` (grayscale for CT); then every
+image is read as 8-bit grayscale
 (BT.601 luma) and the metrics of :mod:`.metrics` are computed per pair and averaged over the
-pairs. Written per modality pair into the output folder: ``<pair>.csv`` (one row per method and
+pairs. For a coloured functional (PET, SPECT) the colour metrics of the pipeline
+(:func:`~MedicalFusionLib.metrics_torch.colour_metrics_torch`: hue error, chroma kept, against the
+functional's own colour) are added per pair, over the pairs with coloured voxels. Written per
+modality pair into the output folder: ``<pair>.csv`` (one row per method and
 metric: mean, std, seconds per pair), ``<pair>.md`` (a table of mean ± std like the papers'),
 ``<pair>_montage.png`` (a few cases: MRI, functional, then each method), and ``summary.md`` -- all
 of them together at the end of a successful run, or none.
@@ -25,12 +29,13 @@ from .device import pick_device
 from .engine import fuse_slices
 from .errors import FusionError
 from .methods import all_methods, get_method
-from .metrics import METRICS, slice_metrics
+from .metrics import COLOUR_METRICS, METRICS, slice_metrics
 from .pipeline import recombine
 from .training.data import PAIRS, dataset_root, read_png, read_split
 
 TABLE_KEYS = ("EN", "SD", "SF", "AG", "MI_nats", "FMI_pixel", "SCD", "VIF", "Qabf", "SSIM_avg", "SSIM_sum", "PSNR",
               "CC", "ARI")
+COLOUR_TABLE_KEYS = ("hue_err10", "chroma_kept")
 MONTAGE_CASES = 3
 
 
@@ -76,14 +81,17 @@ def table_texts(pair: str, rows: dict, seconds: dict, n: int) -> tuple[str, str]
     w = csv.writer(buf)
     w.writerow(["method", "metric", "mean", "std", "pairs", "seconds_per_pair"])
     for name, per_key in rows.items():
-        for key in [m.key for m in METRICS]:
-            vals = per_key[key]
-            w.writerow([name, key, f"{np.mean(vals):.6f}", f"{np.std(vals):.6f}", n, f"{seconds[name]:.5f}"])
+        for key in [m.key for m in METRICS + COLOUR_METRICS]:
+            vals = per_key.get(key)
+            if not vals:                 # a colour metric without coloured voxels (CT-MRI)
+                continue
+            w.writerow([name, key, f"{np.mean(vals):.6f}", f"{np.std(vals):.6f}", len(vals), f"{seconds[name]:.5f}"])
+    keys = TABLE_KEYS + tuple(k for k in COLOUR_TABLE_KEYS if all(per_key.get(k) for per_key in rows.values()))
     lines = [f"### {pair} ({n} test pairs)", "",
-             "| method | " + " | ".join(TABLE_KEYS) + " | s/pair |",
-             "|---|" + "---|" * (len(TABLE_KEYS) + 1)]
+             "| method | " + " | ".join(keys) + " | s/pair |",
+             "|---|" + "---|" * (len(keys) + 1)]
     for name, per_key in rows.items():
-        cells = [_fmt(float(np.mean(per_key[k])), float(np.std(per_key[k]))) for k in TABLE_KEYS]
+        cells = [_fmt(float(np.mean(per_key[k])), float(np.std(per_key[k]))) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds[name]:.4f} |")
     return buf.getvalue(), "\n".join(lines) + "\n"
 
@@ -116,6 +124,7 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
     ``run.output_set`` (the CLI uses it to report an interrupt truthfully)."""
     from tqdm import tqdm  # noqa: PLC0415
 
+    from .metrics_torch import colour_metrics_torch  # noqa: PLC0415
     from .outputs import OutputSet, picture  # noqa: PLC0415
 
     bars = not quiet and sys.stderr.isatty()      # never bar fragments in a log
@@ -138,7 +147,7 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
                           "check --dataset, --split and --pairs")
     results: dict = {}
     summary = [f"# Evaluation on the aanlib {split} split", "",
-               "Protocol: fused luma + functional Cb/Cr -> RGB uint8 -> BT.601 8-bit grayscale; A = MRI, "
+               "Protocol: fused luma + functional colour (pipeline.recombine) -> RGB uint8 -> BT.601 8-bit grayscale; A = MRI, "
                "B = CT/PET/SPECT. SSIM_sum = SSIM(F,A)+SSIM(F,B) (reference evaluator), SSIM_avg = half of it; "
                f"MI in nats (sum over A and B); mean ± std over pairs; device {dev}.", ""]
     with OutputSet() as out:
@@ -156,13 +165,16 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
                 fused, seconds[m.name] = fuse_modality(data, m, dev)
                 fused_all[m.name] = fused
                 f8 = colour.gray8(fused)
-                per_key: dict = {info.key: [] for info in METRICS}
+                per_key: dict = {info.key: [] for info in METRICS + COLOUR_METRICS}
                 it = range(len(records))
                 if bars:
                     it = tqdm(it, desc=f"{pair} {m.name}", unit="pair", leave=False)
                 for i in it:
                     for k, v in slice_metrics(data["a8"][i], data["b8"][i], f8[i]).items():
                         per_key[k].append(v)
+                    if not data["grayscale"]:
+                        for k, v in colour_metrics_torch(fused[i:i + 1], data["ycc"][i:i + 1], device=dev).items():
+                            per_key[k].append(v[0])
                 rows[m.name] = per_key
             csv_text, md_text = table_texts(pair, rows, seconds, len(records))
             image, caption = montage(data, fused_all, with_sources=montage_sources)

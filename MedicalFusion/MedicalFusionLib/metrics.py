@@ -27,7 +27,8 @@ Public API::
                                          -> {key: (mean, std, n_slices)} over non-empty slices
                                             (the numpy reference; the pipeline uses the torch version,
                                             metrics_torch.volume_metrics_torch, same values)
-    metrics_table_rows(result)           -> rows for a CSV file or a Slicer table node
+    metrics_table_rows(result)           -> rows for a CSV file or a Slicer table node (the 16, then
+                                            the COLOUR_METRICS present: metrics_torch.colour_metrics_torch)
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from .colour import gray8
 from .errors import FusionError
 
 __all__ = [
-    "MetricInfo", "METRICS", "METRIC_KEYS", "slice_metrics", "volume_metrics", "metrics_table_rows",
+    "MetricInfo", "METRICS", "METRIC_KEYS", "COLOUR_METRICS", "COLOUR_METRIC_KEYS", "slice_metrics", "volume_metrics", "metrics_table_rows",
     "entropy", "standard_deviation", "spatial_frequency", "average_gradient", "mutual_information",
     "feature_mutual_information", "scd", "vif", "vif_pair", "qabf", "ssim_sum", "psnr", "cc", "ari",
     "PSNR_CAP",
@@ -85,6 +86,27 @@ METRICS: list[MetricInfo] = [
 ]
 METRIC_KEYS: list[str] = [m.key for m in METRICS]
 _INFO = {m.key: m for m in METRICS}
+
+#: Colour fidelity, in CIELAB on the functional's visibly coloured voxels (C* > 20 of its own colour
+#: through its map and window), over the whole volume (metrics_torch.colour_metrics_torch; the table's
+#: std is 0 and its 'slices' the slices with coloured voxels). Computed with the other metrics
+#: whenever the functional is coloured; the '_bone' rows on a CT in HU, over bone (> 215 HU);
+#: the read-back rows for a scalar functional (it has a colour bar). docs/EVALUATION.md, "Colour".
+COLOUR_METRICS: list[MetricInfo] = [
+    MetricInfo("hue_err10", "Hue error > 10 deg (%)",
+               "Per cent of the functional's coloured voxels whose fused CIELAB hue is more than 10 degrees off",
+               higher_is_better=False),
+    MetricInfo("chroma_kept", "Chroma kept", "Median of fused C* / functional C* on the coloured voxels"),
+    MetricInfo("readback_err", "Read-back error (% window)",
+               "Median |level read from the fused colour - true level|, % of the window: nearest colour-bar "
+               "entry in (a*, b*), lightness ignored", higher_is_better=False),
+    MetricInfo("hue_err10_bone", "Hue error > 10 deg over bone (%)", "hue_err10 on coloured voxels over bone (CT > 215 HU)",
+               higher_is_better=False),
+    MetricInfo("chroma_kept_bone", "Chroma kept over bone", "chroma_kept on coloured voxels over bone (CT > 215 HU)"),
+    MetricInfo("readback_err_bone", "Read-back error over bone (% window)",
+               "readback_err on coloured voxels over bone (CT > 215 HU)", higher_is_better=False),
+]
+COLOUR_METRIC_KEYS: list[str] = [m.key for m in COLOUR_METRICS]
 
 #: PSNR returned when the mean squared error is 0 (F equals both sources), instead of +inf.
 PSNR_CAP = 100.0
@@ -742,13 +764,14 @@ def volume_metrics(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0
 
 
 def metrics_table_rows(result: dict) -> list[dict]:
-    """Rows ``{"metric", "mean", "std", "slices", "description"}`` in METRICS order.
+    """Rows ``{"metric", "mean", "std", "slices", "description"}`` in METRICS order, then the
+    colour metrics present (COLOUR_METRICS).
 
     ``result`` is what :func:`volume_metrics` returns ({key: (mean, std, n)}) or what
     :func:`slice_metrics` returns ({key: value}; std 0 and 1 slice then).
     """
     rows = []
-    for info in METRICS:
+    for info in METRICS + COLOUR_METRICS:
         if info.key not in result:
             continue
         v = result[info.key]

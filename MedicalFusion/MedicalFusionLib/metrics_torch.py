@@ -10,6 +10,11 @@ it); the tests compare the two on real and synthetic volumes within the toleranc
 docs/EVALUATION.md states, and docs/BENCHMARKS.md (section 'metrics') lists the largest difference
 measured per metric.
 
+:func:`colour_metrics_torch` adds the colour fidelity of a fused volume (CIELAB hue error, chroma
+kept and the uptake read back from the colour, against the functional's own colour; metrics.COLOUR_METRICS),
+which the grayscale metrics cannot see; its independent reference (scikit-image's rgb2lab) is in
+Testing/Python/test_colour_fidelity.py.
+
 Where the time goes and how it is saved:
 
 - **Exact integer statistics.** Inputs are 8-bit, so EN, MI, ARI (one ``bincount`` of all slices'
@@ -599,3 +604,150 @@ def _cpu_workers(dev: torch.device):
             yield None
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# colour fidelity (CIELAB): docs/EVALUATION.md, "Colour"
+
+#: sRGB (D65) -> XYZ and the D65 white, as MedicalFusionLib.colour (and scikit-image) use them.
+_XYZ_FROM_RGB = torch.tensor([[0.412453, 0.357580, 0.180423],
+                              [0.212671, 0.715160, 0.072169],
+                              [0.019334, 0.119193, 0.950227]], dtype=torch.float64)
+_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
+#: BT.601 full-range YCbCr (centred Cb/Cr) -> RGB
+_RGB_FROM_YCC = torch.tensor(np.linalg.inv(np.array([[0.299, 0.587, 0.114],
+                                                     [-0.299 / 1.772, -0.587 / 1.772, (1 - 0.114) / 1.772],
+                                                     [(1 - 0.299) / 1.402, -0.587 / 1.402, -0.114 / 1.402]])),
+                             dtype=torch.float64)
+
+
+def rgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1] ([..., 3], float) to CIELAB ([..., 3], float32; float64 in, float64 out)."""
+    dtype = rgb.dtype if rgb.dtype == torch.float64 else torch.float32
+    x = rgb.to(dtype)
+    lin = torch.where(x > 0.04045, ((x.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4, x / 12.92)
+    xyz = (lin @ _XYZ_FROM_RGB.to(device=x.device, dtype=dtype).T) / _WHITE.to(device=x.device, dtype=dtype)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+    return torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _ycc_to_rgb_torch(ycc: torch.Tensor) -> torch.Tensor:
+    centred = ycc.to(torch.float32) - torch.tensor([0.0, 0.5, 0.5], device=ycc.device)
+    return (centred @ _RGB_FROM_YCC.to(device=ycc.device, dtype=torch.float32).T).clamp(0.0, 1.0)
+
+
+#: The functional's visibly coloured voxels: CIELAB chroma C* above this.
+COLOURED_CHROMA = 20.0
+#: A hue error above this many degrees counts.
+HUE_ERROR_DEG = 10.0
+#: A fused chroma below this has lost its hue: its hue error counts as 180 degrees.
+LOST_CHROMA = 0.5
+
+
+def _colour_batch(fused: torch.Tensor, source: torch.Tensor, levels: torch.Tensor | None, bar_ab: torch.Tensor | None):
+    """Per coloured voxel of one batch: (index of the coloured voxels, hue error degrees, chroma
+    ratio, read-back error in entries or None). ``fused`` uint8 [n, 3], ``source`` float RGB [n, 3]."""
+    lab_s = rgb_to_lab_torch(source)
+    c_s = torch.hypot(lab_s[:, 1], lab_s[:, 2])
+    idx = torch.nonzero(c_s > COLOURED_CHROMA)[:, 0]
+    if idx.numel() == 0:
+        return idx, None, None, None
+    lab_s, c_s = lab_s[idx], c_s[idx]
+    lab_f = rgb_to_lab_torch(fused[idx].to(torch.float32) / 255.0)
+    c_f = torch.hypot(lab_f[:, 1], lab_f[:, 2])
+    cross = lab_s[:, 1] * lab_f[:, 2] - lab_s[:, 2] * lab_f[:, 1]
+    dot = lab_s[:, 1] * lab_f[:, 1] + lab_s[:, 2] * lab_f[:, 2]
+    hue = torch.rad2deg(torch.atan2(cross.abs(), dot))
+    hue = torch.where(c_f < LOST_CHROMA, torch.full_like(hue, 180.0), hue)
+    read = None
+    if bar_ab is not None:
+        ab = lab_f[:, 1:]
+        best = torch.empty(ab.shape[0], dtype=torch.int64, device=ab.device)
+        for start in range(0, ab.shape[0], 16384):       # nearest colour-bar entry in (a*, b*)
+            part = ab[start:start + 16384]
+            d = (part * part).sum(1, keepdim=True) - 2.0 * part @ bar_ab.T + (bar_ab * bar_ab).sum(1)[None]
+            best[start:start + 16384] = d.argmin(1)
+        read = (best - levels[idx].to(torch.int64)).abs()
+    return idx, hue, c_f / c_s, read
+
+
+def colour_metrics_torch(fused_rgb8: np.ndarray, functional_ycc: np.ndarray, levels: np.ndarray | None = None,
+                         table: np.ndarray | None = None, bone: np.ndarray | None = None, axis: int = 0,
+                         device: str | torch.device = "auto", progress: ProgressFn | None = None,
+                         cancel: CancelFn | None = None,
+                         batch_pixels: int = BATCH_PIXELS) -> dict[str, tuple[float, float, int]]:
+    """Colour fidelity of a fused volume against the functional's own colour, in CIELAB.
+
+    On the functional's visibly coloured voxels (its colour's C* > :data:`COLOURED_CHROMA`; the
+    colour is ``table[levels]`` for a scalar functional through a colour map, else the RGB of
+    ``functional_ycc``): ``hue_err10``, the per cent of voxels whose fused hue differs by more
+    than 10 degrees; ``chroma_kept``, the median of fused C* / functional C*; and, with a colour
+    bar (``levels`` and ``table``), ``readback_err``: the colour-bar entry nearest to the fused
+    colour in the (a*, b*) plane (lightness ignored) against the functional's own entry, median
+    difference in per cent of the window. With ``bone`` (a mask, on a CT in HU) the same three on
+    the coloured voxels in it: ``*_bone``. Values are over all coloured voxels of the volume:
+    ``{key: (value, 0.0, slices with coloured voxels)}``; nothing when no voxel is coloured.
+    Same progress/cancel contract as :func:`volume_metrics_torch`.
+    """
+    fused_rgb8 = np.asarray(fused_rgb8)
+    shape = fused_rgb8.shape[:-1]
+    if fused_rgb8.shape[-1] != 3 or functional_ycc.shape != fused_rgb8.shape:
+        raise FusionError(f"colour metrics need two RGB/YCbCr volumes of one shape, got {fused_rgb8.shape}, "
+                          f"{functional_ycc.shape}")
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    if dev.type == "mps":                   # no float64 there; these are cheap on the CPU
+        dev = torch.device("cpu")
+    flat_f = fused_rgb8.reshape(-1, 3)
+    flat_s = np.asarray(functional_ycc).reshape(-1, 3)
+    flat_l = None if levels is None else np.asarray(levels).reshape(-1)
+    flat_b = None if bone is None else np.asarray(bone).reshape(-1)
+    bar = None if (levels is None or table is None) else torch.from_numpy(np.asarray(table, dtype=np.float32)[:, :3])
+    n_bar = 0 if bar is None else bar.shape[0]
+    hue, ratio, read, in_bone, where = [], [], [], [], []
+    total = flat_f.shape[0]
+    with Progress(progress, cancel, phases=(("colour", 1.0),)) as tracker, torch.inference_mode():
+        tracker.phase("colour")
+        bar_rgb = None if bar is None else bar.to(dev)
+        bar_ab = None if bar is None else rgb_to_lab_torch(bar_rgb)[:, 1:]
+        for start in range(0, total, batch_pixels):
+            stop = min(total, start + batch_pixels)
+            ycc = torch.from_numpy(np.ascontiguousarray(flat_s[start:stop])).to(dev)
+            chroma_ycc = (ycc[:, 1:] - 0.5).abs().amax(1)
+            cand = torch.nonzero(chroma_ycc > 1.0 / 512)[:, 0]       # neutral: C* = 0, not coloured
+            if cand.numel():
+                lv = None if flat_l is None else torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev)[cand]
+                source = bar_rgb[lv.to(torch.int64)] if bar_rgb is not None else _ycc_to_rgb_torch(ycc[cand])
+                fused = torch.from_numpy(np.ascontiguousarray(flat_f[start:stop])).to(dev)[cand]
+                idx, h, r, rb = _colour_batch(fused, source, lv, bar_ab)
+                if idx.numel():
+                    sel = cand[idx]
+                    hue.append(h.cpu())
+                    ratio.append(r.cpu())
+                    if rb is not None:
+                        read.append(rb.cpu())
+                    where.append((sel + start).cpu())
+                    if flat_b is not None:
+                        in_bone.append(torch.from_numpy(np.ascontiguousarray(flat_b[start:stop])).to(dev)[sel].cpu())
+            tracker.advance(stop, total)
+    if not where:
+        return {}
+    positions = torch.cat(where).numpy()
+    slices = np.unique(np.unravel_index(positions, shape)[axis]).size
+    groups = {"": None}
+    if flat_b is not None:
+        groups["_bone"] = torch.cat(in_bone).numpy()
+    hue_all, ratio_all = torch.cat(hue).double().numpy(), torch.cat(ratio).double().numpy()
+    read_all = torch.cat(read).numpy() if read else None
+    out: dict[str, tuple[float, float, int]] = {}
+    for suffix, mask in groups.items():
+        h = hue_all if mask is None else hue_all[mask]
+        if h.size == 0:
+            continue
+        r = ratio_all if mask is None else ratio_all[mask]
+        n_sl = slices if mask is None else np.unique(np.unravel_index(positions[mask], shape)[axis]).size
+        out["hue_err10" + suffix] = (100.0 * float(np.mean(h > HUE_ERROR_DEG)), 0.0, int(n_sl))
+        out["chroma_kept" + suffix] = (float(np.median(r)), 0.0, int(n_sl))
+        if read_all is not None:
+            e = read_all if mask is None else read_all[mask]
+            out["readback_err" + suffix] = (100.0 * float(np.median(e)) / n_bar, 0.0, int(n_sl))
+    return out

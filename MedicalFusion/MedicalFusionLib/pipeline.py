@@ -31,6 +31,8 @@ from .sources import as_3d, check_same_dimension, check_slice_size, rgb_is_gray
 from .windows import choose_window
 
 AXES = ("axial", "coronal", "sagittal")
+#: Bone on a CT in HU, for the colour metrics' "over bone" rows: above the top of the soft-tissue window.
+BONE_HU = 215.0
 logger = logging.getLogger(__name__)
 
 Tick = Callable[[float], None]
@@ -98,6 +100,11 @@ class Prepared:
     functional_units: str = ""
     window_sources: dict = field(default_factory=dict)   # role -> how its window was chosen
     notices: list = field(default_factory=list)          # one-line notices for the user
+    # For the colour metrics: a scalar functional's colour-map entry per voxel (its level: entry i
+    # covers [i, i + 1) / N of the window) and the N x 3 table; where a CT in HU shows bone (> 215 HU).
+    functional_level: np.ndarray | None = None
+    functional_table: np.ndarray | None = None
+    bone: np.ndarray | None = None
 
 
 @dataclass
@@ -177,13 +184,14 @@ def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colorm
                    tick: Tick | None = None):
     """Functional to YCbCr in [0, 1]. RGB pseudo-colour converts directly; a scalar goes through
     the colour map (default PET-Heat) over ``window`` (default :func:`functional_window_default`).
-    Returns (ycc, window or None, colormap or None, grayscale); grayscale is decided on the
-    256-entry table or on the integer RGB channels, not on the converted volume. ``tick(fraction)``
-    between slabs."""
+    Returns (ycc, window or None, colormap or None, grayscale, levels or None, table or None):
+    ``levels`` is a scalar functional's colour-map entry per voxel, ``table`` the map's N x 3 RGB;
+    grayscale is decided on the table or on the integer RGB channels, not on the converted
+    volume. ``tick(fraction)`` between slabs."""
     if image.GetNumberOfComponentsPerPixel() == 3:
         ycc = by_slabs(lambda x: colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0),
                        sitk.GetArrayViewFromImage(image), tick)
-        return ycc, None, None, rgb_is_gray(image)
+        return ycc, None, None, rgb_is_gray(image), None, None
     cmap = colour.DEFAULT_COLORMAP if colormap is None else colormap
     table = colour.colormap_table(cmap) if isinstance(cmap, str) else colour.check_table(cmap)
     window = window or functional_window_default(image)
@@ -192,9 +200,10 @@ def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colorm
     # look the values up in the table converted to YCbCr: one conversion of 256 entries, not of every voxel
     table_ycc = colour.rgb_to_ycbcr(table)
     grayscale = bool(np.allclose(table_ycc[:, 1:], 0.5, atol=1.0 / 512))
-    ycc = by_slabs(lambda x: colour.apply_colormap(colour.window_to_unit(x, lo, hi), table_ycc),
-                   sitk.GetArrayViewFromImage(image), tick)
-    return ycc, (lo, hi), name, grayscale
+    levels = by_slabs(lambda x: colour.colormap_index(colour.window_to_unit(x, lo, hi), len(table)),
+                      sitk.GetArrayViewFromImage(image), tick)
+    ycc = by_slabs(lambda x: table_ycc[x].astype(np.float32), levels)
+    return ycc, (lo, hi), name, grayscale, levels, table
 
 
 def _span(tracker: Progress | None, lo: float, hi: float) -> Tick | None:
@@ -234,7 +243,11 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
     if fwin is None and functional.GetNumberOfComponentsPerPixel() == 1:
         fwin = functional_window_default(functional)
     aligned = resample_to_reference(functional, anatomical, transform, tick=_span(tracker, 0.25, 0.6))
-    ycc, fwin, cmap, grayscale = functional_ycc(aligned, fwin, options.colormap, _span(tracker, 0.6, 1.0))
+    ycc, fwin, cmap, grayscale, levels, table = functional_ycc(aligned, fwin, options.colormap,
+                                                              _span(tracker, 0.6, 1.0))
+    bone = None
+    if achoice.units == "HU" and anatomical.GetNumberOfComponentsPerPixel() == 1 and not grayscale:
+        bone = by_slabs(lambda x: x > BONE_HU, sitk.GetArrayViewFromImage(anatomical))
     notices = [c.notice for c in (achoice, fchoice) if c.notice]
     for text in notices:          # the CLI shows the package's warnings as one 'note:' line each
         logger.warning(text)
@@ -242,7 +255,8 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
                     awin, fwin, cmap, anatomical_units=achoice.units, functional_units=fchoice.units,
                     window_sources={"anatomical": _auto_source(achoice.source, anatomical, "0.5-99.5 % percentiles"),
                                     "functional": _auto_source(fchoice.source, functional, "minimum..99.9th percentile")},
-                    notices=notices)
+                    notices=notices, functional_level=None if grayscale else levels,
+                    functional_table=None if grayscale else table, bone=bone)
 
 
 def _recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: float, grayscale: bool) -> np.ndarray:
@@ -255,14 +269,26 @@ def _recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: fl
 
 
 def recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: float, grayscale: bool,
-              tick: Tick | None = None) -> np.ndarray:
-    """Fused luma + the functional's Cb/Cr (scaled toward neutral by ``chroma_scale``) -> RGB uint8.
-    ``tick(fraction)`` between slabs."""
+              tick: Tick | None = None, keep_colour: bool = True, table: np.ndarray | None = None) -> np.ndarray:
+    """Fused luma + the functional's colour -> RGB uint8, slab by slab; ``tick(fraction)`` between slabs.
+
+    Every method with ``chroma_scale`` 1 gets the colour-keeping recombination
+    (:func:`MedicalFusionLib.colour.keep_colour`: the functional's hue and chroma kept in CIELAB,
+    the fused lightness mapped into the range where they fit the display's gamut; the anatomy as a
+    grey of the fused luma where the functional is neutral). A grayscale fusion is the fused luma
+    as grey, unchanged. ``chroma_scale`` < 1 (``alpha``, Slicer's overlay) and ``keep_colour=False``
+    (the former recombination, kept for the before/after measurements) keep the functional's
+    BT.601 Cb/Cr, scaled toward neutral by ``chroma_scale``, with the fused luma. ``table``: a
+    scalar functional's colour table (its colour bar: :attr:`Prepared.functional_table`)."""
     out = np.empty(fused_y.shape + (3,), dtype=np.uint8)
     step = max(1, SLAB_VOXELS // max(1, fused_y[0].size))
+    lab = keep_colour and chroma_scale == 1.0 and not grayscale
     for start in range(0, fused_y.shape[0], step):
         part = slice(start, start + step)
-        out[part] = _recombine(fused_y[part], functional_ycc[part], chroma_scale, grayscale)
+        if lab:
+            out[part] = colour.keep_colour(fused_y[part], functional_ycc[part], table)
+        else:
+            out[part] = _recombine(fused_y[part], functional_ycc[part], chroma_scale, grayscale)
         if tick is not None:
             tick(min(fused_y.shape[0], start + step) / fused_y.shape[0])
     return out
@@ -328,7 +354,7 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
                           batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel)
     tracker.phase("recombine")
     rgb = recombine(fused_y, prepared.functional_ycc, method.chroma_scale, prepared.grayscale,
-                    _span(tracker, 0.0, 1.0))
+                    _span(tracker, 0.0, 1.0), table=prepared.functional_table)
     del fused_y
     seconds = time.perf_counter() - t0
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
@@ -343,8 +369,16 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
         t1 = time.perf_counter()
         result.metrics = volume_metrics_torch(
             a8, b8, f8, axis=axis, keys=metric_keys, device=device,
-            progress=(lambda d, t: tracker.advance(0.08 + 0.92 * d / t, 1.0)) if progress_m else None,
+            progress=(lambda d, t: tracker.advance(0.08 + 0.87 * d / t, 1.0)) if progress_m else None,
             cancel=cancel_m)
+        if not prepared.grayscale:
+            from .metrics_torch import colour_metrics_torch  # noqa: PLC0415
+
+            result.metrics.update(colour_metrics_torch(rgb, prepared.functional_ycc, prepared.functional_level,
+                                                       prepared.functional_table, prepared.bone, axis=axis,
+                                                       device=device, cancel=cancel_m,
+                                                       progress=(lambda d, t: tracker.advance(0.95 + 0.05 * d / t, 1.0))
+                                                       if progress_m else None))
         result.seconds_metrics = time.perf_counter() - t1
     return result
 

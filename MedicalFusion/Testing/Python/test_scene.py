@@ -366,7 +366,8 @@ def test_png_pair_with_metrics_table(scene):
     assert table is not None and table.IsA("vtkMRMLTableNode") and table.GetID() in out.created_node_ids
     names = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
     assert names == ["metric", "mean", "std", "slices", "description"]
-    keys = [m.key for m in METRICS]
+    # the 16 metrics, then the colour metrics (a PET: hue error and chroma kept; no colour bar, no bone)
+    keys = [m.key for m in METRICS] + ["hue_err10", "chroma_kept"]
     assert table.GetNumberOfRows() == len(keys)
     vtable = table.GetTable()
     for r, key in enumerate(keys):

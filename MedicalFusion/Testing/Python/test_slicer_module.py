@@ -302,11 +302,12 @@ if __name__ != "__main__":
         tables = h.nodes("vtkMRMLTableNode")
         assert len(fused) == 1 and len(tables) == 1, widget.ui.statusLabel.text
         fused, table = fused[0], tables[0]
-        from MedicalFusionLib.metrics import METRICS  # noqa: PLC0415
+        from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRICS  # noqa: PLC0415
 
         assert fused.GetImageData().GetNumberOfScalarComponents() == 3
         assert h.slicer.util.arrayFromVolume(fused).shape[:3] == h.slicer.util.arrayFromVolume(anatomical).shape
-        assert table.GetNumberOfRows() == len(METRICS)
+        names = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+        assert names[:len(METRICS)] == [m.key for m in METRICS] and set(names[len(METRICS):]) <= set(COLOUR_METRIC_KEYS)
         assert fused.GetAttribute("MedicalFusion.method") == "average"
         assert widget.ui.statusLabel.text.startswith("Done")
         assert widget.ui.fuseButton.text == "Fuse" and widget.ui.fuseButton.enabled
