@@ -103,6 +103,13 @@ def thread_count(text: str) -> int:
     return int_range(1, cpu_count())(text)
 
 
+def path_text(text: str) -> str:
+    """A file or folder argument: anything but an empty string (``-o ''`` is a user's mistake)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder name")
+    return text
+
+
 def axis_name(text: str) -> str:
     if text.lower() not in ("axial", "coronal", "sagittal", "0", "1", "2"):
         raise argparse.ArgumentTypeError(f"'{text}' is not a slice orientation: use axial, coronal, sagittal or 0-2")
@@ -485,8 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fuse", help="fuse a registered anatomical + functional pair")
-    f.add_argument("--anatomical", "-a", required=True, help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
-    f.add_argument("--functional", "-f", required=True, help="PET/SPECT values (scalar) or pseudo-colour RGB "
+    f.add_argument("--anatomical", "-a", required=True, type=path_text, help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
+    f.add_argument("--functional", "-f", required=True, type=path_text, help="PET/SPECT values (scalar) or pseudo-colour RGB "
                    "(8-bit, or floats in 0..1)")
     f.add_argument("--method", "-m", default="lp", help="fusion method (see 'medicalfusion methods'); default lp")
     f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
@@ -511,21 +518,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto", choices=devices, help="torch device; default auto")
     f.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE),
                    help=f"slices per batch, 1 to {MAX_BATCH_SIZE} (default: sized to the device memory)")
-    f.add_argument("--output", "-o", required=True, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
+    f.add_argument("--output", "-o", required=True, type=path_text, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
                    ".png/.jpg for a 2D pair)")
-    f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
+    f.add_argument("--metrics", type=path_text, help="write the quality metrics (mean, std over slices) to this CSV")
     f.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
                    help="with --metrics: all (default), or quick: every metric but FMI (most of the metrics' time)")
-    f.add_argument("--preview", help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
+    f.add_argument("--preview", type=path_text, help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     _add_threads(f)
     # registration on demand (MedicalFusionLib/registration.py)
     f.add_argument("--register", choices=("rigid", "affine"),
                    help="align the functional to the anatomical first (mutual information); off by default")
-    f.add_argument("--transform", metavar="IN.tfm",
+    f.add_argument("--transform", type=path_text, metavar="IN.tfm",
                    help="ITK transform file placing the functional (as Slicer saves the functional's parent "
                    "transform); with --register, the registration starts from it")
-    f.add_argument("--save-transform", metavar="OUT.tfm",
+    f.add_argument("--save-transform", type=path_text, metavar="OUT.tfm",
                    help="save the registration's transform as an ITK transform file (.tfm; in Slicer: load it "
                    "and set it as the functional's parent transform)")
     f.set_defaults(func=cmd_fuse)
@@ -538,12 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     e = sub.add_parser("evaluate", help="evaluate methods on the aanlib pairs of a split")
-    e.add_argument("--dataset", required=True, help="the aanlib folder (with split.csv)")
+    e.add_argument("--dataset", required=True, type=path_text, help="the aanlib folder (with split.csv)")
     e.add_argument("--split", default="test", choices=("train", "test"))
     e.add_argument("--methods", nargs="+", help="methods to evaluate (default: every available method)")
     e.add_argument("--pairs", nargs="+", default=None, choices=("CT-MRI", "PET-MRI", "SPECT-MRI"),
                    help="CT-MRI PET-MRI SPECT-MRI (default: all)")
-    e.add_argument("--output", default="out/evaluation", help="folder for the CSV, markdown and montage files")
+    e.add_argument("--output", type=path_text, default="out/evaluation", help="folder for the CSV, markdown and montage files")
     e.add_argument("--device", default="auto", choices=devices)
     e.add_argument("--limit", type=positive_int, help="at most this many pairs per modality, 1 or more (quick runs)")
     e.add_argument("--montage-without-sources", action="store_true",
@@ -554,9 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a fusion network on the aanlib train split (CPU is fine)")
     t.add_argument("--method", required=True, help="network to train (mrdfn, lywnet, dmfnet)")
-    t.add_argument("--data", required=True, help="the aanlib folder (with split.csv)")
+    t.add_argument("--data", required=True, type=path_text, help="the aanlib folder (with split.csv)")
     t.add_argument("--minutes", type=positive_float, default=60.0, help="wall-time budget (more than 0)")
-    t.add_argument("--out", help="folder for the run's checkpoints and loss log (default: runs/<method>); "
+    t.add_argument("--out", type=path_text, help="folder for the run's checkpoints and loss log (default: runs/<method>); "
                    "the weights and manifest entry go to weights/")
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming the checkpoint")
     t.add_argument("--seed", type=int_range(0, 2 ** 32 - 1), default=0)
@@ -565,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="fuse the embedded sample (MNI152 T1 + simulated PET)")
-    d.add_argument("--output", default="out/demo", help="folder for sample, fused volume, preview and metrics")
+    d.add_argument("--output", type=path_text, default="out/demo", help="folder for sample, fused volume, preview and metrics")
     d.add_argument("--method", default="lp")
     d.add_argument("--device", default="auto", choices=devices)
     d.add_argument("--quiet", "-q", action="store_true")

@@ -925,6 +925,28 @@ def test_D_argument_mistakes_are_one_line(pair, capfd, args, expected):
     assert not (tmp / "o.nrrd").exists()
 
 
+@pytest.mark.parametrize("flag", ["-o", "--metrics", "--preview", "-a", "-f", "--transform", "--save-transform"])
+def test_D_an_empty_path_is_one_line(pair, capfd, flag):
+    """Issue 21: ``-o ''`` ended in "internal error: KeyError: 'output'" (exit 1)."""
+    tmp, a, f = pair
+    paths = {"-a": a, "-f": f, "-o": tmp / "o.nrrd"}
+    paths[flag] = ""
+    args = [x for k, v in paths.items() for x in (k, v)]
+    if flag not in paths:
+        args += [flag, ""]
+    before = snapshot(tmp)
+    rc, lines = cli(capfd, "fuse", *args, "-m", "average", "-q")
+    assert_one_line(rc, lines, "an empty path")
+    assert snapshot(tmp) == before
+
+
+@pytest.mark.parametrize("args", [["demo", "--output", ""], ["evaluate", "--dataset", ""],
+                                  ["train", "--method", "mrdfn", "--data", ""]])
+def test_D_an_empty_folder_argument_is_one_line(capfd, args):
+    rc, lines = cli(capfd, *args)
+    assert_one_line(rc, lines, "an empty path")
+
+
 def test_D_missing_required_arguments_are_one_line(capfd):
     rc, lines = cli(capfd, "fuse", "-a", "x.nrrd")
     assert_one_line(rc, lines, "required")
