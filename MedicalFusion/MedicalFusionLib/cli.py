@@ -598,44 +598,73 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     return 128 + int(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import SimpleITK as sitk  # noqa: PLC0415
+#: Set by :func:`run` (the program): once the run's outcome is settled, signals stay ignored until
+#: the process ends, so a late Ctrl-C never reaches Python's shutdown (torch's atexit handlers).
+_PROGRAM = {"running": False}
 
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:          # --help, --version, or a one-line argparse error
-        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
-    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+def _pause(name: str) -> None:
+    """The test hook of outputs.py (a subprocess paused at a named point), without importing it."""
+    if name in os.environ.get("MEDICALFUSION_TEST_PAUSE_AT", "").split(","):
+        from .outputs import pause_point  # noqa: PLC0415
+
+        pause_point(name)
+
+
+def _settle(handlers) -> None:
+    """The run's outcome is known: later SIGINT/SIGTERM/SIGHUP are ignored while it is reported."""
+    for sig in handlers:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command with ``argv`` (default: sys.argv); returns the exit status. Signal handlers are
+    in place from the start (a Ctrl-C while the command starts up is one line too) and are put
+    back when it returns."""
+    args = argparse.Namespace(debug=False)
+    previous = _install_signal_handlers()
     notes = _NoteHandler()
     package_log = logging.getLogger("MedicalFusionLib")
-    package_log.addHandler(notes)
-    previous = {}
+    warnings_shown = None
     try:
-        previous = _install_signal_handlers()
+        _pause("start")
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:          # --help, --version, or a one-line argparse error
+            _settle(previous)
+            return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+        import SimpleITK as sitk  # noqa: PLC0415
+
+        warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        package_log.addHandler(notes)
         if getattr(args, "threads", None) is not None:
             import torch  # noqa: PLC0415
 
             torch.set_num_threads(args.threads)
         rc = args.func(args)
+        _settle(previous)
         notes.show()
         return rc
     except FusionError as exc:
+        _settle(previous)
         print(f"medicalfusion: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FusionCancelled:
+        _settle(previous)
         print("medicalfusion: cancelled; nothing was written", file=sys.stderr)
         return 130
     except KeyboardInterrupt as exc:
-        for sig in previous:                     # a second Ctrl-C must not cut the message short
-            signal.signal(sig, signal.SIG_IGN)
+        _settle(previous)                        # a second Ctrl-C must not cut the message short
         return _interrupted(args, exc)
     except MemoryError:
+        _settle(previous)
         print("medicalfusion: error: out of memory: use --batch-size 1 or --device cpu; nothing was written",
               file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug of ours: one line unless --debug
+        _settle(previous)
         if args.debug:
             raise
         detail = " ".join(str(exc).split())[:300]
@@ -643,11 +672,31 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not _PROGRAM["running"]:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         package_log.removeHandler(notes)
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+        if warnings_shown is not None:
+            import SimpleITK as sitk  # noqa: PLC0415
+
+            sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+
+
+def run() -> None:
+    """The ``medicalfusion`` program: :func:`main`, then exit with its status. Signals stay ignored
+    from the moment the outcome is settled until the process has ended (Python's shutdown runs
+    torch's atexit handlers, where a Ctrl-C printed a traceback): a late Ctrl-C changes nothing, the
+    status is the run's (0 when everything was written)."""
+    _PROGRAM["running"] = True
+    try:
+        rc = main()
+    except KeyboardInterrupt:          # in the instant before main's handlers were in place
+        _settle(_install_signal_handlers())
+        print("medicalfusion: interrupted; nothing was written", file=sys.stderr)
+        rc = 128 + int(signal.SIGINT)
+    _pause("exit")
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
