@@ -29,10 +29,11 @@ import sys
 import threading
 
 from . import __version__
+from . import options as choices
 from .errors import FusionCancelled, FusionError
+from .options import MAX_BATCH_SIZE, FusionOptions
 
 EXIT_USER_ERROR = 2
-MAX_BATCH_SIZE = 4096
 
 
 class Interrupted(KeyboardInterrupt):
@@ -111,18 +112,9 @@ def path_text(text: str) -> str:
 
 
 def axis_name(text: str) -> str:
-    if text.lower() not in ("axial", "coronal", "sagittal", "0", "1", "2"):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a slice orientation: use axial, coronal, sagittal or 0-2")
+    if text.lower() not in choices.AXES + ("0", "1", "2"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a slice orientation: use {', '.join(choices.AXES)} or 0-2")
     return text.lower()
-
-
-def _check_window(window, flag: str) -> tuple[float, float] | None:
-    if window is None:
-        return None
-    lo, hi = window
-    if not lo < hi:
-        raise FusionError(f"{flag} {lo:g} {hi:g} is empty: give LO < HI")
-    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,22 +199,16 @@ FUSE_OUTPUTS = [
 PICTURE_ONLY = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def check_fuse_arguments(args) -> None:
-    """Everything about the arguments that can be checked before any file is read."""
-    from . import colour, windows  # noqa: PLC0415
-    from .device import pick_device  # noqa: PLC0415
-    from .methods import get_method  # noqa: PLC0415
+WINDOW_FLAGS = ("--window", "--functional-window")
 
-    ok, reason = get_method(args.method).available()
-    if not ok:
-        raise FusionError(reason)
-    if args.colormap:
-        colour.colormap_table(args.colormap)
-    _check_window(args.window, "--window")
-    _check_window(args.functional_window, "--functional-window")
-    for preset in (getattr(args, "window_preset", None), getattr(args, "functional_preset", None)):
-        if preset:
-            windows.get_preset(preset)
+
+def check_fuse_arguments(args) -> None:
+    """Everything about the arguments that can be checked before any file is read: the options
+    (options.validate: method and its weights, windows, presets, colour map, ...), the device,
+    the registration's arguments."""
+    from .device import pick_device  # noqa: PLC0415
+
+    choices.validate(fuse_options(args), WINDOW_FLAGS)
     pick_device(args.device)
     check_placement_arguments(args)
 
@@ -240,21 +226,21 @@ def claim_outputs(out, args, specs=None) -> dict:
             for dest, what, kind in (specs or FUSE_OUTPUTS) if getattr(args, dest, None)}
 
 
-def fuse_options(args, anat, func):
-    """FusionOptions from the arguments; display-ready 8-bit pictures default to 0..255; window
-    presets, and the units a DICOM series' header gives (a CT in HU gets the soft-tissue window)."""
-    from .pipeline import FusionOptions  # noqa: PLC0415
-
-    window = _check_window(args.window, "--window")
-    fwindow = _check_window(args.functional_window, "--functional-window")
-    if window is None and anat.display_ready:
+def fuse_options(args, anat=None, func=None) -> FusionOptions:
+    """FusionOptions from the arguments (before the inputs are read: ``anat``/``func`` None); with
+    the read sources, display-ready 8-bit pictures default to 0..255, and the units a DICOM series'
+    header gives go in (a CT in HU gets the soft-tissue window)."""
+    window = choices.check_window(args.window, WINDOW_FLAGS[0])
+    fwindow = choices.check_window(args.functional_window, WINDOW_FLAGS[1])
+    if window is None and anat is not None and anat.display_ready:
         window = (0.0, 255.0)
-    if fwindow is None and func.display_ready and func.image.GetNumberOfComponentsPerPixel() == 1:
+    if (fwindow is None and func is not None and func.display_ready
+            and func.image.GetNumberOfComponentsPerPixel() == 1):
         fwindow = (0.0, 255.0)
-    return FusionOptions(method=args.method, colormap=args.colormap, anatomical_window=window,
+    return FusionOptions(method=args.method, colormap=args.colormap or None, anatomical_window=window,
                          functional_window=fwindow, axis=args.axis, device=args.device,
                          batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)),
-                         metric_set=getattr(args, "metric_set", "all"),
+                         metric_set=getattr(args, "metric_set", choices.DEFAULT_METRIC_SET),
                          anatomical_preset=getattr(args, "window_preset", None),
                          functional_preset=getattr(args, "functional_preset", None),
                          anatomical_units=_units(anat), functional_units=_units(func))
@@ -410,9 +396,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import all_methods  # noqa: PLC0415
-
-    for m in all_methods():
+    for m in choices.METHODS:           # the catalogue: no method (and no torch) is imported
         ok, reason = m.available()
         note = "" if ok else f"  [unavailable: {reason}]"
         print(f"{m.name:14s} {m.description}{note}")
@@ -482,10 +466,7 @@ def _add_threads(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .device import DEVICE_CHOICES  # noqa: PLC0415
-    from .metrics import METRIC_SETS  # noqa: PLC0415
-
-    devices = DEVICE_CHOICES + ("gpu",)
+    devices = choices.DEVICES
     p = _Parser(prog="medicalfusion", description="Multimodal medical image fusion (MRI/CT + PET/SPECT).")
     p.add_argument("--version", action="version", version=f"medicalfusion {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -495,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--anatomical", "-a", required=True, type=path_text, help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
     f.add_argument("--functional", "-f", required=True, type=path_text, help="PET/SPECT values (scalar) or pseudo-colour RGB "
                    "(8-bit, or floats in 0..1)")
-    f.add_argument("--method", "-m", default="lp", help="fusion method (see 'medicalfusion methods'); default lp")
+    f.add_argument("--method", "-m", default=choices.DEFAULT_METHOD,
+                   help=f"fusion method (see 'medicalfusion methods'); default {choices.DEFAULT_METHOD}")
     f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
                    "Rainbow, Grey, ...); default PET-Heat; use Grey for CT (grayscale fusion)")
     f.add_argument("--window", nargs=2, type=finite_float, metavar=("LO", "HI"),
@@ -513,16 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--functional-preset", metavar="NAME",
                    help="functional window by name, e.g. pet-suv-0-5, pet-suv-0-10, pet-suv-0-20 (PET in SUV) "
                    "or a CT preset for a CT functional; --functional-window wins over it")
-    f.add_argument("--axis", default="axial", type=axis_name,
+    f.add_argument("--axis", default=choices.DEFAULT_AXIS, type=axis_name,
                    help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
-    f.add_argument("--device", default="auto", choices=devices, help="torch device; default auto")
+    f.add_argument("--device", default=choices.DEFAULT_DEVICE, choices=devices, help="torch device; default auto")
     f.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE),
                    help=f"slices per batch, 1 to {MAX_BATCH_SIZE} (default: sized to the device memory)")
     f.add_argument("--output", "-o", required=True, type=path_text, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
                    ".png/.jpg for a 2D pair)")
     f.add_argument("--metrics", type=path_text, help="write the quality metrics (mean, std over slices) to this CSV")
-    f.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
-                   help="with --metrics: all (default), or quick: every metric but FMI (most of the metrics' time)")
+    f.add_argument("--metric-set", default=choices.DEFAULT_METRIC_SET, choices=tuple(choices.METRIC_SETS),
+                   help="with --metrics: quick (default): every metric but FMI, which takes most of the metrics' "
+                   "time; all: every metric, FMI included ('evaluate' always reports every metric)")
     f.add_argument("--preview", type=path_text, help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     _add_threads(f)
@@ -573,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="fuse the embedded sample (MNI152 T1 + simulated PET)")
     d.add_argument("--output", type=path_text, default="out/demo", help="folder for sample, fused volume, preview and metrics")
-    d.add_argument("--method", default="lp")
+    d.add_argument("--method", default=choices.DEFAULT_METHOD)
     d.add_argument("--device", default="auto", choices=devices)
     d.add_argument("--quiet", "-q", action="store_true")
     _add_threads(d)

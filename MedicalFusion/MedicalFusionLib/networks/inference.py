@@ -105,8 +105,8 @@ def load_network(name: str, factory: Callable[..., nn.Module]) -> tuple[nn.Modul
     return _weights.build_network(name, lambda entry: factory(**(entry.get("settings") or {})))
 
 
-def register_network(name: str, factory: Callable[..., nn.Module], description: str, reference: str,
-                     pad_multiple: int, prepare: Callable[[nn.Module], nn.Module] | None = None,
+def register_network(name: str, factory: Callable[..., nn.Module], pad_multiple: int,
+                     prepare: Callable[[nn.Module], nn.Module] | None = None,
                      bytes_per_pixel: int = 2048) -> FusionMethod:
     """Register a network whose weights are ``weights/<name>.pt``: ``build`` loads and verifies
     them, applies ``prepare`` (e.g. BatchNorm folding) and wraps the module with :func:`network_fuse_fn`."""
@@ -117,6 +117,4 @@ def register_network(name: str, factory: Callable[..., nn.Module], description: 
             model = prepare(model)
         return network_fuse_fn(model, device, multiple=pad_multiple)
 
-    return register(FusionMethod(name=name, description=description, reference=reference, family="network",
-                                 build=build, bytes_per_pixel=bytes_per_pixel,
-                                 available=lambda: _weights.weights_status(name)))
+    return register(FusionMethod(name=name, build=build, bytes_per_pixel=bytes_per_pixel))
