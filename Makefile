@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup demo test check-py39 bench evaluate train clean
+.PHONY: setup demo test test-fast check-py39 bench evaluate train clean
+
+# both cores; each real case's fusions stay in one worker (xdist_group marks, conftest.py)
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,11 @@ demo: setup
 
 ## the test suite (tests that need ../shared/data skip with a reason when it is absent), after the 3.9 check
 test: setup check-py39
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
+
+## the inner loop: every test not marked slow (under a minute on 2 cores)
+test-fast: setup
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 ## the Slicer module and the core must run on Python 3.9 (Slicer 5.4-5.8): syntax and standard library
 check-py39: setup

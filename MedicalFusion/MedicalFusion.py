@@ -807,20 +807,19 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
     def test_FuseNodeToNode(self):
         self.delayDisplay("Fusing a generated phantom node to node")
         self._requireDependencies()
-        from MedicalFusionLib.metrics import METRICS  # noqa: PLC0415
-        from MedicalFusionLib.pipeline import FusionOptions  # noqa: PLC0415
+        from MedicalFusionLib.metrics import metric_set_keys  # noqa: PLC0415
         from MedicalFusionLib.scene import fuse_nodes, ijk_to_ras  # noqa: PLC0415
 
         anatomical, functional = self._phantom()
         before = slicer.util.arrayFromVolume(functional).copy()
         functionalMatrix = ijk_to_ras(functional)
-        outcome = fuse_nodes(slicer.mrmlScene, anatomical, functional, FusionOptions(method="alpha"))
+        outcome = fuse_nodes(slicer.mrmlScene, anatomical, functional, choices.FusionOptions(method="alpha"))
         fused = outcome.volume_node
         self.assertTrue(fused.IsA("vtkMRMLVectorVolumeNode"))
         self.assertTrue(np.array_equal(ijk_to_ras(fused), ijk_to_ras(anatomical)))
         self.assertEqual(fused.GetImageData().GetScalarType(), vtk.VTK_UNSIGNED_CHAR)
         self.assertEqual(fused.GetImageData().GetNumberOfScalarComponents(), 3)
-        self.assertEqual(outcome.table_node.GetNumberOfRows(), len(METRICS))
+        self.assertEqual(outcome.table_node.GetNumberOfRows(), len(metric_set_keys(choices.DEFAULT_METRIC_SET)))
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(functional), before))
         self.assertTrue(np.array_equal(ijk_to_ras(functional), functionalMatrix))
         self.assertIsNotNone(functional.GetParentTransformNode())
@@ -831,15 +830,15 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Cancel and bad input")
         self._requireDependencies()
         from MedicalFusionLib.errors import FusionCancelled, FusionError  # noqa: PLC0415
-        from MedicalFusionLib.pipeline import FusionOptions  # noqa: PLC0415
         from MedicalFusionLib.scene import fuse_nodes  # noqa: PLC0415
 
         anatomical, functional = self._phantom()
         ids = [slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())]
         with self.assertRaises(FusionCancelled):
-            fuse_nodes(slicer.mrmlScene, anatomical, functional, FusionOptions(method="average"), cancel=lambda: True)
+            fuse_nodes(slicer.mrmlScene, anatomical, functional, choices.FusionOptions(method="average"),
+                       cancel=lambda: True)
         with self.assertRaises(FusionError):
-            fuse_nodes(slicer.mrmlScene, anatomical, functional, FusionOptions(method="average"),
+            fuse_nodes(slicer.mrmlScene, anatomical, functional, choices.FusionOptions(method="average"),
                        output_volume=None, output_table=anatomical)
         self.assertEqual(ids, [slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())])
         self.delayDisplay("Scene unchanged")
