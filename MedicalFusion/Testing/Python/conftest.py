@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 
 if os.environ.get("PYTEST_XDIST_WORKER"):   # two workers on two cores: one thread each (before numpy/torch)
@@ -100,17 +101,41 @@ def _starts_a_subprocess(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``slow`` on the tests above; each real case (patient + anatomical) one xdist group, so its
-    prepared pair and fusions (test_real_cases' module cache) are made in one worker only; the
-    tests that read one Slicer-without-torch subprocess (test_slicer_module) one group a version."""
+    """``slow`` on the tests above."""
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
         if module in SLOW_MODULES or item.originalname in SLOW_TESTS or _starts_a_subprocess(item):
             item.add_marker(pytest.mark.slow)
-        if module == "test_slicer_module" and "without_torch" in item.name:
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            item.add_marker(pytest.mark.xdist_group(f"without-torch-{params.get('version', '')}"))
-        if module == "test_real_cases":
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            if "patient" in params:
-                item.add_marker(pytest.mark.xdist_group(f"{params['patient']}-{params.get('anatomical', 'CT')}"))
+
+
+_REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work pytest-xdist hands one worker whole: each real case (patient + anatomical:
+    its prepared pair and fusions, test_real_cases' module cache, are made once), each Slicer-without-
+    torch subprocess (test_slicer_module: one a version); every other test alone."""
+    path, _, rest = nodeid.partition("::")
+    module = pathlib.PurePosixPath(path).stem
+    if module == "test_real_cases":
+        found = _REAL_CASE.search(rest)
+        if found:
+            return f"real-case-{found.group(1)}-{found.group(2) or 'CT'}"
+    if module == "test_slicer_module" and "without_torch" in rest:
+        return "without-torch-" + rest.partition("[")[2].rstrip("]")
+    return nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the units of :func:`xdist_scope`. (pytest-xdist's own xdist_group
+    marks do nothing under pytest 9, whose node ids can no longer be renamed; the units are found
+    from the node ids instead.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling  # noqa: PLC0415
+
+    class CaseScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return CaseScheduling(config, log)
