@@ -82,6 +82,7 @@ SLOW_TESTS = {
     "test_reproduces_reference_evaluator_anchors",
     "test_fuse_nodes_reports_every_phase_and_a_cancel_in_any_phase_changes_nothing",
     "test_short_training_lowers_loss_and_resumes",
+    "test_trainer_writes_manifest_entry",
     "test_two_identical_mrdfn_runs_write_the_same_bytes",
     "test_trained_network_fuses_a_slice_to_the_same_bytes_alone_or_in_any_batch",
     "test_panel_first_display_lists_every_method_without_importing_torch",
