@@ -48,7 +48,8 @@ def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | 
     """Fuse stacks of slices [N, H, W] (float32 in [0, 1]) and return the fused luma [N, H, W].
 
     ``batch_size``: slices per batch; None sizes batches by time (``batch_seconds`` of work each,
-    the first batch one slice) within the memory bound.
+    the first batch one slice, or one chunk for a method that runs fixed chunks) within the memory
+    bound.
     """
     if anatomical.shape != functional_y.shape or anatomical.ndim != 3:
         raise ValueError(f"expected two [N, H, W] stacks of one shape, got {anatomical.shape} and {functional_y.shape}")
