@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup demo test check-py39 pacs-deps bench bench-deps evaluate train clean
+.PHONY: setup demo test test-fast check-py39 pacs-deps bench bench-deps evaluate train clean
+
+# both cores; each real case's fusions stay in one worker (xdist_group marks, conftest.py)
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +27,7 @@ demo: setup
 ## as root (CI) the DICOM/PACS tests run (never skip) with the Debian packages of pacs-deps; a user who
 ## cannot install them sees which packages to install and those tests skip with that reason
 test: setup check-py39 pacs-deps
-	MEDICALFUSION_REQUIRE_PACS=$$([ "$$(id -u)" = 0 ] && echo 1) $(PY) -m pytest -q
+	MEDICALFUSION_REQUIRE_PACS=$$([ "$$(id -u)" = 0 ] && echo 1) $(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 ## Debian packages of the DICOM/PACS tests: dciodvfy (dicom3tools), Orthanc + its DICOMweb plugin (started by
 ## the tests on 127.0.0.1 from scripts/orthanc.py), openssl (a test certificate); apt-get installs the missing
@@ -44,6 +47,10 @@ pacs-deps:
 			echo "make: the DICOM/PACS tests need these Debian packages and skip without them:$$missing (sudo apt-get install$$missing)"; \
 		fi; \
 	fi
+
+## the inner loop: every test not marked slow (about a minute on 2 cores)
+test-fast: setup
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 ## the Slicer module and the core must run on Python 3.9 (Slicer 5.4-5.8): syntax and standard library
 check-py39: setup

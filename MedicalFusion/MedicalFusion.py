@@ -39,6 +39,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MedicalFusionLib import colour, windows
+from MedicalFusionLib import options as choices
+from MedicalFusionLib.options import AXES as AXIS_CHOICES
+from MedicalFusionLib.options import DEFAULT_METHOD
+from MedicalFusionLib.options import PANEL_DEVICES as DEVICE_CHOICES
 from MedicalFusionLib.registration import KINDS as REGISTRATION_CHOICES
 
 AS_DISPLAYED = "As displayed"
@@ -46,12 +50,10 @@ AS_DISPLAYED = "As displayed"
 NO_PRESET = "No preset"
 ANATOMICAL_PRESETS = [name for name in windows.preset_names() if name.startswith("ct-")]
 FUNCTIONAL_PRESETS = [name for name in windows.preset_names() if name.startswith("pet-")] + ANATOMICAL_PRESETS
-DEVICE_CHOICES = ("auto", "gpu", "cpu")
-AXIS_CHOICES = ("axial", "coronal", "sagittal")
-#: MedicalFusionLib.metrics.METRIC_SETS' names (not imported here: metrics needs scipy, which may be
-#: installed only on the first Fuse); the harness tests check that both agree.
-METRIC_SET_CHOICES = ("all", "quick")
-DEFAULT_METHOD = "lp"
+#: The metric sets' names (MedicalFusionLib.options: torch- and scipy-free, like the methods catalogue).
+METRIC_SET_CHOICES = tuple(choices.METRIC_SETS)
+#: Every method of the catalogue (MedicalFusionLib.options.METHODS), listed without importing torch.
+METHOD_CHOICES = choices.method_names()
 #: Python packages the core needs beyond what Slicer ships: (import name, pip name).
 PIP_DEPENDENCIES = (("skimage", "scikit-image"), ("sklearn", "scikit-learn"), ("scipy", "scipy"))
 #: The extension that installs torch for Slicer (named in EXTENSION_DEPENDS of the top CMakeLists.txt).
@@ -171,58 +173,6 @@ def versionReport(device: str = "auto") -> str:
             f"numpy {np.__version__}; device {dev}")
 
 
-class _MethodNames:
-    """The registry's method names as a sequence for ``Choice``, read once torch is importable.
-
-    The method registry imports torch, which a fresh Slicer does not have; until the dependencies
-    are installed the list is the default method plus the methods that scenes opened since named
-    (:meth:`admit`), so such a scene connects to the panel and keeps its method. The widget
-    re-connects its GUI after installing, so the combo box and this list never disagree.
-    """
-
-    def __init__(self):
-        self._names = None
-        self._admitted: list = []
-
-    @property
-    def fromRegistry(self) -> bool:
-        return self._names is not None or importlib.util.find_spec("torch") is not None
-
-    def _current(self):
-        if self._names is None:
-            if importlib.util.find_spec("torch") is None:
-                return [DEFAULT_METHOD] + [n for n in self._admitted if n != DEFAULT_METHOD]
-            from MedicalFusionLib.methods import method_names  # noqa: PLC0415
-
-            self._names = list(method_names())
-        return self._names
-
-    def admit(self, name: str) -> None:
-        """Accept ``name`` until the registry can be read (a scene's method, torch not installed yet)."""
-        if name and name not in self._admitted:
-            self._admitted.append(name)
-
-    def __iter__(self):
-        return iter(self._current())
-
-    def __contains__(self, value):
-        # The default is checked when the parameter node class is created, at Slicer start-up:
-        # answer it without importing torch and every network.
-        if self._names is None and value == DEFAULT_METHOD:
-            return True
-        return value in self._current()
-
-    def __len__(self):
-        return len(self._current())
-
-    def __getitem__(self, index):
-        return self._current()[index]
-
-    def __repr__(self):
-        return repr(self._current())
-
-
-METHOD_CHOICES = _MethodNames()
 
 
 #
@@ -423,7 +373,8 @@ class MedicalFusionParameterNode:
         parent of both (MedicalFusionLib.scene.check_register_with).
     method, device, axis - the fusion method (registry name), torch device, slice orientation.
     computeMetrics - also write the metrics table (on by default; progress and Cancel cover it too).
-    metricSet - 'all' metrics, or 'quick': all but FMI, which takes most of the metrics' time on a CPU.
+    metricSet - 'quick' (default): every metric but FMI, which takes most of the metrics' time on a CPU;
+        'all' adds FMI.
     showAsForeground - show the result over the anatomical instead of as background.
     switchToTableLayout - switch the view layout to Four-Up + table to show the metrics (off: the
         user's layout is kept; the table still shows in a table view the layout already has).
@@ -445,7 +396,7 @@ class MedicalFusionParameterNode:
     device: Annotated[str, Choice(DEVICE_CHOICES), Default("auto")]
     axis: Annotated[str, Choice(AXIS_CHOICES), Default("axial")]
     computeMetrics: Annotated[bool, Default(True)]
-    metricSet: Annotated[str, Choice(METRIC_SET_CHOICES), Default("all")]
+    metricSet: Annotated[str, Choice(METRIC_SET_CHOICES), Default(choices.DEFAULT_METRIC_SET)]
     showAsForeground: Annotated[bool, Default(False)]
     switchToTableLayout: Annotated[bool, Default(False)]
     outputVolume: vtkMRMLVectorVolumeNode
@@ -598,13 +549,10 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return mapping
 
     def _acceptSavedChoices(self, p) -> list:
-        """A value the combo box cannot show would make the GUI connection raise (a scene saved with
-        'mrdfn' opened where torch is not installed yet, or by a version with other methods): keep a
-        saved method until the registry can be read, reset anything else unknown to its default.
-        Returns the notices for the status line."""
+        """A value the combo box cannot show would make the GUI connection raise (a scene saved by a
+        version with other methods): reset anything unknown to its default. Returns the notices for
+        the status line."""
         notices = []
-        if p.method not in METHOD_CHOICES and not METHOD_CHOICES.fromRegistry:
-            METHOD_CHOICES.admit(p.method)
         for name in p.allParameters:
             choices = _choicesOf(p, name)
             if choices is None or p.getValue(name) in choices:
@@ -618,17 +566,11 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return notices
 
     def _decorateMethodComboBox(self) -> None:
-        """Tooltips (description + paper) on every method; unavailable ones greyed with the reason."""
-        if not METHOD_CHOICES.fromRegistry:
-            for index in range(self.ui.methodComboBox.count):
-                self.ui.methodComboBox.setItemData(
-                    index, _("Install the dependencies (first Fuse) to list every method."), qt.Qt.ToolTipRole)
-            return
-        from MedicalFusionLib.methods import get_method  # noqa: PLC0415
-
+        """Tooltips (description + paper) on every method; unavailable ones greyed with the reason (from
+        the catalogue: nothing is imported, torch need not be installed yet)."""
         model = self.ui.methodComboBox.model()
         for index in range(self.ui.methodComboBox.count):
-            method = get_method(self.ui.methodComboBox.itemText(index))
+            method = choices.method_info(self.ui.methodComboBox.itemText(index))
             ok, reason = method.available()
             tip = _("{description}\nReference: {reference}").format(description=method.description,
                                                                      reference=method.reference)
@@ -867,24 +809,25 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
         if (not p.useDisplayWindow and p.functionalWindowPreset == NO_PRESET
                 and p.functionalWindowMax <= p.functionalWindowMin):
             return False, _("The functional window is empty: make its maximum larger than its minimum.")
-        if METHOD_CHOICES.fromRegistry:
-            from MedicalFusionLib.errors import FusionError  # noqa: PLC0415
-            from MedicalFusionLib.methods import get_method  # noqa: PLC0415
+        from MedicalFusionLib.errors import FusionError  # noqa: PLC0415
 
-            try:
-                available, why = get_method(p.method).available()
-            except FusionError as exc:
-                return False, str(exc)
-            if not available:
-                return False, _("Method '{method}' is not available: {reason}").format(method=p.method, reason=why)
+        try:
+            available, why = choices.method_info(p.method).available()
+        except FusionError as exc:
+            return False, str(exc)
+        if not available:
+            return False, _("Method '{method}' is not available: {reason}").format(method=p.method, reason=why)
+        try:
+            choices.validate(self.options(p))
+        except FusionError as exc:
+            return False, str(exc)
         return True, ""
 
-    def options(self, p):
-        from MedicalFusionLib.pipeline import FusionOptions  # noqa: PLC0415
-
+    def options(self, p) -> choices.FusionOptions:
+        """The run's options (MedicalFusionLib.options.FusionOptions), as the CLI builds them."""
         scalar = p.functionalVolume is not None and not p.functionalVolume.IsA("vtkMRMLVectorVolumeNode")
         functional_preset = None if p.functionalWindowPreset == NO_PRESET or not scalar else p.functionalWindowPreset
-        return FusionOptions(
+        return choices.FusionOptions(
             method=p.method, device=p.device, axis=p.axis, compute_metrics=p.computeMetrics,
             metric_set=p.metricSet,
             colormap=None if p.colormap == AS_DISPLAYED or not scalar else p.colormap,
@@ -1064,14 +1007,13 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
     def test_FuseNodeToNode(self):
         self.delayDisplay("Fusing a generated phantom node to node")
         self._requireDependencies()
-        from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRICS  # noqa: PLC0415
-        from MedicalFusionLib.pipeline import FusionOptions  # noqa: PLC0415
+        from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, metric_set_keys  # noqa: PLC0415
         from MedicalFusionLib.scene import fuse_nodes, ijk_to_ras  # noqa: PLC0415
 
         anatomical, functional = self._phantom()
         before = slicer.util.arrayFromVolume(functional).copy()
         functionalMatrix = ijk_to_ras(functional)
-        outcome = fuse_nodes(slicer.mrmlScene, anatomical, functional, FusionOptions(method="alpha"))
+        outcome = fuse_nodes(slicer.mrmlScene, anatomical, functional, choices.FusionOptions(method="alpha"))
         fused = outcome.volume_node
         self.assertTrue(fused.IsA("vtkMRMLVectorVolumeNode"))
         self.assertTrue(np.array_equal(ijk_to_ras(fused), ijk_to_ras(anatomical)))
@@ -1079,8 +1021,9 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(fused.GetImageData().GetNumberOfScalarComponents(), 3)
         table = outcome.table_node
         names = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
-        self.assertEqual(names[:len(METRICS)], [m.key for m in METRICS])
-        self.assertTrue(set(names[len(METRICS):]) <= set(COLOUR_METRIC_KEYS))
+        default_keys = metric_set_keys(choices.DEFAULT_METRIC_SET)       # the quick set (issue 21)
+        self.assertEqual(names[:len(default_keys)], default_keys)
+        self.assertTrue(set(names[len(default_keys):]) <= set(COLOUR_METRIC_KEYS))
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(functional), before))
         self.assertTrue(np.array_equal(ijk_to_ras(functional), functionalMatrix))
         self.assertIsNotNone(functional.GetParentTransformNode())
@@ -1091,15 +1034,15 @@ class MedicalFusionTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Cancel and bad input")
         self._requireDependencies()
         from MedicalFusionLib.errors import FusionCancelled, FusionError  # noqa: PLC0415
-        from MedicalFusionLib.pipeline import FusionOptions  # noqa: PLC0415
         from MedicalFusionLib.scene import fuse_nodes  # noqa: PLC0415
 
         anatomical, functional = self._phantom()
         ids = [slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())]
         with self.assertRaises(FusionCancelled):
-            fuse_nodes(slicer.mrmlScene, anatomical, functional, FusionOptions(method="average"), cancel=lambda: True)
+            fuse_nodes(slicer.mrmlScene, anatomical, functional, choices.FusionOptions(method="average"),
+                       cancel=lambda: True)
         with self.assertRaises(FusionError):
-            fuse_nodes(slicer.mrmlScene, anatomical, functional, FusionOptions(method="average"),
+            fuse_nodes(slicer.mrmlScene, anatomical, functional, choices.FusionOptions(method="average"),
                        output_volume=None, output_table=anatomical)
         self.assertEqual(ids, [slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())])
         self.delayDisplay("Scene unchanged")

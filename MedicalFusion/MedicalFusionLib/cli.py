@@ -29,10 +29,11 @@ import sys
 import threading
 
 from . import __version__
+from . import options as choices
 from .errors import FusionCancelled, FusionError
+from .options import MAX_BATCH_SIZE, FusionOptions
 
 EXIT_USER_ERROR = 2
-MAX_BATCH_SIZE = 4096
 
 
 class Interrupted(KeyboardInterrupt):
@@ -103,19 +104,17 @@ def thread_count(text: str) -> int:
     return int_range(1, cpu_count())(text)
 
 
+def path_text(text: str) -> str:
+    """A file or folder argument: anything but an empty string (``-o ''`` is a user's mistake)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder name")
+    return text
+
+
 def axis_name(text: str) -> str:
-    if text.lower() not in ("axial", "coronal", "sagittal", "0", "1", "2"):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a slice orientation: use axial, coronal, sagittal or 0-2")
+    if text.lower() not in choices.AXES + ("0", "1", "2"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a slice orientation: use {', '.join(choices.AXES)} or 0-2")
     return text.lower()
-
-
-def _check_window(window, flag: str) -> tuple[float, float] | None:
-    if window is None:
-        return None
-    lo, hi = window
-    if not lo < hi:
-        raise FusionError(f"{flag} {lo:g} {hi:g} is empty: give LO < HI")
-    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,22 +199,16 @@ FUSE_OUTPUTS = [
 PICTURE_ONLY = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def check_fuse_arguments(args) -> None:
-    """Everything about the arguments that can be checked before any file is read."""
-    from . import colour, windows  # noqa: PLC0415
-    from .device import pick_device  # noqa: PLC0415
-    from .methods import get_method  # noqa: PLC0415
+WINDOW_FLAGS = ("--window", "--functional-window")
 
-    ok, reason = get_method(args.method).available()
-    if not ok:
-        raise FusionError(reason)
-    if args.colormap:
-        colour.colormap_table(args.colormap)
-    _check_window(args.window, "--window")
-    _check_window(args.functional_window, "--functional-window")
-    for preset in (getattr(args, "window_preset", None), getattr(args, "functional_preset", None)):
-        if preset:
-            windows.get_preset(preset)
+
+def check_fuse_arguments(args) -> None:
+    """Everything about the arguments that can be checked before any file is read: the options
+    (options.validate: method and its weights, windows, presets, colour map, ...), the device,
+    the registration's arguments."""
+    from .device import pick_device  # noqa: PLC0415
+
+    choices.validate(fuse_options(args), WINDOW_FLAGS)
     pick_device(args.device)
     check_placement_arguments(args)
 
@@ -235,21 +228,21 @@ def claim_outputs(out, args, specs=None) -> dict:
             for dest, what, kind in (specs or FUSE_OUTPUTS) if getattr(args, dest, None)}
 
 
-def fuse_options(args, anat, func):
-    """FusionOptions from the arguments; display-ready 8-bit pictures default to 0..255; window
-    presets, and the units a DICOM series' header gives (a CT in HU gets the soft-tissue window)."""
-    from .pipeline import FusionOptions  # noqa: PLC0415
-
-    window = _check_window(args.window, "--window")
-    fwindow = _check_window(args.functional_window, "--functional-window")
-    if window is None and anat.display_ready:
+def fuse_options(args, anat=None, func=None) -> FusionOptions:
+    """FusionOptions from the arguments (before the inputs are read: ``anat``/``func`` None); with
+    the read sources, display-ready 8-bit pictures default to 0..255, and the units a DICOM series'
+    header gives go in (a CT in HU gets the soft-tissue window)."""
+    window = choices.check_window(args.window, WINDOW_FLAGS[0])
+    fwindow = choices.check_window(args.functional_window, WINDOW_FLAGS[1])
+    if window is None and anat is not None and anat.display_ready:
         window = (0.0, 255.0)
-    if fwindow is None and func.display_ready and func.image.GetNumberOfComponentsPerPixel() == 1:
+    if (fwindow is None and func is not None and func.display_ready
+            and func.image.GetNumberOfComponentsPerPixel() == 1):
         fwindow = (0.0, 255.0)
-    return FusionOptions(method=args.method, colormap=args.colormap, anatomical_window=window,
+    return FusionOptions(method=args.method, colormap=args.colormap or None, anatomical_window=window,
                          functional_window=fwindow, axis=args.axis, device=args.device,
                          batch_size=args.batch_size, compute_metrics=bool(getattr(args, "metrics", None)),
-                         metric_set=getattr(args, "metric_set", "all"),
+                         metric_set=getattr(args, "metric_set", choices.DEFAULT_METRIC_SET),
                          anatomical_preset=getattr(args, "window_preset", None),
                          functional_preset=getattr(args, "functional_preset", None),
                          anatomical_units=_units(anat), functional_units=_units(func))
@@ -488,9 +481,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import all_methods  # noqa: PLC0415
-
-    for m in all_methods():
+    for m in choices.METHODS:           # the catalogue: no method (and no torch) is imported
         ok, reason = m.available()
         note = "" if ok else f"  [unavailable: {reason}]"
         print(f"{m.name:14s} {m.description}{note}")
@@ -566,20 +557,18 @@ def _add_threads(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .device import DEVICE_CHOICES  # noqa: PLC0415
-    from .metrics import METRIC_SETS  # noqa: PLC0415
-
-    devices = DEVICE_CHOICES + ("gpu",)
+    devices = choices.DEVICES
     p = _Parser(prog="medicalfusion", description="Multimodal medical image fusion (MRI/CT + PET/SPECT).")
     p.add_argument("--version", action="version", version=f"medicalfusion {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fuse", help="fuse a registered anatomical + functional pair")
-    f.add_argument("--anatomical", "-a", help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
-    f.add_argument("--functional", "-f", help="PET/SPECT values (scalar) or pseudo-colour RGB "
+    f.add_argument("--anatomical", "-a", type=path_text, help="MRI or CT: NRRD, NIfTI, MHA, DICOM folder, PNG/JPG")
+    f.add_argument("--functional", "-f", type=path_text, help="PET/SPECT values (scalar) or pseudo-colour RGB "
                    "(8-bit, or floats in 0..1)")
-    f.add_argument("--method", "-m", default="lp", help="fusion method (see 'medicalfusion methods'); default lp")
+    f.add_argument("--method", "-m", default=choices.DEFAULT_METHOD,
+                   help=f"fusion method (see 'medicalfusion methods'); default {choices.DEFAULT_METHOD}")
     f.add_argument("--colormap", help="colour map for a scalar functional (Slicer names: PET-Heat, PET-Rainbow2, "
                    "Rainbow, Grey, ...); default PET-Heat; use Grey for CT (grayscale fusion)")
     f.add_argument("--window", nargs=2, type=finite_float, metavar=("LO", "HI"),
@@ -597,15 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--functional-preset", metavar="NAME",
                    help="functional window by name, e.g. pet-suv-0-5, pet-suv-0-10, pet-suv-0-20 (PET in SUV) "
                    "or a CT preset for a CT functional; --functional-window wins over it")
-    f.add_argument("--axis", default="axial", type=axis_name,
+    f.add_argument("--axis", default=choices.DEFAULT_AXIS, type=axis_name,
                    help="slice orientation: axial, coronal, sagittal (or array axis 0-2)")
-    f.add_argument("--device", default="auto", choices=devices, help="torch device; default auto")
+    f.add_argument("--device", default=choices.DEFAULT_DEVICE, choices=devices, help="torch device; default auto")
     f.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE),
                    help=f"slices per batch, 1 to {MAX_BATCH_SIZE} (default: sized to the device memory)")
-    f.add_argument("--output", "-o", help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
+    f.add_argument("--output", "-o", type=path_text, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
                    ".png/.jpg for a 2D pair); -o, --output-dicom or --store is needed")
     # DICOM and PACS (MedicalFusionLib/dicom_export.py, pacs.py; docs/PACS.md)
-    f.add_argument("--output-dicom", metavar="DIR", help="also (or only) write the fused volume as a DICOM series "
+    f.add_argument("--output-dicom", metavar="DIR", type=path_text, help="also (or only) write the fused volume as a DICOM series "
                    "(RGB Secondary Capture, one file a slice, on the anatomical's grid, in its patient and study) "
                    "into this new or empty folder")
     f.add_argument("--pacs", metavar="URL", help="DICOMweb root of a PACS (e.g. http://127.0.0.1:8042/dicom-web) to "
@@ -619,19 +608,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "certificate (only for a server you trust)")
     f.add_argument("--pacs-timeout", type=positive_float, metavar="SECONDS",
                    help="with --pacs: give up when the PACS does not answer within this time (default 30)")
-    f.add_argument("--metrics", help="write the quality metrics (mean, std over slices) to this CSV")
-    f.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
-                   help="with --metrics: all (default), or quick: every metric but FMI (most of the metrics' time)")
-    f.add_argument("--preview", help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
+    f.add_argument("--metrics", type=path_text, help="write the quality metrics (mean, std over slices) to this CSV")
+    f.add_argument("--metric-set", default=choices.DEFAULT_METRIC_SET, choices=tuple(choices.METRIC_SETS),
+                   help="with --metrics: quick (default): every metric but FMI, which takes most of the metrics' "
+                   "time; all: every metric, FMI included ('evaluate' always reports every metric)")
+    f.add_argument("--preview", type=path_text, help="write a picture (.png, .jpg, ...): anatomical | functional | fused")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     _add_threads(f)
     # registration on demand (MedicalFusionLib/registration.py)
     f.add_argument("--register", choices=("rigid", "affine"),
                    help="align the functional to the anatomical first (mutual information); off by default")
-    f.add_argument("--transform", metavar="IN.tfm",
+    f.add_argument("--transform", type=path_text, metavar="IN.tfm",
                    help="ITK transform file placing the functional (as Slicer saves the functional's parent "
                    "transform); with --register, the registration starts from it")
-    f.add_argument("--save-transform", metavar="OUT.tfm",
+    f.add_argument("--save-transform", type=path_text, metavar="OUT.tfm",
                    help="save the registration's transform as an ITK transform file (.tfm; in Slicer: load it "
                    "and set it as the functional's parent transform)")
     f.add_argument("--register-with", metavar="VOLUME",
@@ -652,12 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     e = sub.add_parser("evaluate", help="evaluate methods on the aanlib pairs of a split")
-    e.add_argument("--dataset", required=True, help="the aanlib folder (with split.csv)")
+    e.add_argument("--dataset", required=True, type=path_text, help="the aanlib folder (with split.csv)")
     e.add_argument("--split", default="test", choices=("train", "test"))
     e.add_argument("--methods", nargs="+", help="methods to evaluate (default: every available method)")
     e.add_argument("--pairs", nargs="+", default=None, choices=("CT-MRI", "PET-MRI", "SPECT-MRI"),
                    help="CT-MRI PET-MRI SPECT-MRI (default: all)")
-    e.add_argument("--output", default="out/evaluation", help="folder for the CSV, markdown and montage files")
+    e.add_argument("--output", type=path_text, default="out/evaluation", help="folder for the CSV, markdown and montage files")
     e.add_argument("--device", default="auto", choices=devices)
     e.add_argument("--limit", type=positive_int, help="at most this many pairs per modality, 1 or more (quick runs)")
     e.add_argument("--montage-without-sources", action="store_true",
@@ -668,9 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a fusion network on the aanlib train split (CPU is fine)")
     t.add_argument("--method", required=True, help="network to train (mrdfn, lywnet, dmfnet)")
-    t.add_argument("--data", required=True, help="the aanlib folder (with split.csv)")
+    t.add_argument("--data", required=True, type=path_text, help="the aanlib folder (with split.csv)")
     t.add_argument("--minutes", type=positive_float, default=60.0, help="wall-time budget (more than 0)")
-    t.add_argument("--out", help="folder for the run's checkpoints and loss log (default: runs/<method>); "
+    t.add_argument("--out", type=path_text, help="folder for the run's checkpoints and loss log (default: runs/<method>); "
                    "the weights and manifest entry go to weights/")
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming the checkpoint")
     t.add_argument("--seed", type=int_range(0, 2 ** 32 - 1), default=0)
@@ -687,8 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--method", "-m", default="lp", help="method for the studies whose row names none; default lp")
     b.add_argument("--methods", nargs="+", metavar="METHOD", help="fuse every study with each of these methods "
                    "(DIR/<id>/<method>/) and rank them over the cohort (DIR/ranking.csv)")
-    b.add_argument("--metric-set", default="all", choices=tuple(METRIC_SETS),
-                   help="metrics of every study (a metric-set column wins): all (default) or quick (no FMI)")
+    b.add_argument("--metric-set", default=choices.DEFAULT_METRIC_SET, choices=tuple(choices.METRIC_SETS),
+                   help="metrics of every study (a metric-set column wins): quick (default, as fuse: no FMI) or all")
     b.add_argument("--preview", action="store_true", help="also write DIR/<id>/preview.png")
     b.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (tcp://HOST:8786); default: "
                    "a LocalCluster on this machine")
@@ -700,8 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_batch)
 
     d = sub.add_parser("demo", help="fuse the embedded sample (MNI152 T1 + simulated PET)")
-    d.add_argument("--output", default="out/demo", help="folder for sample, fused volume, preview and metrics")
-    d.add_argument("--method", default="lp")
+    d.add_argument("--output", type=path_text, default="out/demo", help="folder for sample, fused volume, preview and metrics")
+    d.add_argument("--method", default=choices.DEFAULT_METHOD)
     d.add_argument("--device", default="auto", choices=devices)
     d.add_argument("--quiet", "-q", action="store_true")
     _add_threads(d)
@@ -726,44 +716,73 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     return 128 + int(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import SimpleITK as sitk  # noqa: PLC0415
+#: Set by :func:`run` (the program): once the run's outcome is settled, signals stay ignored until
+#: the process ends, so a late Ctrl-C never reaches Python's shutdown (torch's atexit handlers).
+_PROGRAM = {"running": False}
 
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:          # --help, --version, or a one-line argparse error
-        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
-    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+def _pause(name: str) -> None:
+    """The test hook of outputs.py (a subprocess paused at a named point), without importing it."""
+    if name in os.environ.get("MEDICALFUSION_TEST_PAUSE_AT", "").split(","):
+        from .outputs import pause_point  # noqa: PLC0415
+
+        pause_point(name)
+
+
+def _settle(handlers) -> None:
+    """The run's outcome is known: later SIGINT/SIGTERM/SIGHUP are ignored while it is reported."""
+    for sig in handlers:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command with ``argv`` (default: sys.argv); returns the exit status. Signal handlers are
+    in place from the start (a Ctrl-C while the command starts up is one line too) and are put
+    back when it returns."""
+    args = argparse.Namespace(debug=False)
+    previous = _install_signal_handlers()
     notes = _NoteHandler()
     package_log = logging.getLogger("MedicalFusionLib")
-    package_log.addHandler(notes)
-    previous = {}
+    warnings_shown = None
     try:
-        previous = _install_signal_handlers()
+        _pause("start")
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:          # --help, --version, or a one-line argparse error
+            _settle(previous)
+            return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+        import SimpleITK as sitk  # noqa: PLC0415
+
+        warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        package_log.addHandler(notes)
         if getattr(args, "threads", None) is not None:
             import torch  # noqa: PLC0415
 
             torch.set_num_threads(args.threads)
         rc = args.func(args)
+        _settle(previous)
         notes.show()
         return rc
     except FusionError as exc:
+        _settle(previous)
         print(f"medicalfusion: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FusionCancelled:
+        _settle(previous)
         print("medicalfusion: cancelled; nothing was written", file=sys.stderr)
         return 130
     except KeyboardInterrupt as exc:
-        for sig in previous:                     # a second Ctrl-C must not cut the message short
-            signal.signal(sig, signal.SIG_IGN)
+        _settle(previous)                        # a second Ctrl-C must not cut the message short
         return _interrupted(args, exc)
     except MemoryError:
+        _settle(previous)
         print("medicalfusion: error: out of memory: use --batch-size 1 or --device cpu; nothing was written",
               file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug of ours: one line unless --debug
+        _settle(previous)
         if args.debug:
             raise
         detail = " ".join(str(exc).split())[:300]
@@ -771,11 +790,31 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not _PROGRAM["running"]:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         package_log.removeHandler(notes)
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+        if warnings_shown is not None:
+            import SimpleITK as sitk  # noqa: PLC0415
+
+            sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+
+
+def run() -> None:
+    """The ``medicalfusion`` program: :func:`main`, then exit with its status. Signals stay ignored
+    from the moment the outcome is settled until the process has ended (Python's shutdown runs
+    torch's atexit handlers, where a Ctrl-C printed a traceback): a late Ctrl-C changes nothing, the
+    status is the run's (0 when everything was written)."""
+    _PROGRAM["running"] = True
+    try:
+        rc = main()
+    except KeyboardInterrupt:          # in the instant before main's handlers were in place
+        _settle(_install_signal_handlers())
+        print("medicalfusion: interrupted; nothing was written", file=sys.stderr)
+        rc = 128 + int(signal.SIGINT)
+    _pause("exit")
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import FusionError
+from .options import DEFAULT_METRIC_SET
 from .outputs import sha256_of
 
 REQUIRED_COLUMNS = ("id", "anatomical", "functional")
@@ -227,7 +228,7 @@ def study_options(row: dict, manifest_dir: pathlib.Path, method: str | None, met
 
 
 def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list | None = None,
-         method: str = "lp", metric_set: str = "all", preview: bool = False) -> list[Task]:
+         method: str = "lp", metric_set: str = DEFAULT_METRIC_SET, preview: bool = False) -> list[Task]:
     """Every task of the cohort: a study x method with its ``fuse`` command line, parsed by the
     CLI's parser here already (a bad value fails that study only, before any work)."""
     rows, columns = read_manifest(manifest)

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from .errors import FusionError
-
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+from .options import DEVICES as DEVICE_CHOICES  # noqa: F401  (the names live in options.py)
 
 
 def mps_available() -> bool:

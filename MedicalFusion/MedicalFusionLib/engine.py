@@ -7,9 +7,11 @@ Slices where both inputs are zero (padding outside the head) fuse to zero withou
 method.
 
 Batches are sized so that the panel stays responsive: unless a batch size is given, the first
-batch is one slice, and each later batch holds as many slices as the last batch's seconds per
+batch is one slice (one chunk for a network), and each later batch holds as many slices as the last batch's seconds per
 slice fit into :data:`BATCH_SECONDS` (never more than the memory bound of :func:`batch_size_for`).
-Methods do not depend on batch composition, so the sizes change nothing in the result. Inside a
+Methods do not depend on batch composition, so the sizes change nothing in the result (the
+networks run fixed chunks of slices, see :func:`MedicalFusionLib.networks.inference.network_fuse_fn`;
+batches are then sized in whole chunks). Inside a
 batch, methods whose single slice takes long call :func:`MedicalFusionLib.progress.heartbeat`; the
 engine then repeats its last report and asks cancel (at most every 0.1 s).
 """
@@ -47,7 +49,8 @@ def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | 
     """Fuse stacks of slices [N, H, W] (float32 in [0, 1]) and return the fused luma [N, H, W].
 
     ``batch_size``: slices per batch; None sizes batches by time (``batch_seconds`` of work each,
-    the first batch one slice) within the memory bound.
+    the first batch one slice, or one chunk for a method that runs fixed chunks) within the memory
+    bound.
     """
     if anatomical.shape != functional_y.shape or anatomical.ndim != 3:
         raise ValueError(f"expected two [N, H, W] stacks of one shape, got {anatomical.shape} and {functional_y.shape}")
@@ -56,11 +59,13 @@ def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | 
     n, h, w = anatomical.shape
     out = np.zeros((n, h, w), dtype=np.float32)
     nonempty = np.flatnonzero(anatomical.reshape(n, -1).any(axis=1) | functional_y.reshape(n, -1).any(axis=1))
-    limit = batch_size or batch_size_for(m, h, w, dev)
-    bs = limit if batch_size else 1
     if cancel is not None and cancel():
         raise FusionCancelled("fusion cancelled")
     fn = build_method(m, dev)
+    # a method that runs fixed chunks of slices (the networks) is given whole chunks
+    chunk = int(getattr(fn, "chunk_for", lambda _h, _w: 1)(h, w))
+    limit = batch_size or max(chunk, batch_size_for(m, h, w, dev) // chunk * chunk)
+    bs = limit if batch_size else chunk
     total = len(nonempty)
     if progress:
         progress(0, total)
@@ -86,6 +91,7 @@ def fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, method: str | 
             if not batch_size:   # size the next batch by the seconds per slice just measured
                 per_slice = (time.perf_counter() - t0) / len(idx)
                 bs = int(max(1, min(limit, batch_seconds // per_slice if per_slice > 0 else limit)))
+                bs = max(chunk, bs // chunk * chunk)
             if progress:
                 progress(start, total)
     if cancel is not None and cancel():

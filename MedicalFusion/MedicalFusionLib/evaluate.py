@@ -22,7 +22,6 @@ import sys
 import time
 
 import numpy as np
-import SimpleITK as sitk
 
 from . import colour
 from .device import pick_device

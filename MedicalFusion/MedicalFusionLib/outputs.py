@@ -35,11 +35,13 @@ What it guarantees:
   one fails. After an error or a signal, :meth:`OutputSet.abort` (run by the ``with`` block)
   removes every temporary and every folder the set made, so "nothing was written" is true.
 
-For tests only: when ``$MEDICALFUSION_TEST_PAUSE_AT`` names a point (``write:<what>`` after a
-temporary is written, ``commit`` before the renames, ``commit:held`` with signals held back just
-before them), the process writes its pid to
-``$MEDICALFUSION_TEST_PAUSE_FILE`` and sleeps there, so a test can send it a signal at that
-exact point.
+For tests only: when ``$MEDICALFUSION_TEST_PAUSE_AT`` names a point, or several separated by
+commas (``write:<what>`` after a temporary is written, ``commit`` before the renames,
+``commit:held`` with signals held back just before them), the process writes its pid and the point's name to
+``$MEDICALFUSION_TEST_PAUSE_FILE`` and sleeps there (until a signal held back arrives or the
+test removes that file), so a test can send it a signal at that exact point. The CLI has two
+more: ``start`` (before the arguments are parsed) and ``exit`` (after the run, before the
+interpreter's shutdown).
 """
 from __future__ import annotations
 
@@ -90,13 +92,14 @@ _held: list = []        # signals that arrived while held back by signals_held()
 
 def pause_point(name: str) -> None:
     """Test hook: sleep here when ``$MEDICALFUSION_TEST_PAUSE_AT`` is ``name`` (see module doc)."""
-    if os.environ.get(PAUSE_ENV) != name:
+    if name not in os.environ.get(PAUSE_ENV, "").split(","):
         return
     marker = os.environ.get(PAUSE_FILE_ENV)
     if marker:
-        pathlib.Path(marker).write_text(str(os.getpid()), encoding="utf-8")
+        pathlib.Path(marker).write_text(f"{os.getpid()} {name}", encoding="utf-8")
     deadline = time.monotonic() + 60.0
-    while time.monotonic() < deadline and not _held:   # a held-back signal ends the pause too
+    # a held-back signal ends the pause too, and so does the test removing the marker file
+    while time.monotonic() < deadline and not _held and (not marker or os.path.exists(marker)):
         time.sleep(0.02)
 
 

@@ -26,11 +26,11 @@ from .device import pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
 from .errors import FusionError
 from .methods import get_method
+from .options import AXES, FusionOptions, validate  # noqa: F401  (FusionOptions: callers import it from here too)
 from .progress import Progress
 from .sources import as_3d, check_same_dimension, check_slice_size, rgb_is_gray
 from .windows import choose_window
 
-AXES = ("axial", "coronal", "sagittal")
 #: Bone on a CT in HU, for the colour metrics' "over bone" rows: above the top of the soft-tissue window.
 BONE_HU = 215.0
 logger = logging.getLogger(__name__)
@@ -60,29 +60,6 @@ def by_slabs(fn: Callable[[np.ndarray], np.ndarray], arr: np.ndarray, tick: Tick
         if tick is not None:
             tick(min(n, start + step) / n)
     return out
-
-
-@dataclass
-class FusionOptions:
-    """What the user chose. ``None`` windows are computed from the images (see :func:`prepare`)."""
-
-    method: str = "lp"
-    colormap: str | np.ndarray | None = None   # scalar functional: Slicer colour map name (default
-                                               # PET-Heat) or an N x 3 RGB table in [0, 1]
-    anatomical_window: tuple[float, float] | None = None
-    functional_window: tuple[float, float] | None = None
-    axis: str | int = "axial"            # anatomical name or array axis (0 = ITK z)
-    device: str = "auto"
-    batch_size: int | None = None
-    compute_metrics: bool = True
-    metric_set: str = "all"              # metrics.METRIC_SETS: 'all', or 'quick' (all but FMI)
-    # Radiology windows (see windows.py): a named preset is used when no window is given, and the
-    # units (e.g. 'HU', 'SUVbw' from DICOM or node attributes; None = unknown, judged from the
-    # values) pick the default: a CT in HU gets the soft-tissue window.
-    anatomical_preset: str | None = None
-    functional_preset: str | None = None
-    anatomical_units: str | None = None
-    functional_units: str | None = None
 
 
 @dataclass
@@ -316,10 +293,8 @@ def source_gray8(prepared: Prepared, tick: Tick | None = None) -> tuple[np.ndarr
     return out[0], out[1]
 
 
-def _check_run_options(options: FusionOptions) -> list[str] | None:
-    """FusionError for a bad batch size or metric set; the metric keys to compute (None: no metrics)."""
-    if options.batch_size is not None and (int(options.batch_size) != options.batch_size or options.batch_size < 1):
-        raise FusionError(f"batch size {options.batch_size} is not a whole number of 1 or more")
+def _metric_keys(options: FusionOptions) -> list[str] | None:
+    """The metric keys to compute (None: no metrics)."""
     if not options.compute_metrics:
         return None
     from .metrics import metric_set_keys  # noqa: PLC0415
@@ -332,17 +307,20 @@ def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: Progress
     """Fuse prepared inputs (and measure, when ``options.compute_metrics``): engine, recombine,
     metrics. ``progress``/``cancel`` cover the three phases; a caller that already tracks the run
     passes its ``tracker`` instead (its phases: :func:`pipeline_phases`)."""
-    method = get_method(options.method)
-    ok, reason = method.available()
-    if not ok:
-        raise FusionError(reason)
+    validate(options)
     if tracker is None:
         phases = [p for p in pipeline_phases(options.compute_metrics) if p[0] != "prepare"]
         with Progress(progress, cancel, phases) as own:
-            result = fuse_prepared(prepared, options, tracker=own)
+            result = _fuse_prepared(prepared, options, own)
             own.finish()
         return result
-    metric_keys = _check_run_options(options)
+    return _fuse_prepared(prepared, options, tracker)
+
+
+def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress) -> FusionResult:
+    """:func:`fuse_prepared` with options already validated."""
+    method = get_method(options.method)
+    metric_keys = _metric_keys(options)
     device = pick_device(options.device)
     axis = array_axis(prepared.reference, options.axis)
     check_slice_size(prepared.reference, axis, str(options.axis) if not str(options.axis).isdigit() else "")
@@ -392,16 +370,10 @@ def fuse_images(anatomical: sitk.Image, functional: sitk.Image, options: FusionO
     second from the start to the end (see :mod:`MedicalFusionLib.progress`); a cancel raises
     FusionCancelled and nothing is returned.
     """
-    options = options or FusionOptions()
-    get_method(options.method)               # unknown method: fail before any work
-    _check_run_options(options)              # ... and a bad batch size or metric set
-    if isinstance(options.colormap, str):
-        colour.colormap_table(options.colormap)
-    elif options.colormap is not None:
-        colour.check_table(options.colormap)
+    options = validate(options or FusionOptions())   # every check that needs no image, before any work
     with Progress(progress, cancel, pipeline_phases(options.compute_metrics)) as tracker:
         tracker.phase("prepare")
         prepared = prepare(anatomical, functional, options, transform, tracker)
-        result = fuse_prepared(prepared, options, tracker=tracker)
+        result = _fuse_prepared(prepared, options, tracker)
         tracker.finish()
     return result

@@ -16,20 +16,11 @@ def fuse_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.maximum(a, b)
 
 
-register_function(
-    "average", fuse_average, "Mean of the anatomical and functional luma; functional colour kept (YCbCr)",
-    "Baseline used throughout the fusion literature (e.g. James & Dasarathy, Inf. Fusion 2014)", "basic",
-    bytes_per_pixel=16)
-register_function(
-    "max", fuse_max, "Pixel-wise maximum of the two lumas; functional colour kept (YCbCr)",
-    "Baseline used throughout the fusion literature (e.g. James & Dasarathy, Inf. Fusion 2014)", "basic",
-    bytes_per_pixel=16)
+# family, description and paper: options.METHODS
+register_function("average", fuse_average, bytes_per_pixel=16)
+register_function("max", fuse_max, bytes_per_pixel=16)
 # 3D Slicer composites the foreground (functional through its colour map, fully opaque tables)
 # over the grey background as RGB = (1 - a) * grey + a * colour with a = the foreground opacity.
 # YCbCr is linear in RGB, so at a = 0.5 this is Y = (Ya + Yf) / 2 and Cb/Cr pulled half-way to
 # neutral: the same function as `average` with chroma_scale 0.5.
-register_function(
-    "alpha", fuse_average,
-    "What 3D Slicer shows today: functional as foreground over the anatomical at opacity 0.5",
-    "3D Slicer slice-view compositing (vtkMRMLSliceLogic, alpha blend); PET/CT hanging protocol", "basic",
-    chroma_scale=0.5, bytes_per_pixel=16)
+register_function("alpha", fuse_average, chroma_scale=0.5, bytes_per_pixel=16)

@@ -139,8 +139,4 @@ def fuse_jbf_lge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (fused_e + fused_s).clamp(0.0, 1.0)
 
 
-register_function(
-    "jbf_lge", fuse_jbf_lge,
-    "Joint bilateral filter split into energy/structure layers; structure by local gradient energy, "
-    "energy by maximum",
-    "Li, Zhou, Tan, Zhang & Zhao, Information Sciences 569, 2021", "classic", bytes_per_pixel=4 * 120)
+register_function("jbf_lge", fuse_jbf_lge, bytes_per_pixel=4 * 120)   # texts: options.METHODS

@@ -48,9 +48,4 @@ def fuse_nsct(a: torch.Tensor, b: torch.Tensor, directions: tuple[int, ...] = NS
     return (high.sum(dim=1, keepdim=True) + low).clamp(0.0, 1.0)
 
 
-register_function(
-    "nsct", fuse_nsct,
-    "NSCT (4 levels, 16/8/4/2 directions): low-pass averaged, high-pass absolute maximum with a 3x3 "
-    "majority consistency check",
-    "da Cunha, Zhou & Do, IEEE TIP 2006; rule as in Li, Yang & Hu, Inf. Fusion 2011", "classic",
-    bytes_per_pixel=4 * 200)
+register_function("nsct", fuse_nsct, bytes_per_pixel=4 * 200)   # texts: options.METHODS

@@ -59,7 +59,4 @@ def fuse_gff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return fused.clamp(0.0, 1.0)
 
 
-register_function(
-    "gff", fuse_gff,
-    "Guided filtering fusion: two-scale split, Laplacian saliency, weights refined by guided filters",
-    "Li, Kang & Hu, IEEE Trans. Image Process. 22(7), 2013", "classic", bytes_per_pixel=4 * 40)
+register_function("gff", fuse_gff, bytes_per_pixel=4 * 40)   # texts: options.METHODS

@@ -60,8 +60,4 @@ def fuse_lrd(a: torch.Tensor, b: torch.Tensor, levels: int = LEVELS) -> torch.Te
     return collapse_laplacian(fused)[..., : size[0], : size[1]].clamp(0.0, 1.0)
 
 
-register_function(
-    "lrd", fuse_lrd,
-    "Laplacian redecomposition: overlapping / non-overlapping domains of each detail level fused by "
-    "different rules (our reading of the paper)",
-    "Li, Guo, Han, Wang, Li & Luo, IEEE Trans. Instrum. Meas. 69(9), 2020", "classic", bytes_per_pixel=4 * 40)
+register_function("lrd", fuse_lrd, bytes_per_pixel=4 * 40)   # texts: options.METHODS

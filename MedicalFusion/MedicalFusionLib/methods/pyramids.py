@@ -133,9 +133,6 @@ def fuse_dwt(a: torch.Tensor, b: torch.Tensor, levels: int = 3) -> torch.Tensor:
     return cur[..., : size[0], : size[1]].clamp(0.0, 1.0)
 
 
-register_function(
-    "lp", fuse_lp, "Laplacian pyramid (4 levels): base averaged, details by absolute maximum",
-    "Burt & Adelson, IEEE Trans. Commun. 1983; Burt & Kolczynski, ICCV 1993", "pyramid", bytes_per_pixel=96)
-register_function(
-    "dwt", fuse_dwt, "Haar wavelet (3 levels): approximation averaged, details by absolute maximum",
-    "Li, Manjunath & Mitra, Graph. Models Image Process. 1995", "pyramid", bytes_per_pixel=96)
+# family, description and paper: options.METHODS
+register_function("lp", fuse_lp, bytes_per_pixel=96)
+register_function("dwt", fuse_dwt, bytes_per_pixel=96)

@@ -1,6 +1,12 @@
 """The one method registry: the engine, the CLI, the evaluation and the Slicer panel list and run
 fusion methods through it, so a method registered here appears everywhere at once.
 
+The registry holds the implementations; what the user sees of a method (name, family, description,
+paper, whether its weights are there) is its entry in the torch-free catalogue
+:data:`MedicalFusionLib.options.METHODS`, which the CLI's ``methods`` and the panel read without
+importing torch. A method registers against that entry: its texts come from there, and a name the
+catalogue lacks cannot be registered.
+
 Contract of a method (see DESIGN.md): ``fn(anatomical, functional_y) -> fused_y`` on float tensors
 of shape [B, 1, H, W] in [0, 1], on any device, returning the same shape in [0, 1]. A slice must
 fuse to the same result alone or in a batch (no batch statistics). H and W are arbitrary: a method
@@ -11,6 +17,7 @@ Family modules in ``methods/`` and ``networks/`` register their methods at impor
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -18,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .. import options as _options
 from ..errors import FusionError
 
 FuseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,17 +47,16 @@ class FusionMethod:
     """
 
     name: str
-    description: str
-    reference: str
-    family: str
-    build: Callable[[torch.device], FuseFn]
+    description: str = ""
+    reference: str = ""
+    family: str = ""
+    build: Callable[[torch.device], FuseFn] = None  # type: ignore[assignment]
     chroma_scale: float = 1.0
     bytes_per_pixel: int = 256
     available: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""))
 
 
 _REGISTRY: dict[str, FusionMethod] = {}
-_FAMILY_ORDER = ("basic", "pyramid", "classic", "network")
 _loaded = False
 _kept: dict | None = None          # {(name, build, device, torch threads): FuseFn} while keep_built() is on
 #: Real ``build`` calls per method name in this process (what :func:`keep_built` saves is visible here).
@@ -57,16 +64,28 @@ build_counts: dict[str, int] = {}
 
 
 def register(method: FusionMethod) -> FusionMethod:
-    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+    """Register ``method`` against its catalogue entry (options.METHODS): family, description,
+    reference and availability come from there; texts given here must agree with it."""
+    try:
+        info = _options.method_info(method.name)
+    except FusionError:
+        raise RuntimeError(f"fusion method '{method.name}' is not in the catalogue: add it to "
+                           "MedicalFusionLib.options.METHODS") from None
+    for key in ("family", "description", "reference"):
+        given = getattr(method, key)
+        if given and given != getattr(info, key):
+            raise RuntimeError(f"fusion method '{method.name}': its {key} differs from the catalogue's")
+    method = dataclasses.replace(method, family=info.family, description=info.description,
+                                 reference=info.reference, available=info.available)
+    if method.name in _REGISTRY:
         raise RuntimeError(f"fusion method '{method.name}' registered twice")
     _REGISTRY[method.name] = method
     return method
 
 
-def register_function(name: str, fn: FuseFn, description: str, reference: str, family: str, **kw) -> FusionMethod:
+def register_function(name: str, fn: FuseFn, **kw) -> FusionMethod:
     """Register a stateless function (no weights): ``build`` just returns it."""
-    return register(FusionMethod(name=name, description=description, reference=reference, family=family,
-                                 build=lambda device: fn, **kw))
+    return register(FusionMethod(name=name, build=lambda device: fn, **kw))
 
 
 def _load_all() -> None:
@@ -82,10 +101,9 @@ def _load_all() -> None:
 
 
 def all_methods() -> list[FusionMethod]:
-    """Every registered method, grouped by family in a stable order."""
+    """Every registered method, in catalogue order (grouped by family)."""
     _load_all()
-    order = {f: i for i, f in enumerate(_FAMILY_ORDER)}
-    return sorted(_REGISTRY.values(), key=lambda m: order.get(m.family, len(order)))
+    return [_REGISTRY[name] for name in _options.method_names() if name in _REGISTRY]
 
 
 def method_names() -> list[str]:
@@ -114,7 +132,8 @@ def build_method(method: FusionMethod, device: torch.device) -> FuseFn:
 
 
 def get_method(name: str) -> FusionMethod:
+    _options.method_info(name)           # unknown: the catalogue's one-line error, before any import
     _load_all()
     if name not in _REGISTRY:
-        raise FusionError(f"unknown method '{name}': run 'medicalfusion methods' to list them")
+        raise FusionError(f"method '{name}' is listed but its implementation did not load")
     return _REGISTRY[name]

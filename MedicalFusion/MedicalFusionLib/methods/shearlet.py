@@ -199,8 +199,4 @@ def fuse_nsst_papcnn(a: torch.Tensor, b: torch.Tensor, directions: tuple[int, ..
     return (high.sum(dim=1, keepdim=True) + low).clamp(0.0, 1.0)
 
 
-register_function(
-    "nsst_papcnn", fuse_nsst_papcnn,
-    "NSST (4 levels, 8/8/4/4 directions) with WLE*WSEML low-pass rule and parameter-adaptive PCNN "
-    "high-pass rule (50 iterations)",
-    "Yin, Liu, Liu & Chen, IEEE Trans. Instrum. Meas. 68(1), 2019", "classic", bytes_per_pixel=4 * 600)
+register_function("nsst_papcnn", fuse_nsst_papcnn, bytes_per_pixel=4 * 600)   # texts: options.METHODS

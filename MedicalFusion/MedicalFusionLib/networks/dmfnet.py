@@ -357,14 +357,8 @@ def _build(device):
     return model.fuse
 
 
-register(FusionMethod(
+register(FusionMethod(   # family, description, paper and availability (weights): options.METHODS
     name=NAME,
-    description="DM-FNet (scaled to CPU): diffusion-trained UNet features at t=5/10/20, "
-                "timestep fusion + cross-modal attention + coarse-to-fine aggregation",
-    reference="He et al., DM-FNet: Unified multimodal medical image fusion via diffusion process-trained "
-              "encoder-decoder (github.com/HeDan-11/DM-FNet)",
-    family="network",
     build=_build,
     bytes_per_pixel=4096,  # measured peak ~2.3 kB/pixel for one 256x256 slice on CPU; slices run one at a time
-    available=lambda: _weights.weights_status(NAME),
 ))

@@ -14,6 +14,8 @@ from . import weights as _weights
 # On the CPU, small chunks keep each layer's activations in cache: measured on the 2-core machine,
 # a batch of eight 256x256 slices in one call cost ~3x more per slice than chunks of one or two.
 CPU_CHUNK_PIXELS = 2 * 256 * 256
+# On a GPU, chunks of this many pixels (16 slices of 256x256) keep the device busy.
+GPU_CHUNK_PIXELS = 16 * 256 * 256
 # On a CPU with more than one torch thread the convolutions run in the channels-last layout
 # (oneDNN's native one): faster with 2 threads on the idle 2-core machine, slower with one (MRDFN
 # 22 -> 25 ms); outputs differ by rounding only (< 1e-6). The A/B figures are in
@@ -43,8 +45,14 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Wrap ``model(a, b)`` as ``fn(anat, func_y) -> fused`` (eval, no grad, pad/crop, clamp).
 
-    The engine's batch is run whole on a GPU and in chunks of about two 256x256 slices on the CPU;
-    every slice's result is independent of the batch either way (eval mode, no batch statistics).
+    Same slice, same bytes, whatever the batch: the model always runs on chunks of exactly
+    :func:`chunk_slices` slices (about two 256x256 slices on the CPU, sixteen on a GPU; a number that
+    depends only on the slice size and the device type), the last chunk of a batch filled up with
+    empty slices. A convolution library may pick another algorithm for another batch size (oneDNN
+    did: MRDFN on 91x109 slices differed by 4e-7 between a batch of 5 and slices alone, one 8-bit
+    level in 3 of 2.7 M output values), but a slice's result does not depend on its place in a
+    batch of a given size (eval mode, no batch statistics). ``fuse.chunk_for(h, w)`` tells the
+    engine the chunk, so it sizes batches in whole chunks.
     On a CPU with more than one torch thread (counted when the function is built) the model's weights
     are converted to the channels-last layout (:data:`CPU_CHANNELS_LAST`); the one-channel inputs
     need no conversion (they already are channels-last) and the first convolution's output follows
@@ -67,13 +75,29 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
             else:
                 h, w = a.shape[-2:]
             n = a.shape[0]
-            chunk = n if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (a.shape[-1] * a.shape[-2]))
+            chunk = chunk_slices(a.shape[-2], a.shape[-1], device)
+            if n % chunk:           # fill the last chunk up: every call sees the same batch size
+                fill = chunk - n % chunk
+                a = torch.cat([a, a.new_zeros((fill,) + a.shape[1:])])
+                b = torch.cat([b, b.new_zeros((fill,) + b.shape[1:])])
             out = torch.cat([model(a[i:i + chunk], b[i:i + chunk]) for i in range(0, n, chunk)])
-            out = out[..., :h, :w].clamp_(0.0, 1.0)
+            out = out[:n, :, :h, :w].clamp_(0.0, 1.0)
         return out.to(anat.device, anat.dtype)
 
+    def chunk_for(height: int, width: int) -> int:
+        if multiple > 1:
+            height, width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+        return chunk_slices(height, width, device)
+
     fuse.model = model  # type: ignore[attr-defined]
+    fuse.chunk_for = chunk_for  # type: ignore[attr-defined]
     return fuse
+
+
+def chunk_slices(height: int, width: int, device: torch.device) -> int:
+    """Slices per model call for (padded) slices of ``height`` x ``width`` on ``device``'s type."""
+    pixels = CPU_CHUNK_PIXELS if device.type == "cpu" else GPU_CHUNK_PIXELS
+    return max(1, pixels // max(1, height * width))
 
 
 def load_network(name: str, factory: Callable[..., nn.Module]) -> tuple[nn.Module, dict]:
@@ -81,8 +105,8 @@ def load_network(name: str, factory: Callable[..., nn.Module]) -> tuple[nn.Modul
     return _weights.build_network(name, lambda entry: factory(**(entry.get("settings") or {})))
 
 
-def register_network(name: str, factory: Callable[..., nn.Module], description: str, reference: str,
-                     pad_multiple: int, prepare: Callable[[nn.Module], nn.Module] | None = None,
+def register_network(name: str, factory: Callable[..., nn.Module], pad_multiple: int,
+                     prepare: Callable[[nn.Module], nn.Module] | None = None,
                      bytes_per_pixel: int = 2048) -> FusionMethod:
     """Register a network whose weights are ``weights/<name>.pt``: ``build`` loads and verifies
     them, applies ``prepare`` (e.g. BatchNorm folding) and wraps the module with :func:`network_fuse_fn`."""
@@ -93,6 +117,4 @@ def register_network(name: str, factory: Callable[..., nn.Module], description: 
             model = prepare(model)
         return network_fuse_fn(model, device, multiple=pad_multiple)
 
-    return register(FusionMethod(name=name, description=description, reference=reference, family="network",
-                                 build=build, bytes_per_pixel=bytes_per_pixel,
-                                 available=lambda: _weights.weights_status(name)))
+    return register(FusionMethod(name=name, build=build, bytes_per_pixel=bytes_per_pixel))

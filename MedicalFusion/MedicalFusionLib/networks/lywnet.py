@@ -226,8 +226,5 @@ class LYWNet(nn.Module):
 PAD_MULTIPLE = 16
 
 
-register_network(
-    "lywnet", LYWNet,
-    description="LYWNet: multi-scale pyramid residual weight network (CPU-sized, trained on aanlib); functional colour kept",
-    reference="LYWNet: a multi-scale pyramid residual weight network for medical image fusion, Quant. Imaging Med. Surg., doi:10.21037/qims-24-851",
-    pad_multiple=PAD_MULTIPLE, prepare=lambda model: model.eval().fold_bn())
+register_network("lywnet", LYWNet, pad_multiple=PAD_MULTIPLE,   # texts: options.METHODS
+                 prepare=lambda model: model.eval().fold_bn())

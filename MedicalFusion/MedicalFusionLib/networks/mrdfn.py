@@ -87,8 +87,4 @@ class MRDFN(nn.Module):
 PAD_MULTIPLE = 2
 
 
-register_network(
-    "mrdfn", MRDFN,
-    description="MRDFN: multiscale residual dense fusion network (CPU-sized, trained on aanlib); functional colour kept",
-    reference="Multiscale residual dense fusion network, Intelligent Oncology 2026, doi:10.1016/j.intonc.2026.100054",
-    pad_multiple=PAD_MULTIPLE)
+register_network("mrdfn", MRDFN, pad_multiple=PAD_MULTIPLE)   # texts: options.METHODS

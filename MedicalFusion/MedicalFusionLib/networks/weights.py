@@ -34,8 +34,6 @@ import pathlib
 import re
 from typing import Callable
 
-import torch
-
 from ..errors import FusionError
 from ..outputs import sha256_of  # noqa: F401  (also this module's public name)
 
@@ -172,6 +170,8 @@ def load_state_dict(name: str, directory: pathlib.Path | None = None) -> tuple[d
         if settings_digest(entry) != trusted.get("settings_sha256"):
             raise FusionError(f"the settings of '{name}' in {directory / 'manifest.json'} differ from those shipped "
                               "with MedicalFusion: reinstall MedicalFusion or retrain")
+    import torch  # noqa: PLC0415  (only to load: the checks above are torch-free for options.METHODS)
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a corrupt file to the user
@@ -250,6 +250,8 @@ def save_state_dict(module: torch.nn.Module, name: str, entry: dict, directory: 
     digest = {}
 
     def write(tmp: pathlib.Path) -> None:
+        import torch  # noqa: PLC0415
+
         torch.save(state, tmp)
         digest["sha256"] = sha256_of(tmp)
 

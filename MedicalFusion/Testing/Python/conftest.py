@@ -1,13 +1,18 @@
-"""Shared fixtures: where ../shared/data is, and small synthetic images."""
+"""Shared fixtures: where ../shared/data is, and small synthetic images; how the suite is split for
+``make test`` / ``make test-fast`` (pytest-xdist on both cores, the ``slow`` marker)."""
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
+if os.environ.get("PYTEST_XDIST_WORKER"):   # two workers on two cores: one thread each (before numpy/torch)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
@@ -58,3 +63,80 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------
+# how the suite is split (make test: -n 2 --dist loadgroup; make test-fast: -m "not slow")
+
+#: Whole modules left out of ``make test-fast``: real DICOM studies with every method, real
+#: registrations, the Slicer module on Slicer's Python layer (a harness a test), DM-FNet's training.
+SLOW_MODULES = {"test_real_cases", "test_registration", "test_scene_registration", "test_slicer_module",
+                "test_slicer_module_registration", "test_dmfnet"}
+#: Single tests (name up to the parameters) left out of ``make test-fast``: the slowest of the rest
+#: (--durations in docs/BENCHMARKS.md, 'tests'): real data, training, the demo.
+SLOW_TESTS = {
+    "test_demo_runs_on_the_embedded_sample",
+    "test_evaluate_writes_tables_and_montage",
+    "test_torch_volume_metrics_match_numpy_on_aanlib_slices",
+    "test_torch_volume_metrics_match_numpy_on_spm12_fused_with_lp",
+    "test_reproduces_reference_evaluator_anchors",
+    "test_fuse_nodes_reports_every_phase_and_a_cancel_in_any_phase_changes_nothing",
+    "test_short_training_lowers_loss_and_resumes",
+    "test_trainer_writes_manifest_entry",
+    "test_two_identical_mrdfn_runs_write_the_same_bytes",
+    "test_trained_network_fuses_a_slice_to_the_same_bytes_alone_or_in_any_batch",
+    "test_panel_first_display_lists_every_method_without_importing_torch",
+}
+#: A test that starts a Python subprocess (each imports the package and torch: seconds) is slow too.
+SUBPROCESS_CALLS = ("run_cli(", "start_paused(", "subprocess.", "_python(")
+
+
+def _starts_a_subprocess(item) -> bool:
+    import inspect  # noqa: PLC0415
+
+    try:
+        source = inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in SUBPROCESS_CALLS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` on the tests above."""
+    for item in items:
+        module = item.module.__name__ if item.module is not None else ""
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS or _starts_a_subprocess(item):
+            item.add_marker(pytest.mark.slow)
+
+
+_REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work pytest-xdist hands one worker whole: each real case (patient + anatomical:
+    its prepared pair and fusions, test_real_cases' module cache, are made once), each Slicer-without-
+    torch subprocess (test_slicer_module: one a version); every other test alone."""
+    path, _, rest = nodeid.partition("::")
+    module = pathlib.PurePosixPath(path).stem
+    if module == "test_real_cases":
+        found = _REAL_CASE.search(rest)
+        if found:
+            return f"real-case-{found.group(1)}-{found.group(2) or 'CT'}"
+    if module == "test_slicer_module" and "without_torch" in rest:
+        return "without-torch-" + rest.partition("[")[2].rstrip("]")
+    return nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the units of :func:`xdist_scope`. (pytest-xdist's own xdist_group
+    marks do nothing under pytest 9, whose node ids can no longer be renamed; the units are found
+    from the node ids instead.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling  # noqa: PLC0415
+
+    class CaseScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return CaseScheduling(config, log)

@@ -249,3 +249,30 @@ def test_evaluate_builds_each_method_once_per_pair():
     rgb, seconds = fuse_modality(data, method, torch.device("cpu"))
     assert len(builds) == 1
     assert rgb.shape == (3, 16, 16, 3) and rgb.dtype == np.uint8 and seconds >= 0
+
+
+def test_two_identical_mrdfn_runs_write_the_same_bytes(tmp_path, capsys):
+    """Issue 21: same inputs, same bytes, whatever batch sizes the run picks from its timing (a 3D
+    pair on the MNI 2 mm slice size, where MRDFN's result depended on the batch)."""
+    from MedicalFusionLib.methods import get_method
+
+    ok, reason = get_method("mrdfn").available()
+    if not ok:
+        pytest.skip(reason)
+    rng = np.random.default_rng(3)
+    z, y, x = np.mgrid[0:6, 0:109, 0:91].astype(np.float32)
+    anat = 100 + 80 * np.sin(x / 5.0) * np.cos(y / 7.0) + rng.normal(0, 5, x.shape)
+    pet = np.exp(-((x - 45) ** 2 + (y - 50) ** 2) / 300.0) * 10.0 + rng.random(x.shape)
+    a, f = tmp_path / "mri.nrrd", tmp_path / "pet.nrrd"
+    sitk.WriteImage(make_image(anat.astype(np.float32)), str(a))
+    sitk.WriteImage(make_image(pet.astype(np.float32)), str(f))
+    runs = []
+    for run, extra in enumerate(([], [], ["--batch-size", "1"], ["--batch-size", "5"])):
+        out = tmp_path / f"run{run}"
+        out.mkdir()
+        assert main(["fuse", "-a", str(a), "-f", str(f), "-m", "mrdfn", "-o", str(out / "fused.nrrd"),
+                     "--metrics", str(out / "m.csv"), "-q", *extra]) == 0
+        rows = [line for line in (out / "m.csv").read_text(encoding="utf-8").splitlines()
+                if not line.startswith("seconds,")]
+        runs.append(((out / "fused.nrrd").read_bytes(), rows))
+    assert all(r == runs[0] for r in runs[1:])

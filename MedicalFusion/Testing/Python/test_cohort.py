@@ -258,7 +258,7 @@ def test_manifest_row_becomes_the_fuse_command_line(tmp_path):
     assert t1.argv == ["fuse", *t1.options, "--output", str(tmp_path / "out" / "p1" / "fused.nrrd"),
                        "--metrics", str(tmp_path / "out" / "p1" / "metrics.csv"), "--quiet"]
     assert t1.error == "" and t2.error == "" and "--register" not in t2.options
-    assert t2.options[-4:] == ["--method", "average", "--metric-set", "all"]
+    assert t2.options[-4:] == ["--method", "average", "--metric-set", "quick"]     # fuse's default set
     multi = cohort.plan(tmp_path / "m.csv", tmp_path / "out", methods=["lp", "max"])
     assert [(t.id, t.method, pathlib.Path(t.folder).relative_to(tmp_path / "out").as_posix()) for t in multi] == [
         ("p1", "lp", "p1/lp"), ("p1", "max", "p1/max"), ("p2", "lp", "p2/lp"), ("p2", "max", "p2/max")]

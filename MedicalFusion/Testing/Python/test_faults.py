@@ -599,6 +599,72 @@ def test_B_a_signal_held_back_during_commit_comes_after_everything_is_written(pa
     assert sitk.ReadImage(str(out / "fused.nrrd")).GetSize() == (48, 40, 8)
 
 
+def _wait_for_point(proc, marker: pathlib.Path, point: str) -> None:
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and marker.read_text(encoding="utf-8").endswith(f" {point}")):
+        assert proc.poll() is None, f"ended before reaching {point}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"never reached {point}"
+        time.sleep(0.05)
+
+
+def _no_traceback(stderr: str) -> list:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert not [line for line in lines if "Traceback" in line or "Exception ignored" in line], stderr
+    return lines
+
+
+@posix_only
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGINT", "SIGINT", "SIGTERM"]], ids=["once", "thrice"])
+def test_B_a_signal_after_every_output_was_written_changes_nothing(pair, signals):
+    """Issue 21: Ctrl-C once the run is over (in Python's shutdown, where torch's atexit handlers
+    run) printed a KeyboardInterrupt traceback and ended with -2: now exit 0, no message."""
+    tmp, a, f = pair
+    out = tmp / "out"
+    out.mkdir()
+    marker = tmp / "paused.pid"
+    proc = start_paused(["fuse", "-a", a, "-f", f, "-m", "mrdfn", "-o", out / "fused.nrrd", "--metrics",
+                         out / "m.csv", "--preview", out / "p.png", "-q"], tmp, "exit", marker)
+    for name in signals:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.1)
+    marker.unlink()
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert _no_traceback(stderr) == [] and proc.returncode == 0
+    assert sorted(os.listdir(out)) == ["fused.nrrd", "m.csv", "p.png"]
+
+
+@posix_only
+@pytest.mark.parametrize("point", ["write:preview", "commit"])
+def test_B_ctrl_c_twice_while_writing_is_one_line_and_exit_130(pair, point):
+    """Issue 21: the second Ctrl-C (after the first one's message, while Python shuts down) gave a
+    traceback and exit -2."""
+    tmp, a, f = pair
+    out = tmp / "out"
+    out.mkdir()
+    marker = tmp / "paused.pid"
+    proc = start_paused(["fuse", "-a", a, "-f", f, "-m", "mrdfn", "-o", out / "fused.nrrd",
+                         "--preview", out / "p.png", "-q"], tmp, f"{point},exit", marker)
+    proc.send_signal(signal.SIGINT)
+    _wait_for_point(proc, marker, "exit")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    marker.unlink()
+    _stdout, stderr = proc.communicate(timeout=120)
+    lines = _no_traceback(stderr)
+    assert proc.returncode == 130 and lines == ["medicalfusion: interrupted; nothing was written"], lines
+    assert os.listdir(out) == []
+
+
+@posix_only
+def test_B_ctrl_c_while_the_command_starts_is_one_line(pair):
+    tmp, a, f = pair
+    proc = start_paused(["fuse", "-a", a, "-f", f, "-o", tmp / "o.nrrd", "-q"], tmp, "start", tmp / "paused.pid")
+    proc.send_signal(signal.SIGINT)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert _no_traceback(stderr) == ["medicalfusion: interrupted; nothing was written"]
+    assert proc.returncode == 130 and not (tmp / "o.nrrd").exists()
+
+
 def test_B_unwritable_preview_extension_is_refused_before_any_work(pair, capfd):
     tmp, a, f = pair
     before = snapshot(tmp)
@@ -923,6 +989,28 @@ def test_D_argument_mistakes_are_one_line(pair, capfd, args, expected):
     rc, lines = cli(capfd, "fuse", "-a", a, "-f", f, "-o", tmp / "o.nrrd", *args, "-q")
     assert_one_line(rc, lines, expected)
     assert not (tmp / "o.nrrd").exists()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--metrics", "--preview", "-a", "-f", "--transform", "--save-transform"])
+def test_D_an_empty_path_is_one_line(pair, capfd, flag):
+    """Issue 21: ``-o ''`` ended in "internal error: KeyError: 'output'" (exit 1)."""
+    tmp, a, f = pair
+    paths = {"-a": a, "-f": f, "-o": tmp / "o.nrrd"}
+    paths[flag] = ""
+    args = [x for k, v in paths.items() for x in (k, v)]
+    if flag not in paths:
+        args += [flag, ""]
+    before = snapshot(tmp)
+    rc, lines = cli(capfd, "fuse", *args, "-m", "average", "-q")
+    assert_one_line(rc, lines, "an empty path")
+    assert snapshot(tmp) == before
+
+
+@pytest.mark.parametrize("args", [["demo", "--output", ""], ["evaluate", "--dataset", ""],
+                                  ["train", "--method", "mrdfn", "--data", ""]])
+def test_D_an_empty_folder_argument_is_one_line(capfd, args):
+    rc, lines = cli(capfd, *args)
+    assert_one_line(rc, lines, "an empty path")
 
 
 def test_D_missing_required_arguments_are_one_line(capfd):

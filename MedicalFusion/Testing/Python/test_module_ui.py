@@ -203,27 +203,25 @@ def test_node_selectors_offer_the_right_node_types():
             assert name in wired, f"{name} does not receive the scene (mrmlSceneChanged -> setMRMLScene)"
 
 
-def test_parameter_node_choices_match_the_core():
-    """Device and axis choices are ones the pipeline accepts; the default method is registered."""
-    if importlib.util.find_spec("torch") is None:
-        raise unittest.SkipTest("torch is not installed: the pipeline and method registry cannot be imported")
+def test_parameter_node_choices_come_from_the_options_module():
+    """The panel keeps no copy of the choices (issue 21): axes, devices, metric sets, the default
+    method and the method list come from MedicalFusionLib.options; every panel device is one the
+    pipeline accepts."""
     tree = module_tree()
-    from MedicalFusionLib.device import DEVICE_CHOICES  # noqa: PLC0415
-    from MedicalFusionLib.pipeline import AXES  # noqa: PLC0415
+    copies = [node.targets[0].id for node in tree.body
+              if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id in ("AXIS_CHOICES", "DEVICE_CHOICES", "DEFAULT_METHOD", "METRIC_SET_CHOICES")
+              and isinstance(node.value, (ast.Tuple, ast.List, ast.Constant))]
+    assert copies == [], f"the module file keeps its own copies of {copies}"
+    imported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                and node.module == "MedicalFusionLib.options" for alias in node.names}
+    assert {"AXIS_CHOICES", "DEVICE_CHOICES", "DEFAULT_METHOD"} <= imported
+    assert not [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "_MethodNames"]
+    from MedicalFusionLib import options  # noqa: PLC0415
 
-    consts = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                consts[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    assert tuple(consts["AXIS_CHOICES"]) == tuple(AXES)
-    for device in consts["DEVICE_CHOICES"]:
-        assert device in DEVICE_CHOICES or device == "gpu"
-    from MedicalFusionLib.methods import method_names  # noqa: PLC0415
-
-    assert consts["DEFAULT_METHOD"] in method_names()
+    for device in options.PANEL_DEVICES:
+        options.check_device_name(device)
+    assert options.DEFAULT_METHOD in options.method_names()
 
 
 def test_resources_exist_and_icon_is_128px():

@@ -358,7 +358,7 @@ def test_png_pair_with_metrics_table(scene):
     mri = node_from_png(scene, AANLIB / "PET-MRI" / "MRI" / "30025.png", "MRI 30025")
     pet = node_from_png(scene, AANLIB / "PET-MRI" / "PET" / "30025.png", "PET 30025")
     before = {n.GetID(): fingerprint(n) for n in (mri, pet)}
-    out = fscene.fuse_nodes(scene, mri, pet, FusionOptions(method="lp", compute_metrics=True),
+    out = fscene.fuse_nodes(scene, mri, pet, FusionOptions(method="lp", compute_metrics=True, metric_set="all"),
                             use_display_windows=False)
     from MedicalFusionLib.metrics import METRICS  # noqa: PLC0415
 

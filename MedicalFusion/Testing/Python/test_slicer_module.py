@@ -302,12 +302,13 @@ if __name__ != "__main__":
         tables = h.nodes("vtkMRMLTableNode")
         assert len(fused) == 1 and len(tables) == 1, widget.ui.statusLabel.text
         fused, table = fused[0], tables[0]
-        from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRICS  # noqa: PLC0415
+        from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, metric_set_keys  # noqa: PLC0415
 
         assert fused.GetImageData().GetNumberOfScalarComponents() == 3
         assert h.slicer.util.arrayFromVolume(fused).shape[:3] == h.slicer.util.arrayFromVolume(anatomical).shape
         names = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
-        assert names[:len(METRICS)] == [m.key for m in METRICS] and set(names[len(METRICS):]) <= set(COLOUR_METRIC_KEYS)
+        quick = metric_set_keys("quick")                                # the default set (issue 21)
+        assert names[:len(quick)] == quick and set(names[len(quick):]) <= set(COLOUR_METRIC_KEYS)
         assert fused.GetAttribute("MedicalFusion.method") == "average"
         assert widget.ui.statusLabel.text.startswith("Done")
         assert widget.ui.fuseButton.text == "Fuse" and widget.ui.fuseButton.enabled
@@ -456,10 +457,15 @@ if __name__ != "__main__":
     @pytest.fixture(scope="module", autouse=True)
     def without_torch_runs(request, tmp_path_factory):
         """Start the Slicer-without-torch subprocesses when the module starts, for the versions whose
-        without_torch tests are selected: they run beside the in-process tests (second core)."""
+        without_torch tests are selected: they run beside the in-process tests (second core). Under
+        pytest-xdist (make test) both cores are busy already and a worker runs only some of the
+        module's tests: each version's subprocess starts when its first test asks (the tests of one
+        version are one xdist group, conftest.py)."""
         versions = sorted({item.callspec.params["version"] for item in request.session.items
                            if item.module is request.module and "without_torch" in item.name
                            and hasattr(item, "callspec")})
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            versions = []
         folder = tmp_path_factory.mktemp("without-torch")
         for version in versions:
             if sh.missing_reason(version) is None and version not in _WITHOUT_TORCH:
@@ -475,6 +481,8 @@ if __name__ != "__main__":
         if reason:
             pytest.skip(reason)
         run = _WITHOUT_TORCH.get(version)
+        if run is None and os.environ.get("PYTEST_XDIST_WORKER"):
+            run = _WITHOUT_TORCH[version] = _start_without_torch(version, Path(tempfile.mkdtemp(prefix="mf-wt-")))
         assert run is not None, "the subprocess was not started (see without_torch_runs)"
         if "proc" in run:
             code = run["proc"].wait(timeout=600)

@@ -2,7 +2,7 @@
 harness (slicer_harness.py; skipped with its reason when ../shared/slicer-python or slicer-core is
 missing): the window presets next to 'As displayed' (bound to the parameter node, saved with the
 scene, what they choose reaches the fusion and wins over the display window) and the 'Metric set'
-(all, or quick: every metric but FMI; enabled only with 'Compute metrics'; what it chooses is what
+(quick, the default: every metric but FMI, or all; enabled only with 'Compute metrics'; what it chooses is what
 the metrics table holds)."""
 from __future__ import annotations
 
@@ -127,11 +127,13 @@ def test_metric_set_box_is_bound_saved_and_follows_compute_metrics(harness, tmp_
 
     widget = h.widget()
     ui, p = widget.ui, widget._parameterNode
-    assert tuple(METRIC_SETS) == h.module.METRIC_SET_CHOICES          # the panel's copy of the names agrees
+    assert tuple(METRIC_SETS) == h.module.METRIC_SET_CHOICES          # the options module's names agree
     box = ui.metricSetComboBox
-    assert [box.itemText(i) for i in range(box.count)] == list(METRIC_SETS) and p.metricSet == "all"
-    box.currentIndex = box.findText("quick")
-    assert p.metricSet == "quick"
+    # issue 21: the quick set (every metric but FMI) is the default; 'all' adds FMI
+    assert [box.itemText(i) for i in range(box.count)] == list(METRIC_SETS) and p.metricSet == "quick"
+    assert box.currentText == "quick"
+    box.currentIndex = box.findText("all")
+    assert p.metricSet == "all"
     from MedicalFusionLib.scene import add_phantom_pair
 
     anatomical, functional = add_phantom_pair(h.scene)
@@ -145,7 +147,7 @@ def test_metric_set_box_is_bound_saved_and_follows_compute_metrics(harness, tmp_
     h.save_scene(tmp_path / "scene.mrml")
     h.scene.Clear(0)
     assert h.import_scene(tmp_path / "scene.mrml")
-    assert h.module.MedicalFusionLogic().getParameterNode().metricSet == "quick"
+    assert h.module.MedicalFusionLogic().getParameterNode().metricSet == "all"
 
 
 @pytest.mark.parametrize("harness", VERSIONS, indirect=True)
