@@ -206,7 +206,8 @@ def test_progress_every_iteration_of_every_start(pair):
     moved = reg.moved_geometry(pet, rigid())
     calls = []
     out = reg.register(anat, moved, "rigid", progress=lambda d, t: calls.append((d, t)), settings=FAST)
-    total = FAST.iterations * (3 + FAST.restarts * FAST.restart_levels)    # main run, then the restarts' levels
+    # main run (the coarsest level's budget, then two of the usual), then the restarts' two levels
+    total = (1 + FAST.restarts) * (FAST.coarsest_iterations + FAST.iterations) + FAST.iterations
     assert out.restarts == FAST.restarts == 2
     assert len(calls) >= out.iterations                  # every iteration reports (and the heartbeat between)
     assert all(t == total for _, t in calls)
@@ -411,7 +412,7 @@ def test_not_converging_is_a_one_line_error(pair):
     anat, pet = pair
     moved = reg.moved_geometry(pet, rigid())
     with pytest.raises(FusionError) as err:
-        reg.register(anat, moved, "rigid", settings=reg.RegistrationSettings(iterations=3, learning_rate=0.5))
+        reg.register(anat, moved, "rigid", settings=reg.RegistrationSettings(iterations=3, coarsest_iterations=3, learning_rate=0.5))
     msg = str(err.value)
     assert "did not converge" in msg and "\n" not in msg
 
@@ -610,7 +611,7 @@ def test_cli_bad_transform_is_one_line_and_writes_nothing(tmp_path, files, capsy
 def test_cli_not_converging_is_one_line_and_writes_nothing(tmp_path, files, capsys, monkeypatch):
     a, f, _ = files
     settings = reg.RegistrationSettings
-    monkeypatch.setattr(reg, "RegistrationSettings", lambda: settings(iterations=3, learning_rate=0.5))
+    monkeypatch.setattr(reg, "RegistrationSettings", lambda: settings(iterations=3, coarsest_iterations=3, learning_rate=0.5))
     out, tfm = tmp_path / "fused.nrrd", tmp_path / "t.tfm"
     code, err = run(capsys, "-a", a, "-f", f, "-o", out, "--register", "rigid", "--save-transform", tfm)
     assert code == cli.EXIT_USER_ERROR
