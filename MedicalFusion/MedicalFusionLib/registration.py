@@ -770,8 +770,8 @@ def itk_threads(threads: int):
     """ITK's global default number of threads set to ``threads`` (0: left as it is) inside the
     block, restored after it. SimpleITK's registration framework builds its metric when it runs,
     with that default. With more than one thread its sums are not reproducible bit for bit, and
-    the optimizer carries the last bits into answers up to 0.07 mm apart for two runs on the same
-    input (measured on the test phantom; exactly equal with one thread). The method's own
+    the optimizer carries the last bits into different answers (three runs on the test phantom
+    ended 0.59-0.78 mm from the truth; exactly equal with one thread). The method's own
     ``SetNumberOfThreads`` does not reach the metric (measured: the runs still differ)."""
     if not threads:
         yield
