@@ -29,7 +29,7 @@ from MedicalFusionLib.errors import FusionCancelled, FusionError  # noqa: E402
 from MedicalFusionLib.pipeline import FusionOptions  # noqa: E402
 
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
-FAST = reg.RegistrationSettings(iterations=60)
+FAST = reg.RegistrationSettings()      # 60 iterations a level ran out with the interpolator's gradients
 OPTIONS = FusionOptions(method="average", compute_metrics=False, colormap="PET-Heat")
 
 
@@ -170,7 +170,7 @@ def test_errors_leave_the_scene_as_it_was(scene, pair, monkeypatch):
     state = scene_state(scene)
     with pytest.raises(FusionError, match="did not converge"):
         fscene.fuse_nodes(scene, mr, pet, OPTIONS, register="rigid",
-                          registration_settings=reg.RegistrationSettings(iterations=3, learning_rate=0.5))
+                          registration_settings=reg.RegistrationSettings(iterations=3, coarsest_iterations=3, learning_rate=0.5))
     assert scene_state(scene) == state and pet.GetTransformNodeID() is None
     # a failure while writing the outputs (after the transform node was made) undoes the node and the parent
     monkeypatch.setattr(fscene, "write_volume", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
