@@ -102,7 +102,7 @@ def cohort_run(cluster, tmp_path_factory):
             if pause_file.is_file() and pause_file.read_text().strip():
                 time.sleep(0.2)                                   # the temporary is there
                 killed["tmp_seen"] = leftovers(out / VICTIM)
-                killed["pid"] = int(pause_file.read_text())
+                killed["pid"] = int(pause_file.read_text().split()[0])   # "PID POINT"
                 os.kill(killed["pid"], signal.SIGKILL)
                 return
             time.sleep(0.05)

@@ -165,11 +165,12 @@ def test_fuse_nodes_reports_every_phase_and_a_cancel_in_any_phase_changes_nothin
             phases.append(active_phase())
 
     fuse_nodes(scene, anat, func, FusionOptions(method="lp"), progress=report)
-    assert phases[:7] == ["read", "pipeline", "prepare", "fuse", "recombine", "metrics", "write"]
+    # the colour-fidelity metrics (issue 18) are a phase of their own inside the metrics
+    assert phases[:8] == ["read", "pipeline", "prepare", "fuse", "recombine", "metrics", "colour", "write"], phases
     assert done == sorted(done) and done[-1] == RESOLUTION
     before = _node_ids(scene)
     voxels = slicer.util.arrayFromVolume(anat).copy()
-    for phase in ("read", "prepare", "fuse", "recombine", "metrics", "write"):
+    for phase in ("read", "prepare", "fuse", "recombine", "metrics", "colour", "write"):
         with pytest.raises(FusionCancelled):
             fuse_nodes(scene, anat, func, FusionOptions(method="lp"), cancel=lambda p=phase: active_phase() == p)
         assert _node_ids(scene) == before, phase

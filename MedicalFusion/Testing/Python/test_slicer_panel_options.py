@@ -170,6 +170,9 @@ def test_quick_set_leaves_out_fmi_and_keeps_the_other_values(harness):
         assert len(new) == 1, ui.statusLabel.text
         tables += new
     full, quick = (_table(t) for t in tables)
-    assert list(full) == METRIC_SETS["all"] and list(quick) == METRIC_SETS["quick"]
+    # each set's luma metrics in order, then the same colour-fidelity rows (issue 18)
+    n_all, n_quick = len(METRIC_SETS["all"]), len(METRIC_SETS["quick"])
+    assert list(full)[:n_all] == METRIC_SETS["all"] and list(quick)[:n_quick] == METRIC_SETS["quick"]
+    assert list(full)[n_all:] == list(quick)[n_quick:]
     assert not [k for k in quick if k.startswith("FMI")] and "FMI_pixel" in full
     assert all(quick[k] == pytest.approx(full[k], rel=1e-9, abs=1e-12) for k in quick)
