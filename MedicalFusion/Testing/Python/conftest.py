@@ -140,3 +140,22 @@ def pytest_xdist_make_scheduler(config, log):
             return xdist_scope(nodeid)
 
     return CaseScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory) -> pathlib.Path:
+    """One Slicer cache folder per test process: the module's generated sample is made once."""
+    return tmp_path_factory.mktemp("slicer-cache")
+
+
+@pytest.fixture
+def harness(request, sample_cache):
+    """The module on Slicer's own Python layer (slicer_harness.py), at the version given by
+    ``@slicer_harness.parametrize_versions`` (indirect); skips with the reason where it cannot run."""
+    here = str(pathlib.Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import slicer_harness as sh  # noqa: PLC0415
+
+    with sh.opened(request.param, sample_cache) as h:
+        yield h

@@ -35,6 +35,7 @@ test_slicer_module.py, which runs those checks in a subprocess).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -70,6 +71,34 @@ def missing_reason(version: str) -> str | None:
     if importlib.util.find_spec("slicer_core") is None:
         return "slicer-core is not installed (pip install slicer-core): the harness needs its MRML classes"
     return None
+
+
+def version_params() -> list:
+    """pytest parameters for every Slicer version the harness runs (ids v5.8.1, main)."""
+    import pytest  # noqa: PLC0415  (test-only)
+
+    return [pytest.param(v, id=v.split("-")[0]) for v in VERSIONS]
+
+
+def parametrize_versions(fn):
+    """Run a test that takes conftest's ``harness`` fixture once per Slicer version."""
+    import pytest  # noqa: PLC0415  (test-only)
+
+    return pytest.mark.parametrize("harness", version_params(), indirect=True)(fn)
+
+
+@contextlib.contextmanager
+def opened(version: str, cache_dir, **kwargs):
+    """A harness for a pytest fixture: skips with the reason when ``version`` cannot run here, and
+    fails the test when a Slicer callback raised inside it (Slicer prints those and goes on)."""
+    import pytest  # noqa: PLC0415  (test-only)
+
+    reason = missing_reason(version)
+    if reason:
+        pytest.skip(reason)
+    with SlicerHarness(version, cache_dir=cache_dir, **kwargs) as h:
+        yield h
+        assert h.callback_errors == [], "exceptions in Slicer callbacks:\n" + "\n".join(h.callback_errors)
 
 
 # --------------------------------------------------------------------------------------------------

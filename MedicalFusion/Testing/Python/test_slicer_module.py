@@ -167,28 +167,10 @@ def _without_torch_scenarios(version: str, scene_path: str) -> dict:
 
 
 if __name__ != "__main__":
-    import numpy as np
     import pytest
 
-    VERSIONS = [pytest.param(v, id=v.split("-")[0]) for v in sh.VERSIONS]
-
-    @pytest.fixture(scope="session")
-    def sample_cache(tmp_path_factory) -> Path:
-        """One Slicer cache folder for the session: the generated sample is made once."""
-        return tmp_path_factory.mktemp("slicer-cache")
-
-    @pytest.fixture
-    def harness(request, sample_cache):
-        version = request.param
-        reason = sh.missing_reason(version)
-        if reason:
-            pytest.skip(reason)
-        with sh.SlicerHarness(version, cache_dir=sample_cache) as h:
-            yield h
-            assert h.callback_errors == [], "exceptions in Slicer callbacks:\n" + "\n".join(h.callback_errors)
-
-    def parametrize_versions(fn):
-        return pytest.mark.parametrize("harness", VERSIONS, indirect=True)(fn)
+    VERSIONS = sh.version_params()
+    parametrize_versions = sh.parametrize_versions      # the harness fixture is conftest's
 
     def select_pair(widget, anatomical, functional) -> None:
         """What the user does: pick the two volumes in the panel's selectors."""

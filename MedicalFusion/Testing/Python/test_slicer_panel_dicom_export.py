@@ -24,21 +24,16 @@ if str(HERE) not in sys.path:
 import slicer_harness as sh  # noqa: E402
 from conftest import data_root  # noqa: E402
 
-VERSIONS = [pytest.param(v, id=v.split("-")[0]) for v in sh.VERSIONS]
+VERSIONS = sh.version_params()
 STS = data_root() / "sts" / "STS_001"
 
 
 @pytest.fixture
 def harness(request, tmp_path):
-    version = request.param
-    reason = sh.missing_reason(version)
-    if reason:
-        pytest.skip(reason)
     if not (STS / "CT" / "dicom").is_dir():
         pytest.skip(f"the sts patients are not at {STS.parent} (set MEDICALFUSION_DATA)")
-    with sh.SlicerHarness(version, cache_dir=tmp_path / "cache") as h:
+    with sh.opened(request.param, tmp_path / "cache") as h:
         yield h
-        assert h.callback_errors == [], "exceptions in Slicer callbacks:\n" + "\n".join(h.callback_errors)
 
 
 @pytest.mark.parametrize("harness", VERSIONS, indirect=True)

@@ -19,27 +19,8 @@ if str(HERE) not in sys.path:
 
 import slicer_harness as sh  # noqa: E402
 
-VERSIONS = [pytest.param(v, id=v.split("-")[0]) for v in sh.VERSIONS]
-
-
-@pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("slicer-cache")
-
-
-@pytest.fixture
-def harness(request, sample_cache):
-    version = request.param
-    reason = sh.missing_reason(version)
-    if reason:
-        pytest.skip(reason)
-    with sh.SlicerHarness(version, cache_dir=sample_cache) as h:
-        yield h
-        assert h.callback_errors == [], "exceptions in Slicer callbacks:\n" + "\n".join(h.callback_errors)
-
-
-def parametrize_versions(fn):
-    return pytest.mark.parametrize("harness", VERSIONS, indirect=True)(fn)
+VERSIONS = sh.version_params()
+parametrize_versions = sh.parametrize_versions          # the harness fixture is conftest's
 
 
 def phantom(h):

@@ -17,17 +17,13 @@ if str(HERE) not in sys.path:
 
 import slicer_harness as sh  # noqa: E402
 
-VERSIONS = [pytest.param(v, id=v.split("-")[0]) for v in sh.VERSIONS]
+VERSIONS = sh.version_params()
 
 
 @pytest.fixture
 def harness(request, tmp_path_factory):
-    reason = sh.missing_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    with sh.SlicerHarness(request.param, cache_dir=tmp_path_factory.mktemp("slicer-cache")) as h:
+    with sh.opened(request.param, tmp_path_factory.mktemp("slicer-cache")) as h:
         yield h
-        assert h.callback_errors == [], "exceptions in Slicer callbacks:\n" + "\n".join(h.callback_errors)
 
 
 def _panel_with_ct_pair(h):

@@ -26,7 +26,7 @@ if str(HERE) not in sys.path:
 
 import slicer_harness as sh  # noqa: E402
 
-VERSIONS = [pytest.param(v, id=v.split("-")[0]) for v in sh.VERSIONS]
+VERSIONS = sh.version_params()
 
 
 @pytest.fixture(scope="module")
