@@ -446,7 +446,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # A scene added to this one (File > Add Data of a .mrml) replaces the parameter node's content:
         # let go of the GUI while it loads, connect again (checking the loaded values) afterwards.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         # Deleting a node the running fusion reads or writes cancels the run
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAboutToBeRemovedEvent, self.onNodeAboutToBeRemoved)
         self.ui.fuseButton.connect("clicked(bool)", self.onFuseButton)
@@ -491,6 +491,14 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         role = self._runNodes.get(node.GetID())
         if role:
             self._abortReason = _("the {role} '{name}' was removed").format(role=role, name=node.GetName())
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """A scene read from a file (.mrml, .mrb): its fused volumes' colour legends go with them when
+        they are removed (MedicalFusionLib.scene.watch_legends), then as after a close."""
+        from MedicalFusionLib.scene import watch_legends  # noqa: PLC0415
+
+        watch_legends(slicer.mrmlScene)
+        self.onSceneEndClose(caller, event)
 
     def onSceneEndClose(self, caller, event) -> None:
         # Also when the module is not shown: its logic and self-test use the panel's parameter node.

@@ -272,3 +272,29 @@ def test_a_scene_saved_as_mrb_opens_in_a_fresh_slicer_with_the_fused_volume_tabl
         assert same_voxels_in_space(saved["rgb"], saved["ijk_to_ras"], h.slicer.util.arrayFromVolume(again[0]),
                                     ijk_to_ras(again[0]))
         assert h.callback_errors == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_legend_read_from_a_saved_scene_goes_with_its_volume(version, tmp_path):
+    """A .mrb opened before any fusion in it: removing the fused volume removes its colour legend
+    (the panel watches the scene it imports; scene.watch_legends)."""
+    reason = sh.missing_reason(version)
+    if reason:
+        pytest.skip(reason)
+    bundle = tmp_path / "fused.mrb"
+    with sh.SlicerHarness(version, cache_dir=tmp_path / "cache1") as h:
+        widget, _anatomical, _functional = ready_panel(h, method="average", metrics=False)
+        widget.ui.fuseButton.click()
+        assert widget.ui.statusLabel.text.startswith("Done"), widget.ui.statusLabel.text
+        assert len(h.nodes("vtkMRMLColorLegendDisplayNode")) == 1
+        h.save_scene_bundle(bundle)
+    with sh.SlicerHarness(version, cache_dir=tmp_path / "cache2") as h:     # a fresh Slicer, panel open
+        h.widget()
+        assert h.open_scene_bundle(bundle)
+        assert len(h.nodes("vtkMRMLColorLegendDisplayNode")) == 1
+        h.scene.RemoveNode(h.nodes("vtkMRMLVectorVolumeNode")[0])
+        assert h.nodes("vtkMRMLColorLegendDisplayNode") == []
+        from MedicalFusionLib.scene import LEGEND_PART  # noqa: PLC0415
+
+        assert not [n for n in h.nodes("vtkMRMLScalarVolumeDisplayNode") if n.GetAttribute(LEGEND_PART)]
+        assert h.callback_errors == []
