@@ -99,29 +99,31 @@ def measure(rgb, ycc, levels, table, bone, anatomical01, region_clinical, region
     return row
 
 
-def run_sts(methods, writer, log) -> None:
-    for patient in ("STS_001", "STS_002", "STS_003"):
-        for anatomical in ("CT", "MR_T1"):
-            root = DATA / "sts" / patient
-            case = Case(root / anatomical / "dicom", root / "PET" / "dicom", root / anatomical / "gtv_mask.nii.gz")
-            p = case.prepared
-            reference_share = top_fraction_in(chroma(case.reference_rgb), case.mask)
-            func_rgb = colour.ycbcr_to_rgb(p.functional_ycc)
-            region_lab = coloured_voxels(func_rgb, p.anatomical)
-            axis = array_axis(p.reference, "axial")
-            for name in methods:
-                method = get_method(name)
-                t0 = time.perf_counter()
-                fused_y = fuse_volume(p.anatomical, p.functional_ycc[..., 0], method, axis=axis,
-                                      device=torch.device("cpu"))
-                for when, keep in (("before", False), ("after", True)):
-                    rgb = recombine(fused_y, p.functional_ycc, method.chroma_scale, p.grayscale, keep_colour=keep,
-                                    table=p.functional_table)
-                    row = measure(rgb, p.functional_ycc, p.functional_level, p.functional_table, p.bone, p.anatomical,
-                                  case.coloured, region_lab, axis)
-                    row["hot_spot_pts"] = 100.0 * (top_fraction_in(chroma(rgb), case.mask) - reference_share)
-                    writer({"set": f"{patient} PET->{anatomical}", "method": name, "recombination": when, **row})
-                log(f"{patient} {anatomical} {name} {time.perf_counter() - t0:.1f} s")
+STS_CASES = tuple(f"{p}:{a}" for p in ("STS_001", "STS_002", "STS_003") for a in ("CT", "MR_T1"))
+
+
+def run_sts(methods, writer, log, cases=STS_CASES) -> None:
+    for patient, anatomical in (c.split(":") for c in cases):
+        root = DATA / "sts" / patient
+        case = Case(root / anatomical / "dicom", root / "PET" / "dicom", root / anatomical / "gtv_mask.nii.gz")
+        p = case.prepared
+        reference_share = top_fraction_in(chroma(case.reference_rgb), case.mask)
+        func_rgb = colour.ycbcr_to_rgb(p.functional_ycc)
+        region_lab = coloured_voxels(func_rgb, p.anatomical)
+        axis = array_axis(p.reference, "axial")
+        for name in methods:
+            method = get_method(name)
+            t0 = time.perf_counter()
+            fused_y = fuse_volume(p.anatomical, p.functional_ycc[..., 0], method, axis=axis,
+                                  device=torch.device("cpu"))
+            for when, keep in (("before", False), ("after", True)):
+                rgb = recombine(fused_y, p.functional_ycc, method.chroma_scale, p.grayscale, keep_colour=keep,
+                                table=p.functional_table)
+                row = measure(rgb, p.functional_ycc, p.functional_level, p.functional_table, p.bone, p.anatomical,
+                              case.coloured, region_lab, axis)
+                row["hot_spot_pts"] = 100.0 * (top_fraction_in(chroma(rgb), case.mask) - reference_share)
+                writer({"set": f"{patient} PET->{anatomical}", "method": name, "recombination": when, **row})
+            log(f"{patient} {anatomical} {name} {time.perf_counter() - t0:.1f} s")
 
 
 def run_aanlib(methods, writer, log, limit: int | None, ranks: bool) -> None:
@@ -210,6 +212,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sets", nargs="+", default=["sts", "aanlib"], choices=["sts", "aanlib"])
     ap.add_argument("--methods", nargs="+", default=None, help="default: every available method")
+    ap.add_argument("--cases", nargs="+", default=list(STS_CASES), choices=STS_CASES,
+                    help="sts: the PATIENT:ANATOMICAL pairs to measure (default: all six)")
     ap.add_argument("--limit", type=int, default=None, help="aanlib: the first N test pairs of each modality pair")
     ap.add_argument("--ranks", action="store_true", help="aanlib: also the evaluator's metrics and the mean ranks")
     ap.add_argument("--out", default="/tmp/colour/targets")
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
             print(time.strftime("%H:%M:%S"), text, flush=True)
 
         if "sts" in args.sets:
-            run_sts(methods, writer, log)
+            run_sts(methods, writer, log, args.cases)
         if "aanlib" in args.sets:
             run_aanlib(methods, writer, log, args.limit, args.ranks)
     md = ["# Colour targets (scripts/colour_targets.py)", "", "Command: `" + " ".join(sys.argv) + "`", ""]
