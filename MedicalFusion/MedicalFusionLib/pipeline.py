@@ -343,11 +343,13 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
         tracker.phase("metrics")
         a8, b8 = source_gray8(prepared, _span(tracker, 0.0, 0.04))
         f8 = by_slabs(colour.gray8, rgb, _span(tracker, 0.04, 0.08))
+        # the metrics space their own reports (their Progress): passed through unthrottled, as
+        # Progress.callbacks() does, so the start of their phases always reaches the panel
         progress_m, cancel_m = tracker.callbacks()
         t1 = time.perf_counter()
         result.metrics = volume_metrics_torch(
             a8, b8, f8, axis=axis, keys=metric_keys, device=device,
-            progress=(lambda d, t: tracker.advance(0.08 + 0.87 * d / t, 1.0)) if progress_m else None,
+            progress=(lambda d, t: tracker.advance(0.08 + 0.87 * d / t, 1.0, force=True)) if progress_m else None,
             cancel=cancel_m)
         if not prepared.grayscale:
             from .metrics_torch import colour_metrics_torch  # noqa: PLC0415
@@ -355,7 +357,7 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
             result.metrics.update(colour_metrics_torch(rgb, prepared.functional_ycc, prepared.functional_level,
                                                        prepared.functional_table, prepared.bone, axis=axis,
                                                        device=device, cancel=cancel_m,
-                                                       progress=(lambda d, t: tracker.advance(0.95 + 0.05 * d / t, 1.0))
+                                                       progress=(lambda d, t: tracker.advance(0.95 + 0.05 * d / t, 1.0, force=True))
                                                        if progress_m else None))
         result.seconds_metrics = time.perf_counter() - t1
     return result
