@@ -484,13 +484,10 @@ class OutputSet:
         """Write ``text`` (UTF-8) like :meth:`add_bytes`."""
         return self.add_bytes(path, text.encode("utf-8"), what)
 
-    def add_file(self, path: str | os.PathLike, write: Callable[[pathlib.Path], object], what: str | None = None,
-                 verify: Callable[[pathlib.Path], object] | None = None) -> pathlib.Path:
-        """Any other output: ``write(tmp)`` writes the file at the temporary path ``tmp`` (it may
-        write companions ``tmp.stem + ...`` too); ``verify(tmp)`` may raise FusionError or
-        return False. Without ``verify`` the file must exist and not be empty."""
-        claim = self._claim_of(path, what, "file")
-        staged, tmp = self._start(claim)
+    def _run_writer(self, staged: _Staged, write: Callable[[pathlib.Path], object], tmp: pathlib.Path) -> None:
+        """``write(tmp)`` for a caller-supplied writer: an OSError or RuntimeError in it becomes this
+        output's one-line failure (its temporaries removed); then the test hook's pause point."""
+        claim = staged.claim
         try:
             write(tmp)
         except FusionError:
@@ -499,6 +496,15 @@ class OutputSet:
             reason = _os_error_reason(exc) if isinstance(exc, OSError) else "the writer failed"
             raise self._failure(claim, reason, staged) from None
         pause_point(f"write:{claim.what}")
+
+    def add_file(self, path: str | os.PathLike, write: Callable[[pathlib.Path], object], what: str | None = None,
+                 verify: Callable[[pathlib.Path], object] | None = None) -> pathlib.Path:
+        """Any other output: ``write(tmp)`` writes the file at the temporary path ``tmp`` (it may
+        write companions ``tmp.stem + ...`` too); ``verify(tmp)`` may raise FusionError or
+        return False. Without ``verify`` the file must exist and not be empty."""
+        claim = self._claim_of(path, what, "file")
+        staged, tmp = self._start(claim)
+        self._run_writer(staged, write, tmp)
         try:
             ok = verify(tmp) if verify is not None else os.stat(tmp).st_size > 0
         except OSError:
@@ -525,15 +531,12 @@ class OutputSet:
         staged = _Staged(claim, claim.path.parent, stem)
         self._staged.append(staged)
         tmp = claim.path.parent / stem
-        try:
-            os.mkdir(tmp)
-            write(tmp)
-        except FusionError:
-            raise
-        except (OSError, RuntimeError) as exc:
-            reason = _os_error_reason(exc) if isinstance(exc, OSError) else "the writer failed"
-            raise self._failure(claim, reason, staged) from None
-        pause_point(f"write:{claim.what}")
+
+        def make_and_write(folder: pathlib.Path) -> None:
+            os.mkdir(folder)
+            write(folder)
+
+        self._run_writer(staged, make_and_write, tmp)
         if (verify(tmp) if verify is not None else any(tmp.iterdir())) is False:
             raise self._failure(claim, "the folder came out empty or incomplete", staged)
         staged.moves = [(tmp, claim.path)]
