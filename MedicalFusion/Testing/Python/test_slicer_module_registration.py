@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from test_slicer_module import harness, parametrize_versions, phantom, sample_cache, select_pair  # noqa: F401
+from test_slicer_module import parametrize_versions, phantom, select_pair  # noqa: F401  (harness: conftest)
 
 TOLERANCE_MM = 2.0     # half the phantom PET's 4 mm voxel
 
