@@ -35,6 +35,7 @@ import csv
 import functools
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -402,14 +403,16 @@ def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
 
 
 def read_metrics(path: str | os.PathLike) -> dict:
-    """``{metric: mean}`` of a metrics.csv that ``fuse`` wrote, and its 'seconds' run information."""
-    from .metrics import METRIC_KEYS  # noqa: PLC0415
+    """``{metric: mean}`` of a metrics.csv that ``fuse`` wrote (the luma and the colour-fidelity
+    metrics), and its 'seconds' run information."""
+    from .metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
 
+    wanted = set(METRIC_KEYS) | set(COLOUR_METRIC_KEYS) | {"seconds"}
     values = {}
     try:
         with open(path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
-                if row.get("metric") in METRIC_KEYS or row.get("metric") == "seconds":
+                if row.get("metric") in wanted:
                     with contextlib.suppress(TypeError, ValueError):
                         values[row["metric"]] = float(row["mean"])
     except OSError:
@@ -418,11 +421,12 @@ def read_metrics(path: str | os.PathLike) -> dict:
 
 
 def ranked_metrics(table=None) -> list:
-    """The metrics the ranking uses, with their directions: every row of the metrics table
-    (metrics.METRICS) but :data:`NOT_RANKED`."""
-    from .metrics import METRICS  # noqa: PLC0415
+    """The metrics the ranking uses, with their directions: every row of the metrics table (the
+    reference evaluator's metrics.METRICS and the colour fidelity's metrics.COLOUR_METRICS) but
+    :data:`NOT_RANKED`."""
+    from .metrics import COLOUR_METRICS, METRICS  # noqa: PLC0415
 
-    return [m for m in (METRICS if table is None else table) if m.key not in NOT_RANKED]
+    return [m for m in (METRICS + COLOUR_METRICS if table is None else table) if m.key not in NOT_RANKED]
 
 
 def _ranks(values: list) -> list:
@@ -451,8 +455,9 @@ def rank_methods(outcomes: list, methods: list, table=None) -> tuple[list, list,
         if o.status in ("ok", "skipped") and o.method in methods:
             by_study.setdefault(o.id, {})[o.method] = o.metrics
     studies = [s for s, per in by_study.items() if all(m in per for m in methods)]
-    metrics = [m for m in ranked_metrics(table)
-               if studies and all(m.key in by_study[s][meth] for s in studies for meth in methods)]
+    metrics = [m for m in ranked_metrics(table)          # those every method has in every study, as numbers
+               if studies and all(m.key in by_study[s][meth] and not math.isnan(by_study[s][meth][m.key])
+                                  for s in studies for meth in methods)]
     totals = {m: 0.0 for m in methods}
     for s in studies:
         for info in metrics:
@@ -482,9 +487,9 @@ def summary_text(outcomes: list) -> str:
 
 def cohort_metrics_text(outcomes: list) -> str:
     """Every fused study's metrics: one row per study and method, one column per metric."""
-    from .metrics import METRIC_KEYS  # noqa: PLC0415
+    from .metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
 
-    keys = [k for k in METRIC_KEYS if any(k in o.metrics for o in outcomes)]
+    keys = [k for k in METRIC_KEYS + COLOUR_METRIC_KEYS if any(k in o.metrics for o in outcomes)]
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["id", "method", "seconds", *keys])

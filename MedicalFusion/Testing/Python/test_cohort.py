@@ -189,16 +189,20 @@ def test_methods_rank_over_the_cohort_and_workers_load_a_network_once(cluster, t
     assert sorted(r["method"] for r in ranking) == sorted(methods)
     # the mean ranks, recomputed here from cohort_metrics.csv with the directions of the metrics table
     table = read_csv(out / "cohort_metrics.csv")
-    keys = [k for k in (m.key for m in cohort.ranked_metrics())]
-    assert "FMI_pixel" not in keys and "MI_nats" in keys and "SSIM_sum" in keys
-    keys = [k for k in keys if k in table[0]]
+    sign = {m.key: (1.0 if m.higher_is_better else -1.0) for m in cohort.ranked_metrics()}
+    assert "FMI_pixel" not in sign and "MI_nats" in sign and "SSIM_sum" in sign
+    # the colour fidelity is ranked too (issue 23: the evaluator's metrics and the colour-fidelity metrics)
+    assert sign["hue_err10"] == -1.0 and sign["chroma_kept"] == 1.0 and "hue_err10" in table[0]
+    keys = [k for k in sign if k in table[0] and all(table_row[k] not in ("", "nan") for table_row in table)]
+    assert "readback_err" in keys and "chroma_kept" in ranking[0]
     expected = {m: 0.0 for m in methods}
     for sid in ("m0", "m1", "m2"):
         per = {r["method"]: r for r in table if r["id"] == sid}
         for k in keys:
             for m in methods:
-                better = sum(float(per[o][k]) > float(per[m][k]) for o in methods)
-                ties = sum(float(per[o][k]) == float(per[m][k]) for o in methods) - 1
+                value = {o: sign[k] * float(per[o][k]) for o in methods}
+                better = sum(value[o] > value[m] for o in methods)
+                ties = sum(value[o] == value[m] for o in methods) - 1
                 expected[m] += 1 + better + ties / 2
     for r in ranking:
         assert float(r["mean_rank"]) == pytest.approx(expected[r["method"]] / (3 * len(keys)), abs=1e-4)
