@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import colour as _colour
+
 from .device import pick_device
 from .errors import FusionError
 from .metrics import (
@@ -609,16 +611,11 @@ def _cpu_workers(dev: torch.device):
 # --------------------------------------------------------------------------------------------------
 # colour fidelity (CIELAB): docs/EVALUATION.md, "Colour"
 
-#: sRGB (D65) -> XYZ and the D65 white, as MedicalFusionLib.colour (and scikit-image) use them.
-_XYZ_FROM_RGB = torch.tensor([[0.412453, 0.357580, 0.180423],
-                              [0.212671, 0.715160, 0.072169],
-                              [0.019334, 0.119193, 0.950227]], dtype=torch.float64)
-_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
-#: BT.601 full-range YCbCr (centred Cb/Cr) -> RGB
-_RGB_FROM_YCC = torch.tensor(np.linalg.inv(np.array([[0.299, 0.587, 0.114],
-                                                     [-0.299 / 1.772, -0.587 / 1.772, (1 - 0.114) / 1.772],
-                                                     [(1 - 0.299) / 1.402, -0.587 / 1.402, -0.114 / 1.402]])),
-                             dtype=torch.float64)
+#: sRGB (D65) -> XYZ, the D65 white and BT.601 full-range YCbCr (centred Cb/Cr) -> RGB: the numbers of
+#: MedicalFusionLib.colour (one source), as float64 tensors.
+_XYZ_FROM_RGB = torch.tensor(_colour._XYZ_FROM_RGB, dtype=torch.float64)
+_WHITE = torch.tensor(_colour._WHITE_D65, dtype=torch.float64)
+_RGB_FROM_YCC = torch.tensor(_colour._YCC2RGB, dtype=torch.float64)
 
 
 def rgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:
@@ -627,7 +624,8 @@ def rgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:
     x = rgb.to(dtype)
     lin = torch.where(x > 0.04045, ((x.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4, x / 12.92)
     xyz = (lin @ _XYZ_FROM_RGB.to(device=x.device, dtype=dtype).T) / _WHITE.to(device=x.device, dtype=dtype)
-    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+    eps, kappa = _colour._LAB_EPS, _colour._LAB_KAPPA
+    f = torch.where(xyz > eps, xyz.clamp_min(eps) ** (1.0 / 3.0), kappa * xyz + 16.0 / 116.0)
     return torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
 
 
