@@ -430,18 +430,10 @@ def ranked_metrics(table=None) -> list:
 
 
 def _ranks(values: list) -> list:
-    """1 = best of ``values`` (higher is better), ties get the mean of their ranks."""
-    order = sorted(range(len(values)), key=lambda i: -values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
+    """1 = best of ``values`` (higher is better), ties get the mean of their ranks (scipy's rankdata)."""
+    from scipy.stats import rankdata  # noqa: PLC0415
+
+    return [float(r) for r in rankdata([-v for v in values], method="average")]
 
 
 def rank_methods(outcomes: list, methods: list, table=None) -> tuple[list, list, int]:
