@@ -670,8 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="fuse every study of a manifest (CSV) on Dask: a laptop or a cluster "
                        "(docs/COHORTS.md)")
-    b.add_argument("manifest", help="CSV with a header: id, anatomical, functional, optional method and any other "
-                   "fuse option by its long name; relative paths are relative to the manifest")
+    b.add_argument("manifest", help="CSV with a header: id, anatomical, functional (or pacs, anatomical-series, "
+                   "functional-series), optional method and any other fuse option by its long name; relative paths "
+                   "are relative to the manifest")
     b.add_argument("--output", "-o", required=True, metavar="DIR", help="folder: DIR/<id>/ gets what fuse writes (fused.nrrd, "
                    "metrics.csv), DIR/summary.csv one line per study, DIR/cohort_metrics.csv every study's metrics")
     b.add_argument("--method", "-m", default="lp", help="method for the studies whose row names none; default lp")
@@ -680,6 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metric-set", default=choices.DEFAULT_METRIC_SET, choices=tuple(choices.METRIC_SETS),
                    help="metrics of every study (a metric-set column wins): quick (default, as fuse: no FMI) or all")
     b.add_argument("--preview", action="store_true", help="also write DIR/<id>/preview.png")
+    b.add_argument("--output-dicom", action="store_true", help="also write each study's fused series as DICOM "
+                   "into DIR/<id>/dicom/ (as fuse --output-dicom)")
+    b.add_argument("--pacs", metavar="URL", help="DICOMweb root of the PACS of the rows that give anatomical-series "
+                   "and functional-series and no pacs; login from $MEDICALFUSION_PACS_USER and "
+                   "$MEDICALFUSION_PACS_PASSWORD (or ~/.netrc) where the workers run")
+    b.add_argument("--store", action="store_true", help="store each PACS study's fused series back to its PACS "
+                   "(a store column wins); a study whose inputs are files fails")
     b.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (tcp://HOST:8786); default: "
                    "a LocalCluster on this machine")
     b.add_argument("--workers", type=positive_int, metavar="N", help="LocalCluster worker processes (default: one per core, "

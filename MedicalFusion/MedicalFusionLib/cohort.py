@@ -39,6 +39,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,12 +48,22 @@ from .errors import FusionError
 from .options import DEFAULT_METRIC_SET
 from .outputs import sha256_of
 
-REQUIRED_COLUMNS = ("id", "anatomical", "functional")
+REQUIRED_COLUMNS = ("id",)
+#: The two inputs of a study, one pair or the other (or both columns, each row filling one pair):
+#: files or DICOM folders, or two series of a PACS (``fuse --pacs URL --anatomical-series UID
+#: --functional-series UID``; ``pacs`` column, else ``batch --pacs``).
+FILE_COLUMNS = ("anatomical", "functional")
+SERIES_COLUMNS = ("anatomical-series", "functional-series")
 #: ``fuse`` options that ``batch`` sets for every study: its threads, its progress, and its file outputs
 #: (every row of cli.FUSE_OUTPUTS, so an output added to ``fuse`` is refused as a column until batch
-#: places it in the study's folder).
-#: The DICOM series output and the PACS store (--output-dicom, --store) are not batch outputs yet.
-SET_BY_BATCH = ("quiet", "threads", "output_dicom", "store")
+#: places it in the study's folder), the DICOM series among them (``batch --output-dicom``:
+#: ``DIR/<id>/dicom/``). ``store`` is a column (yes / no; empty: ``batch --store``).
+SET_BY_BATCH = ("quiet", "threads", "output_dicom")
+DICOM_FOLDER = "dicom"
+#: The fused series a study's run is about to store, or stored without a done.json vouching for it
+#: yet (a run killed between the store and its done.json), and the one an earlier complete run
+#: stored (kept here while the study is redone): removed from the PACS before the study stores again.
+STORE_RECORD = ".mf-pacs-series.json"
 #: ``fuse`` options that name an input file: relative to the manifest's folder.
 PATH_OPTIONS = ("anatomical", "functional", "transform", "register_with")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -86,10 +97,11 @@ class Task:
     id: str
     method: str
     folder: str                       # DIR/<id>/ or DIR/<id>/<method>/
-    options: list                     # the study's fuse options (inputs and method included)
+    options: list                     # the study's fuse options (inputs, method and --store included)
     argv: list                        # options + the outputs batch sets
     error: str = ""                   # a bad manifest value: the study fails without running
     lock: str = ""
+    outputs: list = field(default_factory=list)   # what batch asks of it: fused.nrrd, ..., dicom/
 
 
 @dataclass
@@ -161,14 +173,18 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
         raise FusionError(f"manifest {p} is empty: give a CSV file with a header (id,anatomical,functional)")
     keys = [_column_key(h) for h in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in keys]
-    if missing:
-        raise FusionError(f"manifest {p} has no column {', '.join(missing)}: its header must name "
-                          "id, anatomical and functional (then any fuse option by its long name)")
+    lacking = [[c for c in pair if c not in keys] for pair in (FILE_COLUMNS, SERIES_COLUMNS)]
+    if missing or all(lacking):
+        missing += min(lacking, key=len)
+        raise FusionError(f"manifest {p} has no column {', '.join(missing)}: its header must name id and the "
+                          "inputs: anatomical and functional (files or DICOM folders), or anatomical-series and "
+                          "functional-series (series of a PACS), or all four (then any fuse option by its long name)")
     actions = _fuse_actions()
     for k in keys:
         if k not in actions and k != "id":
             raise FusionError(f"manifest {p}: column '{k}' is not a fuse option: use id, anatomical, functional "
-                              "and the long names of 'medicalfusion fuse --help' (e.g. method, window, register)")
+                              "(or pacs, anatomical-series, functional-series) and the long names of 'medicalfusion "
+                              "fuse --help' (e.g. method, window, register, store)")
         if k in actions and actions[k].dest in _set_by_batch():
             raise FusionError(f"manifest {p}: column '{k}' is set by batch for every study (outputs go to "
                               "DIR/<id>/): remove the column")
@@ -197,15 +213,18 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
     return rows, [k for k in keys if k != "id"]
 
 
-def study_options(row: dict, manifest_dir: pathlib.Path, method: str | None, metric_set: str) -> list:
+def study_options(row: dict, manifest_dir: pathlib.Path, method: str | None, metric_set: str,
+                  pacs: str | None = None, store: bool = False) -> list:
     """The ``fuse`` options of one manifest row (without the outputs), in column order; ``method``
-    (one of --methods, or --method for a row without one) replaces the row's method column, and
-    ``metric_set`` fills an empty metric-set column. A yes/no column is a flag (a ``fuse`` option
-    without a value, should one be added); ValueError for a value that is neither."""
+    (one of --methods, or --method for a row without one) replaces the row's method column,
+    ``metric_set`` fills an empty metric-set column, ``pacs`` an empty pacs column of a row that
+    names series, and ``store`` an empty store column. A yes/no column is a flag (``store``,
+    ``insecure``); ValueError for a value that is neither, and for a study to store whose inputs
+    are files."""
     actions = _fuse_actions()
     argv = []
     for key, value in row.items():
-        if key == "id" or (key == "method" and method):
+        if key == "id" or (key == "method" and method) or key == "store":
             continue
         action = actions[key]
         opt = f"--{key}"
@@ -225,13 +244,31 @@ def study_options(row: dict, manifest_dir: pathlib.Path, method: str | None, met
         argv += ["--method", method]
     if not row.get("metric-set"):
         argv += ["--metric-set", metric_set]
+    from_pacs = any(row.get(c) for c in SERIES_COLUMNS)
+    if from_pacs and not row.get("pacs") and pacs:
+        argv += ["--pacs", pacs]
+    cell = row.get("store", "").lower()
+    if cell not in TRUE_WORDS + FALSE_WORDS:
+        raise ValueError(f"column store: '{row['store']}' is neither yes nor no")
+    wanted = (cell in TRUE_WORDS) if cell else store
+    if wanted:
+        if not from_pacs:
+            raise ValueError("store: only a study read from a PACS (pacs, anatomical-series, functional-series) is "
+                             "stored back to it, and this study's inputs are files: set its store cell to no")
+        argv.append("--store")
     return argv
 
 
 def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list | None = None,
-         method: str = "lp", metric_set: str = DEFAULT_METRIC_SET, preview: bool = False) -> list[Task]:
+         method: str = "lp", metric_set: str = DEFAULT_METRIC_SET, preview: bool = False,
+         output_dicom: bool = False, pacs: str | None = None, store: bool = False) -> list[Task]:
     """Every task of the cohort: a study x method with its ``fuse`` command line, parsed by the
-    CLI's parser here already (a bad value fails that study only, before any work)."""
+    CLI's parser and checked by fuse's input checks here already (a bad value fails that study
+    only, before any work). ``pacs``: the PACS of rows that name series and no pacs; ``store``:
+    store every PACS study whose store cell is empty; ``output_dicom``: each study's fused series
+    also as DICOM in its folder's ``dicom/``."""
+    from . import pacs as pacs_io  # noqa: PLC0415
+
     rows, columns = read_manifest(manifest)
     if methods and "method" in columns:
         raise FusionError("the manifest has a method column and --methods was given: drop one of them")
@@ -243,16 +280,26 @@ def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list |
             folder = out / row["id"] / m if m else out / row["id"]
             chosen = m or row.get("method") or method
             try:
-                options = study_options(row, manifest_dir, m or (None if row.get("method") else method), metric_set)
+                options = study_options(row, manifest_dir, m or (None if row.get("method") else method), metric_set,
+                                        pacs, store)
             except ValueError as exc:
                 tasks.append(Task(row["id"], chosen, str(folder), [], [], error=str(exc)))
                 continue
+            outputs = ["fused.nrrd", "metrics.csv"] + (["preview.png"] if preview else []) + \
+                ([DICOM_FOLDER + "/"] if output_dicom else [])
             argv = ["fuse", *options, "--output", str(folder / "fused.nrrd"), "--metrics", str(folder / "metrics.csv"),
-                    "--quiet"] + (["--preview", str(folder / "preview.png")] if preview else [])
+                    "--quiet"] + (["--preview", str(folder / "preview.png")] if preview else []) + \
+                (["--output-dicom", str(folder / DICOM_FOLDER)] if output_dicom else [])
             args, error = parse_fuse_argv(argv)
-            chosen = args.method if args is not None else chosen
+            if args is not None:
+                chosen = args.method
+                try:
+                    pacs_io.check_arguments(args)       # files or series (not both), the URL, the login's variables
+                except FusionError as exc:
+                    error = str(exc)
             lock = out / LOCK_FOLDER / (row["id"] + (f"__{m}" if m else "") + ".lock")
-            tasks.append(Task(row["id"], chosen, str(folder), options, argv, error=error, lock=str(lock)))
+            tasks.append(Task(row["id"], chosen, str(folder), options, argv, error=error, lock=str(lock),
+                              outputs=outputs))
     return tasks
 
 
@@ -260,17 +307,38 @@ def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list |
 # one study, in a worker
 
 
-def verified(folder: str | os.PathLike, options: list) -> bool:
-    """True when ``folder/done.json`` was written for these options and every file it lists is
-    there with its recorded sha256 (a complete study from an earlier run)."""
+def verified(folder: str | os.PathLike, options: list, outputs: list | None = None) -> bool:
+    """True when ``folder/done.json`` was written for these options (and these outputs, when
+    given), every file it lists is there with its recorded sha256, an output folder (``dicom/``)
+    holds just the files listed, and a study that stores (``--store``) has its stored series
+    recorded: a complete study from an earlier run."""
     folder = pathlib.Path(folder)
     try:
         done = json.loads((folder / DONE_NAME).read_text(encoding="utf-8"))
         if done.get("options") != options or not done.get("files"):
             return False
+        if outputs is not None and done.get("outputs") != outputs:
+            return False
+        if "--store" in options and not (done.get("stored") or {}).get("series"):
+            return False
+        for name in (o for o in done.get("outputs", []) if o.endswith("/")):
+            held = {p.relative_to(folder).as_posix() for p in (folder / name).rglob("*") if not p.is_dir()}
+            if held != {f for f in done["files"] if f.startswith(name)}:
+                return False
         return all(sha256_of(folder / name) == digest for name, digest in done["files"].items())
     except (OSError, ValueError, AttributeError, TypeError):
         return False
+
+
+def written_files(folder: pathlib.Path, written: list) -> dict:
+    """``{path relative to the study's folder: sha256}`` of what a run put in place (every file
+    of an output folder)."""
+    files = {}
+    for p in written:
+        p = pathlib.Path(p)
+        for f in sorted(q for q in p.rglob("*") if not q.is_dir()) if p.is_dir() else [p]:
+            files[f.relative_to(folder).as_posix()] = sha256_of(f)
+    return files
 
 
 @contextlib.contextmanager
@@ -300,7 +368,92 @@ def _remove_leftovers(folder: pathlib.Path) -> None:
         for name in os.listdir(folder):
             if name.startswith((TEMP_PREFIX, BACKUP_PREFIX)):
                 with contextlib.suppress(OSError):
-                    os.unlink(folder / name)
+                    if (folder / name).is_dir() and not (folder / name).is_symlink():
+                        shutil.rmtree(folder / name)        # a DICOM folder being written, or set aside
+                    else:
+                        os.unlink(folder / name)
+
+
+# the PACS side of a study (--store): what it stored is recorded, so that it is never stored twice
+
+
+def _read_record(folder: pathlib.Path) -> list:
+    try:
+        return list(json.loads((folder / STORE_RECORD).read_text(encoding="utf-8")).get("series", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def _write_record(folder: pathlib.Path, entries: list) -> None:
+    from .outputs import OutputSet  # noqa: PLC0415
+
+    if not entries:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / STORE_RECORD)
+        return
+    with OutputSet() as out:
+        out.add_text(folder / STORE_RECORD, json.dumps({"series": entries}, indent=1) + "\n", "PACS record")
+        out.commit()
+
+
+def _keep_stored_in_record(folder: pathlib.Path) -> None:
+    """Before a study is redone (its done.json removed): the series its earlier run stored goes
+    into the record, to be replaced (removed) when the study stores again."""
+    try:
+        stored = json.loads((folder / DONE_NAME).read_text(encoding="utf-8")).get("stored")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(stored, dict) and stored.get("series") and stored.get("pacs"):
+        entries = [e for e in _read_record(folder) if e.get("series") != stored["series"]]
+        _write_record(folder, entries + [{**stored, "state": "stored"}])
+
+
+def _clear_record(folder: pathlib.Path, args) -> None:
+    """Remove from the PACS every series the record names that is not complete and vouched for
+    (a store cut short), and, when this run stores, the series an earlier run stored (it is
+    replaced); FusionError when one cannot be removed (the record keeps it for the next run)."""
+    from .pacs import DEFAULT_TIMEOUT, Pacs, StoredSeries  # noqa: PLC0415
+
+    entries = _read_record(folder)
+    left = []
+    for e in entries:
+        if e.get("state") == "stored" and not args.store:
+            continue                      # a complete series of an earlier run, not replaced by this one: kept
+        client = Pacs(e["pacs"], insecure=args.insecure, timeout=args.pacs_timeout or DEFAULT_TIMEOUT)
+        series = StoredSeries(str(e.get("study", "")), str(e["series"]))
+        if client._series_gone(series):                                     # noqa: SLF001
+            continue
+        note = client.remove(series)
+        if not client._series_gone(series):                                 # noqa: SLF001
+            left.append(e)
+            _write_record(folder, left + entries[entries.index(e) + 1:])
+            what = "an earlier run of this study stored" if e.get("state") == "stored" else \
+                "a run of this study cut short was storing"
+            raise FusionError(f"the fused series {e['series']} that {what} on PACS {client.shown} must be removed "
+                              f"before the study is stored again: {note}; then rerun")
+    _write_record(folder, left)
+
+
+def _record_store(folder: pathlib.Path, args, datasets) -> None:
+    """Just before the store (pacs.commit_and_store's hook): the series about to be stored."""
+    from .pacs import shown_url  # noqa: PLC0415
+
+    ds = datasets[0]
+    _write_record(folder, _read_record(folder) + [{
+        "pacs": shown_url(args.pacs), "study": str(ds.StudyInstanceUID), "series": str(ds.SeriesInstanceUID),
+        "instances": len(datasets), "state": "storing"}])
+
+
+def _set_aside(path: pathlib.Path) -> pathlib.Path | None:
+    """An output folder of an earlier run (the study's ``dicom/``), moved aside while the study is
+    redone (fuse writes a new or empty folder): put back if the run fails, removed if it succeeds."""
+    from .outputs import BACKUP_PREFIX  # noqa: PLC0415
+
+    if not path.is_dir() or path.is_symlink():
+        return None
+    aside = path.parent / (BACKUP_PREFIX + os.urandom(4).hex())
+    os.rename(path, aside)
+    return aside
 
 
 _configured: dict = {}
@@ -351,13 +504,16 @@ def run_task(task: Task, threads: int) -> Outcome:
         return Outcome(task.id, task.method, "failed", task.error)
     folder = pathlib.Path(task.folder)
     with study_lock(task.lock):
-        if verified(folder, task.options):
+        if verified(folder, task.options, task.outputs):
+            with contextlib.suppress(OSError):
+                os.unlink(folder / STORE_RECORD)              # the series done.json records (killed just after it)
             return Outcome(task.id, task.method, "skipped", "outputs verified (done.json)",
                            time.perf_counter() - t0, read_metrics(folder / "metrics.csv"))
         _configure_worker(threads)
         made = [p for p in (folder.parent, folder) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(folder)
+        _keep_stored_in_record(folder)
         with contextlib.suppress(OSError):
             os.unlink(folder / DONE_NAME)                     # it vouches for no file from here on
         status, message = "ok", ""
@@ -378,7 +534,7 @@ def run_task(task: Task, threads: int) -> Outcome:
                 with contextlib.suppress(OSError):
                     p.rmdir()
             return Outcome(task.id, task.method, status, message, time.perf_counter() - t0)
-    return Outcome(task.id, task.method, "ok", "", time.perf_counter() - t0, read_metrics(folder / "metrics.csv"))
+    return Outcome(task.id, task.method, "ok", message, time.perf_counter() - t0, read_metrics(folder / "metrics.csv"))
 
 
 def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
@@ -389,13 +545,38 @@ def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
     args, error = parse_fuse_argv(task.argv)
     if args is None:
         return "failed", error
-    fuse_one(args)
-    files = {p.name: sha256_of(p) for p in args.output_set.written}
-    done = {"options": task.options, "files": files, "version": __version__}
+    if folder.joinpath(STORE_RECORD).exists():
+        _clear_record(folder, args)
+    dicom = folder / DICOM_FOLDER
+    aside = _set_aside(dicom) if args.output_dicom else None
+    args.before_store = functools.partial(_record_store, folder, args)
+    try:
+        fuse_one(args)
+    except BaseException:
+        if aside is not None:
+            if dicom.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.rename(aside, dicom)
+        if folder.joinpath(STORE_RECORD).exists():
+            with contextlib.suppress(Exception):                # the store's own clean-up said what it did
+                _clear_record(folder, args)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    stored = getattr(args, "pacs_stored", None)
+    done = {"options": task.options, "outputs": task.outputs, "files": written_files(folder, args.output_set.written),
+            "version": __version__}
+    if stored is not None:
+        done["stored"] = {"pacs": args.pacs_client.shown, "study": stored.study_uid, "series": stored.series_uid,
+                          "instances": len(stored.instances)}
     with OutputSet() as out:
         out.add_text(folder / DONE_NAME, json.dumps(done, indent=1) + "\n", "done marker")
         out.commit()
-    return "ok", ""
+    _write_record(folder, [])                                    # done.json vouches for the stored series now
+    if stored is None:
+        return "ok", ""
+    return "ok", f"stored series {stored.series_uid} ({len(stored.instances)} instances) on {args.pacs_client.shown}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -619,7 +800,16 @@ def run_batch(args) -> int:
     out_dir = pathlib.Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise FusionError(f"batch --output folder {out_dir} is a file, not a folder: give a folder")
-    tasks = plan(args.manifest, out_dir, args.methods, args.method, args.metric_set, args.preview)
+    if args.pacs:
+        from .pacs import check_url  # noqa: PLC0415
+
+        check_url(args.pacs)
+    tasks = plan(args.manifest, out_dir, args.methods, args.method, args.metric_set, args.preview,
+                 output_dicom=args.output_dicom, pacs=args.pacs, store=args.store)
+    if any("--pacs" in t.argv for t in tasks):
+        from .pacs import credentials  # noqa: PLC0415
+
+        credentials()                           # both login variables or neither: one line before any work
     client, cluster, threads, where = connect(args.scheduler, len(tasks), args.workers, args.worker_threads)
     try:
         with OutputSet() as out:                # DIR made once the manifest and the cluster are fine

@@ -377,9 +377,14 @@ def fuse_inputs(args):
 
 def commit_and_store(out, args, datasets) -> StoredSeries | None:
     """Store the fused series (--store), then put the local outputs in place; a local commit that
-    fails removes the stored series again, so the run is all or nothing on both sides."""
+    fails removes the stored series again, so the run is all or nothing on both sides.
+    ``args.before_store(datasets)``, when set (``batch``: a record of the series about to be
+    stored, so that a run killed half way can be undone), runs just before the store."""
     stored = None
     if getattr(args, "store", False):
+        before = getattr(args, "before_store", None)
+        if before is not None:
+            before(datasets)
         stored = args.pacs_client.store_series(datasets)
         args.pacs_stored = stored
     try:

@@ -115,13 +115,16 @@ _REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
 def xdist_scope(nodeid: str) -> str:
     """The unit of work pytest-xdist hands one worker whole: each real case (patient + anatomical:
     its prepared pair and fusions, test_real_cases' module cache, are made once), each Slicer-without-
-    torch subprocess (test_slicer_module: one a version); every other test alone."""
+    torch subprocess (test_slicer_module: one a version), test_cohort (its cluster and cohorts are
+    made once); every other test alone."""
     path, _, rest = nodeid.partition("::")
     module = pathlib.PurePosixPath(path).stem
     if module == "test_real_cases":
         found = _REAL_CASE.search(rest)
         if found:
             return f"real-case-{found.group(1)}-{found.group(2) or 'CT'}"
+    if module == "test_cohort":        # one Dask cluster (and one Orthanc) for the module's tests
+        return "cohort"
     if module == "test_slicer_module" and "without_torch" in rest:
         return "without-torch-" + rest.partition("[")[2].rstrip("]")
     return nodeid

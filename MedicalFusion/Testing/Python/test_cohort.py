@@ -4,6 +4,11 @@ on loopback (distributed.LocalCluster, processes=True), never a mock.
 One cohort of tiny synthetic studies runs once for the module (a broken study, a bad manifest value,
 and a worker killed with SIGKILL while it writes a study); the tests then check its outputs against
 single ``medicalfusion fuse`` runs (bit for bit), the kill, a rerun, and --methods ranking.
+
+A second cohort mixes a file study with studies read from a real Orthanc (scripts/orthanc.py, with
+a login; skipped without Orthanc unless MEDICALFUSION_REQUIRE_PACS=1): --output-dicom and --store,
+checked against single ``fuse --pacs`` runs, on the PACS (the series stored once, never twice on a
+rerun) and after a run cut short between the store and its done.json.
 """
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -28,7 +35,15 @@ from MedicalFusionLib.cli import main  # noqa: E402
 from MedicalFusionLib.metrics import MetricInfo  # noqa: E402
 from MedicalFusionLib.outputs import PAUSE_FILE_ENV  # noqa: E402
 
+from conftest import REPO  # noqa: E402
+
+sys.path.insert(0, str(REPO / "scripts"))
+import orthanc  # noqa: E402
+
 VICTIM = "victim"          # the study whose worker is killed while it writes its fused volume
+#: The login of the PACS cohort's Orthanc, in the environment of the test and of the workers.
+PACS_USER, PACS_PASSWORD = "cohort", "pw-" + secrets.token_hex(8)
+REQUIRE_PACS = os.environ.get("MEDICALFUSION_REQUIRE_PACS") == "1"    # set by `make test`: fail, never skip
 
 
 def write_study(folder: pathlib.Path, name: str, seed: int) -> tuple[str, str]:
@@ -57,11 +72,13 @@ def leftovers(folder: pathlib.Path) -> list:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A scheduler and two worker processes on 127.0.0.1; the pause hook armed for VICTIM."""
+    """A scheduler and two worker processes on 127.0.0.1; the pause hook armed for VICTIM; the
+    PACS login in the environment (the workers' too: they read it as fuse does)."""
     pause_file = tmp_path_factory.mktemp("pause") / "pid"
-    saved = {k: os.environ.get(k) for k in (cohort.TEST_PAUSE_ENV, PAUSE_FILE_ENV)}
-    os.environ[cohort.TEST_PAUSE_ENV] = f"{VICTIM}:write:output"
-    os.environ[PAUSE_FILE_ENV] = str(pause_file)
+    env = {cohort.TEST_PAUSE_ENV: f"{VICTIM}:write:output", PAUSE_FILE_ENV: str(pause_file),
+           "MEDICALFUSION_PACS_USER": PACS_USER, "MEDICALFUSION_PACS_PASSWORD": PACS_PASSWORD}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     lc = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None, silence_logs=logging.ERROR)
     try:
@@ -234,6 +251,8 @@ def test_rank_methods_takes_names_and_directions_from_one_table():
 
 @pytest.mark.parametrize("text, expected", [
     ("id,anatomical\n", "no column functional"),
+    ("id,anatomical-series\n", "no column functional-series"),
+    ("id,pacs\n", "no column anatomical, functional"),
     ("id,anatomical,functional,colourmap\n", "column 'colourmap' is not a fuse option"),
     ("id,anatomical,functional,output\n", "column 'output' is set by batch"),
     ("id,anatomical,functional,save_transform\n", "column 'save-transform' is set by batch"),
@@ -322,3 +341,181 @@ def test_ctrl_c_keeps_the_finished_studies_and_a_rerun_does_the_rest(cluster, tm
     assert leftovers(out) == []
     assert all(cohort.verified(out / f"c{i}", json.loads((out / f"c{i}" / "done.json").read_text())["options"])
                for i in range(12))
+
+
+# --------------------------------------------------------------------------------------------------
+# studies read from a PACS, --output-dicom, --store
+
+
+def fused_series(server, study_uid: str) -> dict:
+    return {uid: v for uid, v in server.series_uids(study_uid).items() if v[2].startswith("Fused")}
+
+
+def dicom_slices(folder: pathlib.Path) -> list:
+    """(Image Position, pixel bytes) of every file of a fused DICOM folder, in instance order."""
+    import pydicom
+
+    found = [pydicom.dcmread(str(p)) for p in folder.iterdir()]
+    return [(tuple(float(v) for v in ds.ImagePositionPatient), ds.PixelData)
+            for ds in sorted(found, key=lambda ds: int(ds.InstanceNumber))]
+
+
+def series_of(folder: pathlib.Path) -> set:
+    import pydicom
+
+    return {pydicom.dcmread(str(p), stop_before_pixels=True).SeriesInstanceUID for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def pacs_cohort(cluster, tmp_path_factory):
+    """An Orthanc with a login holding two tiny CT + PET studies (test_pacs._synthetic_study), and
+    a cohort run once with --output-dicom: f0 (files), p1 (the first study's series, pacs column,
+    store yes), p2 (a functional series of the second study with an anatomical series UID that is
+    not on the PACS; its PACS from batch --pacs, store yes)."""
+    why = orthanc.missing()
+    if why:
+        (pytest.fail if REQUIRE_PACS else pytest.skip)(why)
+    from test_pacs import _synthetic_study
+
+    server = orthanc.Orthanc(user=PACS_USER, password=PACS_PASSWORD).start()
+    try:
+        data = tmp_path_factory.mktemp("pacs-data")
+        uids = {}
+        for name in ("A", "B"):
+            uids[name] = _synthetic_study(data / name, f"MF-COHORT-{name}")         # (study, ct, pet)
+            server.upload(data / name / "ct", data / name / "pet")
+        a, f = write_study(data, "f0", 1)
+        missing = "1.2.826.0.1.3680043.8.498.4242"
+        rows = ["id,anatomical,functional,pacs,anatomical-series,functional-series,store",
+                f"f0,{a},{f},,,,",
+                f"p1,,,{server.dicomweb},{uids['A'][1]},{uids['A'][2]},yes",
+                f"p2,,,,{missing},{uids['B'][2]},yes"]
+        (data / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        out = tmp_path_factory.mktemp("pacs-runs") / "cohort"
+        argv = ["batch", str(data / "manifest.csv"), "--output", str(out), "--scheduler", cluster[0].scheduler_address,
+                "--output-dicom", "--pacs", server.dicomweb, "-q"]
+        before = server.series_uids()
+        rc = main(argv)
+        yield {"rc": rc, "server": server, "uids": uids, "data": data, "out": out, "argv": argv, "before": before,
+               "after": server.series_uids(), "missing": missing}
+    finally:
+        server.stop()
+
+
+def test_pacs_and_file_studies_in_one_manifest_wrong_series_is_one_line(pacs_cohort):
+    out, server = pacs_cohort["out"], pacs_cohort["server"]
+    assert pacs_cohort["rc"] == 2
+    summary = {r["id"]: r for r in read_csv(out / "summary.csv")}
+    assert [(s, summary[s]["status"]) for s in summary] == [("f0", "ok"), ("p1", "ok"), ("p2", "failed")]
+    message = summary["p2"]["message"]
+    assert f"PACS {server.dicomweb}: no series {pacs_cohort['missing']}" in message and "\n" not in message
+    assert not (out / "p2").exists()
+    assert [r["id"] for r in read_csv(out / "cohort_metrics.csv")] == ["f0", "p1"]
+    # p1's fused series is on the PACS once, in its study: the very series of DIR/p1/dicom/, in done.json
+    study_a = pacs_cohort["uids"]["A"][0]
+    new = {u: v for u, v in pacs_cohort["after"].items() if u not in pacs_cohort["before"]}
+    assert len(new) == 1
+    uid, (study, count, description) = next(iter(new.items()))
+    assert study == study_a and description.startswith("Fused") and count == 40
+    done = json.loads((out / "p1" / "done.json").read_text())
+    assert done["stored"]["series"] == uid and done["stored"]["instances"] == 40
+    assert series_of(out / "p1" / "dicom") == {uid} and uid in summary["p1"]["message"]
+    assert "stored" not in json.loads((out / "f0" / "done.json").read_text())
+    assert not (out / "p1" / cohort.STORE_RECORD).exists()
+
+
+def test_pacs_cohort_outputs_equal_single_fuse_runs_bit_for_bit(pacs_cohort, tmp_path):
+    out, server, uids, data = pacs_cohort["out"], pacs_cohort["server"], pacs_cohort["uids"], pacs_cohort["data"]
+    runs = {"p1": ["--pacs", server.dicomweb, "--anatomical-series", uids["A"][1], "--functional-series", uids["A"][2]],
+            "f0": ["-a", str(data / "f0_mr.nrrd"), "-f", str(data / "f0_pet.nrrd")]}
+    for sid, inputs in runs.items():
+        single = tmp_path / sid
+        single.mkdir()
+        assert main(["fuse", *inputs, "-m", "lp", "-o", str(single / "fused.nrrd"), "--metrics",
+                     str(single / "metrics.csv"), "--output-dicom", str(single / "dicom"), "-q"]) == 0
+        assert (out / sid / "fused.nrrd").read_bytes() == (single / "fused.nrrd").read_bytes()
+        batch_rows = [r for r in read_csv(out / sid / "metrics.csv") if r["metric"] != "seconds"]
+        single_rows = [r for r in read_csv(single / "metrics.csv") if r["metric"] != "seconds"]
+        assert batch_rows == single_rows and len(batch_rows) > 16
+        # the DICOM series: the same slices at the same positions, pixel data byte for byte (new UIDs each run)
+        assert dicom_slices(out / sid / "dicom") == dicom_slices(single / "dicom")
+        done = json.loads((out / sid / "done.json").read_text())
+        files = sorted(p.relative_to(out / sid).as_posix() for p in (out / sid / "dicom").iterdir())
+        assert len(files) == (40 if sid == "p1" else 6) and files == sorted(f for f in done["files"] if "/" in f)
+    assert fused_series(server, uids["A"][0]) == {u: v for u, v in pacs_cohort["after"].items()
+                                                  if u not in pacs_cohort["before"]}     # no store by fuse here
+
+
+def test_pacs_cohort_rerun_skips_and_never_stores_twice(pacs_cohort):
+    out, server, argv = pacs_cohort["out"], pacs_cohort["server"], pacs_cohort["argv"]
+    study_a = pacs_cohort["uids"]["A"][0]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "p1").rglob("*") if p.is_file()}
+    # a rerun: f0 and p1 verified (the DICOM files too) and skipped; nothing stored again
+    assert main(argv) == 2
+    status = {r["id"]: r["status"] for r in read_csv(out / "summary.csv")}
+    assert status == {"f0": "skipped", "p1": "skipped", "p2": "failed"}
+    assert server.series_uids() == pacs_cohort["after"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "p1").rglob("*") if p.is_file()} == stamps
+    first = json.loads((out / "p1" / "done.json").read_text())["stored"]["series"]
+    # a DICOM file changed: p1 is redone, and its new series replaces the one stored before (not beside it)
+    victim = sorted((out / "p1" / "dicom").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:-4] + b"\0\0\0\0")
+    assert main(argv) == 2
+    assert {r["id"]: r["status"] for r in read_csv(out / "summary.csv")} == \
+        {"f0": "skipped", "p1": "ok", "p2": "failed"}
+    second = json.loads((out / "p1" / "done.json").read_text())["stored"]["series"]
+    assert second != first and list(fused_series(server, study_a)) == [second]
+    assert series_of(out / "p1" / "dicom") == {second} and leftovers(out) == []
+    # cut short between the store and its done.json (a worker killed there): the record of the series
+    # being stored is all that is left; the rerun removes that series before it stores the study again
+    done = json.loads((out / "p1" / "done.json").read_text())
+    (out / "p1" / "done.json").unlink()
+    (out / "p1" / cohort.STORE_RECORD).write_text(json.dumps({"series": [{**done["stored"], "state": "storing"}]}))
+    assert main(argv) == 2
+    third = json.loads((out / "p1" / "done.json").read_text())["stored"]["series"]
+    assert third not in (first, second) and list(fused_series(server, study_a)) == [third]
+    assert not (out / "p1" / cohort.STORE_RECORD).exists()
+    assert cohort.verified(out / "p1", done["options"], done["outputs"])
+
+
+def test_manifest_rows_naming_pacs_series(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDICALFUSION_PACS_USER", raising=False)
+    monkeypatch.delenv("MEDICALFUSION_PACS_PASSWORD", raising=False)
+    (tmp_path / "m.csv").write_text(
+        "id,anatomical,functional,pacs,anatomical-series,functional-series,store\n"
+        "files,a.nrrd,b.nrrd,,,,\n"
+        "own,,,http://pacs.example:8042/dicom-web,1.2.3,1.2.4,\n"
+        "deflt,,,,1.2.5,1.2.6,no\n"
+        "both,a.nrrd,b.nrrd,,1.2.7,1.2.8,\n"
+        "storefiles,a.nrrd,b.nrrd,,,,yes\n"
+        "badstore,,,,1.2.9,1.2.10,maybe\n", encoding="utf-8")
+    tasks = {t.id: t for t in cohort.plan(tmp_path / "m.csv", tmp_path / "out", pacs="http://default:8042/dicom-web",
+                                          store=True, output_dicom=True)}
+    assert tasks["files"].error.startswith("store: only a study read from a PACS") and "set its store cell to no" \
+        in tasks["files"].error                           # batch --store: a file study cannot be stored
+    assert tasks["own"].error == "" and tasks["own"].options == [
+        "--pacs", "http://pacs.example:8042/dicom-web", "--anatomical-series", "1.2.3", "--functional-series",
+        "1.2.4", "--method", "lp", "--metric-set", "quick", "--store"]
+    assert tasks["own"].argv[-2:] == ["--output-dicom", str(tmp_path / "out" / "own" / "dicom")]
+    assert tasks["own"].outputs == ["fused.nrrd", "metrics.csv", "dicom/"]
+    assert tasks["deflt"].error == "" and tasks["deflt"].options[-2:] == ["--pacs", "http://default:8042/dicom-web"]
+    assert "not both" in tasks["both"].error
+    assert "only a study read from a PACS" in tasks["storefiles"].error
+    assert "neither yes nor no" in tasks["badstore"].error
+    plain = {t.id: t for t in cohort.plan(tmp_path / "m.csv", tmp_path / "out")}
+    assert plain["files"].error == "" and "--store" not in plain["own"].options
+    assert "need --pacs URL" in plain["deflt"].error      # no pacs cell and no batch --pacs
+    (tmp_path / "s.csv").write_text("id,anatomical-series,functional-series\nx,1.2.3,1.2.4\n", encoding="utf-8")
+    only = cohort.plan(tmp_path / "s.csv", tmp_path / "out", pacs="http://default:8042/dicom-web")
+    assert only[0].error == "" and "--store" not in only[0].options
+
+
+def test_batch_store_without_login_pair_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDICALFUSION_PACS_USER", "someone")
+    monkeypatch.delenv("MEDICALFUSION_PACS_PASSWORD", raising=False)
+    (tmp_path / "m.csv").write_text("id,anatomical-series,functional-series\nx,1.2.3,1.2.4\n", encoding="utf-8")
+    assert main(["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "out"), "--pacs",
+                 "http://127.0.0.1:9/dicom-web", "--store"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medicalfusion: error: set both MEDICALFUSION_PACS_USER") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
