@@ -6,14 +6,19 @@ command line (:func:`study_argv`), parsed by the CLI's own parser and run by the
 image by itself. What this module adds around that:
 
 - the manifest (:func:`read_manifest`): a CSV with a header; columns ``id``, ``anatomical``,
-  ``functional``, optional ``method`` and any other ``fuse`` option by its long name (``window``
-  "LO HI", ``register`` rigid, ``colormap``, ``metric-set``...); relative paths are relative to the
-  manifest's folder. The options ``batch`` sets itself (output, metrics, preview, quiet, threads,
-  save-transform) are refused as columns;
+  ``functional`` (or ``pacs``, ``anatomical-series``, ``functional-series``: a study read from a
+  PACS, ``batch --pacs`` for an empty pacs cell; rows of both kinds may be mixed), optional
+  ``method``, ``store`` (yes / no; empty: ``batch --store``) and any other ``fuse`` option by its
+  long name (``window`` "LO HI", ``register`` rigid, ``colormap``, ``metric-set``...); relative paths
+  are relative to the manifest's folder. The options ``batch`` sets itself (output, metrics,
+  preview, output-dicom, quiet, threads, save-transform) are refused as columns;
 - per study: its folder ``DIR/<id>/`` (``DIR/<id>/<method>/`` with ``--methods``) holds what ``fuse``
   writes (``fused.nrrd``, ``metrics.csv``; ``preview.png`` with ``--preview``), put in place
-  together by the run's OutputSet, then ``done.json`` (the study's options and the sha256 of every
-  file), written last. A rerun skips a study whose ``done.json`` matches its options and files and
+  together by the run's OutputSet (with ``--output-dicom`` the fused DICOM series in ``dicom/``
+  too; with --store the series is stored on the study's PACS first, as ``fuse`` does it), then
+  ``done.json`` (the study's options and outputs, the sha256 of every file, the stored series),
+  written last. What a study stores is recorded (:data:`STORE_RECORD`, then ``done.json``) so that a
+  rerun never stores it twice, even after a worker killed between the store and ``done.json``. A rerun skips a study whose ``done.json`` matches its options and files and
   redoes every other one. A study runs under a lock (``DIR/.locks/``, released by the OS when its
   process dies), so a task that Dask runs again after a lost worker never writes beside another;
   leftovers of a killed run (``.mf-tmp-*``) are removed under that lock before the study is redone;
