@@ -17,9 +17,9 @@ image by itself. What this module adds around that:
   together by the run's OutputSet (with ``--output-dicom`` the fused DICOM series in ``dicom/``
   too; with --store the series is stored on the study's PACS first, as ``fuse`` does it), then
   ``done.json`` (the study's options and outputs, the sha256 of every file, the stored series),
-  written last. What a study stores is recorded (:data:`STORE_RECORD`, then ``done.json``) so that a
-  rerun never stores it twice, even after a worker killed between the store and ``done.json``. A rerun skips a study whose ``done.json`` matches its options and files and
-  redoes every other one. A study runs under a lock (``DIR/.locks/``, released by the OS when its
+  written last. What a study stores is recorded (:data:`STORE_RECORD`, then ``done.json``) so that
+  a rerun never stores it twice, even after a worker killed between the store and ``done.json``.
+  A rerun skips a study whose ``done.json`` matches its options and files and redoes every other one. A study runs under a lock (``DIR/.locks/``, released by the OS when its
   process dies), so a task that Dask runs again after a lost worker never writes beside another;
   leftovers of a killed run (``.mf-tmp-*``) are removed under that lock before the study is redone;
 - the cohort: ``DIR/summary.csv`` (id, method, status ok / failed / skipped, message, seconds),

@@ -502,6 +502,9 @@ def test_manifest_rows_naming_pacs_series(tmp_path, monkeypatch):
     assert "not both" in tasks["both"].error
     assert "only a study read from a PACS" in tasks["storefiles"].error
     assert "neither yes nor no" in tasks["badstore"].error
+    multi = cohort.plan(tmp_path / "m.csv", tmp_path / "out", methods=["lp", "max"], output_dicom=True)
+    assert [t.argv[-1] for t in multi if t.id == "own"] == [str(tmp_path / "out" / "own" / m / "dicom")
+                                                            for m in ("lp", "max")]
     plain = {t.id: t for t in cohort.plan(tmp_path / "m.csv", tmp_path / "out")}
     assert plain["files"].error == "" and "--store" not in plain["own"].options
     assert "need --pacs URL" in plain["deflt"].error      # no pacs cell and no batch --pacs
@@ -519,3 +522,48 @@ def test_batch_store_without_login_pair_is_one_line_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("medicalfusion: error: set both MEDICALFUSION_PACS_USER") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_worker_killed_between_store_and_done_json_stores_once(pacs_cohort, cluster, tmp_path):
+    """A worker SIGKILLed after its study's series was stored and put in place, before its done.json:
+    Dask runs the study again on a worker; that run removes the series the killed one stored (its
+    record) before it stores the study again, so the PACS gets the fused series once."""
+    server, uids = pacs_cohort["server"], pacs_cohort["uids"]
+    (tmp_path / "m.csv").write_text("id,pacs,anatomical-series,functional-series,store\n"
+                                    f"k1,{server.dicomweb},{uids['B'][1]},{uids['B'][2]},yes\n", encoding="utf-8")
+    pause_file = tmp_path / "pause"
+    env = {cohort.TEST_PAUSE_ENV: "k1:write:done marker", PAUSE_FILE_ENV: str(pause_file)}
+    before = fused_series(server, uids["B"][0])
+    killed = {}
+
+    def killer():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if pause_file.is_file() and pause_file.read_text().strip():
+                killed["stored"] = fused_series(server, uids["B"][0])          # stored, no done.json yet
+                killed["record"] = (tmp_path / "out" / "k1" / cohort.STORE_RECORD).is_file()
+                killed["done"] = (tmp_path / "out" / "k1" / "done.json").exists()
+                os.kill(int(pause_file.read_text().split()[0]), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    with distributed.Client(cluster[0].scheduler_address) as client:
+        saved = client.run(lambda: {k: __import__("os").environ.get(k) for k in env})
+        client.run(lambda: __import__("os").environ.update(env))
+        try:
+            thread = threading.Thread(target=killer, daemon=True)
+            thread.start()
+            rc = main(["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "out"), "--scheduler",
+                       cluster[0].scheduler_address, "-q"])
+            thread.join(timeout=5)
+        finally:                     # the workers alive now (the killed one's restart has the nanny's environment)
+            old = next(iter(saved.values()))
+            client.run(lambda: [__import__("os").environ.__setitem__(k, v) if v is not None else
+                                __import__("os").environ.pop(k, None) for k, v in old.items()])
+    assert killed.get("record") and not killed["done"] and len(killed["stored"]) == len(before) + 1
+    assert rc == 0
+    done = json.loads((tmp_path / "out" / "k1" / "done.json").read_text())
+    after = fused_series(server, uids["B"][0])
+    assert set(after) - set(before) == {done["stored"]["series"]}            # one series: the retry's
+    assert not set(killed["stored"]) - set(before) <= set(after)               # the killed run's series is gone
+    assert not (tmp_path / "out" / "k1" / cohort.STORE_RECORD).exists() and leftovers(tmp_path / "out") == []
