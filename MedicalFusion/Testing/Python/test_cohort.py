@@ -322,16 +322,32 @@ def test_ctrl_c_keeps_the_finished_studies_and_a_rerun_does_the_rest(cluster, tm
     out = tmp_path / "out"
     argv = ["batch", str(tmp_path / "manifest.csv"), "-o", str(out), "--scheduler", cluster[0].scheduler_address, "-q"]
 
+    # c11 is held at its output's write (the pause hook, armed in the workers for this test only) until
+    # the Ctrl-C has been handled, so the batch cannot finish before it whatever the machine's load.
+    pause_file = tmp_path / "pause"
+    env = {cohort.TEST_PAUSE_ENV: "c11:write:output", PAUSE_FILE_ENV: str(pause_file)}
+
     def ctrl_c():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not list(out.glob("*/done.json")):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (list(out.glob("*/done.json")) and pause_file.is_file()
+                                                   and pause_file.read_text().strip()):
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)          # as Ctrl-C: batch's handler, in the main thread
 
-    thread = threading.Thread(target=ctrl_c, daemon=True)
-    thread.start()
-    assert main(argv) == 130
-    thread.join()
+    with distributed.Client(cluster[0].scheduler_address) as client:
+        saved = client.run(lambda: {k: __import__("os").environ.get(k) for k in env})
+        client.run(lambda: __import__("os").environ.update(env))
+        try:
+            thread = threading.Thread(target=ctrl_c, daemon=True)
+            thread.start()
+            rc = main(argv)
+            thread.join()
+        finally:
+            old = next(iter(saved.values()))
+            client.run(lambda: [__import__("os").environ.__setitem__(k, v) if v is not None else
+                                __import__("os").environ.pop(k, None) for k, v in old.items()])
+            pause_file.unlink(missing_ok=True)         # c11's run goes on (its task was cancelled; the rerun waits on its lock)
+    assert rc == 130
     err = capsys.readouterr().err
     assert err.startswith("medicalfusion: interrupted; the studies finished so far are kept") and err.count("\n") == 1
     assert not (out / "summary.csv").exists()
