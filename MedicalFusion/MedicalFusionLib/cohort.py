@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from .errors import FusionError
 from .options import DEFAULT_METRIC_SET
-from .outputs import sha256_of
+from .io.outputs import sha256_of
 
 REQUIRED_COLUMNS = ("id", "anatomical", "functional")
 #: ``fuse`` options that ``batch`` sets for every study: its threads, its progress, and its file outputs
@@ -71,7 +71,7 @@ NOT_RANKED = {
     "ARI": "not in the reference evaluator (CDDFuse's Evaluator.py)",
 }
 #: Test hook: ``<study id>:<pause point>`` makes that study's first run pause at the OutputSet's
-#: pause point (outputs.pause_point) until its process is killed; later runs (the pause file exists) go on.
+#: pause point (io.outputs.pause_point) until its process is killed; later runs (the pause file exists) go on.
 TEST_PAUSE_ENV = "MEDICALFUSION_TEST_COHORT_PAUSE"
 
 
@@ -294,7 +294,7 @@ def study_lock(path: str):
 
 def _remove_leftovers(folder: pathlib.Path) -> None:
     """Temporaries and backups of an OutputSet whose process was killed (held lock: none is live)."""
-    from .outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
+    from .io.outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
 
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
@@ -325,7 +325,7 @@ def _configure_worker(threads: int) -> None:
 
 @contextlib.contextmanager
 def _test_pause(study_id: str):
-    from .outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
+    from .io.outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
 
     hook = os.environ.get(TEST_PAUSE_ENV, "")
     sid, _, point = hook.partition(":")
@@ -384,7 +384,7 @@ def run_task(task: Task, threads: int) -> Outcome:
 def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
     from . import __version__  # noqa: PLC0415
     from .cli import fuse_one  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     args, error = parse_fuse_argv(task.argv)
     if args is None:
@@ -605,7 +605,7 @@ def run_batch(args) -> int:
     """``medicalfusion batch``: plan, run every task on Dask, write the cohort tables; 0 when every
     study is ok or skipped, 2 when any failed (after every other study was done)."""
     from .methods import get_method  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     for m in args.methods or [args.method]:
         ok, reason = get_method(m).available()

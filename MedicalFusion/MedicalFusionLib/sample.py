@@ -125,8 +125,8 @@ def write_sample(folder: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Pat
     """Write the sample pair as NRRD files in ``folder`` (made if needed) and return their paths.
 
     A cache that is reused: when both files are there they are kept; otherwise both are written
-    together, all or nothing (:class:`~MedicalFusionLib.outputs.OutputSet`)."""
-    from .outputs import OutputSet  # noqa: PLC0415
+    together, all or nothing (:class:`~MedicalFusionLib.io.outputs.OutputSet`)."""
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     folder = pathlib.Path(folder)
     anat, pet = (folder / n for n in SAMPLE_FILES)
@@ -138,14 +138,14 @@ def write_sample(folder: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Pat
 
 
 def add_sample(out, folder: str | pathlib.Path, seed: int = 0):
-    """The sample pair as :class:`~MedicalFusionLib.sources.Source` objects for a demo run.
+    """The sample pair as :class:`~MedicalFusionLib.io.read.Source` objects for a demo run.
 
     When ``folder`` already holds both NRRD files (an earlier demo) and they read cleanly, they are
     used as they are; otherwise the pair is made in memory and its two files are added to the run's
-    :class:`~MedicalFusionLib.outputs.OutputSet` ``out``, so they appear only if the whole demo
+    :class:`~MedicalFusionLib.io.outputs.OutputSet` ``out``, so they appear only if the whole demo
     succeeds (``folder`` is made, and removed again on failure, by ``out``)."""
     from .errors import FusionError  # noqa: PLC0415
-    from .sources import Source, read_source  # noqa: PLC0415
+    from .io.read import Source, read_source  # noqa: PLC0415
 
     folder = pathlib.Path(folder)
     anat, pet = (folder / n for n in SAMPLE_FILES)

@@ -26,7 +26,7 @@ distributed = pytest.importorskip("distributed", reason="the cohort extra (dask[
 from MedicalFusionLib import cohort  # noqa: E402
 from MedicalFusionLib.cli import main  # noqa: E402
 from MedicalFusionLib.metrics import MetricInfo  # noqa: E402
-from MedicalFusionLib.outputs import PAUSE_FILE_ENV  # noqa: E402
+from MedicalFusionLib.io.outputs import PAUSE_FILE_ENV  # noqa: E402
 
 VICTIM = "victim"          # the study whose worker is killed while it writes its fused volume
 
