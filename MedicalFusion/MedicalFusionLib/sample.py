@@ -160,3 +160,27 @@ def add_sample(out, folder: str | pathlib.Path, seed: int = 0):
             return sources
     t1, p = _add_sample_files(out, folder, seed)
     return Source(t1, path=str(anat)), Source(p, path=str(pet))
+
+
+# --------------------------------------------------------------------------------------------------
+# the sample in 3D Slicer's Sample Data module (registered and loaded by MedicalFusion.py)
+
+#: Its name in Sample Data and the names of its two nodes.
+SAMPLE_NAME = "MedicalFusionPETMRI"
+SAMPLE_NODE_NAMES = ("MNI152 T1", "Simulated FDG PET")
+#: What Sample Data copies for it (a small file the extension ships in Resources/), and the file
+#: type of the module's reader that loads that file by generating the pair.
+SAMPLE_RECIPE_FILE = "MedicalFusionSample.mfsample"
+SAMPLE_RECIPE_MARKER = "MedicalFusion sample"
+SAMPLE_FILE_TYPE = "MedicalFusionSample"
+
+
+def is_sample_recipe(path: str | pathlib.Path) -> bool:
+    """Whether ``path`` is the sample's recipe file (``*.mfsample`` starting with its marker)."""
+    if not str(path).lower().endswith(".mfsample"):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(SAMPLE_RECIPE_MARKER)
+    except (OSError, UnicodeDecodeError):
+        return False
