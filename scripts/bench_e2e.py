@@ -8,7 +8,7 @@ Run: make bench   (or: python scripts/bench_e2e.py --output docs/BENCHMARKS.md [
 Each (case, method) runs in a fresh child process that calls the command line itself
 (``medicalfusion fuse ... -o fused.nrrd --metrics metrics.csv``, i.e. ``cli.main``), so the figures
 follow whatever the pipeline and metrics on the branch do. Phases are timed by wrapping, in the
-child only, the functions the command calls: ``sources.read_source`` (read), ``pipeline.prepare``
+child only, the functions the command calls: ``io.read.read_source`` (read), ``pipeline.prepare``
 (align: checks, resampling onto the anatomical grid, windows, colour) and ``pipeline.fuse_prepared``
 (fuse = the engine and recombination, ``FusionResult.seconds``; metrics = the rest of that call);
 write = what the command does after that (fused volume, metadata, metrics CSV). Process start and
@@ -103,7 +103,8 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
 
     import SimpleITK as sitk  # noqa: PLC0415
 
-    from MedicalFusionLib import cli, pipeline, sources  # noqa: PLC0415
+    from MedicalFusionLib import cli, pipeline  # noqa: PLC0415
+    from MedicalFusionLib.io import read as sources  # noqa: PLC0415
 
     phases = {"read": 0.0, "align": None, "fuse": None, "metrics": None}
     state = {"reads": 0, "base": 0, "reset": False, "fused_seconds": None}
@@ -236,7 +237,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], args.child[1], args.method, args.device, args.out, args.metric_set)))
         return
     from MedicalFusionLib.methods import all_methods  # noqa: PLC0415
-    from MedicalFusionLib.sources import read_source  # noqa: PLC0415
+    from MedicalFusionLib.io.read import read_source  # noqa: PLC0415
 
     methods = args.methods or [m.name for m in all_methods() if m.available()[0]]
     rows = []

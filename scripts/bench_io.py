@@ -4,9 +4,9 @@ A/B, alternating within each repeat (the machine is shared, so absolute times ar
 ratios are the figures to read):
 
 - writing the fused-size RGB volume (197x233x189x3, the MNI152 sample's grid): a plain
-  ``sitk.WriteImage`` vs ``outputs.OutputSet.add_image`` + ``commit`` (temporary, completeness check
+  ``sitk.WriteImage`` vs ``io.outputs.OutputSet.add_image`` + ``commit`` (temporary, completeness check
   against the header, voxel-for-voxel read-back, rename);
-- reading: a plain ``sitk.ReadImage`` vs ``sources.read_source`` (path checks, completeness against
+- reading: a plain ``sitk.ReadImage`` vs ``io.read.read_source`` (path checks, completeness against
   the header or through nibabel, then the same ITK read).
 
     python scripts/bench_io.py [--repeats 5] [--output docs/BENCHMARKS.md]
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="write the section 'io' of this Markdown report")
     args = parser.parse_args(argv)
 
-    from MedicalFusionLib.outputs import OutputSet
+    from MedicalFusionLib.io.outputs import OutputSet
     from MedicalFusionLib.sample import sample_pair
-    from MedicalFusionLib.sources import read_source
+    from MedicalFusionLib.io.read import read_source
 
     t1, _pet = sample_pair()
     gray = sitk.GetArrayFromImage(sitk.RescaleIntensity(t1, 0, 255)).astype(np.uint8)

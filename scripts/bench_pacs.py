@@ -47,10 +47,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     import orthanc
-    from MedicalFusionLib import dicom_export, pacs
+    from MedicalFusionLib.io import dicom_export, pacs
     from MedicalFusionLib.cli import build_parser, run_fuse
-    from MedicalFusionLib.outputs import OutputSet
-    from MedicalFusionLib.sources import read_source
+    from MedicalFusionLib.io.outputs import OutputSet
+    from MedicalFusionLib.io.read import read_source
 
     study = pathlib.Path(args.data) / "sts" / args.patient
     user, password = "bench", secrets.token_hex(8)

@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO / "MedicalFusion"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from MedicalFusionLib.errors import FusionError  # noqa: E402
-from MedicalFusionLib.sources import read_source  # noqa: E402
+from MedicalFusionLib.io.read import read_source  # noqa: E402
 from MedicalFusionLib.registration import RegistrationSettings, affine_matrix, moved_geometry, register  # noqa: E402
 
 SECTION = "registration"

@@ -26,7 +26,8 @@ import SimpleITK as sitk
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
 
-from MedicalFusionLib import colour, legend, outputs  # noqa: E402
+from MedicalFusionLib import colour, legend  # noqa: E402
+from MedicalFusionLib.io import outputs  # noqa: E402
 from MedicalFusionLib.pipeline import FusionOptions, fuse_images, source_gray8  # noqa: E402
 from MedicalFusionLib.sample import sample_pair, template_folder  # noqa: E402
 

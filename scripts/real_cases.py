@@ -33,7 +33,7 @@ def figure(case, methods, path: pathlib.Path) -> int:
     import numpy as np  # noqa: PLC0415
     from scipy import ndimage as ndi  # noqa: PLC0415
 
-    from MedicalFusionLib.outputs import write_preview  # noqa: PLC0415
+    from MedicalFusionLib.io.outputs import write_preview  # noqa: PLC0415
 
     k = int(np.argmax(case.mask.reshape(case.mask.shape[0], -1).sum(axis=1)))
     edge = case.mask[k] & ~ndi.binary_erosion(case.mask[k])

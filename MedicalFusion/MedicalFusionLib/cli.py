@@ -2,10 +2,10 @@
 
 Every user error ends in one line on stderr (``medicalfusion: error: ...``) and exit status 2,
 argparse mistakes included; "internal error" (exit 1) is left for bugs. Every file a run writes
-goes through one :class:`~MedicalFusionLib.outputs.OutputSet`, so nothing is written unless the
+goes through one :class:`~MedicalFusionLib.io.outputs.OutputSet`, so nothing is written unless the
 whole run succeeded. SIGINT, SIGTERM and SIGHUP end a run with a true message ("nothing was
 written") and exit status 128 + the signal's number, leaving no temporary behind. ITK's warnings
-are not shown (failures are detected and reported by the checks of sources.py / outputs.py).
+are not shown (failures are detected and reported by the checks of io/files.py / io/outputs.py).
 
 How the command is put together, so that an option or an output can be added in one place:
 
@@ -273,7 +273,8 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
     MHA keep it) and the metrics CSV; ``transform`` (the registration's) into --save-transform.
     The preview gets the colour bar (window, map and units of ``functional_name``) under the
     pictures; the fused volume never carries it."""
-    from . import colour, legend, outputs  # noqa: PLC0415
+    from . import colour, legend  # noqa: PLC0415
+    from .io import outputs  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
     from .pipeline import source_gray8  # noqa: PLC0415
 
@@ -304,7 +305,7 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
 def run_fuse(args, anat, func, out, paths: dict):
     """Fuse two read sources and write the claimed outputs into ``out`` (the caller commits)."""
     from .pipeline import fuse_images  # noqa: PLC0415
-    from .sources import extension  # noqa: PLC0415
+    from .io.files import extension  # noqa: PLC0415
 
     ext = extension(paths["output"]) if "output" in paths else ""
     slices = anat.image.GetSize()[2] if anat.image.GetDimension() == 3 else 1
@@ -368,7 +369,7 @@ def placement(args, anat, func):
     from .registration import note_if_already_registered, read_transform, register  # noqa: PLC0415
 
     from .registration import check_same_frame  # noqa: PLC0415
-    from .sources import read_source  # noqa: PLC0415
+    from .io.read import read_source  # noqa: PLC0415
 
     transform = read_transform(args.transform) if getattr(args, "transform", None) else None
     note_if_already_registered(*(s.facts.frame_of_reference_uid if s.facts else None for s in (anat, func)))
@@ -417,9 +418,10 @@ def fuse_one(args):
     """One ``fuse`` run from parsed ``fuse`` arguments: check, claim, read, fuse, write, commit
     (all or nothing; with --store, stored in the PACS too); returns ``(result, {dest: path
     written})``. ``cmd_fuse`` and each study of ``batch`` (cohort.py) run exactly this."""
-    from . import pacs  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
-    from .sources import check_input_path, read_source  # noqa: PLC0415
+    from .io import pacs  # noqa: PLC0415
+    from .io.files import check_input_path  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
+    from .io.read import read_source  # noqa: PLC0415
 
     check_fuse_arguments(args)
     pacs.check_arguments(args)
@@ -447,11 +449,11 @@ def cmd_fuse(args) -> int:
 
 
 def write_dicom_outputs(out, args, result, anat, func) -> list:
-    """The fused series as DICOM (MedicalFusionLib/dicom_export.py) when --output-dicom or --store
+    """The fused series as DICOM (MedicalFusionLib/io/dicom_export.py) when --output-dicom or --store
     asks for it: written into the run's OutputSet; returns the datasets (for --store)."""
     if not (args.output_dicom or args.store):
         return []
-    from . import dicom_export  # noqa: PLC0415
+    from .io import dicom_export  # noqa: PLC0415
 
     datasets = dicom_export.fused_series(result, anat, func, transform=getattr(args, "fuse_transform", None))
     args.dicom_instances = len(datasets)
@@ -524,7 +526,7 @@ def cmd_batch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
     from .sample import add_sample  # noqa: PLC0415
 
     fuse_args = build_parser().parse_args([
@@ -593,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slices per batch, 1 to {MAX_BATCH_SIZE} (default: sized to the device memory)")
     f.add_argument("--output", "-o", type=path_text, help="fused RGB output (.nrrd, .nii.gz, .mha, ...; "
                    ".png/.jpg for a 2D pair); -o, --output-dicom or --store is needed")
-    # DICOM and PACS (MedicalFusionLib/dicom_export.py, pacs.py; docs/PACS.md)
+    # DICOM and PACS (MedicalFusionLib/io/dicom_export.py, io/pacs.py; docs/PACS.md)
     f.add_argument("--output-dicom", metavar="DIR", type=path_text, help="also (or only) write the fused volume as a DICOM series "
                    "(RGB Secondary Capture, one file a slice, on the anatomical's grid, in its patient and study) "
                    "into this new or empty folder")
@@ -730,9 +732,9 @@ _PROGRAM = {"running": False}
 
 
 def _pause(name: str) -> None:
-    """The test hook of outputs.py (a subprocess paused at a named point), without importing it."""
+    """The test hook of io/outputs.py (a subprocess paused at a named point), without importing it."""
     if name in os.environ.get("MEDICALFUSION_TEST_PAUSE_AT", "").split(","):
-        from .outputs import pause_point  # noqa: PLC0415
+        from .io.outputs import pause_point  # noqa: PLC0415
 
         pause_point(name)
 

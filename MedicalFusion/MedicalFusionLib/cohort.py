@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from .errors import FusionError
 from .options import DEFAULT_METRIC_SET
-from .outputs import sha256_of
+from .io.outputs import sha256_of
 
 REQUIRED_COLUMNS = ("id",)
 #: The two inputs of a study, one pair or the other (or both columns, each row filling one pair):
@@ -87,7 +87,7 @@ NOT_RANKED = {
     "ARI": "not in the reference evaluator (CDDFuse's Evaluator.py)",
 }
 #: Test hook: ``<study id>:<pause point>`` makes that study's first run pause at the OutputSet's
-#: pause point (outputs.pause_point) until its process is killed; later runs (the pause file exists) go on.
+#: pause point (io.outputs.pause_point) until its process is killed; later runs (the pause file exists) go on.
 TEST_PAUSE_ENV = "MEDICALFUSION_TEST_COHORT_PAUSE"
 
 
@@ -272,7 +272,7 @@ def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list |
     only, before any work). ``pacs``: the PACS of rows that name series and no pacs; ``store``:
     store every PACS study whose store cell is empty; ``output_dicom``: each study's fused series
     also as DICOM in its folder's ``dicom/``."""
-    from . import pacs as pacs_io  # noqa: PLC0415
+    from .io import pacs as pacs_io  # noqa: PLC0415
 
     rows, columns = read_manifest(manifest)
     if methods and "method" in columns:
@@ -367,7 +367,7 @@ def study_lock(path: str):
 
 def _remove_leftovers(folder: pathlib.Path) -> None:
     """Temporaries and backups of an OutputSet whose process was killed (held lock: none is live)."""
-    from .outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
+    from .io.outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
 
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
@@ -390,7 +390,7 @@ def _read_record(folder: pathlib.Path) -> list:
 
 
 def _write_record(folder: pathlib.Path, entries: list) -> None:
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     if not entries:
         with contextlib.suppress(FileNotFoundError):
@@ -417,7 +417,7 @@ def _clear_record(folder: pathlib.Path, args) -> None:
     """Remove from the PACS every series the record names that is not complete and vouched for
     (a store cut short), and, when this run stores, the series an earlier run stored (it is
     replaced); FusionError when one cannot be removed (the record keeps it for the next run)."""
-    from .pacs import DEFAULT_TIMEOUT, Pacs, StoredSeries  # noqa: PLC0415
+    from .io.pacs import DEFAULT_TIMEOUT, Pacs, StoredSeries  # noqa: PLC0415
 
     entries = _read_record(folder)
     left = []
@@ -441,7 +441,7 @@ def _clear_record(folder: pathlib.Path, args) -> None:
 
 def _record_store(folder: pathlib.Path, args, datasets) -> None:
     """Just before the store (pacs.commit_and_store's hook): the series about to be stored."""
-    from .pacs import shown_url  # noqa: PLC0415
+    from .io.pacs import shown_url  # noqa: PLC0415
 
     ds = datasets[0]
     _write_record(folder, _read_record(folder) + [{
@@ -452,7 +452,7 @@ def _record_store(folder: pathlib.Path, args, datasets) -> None:
 def _set_aside(path: pathlib.Path) -> pathlib.Path | None:
     """An output folder of an earlier run (the study's ``dicom/``), moved aside while the study is
     redone (fuse writes a new or empty folder): put back if the run fails, removed if it succeeds."""
-    from .outputs import BACKUP_PREFIX  # noqa: PLC0415
+    from .io.outputs import BACKUP_PREFIX  # noqa: PLC0415
 
     if not path.is_dir() or path.is_symlink():
         return None
@@ -483,7 +483,7 @@ def _configure_worker(threads: int) -> None:
 
 @contextlib.contextmanager
 def _test_pause(study_id: str):
-    from .outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
+    from .io.outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
 
     hook = os.environ.get(TEST_PAUSE_ENV, "")
     sid, _, point = hook.partition(":")
@@ -545,7 +545,7 @@ def run_task(task: Task, threads: int) -> Outcome:
 def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
     from . import __version__  # noqa: PLC0415
     from .cli import fuse_one  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     args, error = parse_fuse_argv(task.argv)
     if args is None:
@@ -791,7 +791,7 @@ def run_batch(args) -> int:
     """``medicalfusion batch``: plan, run every task on Dask, write the cohort tables; 0 when every
     study is ok or skipped, 2 when any failed (after every other study was done)."""
     from .methods import get_method  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     for m in args.methods or [args.method]:
         ok, reason = get_method(m).available()
@@ -806,13 +806,13 @@ def run_batch(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise FusionError(f"batch --output folder {out_dir} is a file, not a folder: give a folder")
     if args.pacs:
-        from .pacs import check_url  # noqa: PLC0415
+        from .io.pacs import check_url  # noqa: PLC0415
 
         check_url(args.pacs)
     tasks = plan(args.manifest, out_dir, args.methods, args.method, args.metric_set, args.preview,
                  output_dicom=args.output_dicom, pacs=args.pacs, store=args.store)
     if any("--pacs" in t.argv for t in tasks):
-        from .pacs import credentials  # noqa: PLC0415
+        from .io.pacs import credentials  # noqa: PLC0415
 
         credentials()                           # both login variables or neither: one line before any work
     client, cluster, threads, where = connect(args.scheduler, len(tasks), args.workers, args.worker_threads)

@@ -117,14 +117,14 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
     """Evaluate ``methods`` (default: every available one) and write the tables; returns
     ``{pair: {method: {metric: [values per pair]}}}``.
 
-    Every file goes through one :class:`~MedicalFusionLib.outputs.OutputSet`: the tables, montages
+    Every file goes through one :class:`~MedicalFusionLib.io.outputs.OutputSet`: the tables, montages
     and summary appear together when every pair was evaluated, or not at all (an unreadable PNG or
     an interrupt leaves the output folder as it was). ``run``, when given, gets the set as
     ``run.output_set`` (the CLI uses it to report an interrupt truthfully)."""
     from tqdm import tqdm  # noqa: PLC0415
 
     from .metrics_torch import colour_metrics_torch  # noqa: PLC0415
-    from .outputs import OutputSet, picture  # noqa: PLC0415
+    from .io.outputs import OutputSet, picture  # noqa: PLC0415
 
     bars = not quiet and sys.stderr.isatty()      # never bar fragments in a log
     pairs = pairs or list(PAIRS)

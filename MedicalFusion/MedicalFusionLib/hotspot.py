@@ -76,7 +76,7 @@ class Case:
 
     def __init__(self, anatomical_path, functional_path, mask_path):
         from .pipeline import FusionOptions, prepare  # noqa: PLC0415  (torch only when used)
-        from .sources import read_source  # noqa: PLC0415
+        from .io.read import read_source  # noqa: PLC0415
 
         self.anat = read_source(anatomical_path, "anatomical")
         self.functional = read_source(functional_path, "functional")

@@ -28,7 +28,7 @@ from .errors import FusionError
 from .methods import get_method
 from .options import AXES, FusionOptions, validate  # noqa: F401  (FusionOptions: callers import it from here too)
 from .progress import Progress
-from .sources import as_3d, check_same_dimension, check_slice_size, rgb_is_gray
+from .images import as_3d, check_same_dimension, check_slice_size, rgb_is_gray
 from .windows import choose_window
 
 #: Bone on a CT in HU, for the colour metrics' "over bone" rows: above the top of the soft-tissue window.

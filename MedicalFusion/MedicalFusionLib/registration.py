@@ -256,9 +256,9 @@ def check_transform_path(path: str | os.PathLike, what: str = "transform file") 
 
 
 def write_transform(transform: sitk.Transform, path: str | os.PathLike, out=None) -> None:
-    """Write an ITK transform file through ``out``, the run's :class:`~MedicalFusionLib.outputs.OutputSet`
+    """Write an ITK transform file through ``out``, the run's :class:`~MedicalFusionLib.io.outputs.OutputSet`
     (put in place with the run's other outputs), or on its own, all or nothing."""
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     check_transform_path(path)
 
@@ -279,7 +279,7 @@ def write_transform(transform: sitk.Transform, path: str | os.PathLike, out=None
 def registration_image(image: sitk.Image, role: str) -> sitk.Image:
     """A scalar float32 3D image for the metric: RGB becomes its BT.601 luma. 2D is refused."""
     from .colour import rgb_to_ycbcr  # noqa: PLC0415
-    from .sources import as_3d  # noqa: PLC0415
+    from .images import as_3d  # noqa: PLC0415
 
     if image.GetDimension() == 2 or (image.GetDimension() == 3 and min(image.GetSize()) < 4):
         raise FusionError(f"the {role} image is 2D or has fewer than 4 slices: registration needs two 3D volumes")

@@ -125,8 +125,8 @@ def write_sample(folder: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Pat
     """Write the sample pair as NRRD files in ``folder`` (made if needed) and return their paths.
 
     A cache that is reused: when both files are there they are kept; otherwise both are written
-    together, all or nothing (:class:`~MedicalFusionLib.outputs.OutputSet`)."""
-    from .outputs import OutputSet  # noqa: PLC0415
+    together, all or nothing (:class:`~MedicalFusionLib.io.outputs.OutputSet`)."""
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     folder = pathlib.Path(folder)
     anat, pet = (folder / n for n in SAMPLE_FILES)
@@ -138,14 +138,14 @@ def write_sample(folder: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Pat
 
 
 def add_sample(out, folder: str | pathlib.Path, seed: int = 0):
-    """The sample pair as :class:`~MedicalFusionLib.sources.Source` objects for a demo run.
+    """The sample pair as :class:`~MedicalFusionLib.io.read.Source` objects for a demo run.
 
     When ``folder`` already holds both NRRD files (an earlier demo) and they read cleanly, they are
     used as they are; otherwise the pair is made in memory and its two files are added to the run's
-    :class:`~MedicalFusionLib.outputs.OutputSet` ``out``, so they appear only if the whole demo
+    :class:`~MedicalFusionLib.io.outputs.OutputSet` ``out``, so they appear only if the whole demo
     succeeds (``folder`` is made, and removed again on failure, by ``out``)."""
     from .errors import FusionError  # noqa: PLC0415
-    from .sources import Source, read_source  # noqa: PLC0415
+    from .io.read import Source, read_source  # noqa: PLC0415
 
     folder = pathlib.Path(folder)
     anat, pet = (folder / n for n in SAMPLE_FILES)
@@ -160,3 +160,27 @@ def add_sample(out, folder: str | pathlib.Path, seed: int = 0):
             return sources
     t1, p = _add_sample_files(out, folder, seed)
     return Source(t1, path=str(anat)), Source(p, path=str(pet))
+
+
+# --------------------------------------------------------------------------------------------------
+# the sample in 3D Slicer's Sample Data module (registered and loaded by MedicalFusion.py)
+
+#: Its name in Sample Data and the names of its two nodes.
+SAMPLE_NAME = "MedicalFusionPETMRI"
+SAMPLE_NODE_NAMES = ("MNI152 T1", "Simulated FDG PET")
+#: What Sample Data copies for it (a small file the extension ships in Resources/), and the file
+#: type of the module's reader that loads that file by generating the pair.
+SAMPLE_RECIPE_FILE = "MedicalFusionSample.mfsample"
+SAMPLE_RECIPE_MARKER = "MedicalFusion sample"
+SAMPLE_FILE_TYPE = "MedicalFusionSample"
+
+
+def is_sample_recipe(path: str | pathlib.Path) -> bool:
+    """Whether ``path`` is the sample's recipe file (``*.mfsample`` starting with its marker)."""
+    if not str(path).lower().endswith(".mfsample"):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(SAMPLE_RECIPE_MARKER)
+    except (OSError, UnicodeDecodeError):
+        return False

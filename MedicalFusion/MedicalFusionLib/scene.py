@@ -230,7 +230,7 @@ def load_dicom_volume(scene, folder, name: str | None = None):
     """Load one DICOM series folder into a new scalar volume node, as a radiologist would see it.
 
     The voxels are read as the command line reads them (SimpleITK; PET in SUV when its header
-    allows, see :mod:`MedicalFusionLib.dicom`). The node gets the units (``MedicalFusion.units``
+    allows, see :mod:`MedicalFusionLib.io.dicom`). The node gets the units (``MedicalFusion.units``
     and the voxel value units code), ``DICOM.Modality`` and ``DICOM.FrameOfReferenceUID``
     attributes, the series folder (``MedicalFusion.dicom_folder``: the DICOM export of a fused
     volume reads patient, study and source instances there, see :mod:`MedicalFusionLib.scene_dicom`), and a display node with the window the pipeline would choose (a CT in HU: the
@@ -238,7 +238,7 @@ def load_dicom_volume(scene, folder, name: str | None = None):
     units (logged when the series is read) is kept in ``MedicalFusion.units_notice``. Returns the node.
     """
     from .pipeline import functional_window_default  # noqa: PLC0415
-    from .sources import read_source  # noqa: PLC0415
+    from .io.read import read_source  # noqa: PLC0415
     from .windows import choose_window  # noqa: PLC0415
 
     source = read_source(folder, "DICOM")

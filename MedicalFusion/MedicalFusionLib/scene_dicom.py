@@ -1,10 +1,10 @@
-"""A fused volume node as a DICOM series: the Slicer side of :mod:`MedicalFusionLib.dicom_export`.
+"""A fused volume node as a DICOM series: the Slicer side of :mod:`MedicalFusionLib.io.dicom_export`.
 
 :func:`export_fused_node_dicom` writes what :func:`MedicalFusionLib.scene.fuse_nodes` put in the
 scene (a ``vtkMRMLVectorVolumeNode`` with ``MedicalFusion.*`` attributes) as the same series the
 command line's ``--output-dicom`` writes: dicom_export's series builder (:func:`~MedicalFusionLib.
 dicom_export.fused_series`) and its all-or-nothing folder output (an :class:`~MedicalFusionLib.
-outputs.OutputSet` folder, read back with SimpleITK and compared voxel for voxel before it is put in
+io.outputs.OutputSet` folder, read back with SimpleITK and compared voxel for voxel before it is put in
 place). There is no second DICOM writer here: this module only turns nodes into what that builder
 reads (the fused picture on the anatomical's grid, and a ``Source`` per input with its DICOM files).
 
@@ -94,7 +94,7 @@ class _Picture:
 
 @dataclass
 class _NodeSource:
-    """An input node as dicom_export reads a ``sources.Source``: grid image, DICOM facts, a name."""
+    """An input node as dicom_export reads a ``io.read.Source``: grid image, DICOM facts, a name."""
 
     image: sitk.Image
     path: str
@@ -151,7 +151,7 @@ def _grid_image(node) -> sitk.Image:
 def node_dicom_files(node, database=None) -> list[str]:
     """The DICOM files a volume node was loaded from (see the module docstring), [] when it was not
     loaded from DICOM; FusionError when it was but the files are not found."""
-    from .sources import dicom_series_files  # noqa: PLC0415
+    from .io.read import dicom_series_files  # noqa: PLC0415
 
     name = node.GetName()
     folder = (node.GetAttribute(DICOM_FOLDER_ATTRIBUTE) or "").strip()
@@ -180,7 +180,7 @@ def node_dicom_files(node, database=None) -> list[str]:
 def _ordered(node, files: list[str]):
     """(headers, files) in the node's slice order by Image Position (Patient); FusionError when the
     files do not lie on the node's grid. Multi-frame files are kept as they are."""
-    from .dicom import read_headers  # noqa: PLC0415
+    from .io.dicom import read_headers  # noqa: PLC0415
 
     headers = read_headers(files)
     grid = _grid_image(node)
@@ -204,7 +204,7 @@ def _ordered(node, files: list[str]):
 
 
 def _source(node, database) -> _NodeSource:
-    from .dicom import facts_from_headers  # noqa: PLC0415
+    from .io.dicom import facts_from_headers  # noqa: PLC0415
 
     files = node_dicom_files(node, database)
     facts = None
@@ -275,8 +275,8 @@ def export_fused_node_dicom(scene, fused, folder, anatomical=None, functional=No
     (not a fused volume, inputs gone or changed, a folder that is not new or empty) is one
     FusionError line and nothing is written. Returns a :class:`DicomExport`.
     """
-    from . import dicom_export  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
+    from .io import dicom_export  # noqa: PLC0415
+    from .io.outputs import OutputSet  # noqa: PLC0415
 
     fused = sc._resolve(scene, fused, "fused volume")
     ok, reason = can_export(fused)

@@ -20,7 +20,7 @@ A scalar image is a CT in HU (:func:`is_ct_hu`) when, first match wins:
 
 1. its units are known (``units`` hint): ``HU`` -> yes; any other known unit -> no. The hint comes
    from the DICOM header (Modality CT with Rescale Type HU or none: the rescaled values are HU,
-   see :mod:`MedicalFusionLib.dicom`) or, in Slicer, from the volume node (voxel value units coded
+   see :mod:`MedicalFusionLib.io.dicom`) or, in Slicer, from the volume node (voxel value units coded
    ``[hnsf'U]``, the ``DICOM.Modality`` attribute ``CT``: see ``scene.node_units``);
 2. otherwise (a NIfTI/NRRD file, a node without DICOM attributes) its value range: air present
    (minimum between -3100 and -900: -1000 air, -1024 or -3024 padding) and nothing above 4000

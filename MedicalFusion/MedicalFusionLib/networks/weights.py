@@ -22,7 +22,7 @@ Then ``torch.load(weights_only=True)``; the network is built from the manifest's
 unknown settings key) or weights of the wrong shapes into one-line FusionErrors.
 
 Training (:func:`save_state_dict`) writes the weights, the manifest and, for the shipped folder,
-the package's trusted list in one transaction (:class:`~MedicalFusionLib.outputs.OutputSet`).
+the package's trusted list in one transaction (:class:`~MedicalFusionLib.io.outputs.OutputSet`).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import re
 from typing import Callable
 
 from ..errors import FusionError
-from ..outputs import sha256_of  # noqa: F401  (also this module's public name)
+from ..io.outputs import sha256_of  # noqa: F401  (also this module's public name)
 
 WEIGHTS_ENV = "MEDICALFUSION_WEIGHTS"
 OWN_WEIGHTS_ENV = "MEDICALFUSION_OWN_WEIGHTS"
@@ -224,7 +224,7 @@ def _trusted_entry(entry: dict, digest: str) -> dict:
 def update_manifest(name: str, entry: dict, directory: pathlib.Path | None = None) -> None:
     """Insert or replace one network's entry (keyed by method name) in the manifest; for the shipped
     folder the trusted settings digest follows (the trusted sha256 changes only with new weights)."""
-    from ..outputs import OutputSet  # noqa: PLC0415
+    from ..io.outputs import OutputSet  # noqa: PLC0415
 
     directory = directory or weights_dir()
     manifest = read_manifest(directory)
@@ -242,7 +242,7 @@ def update_manifest(name: str, entry: dict, directory: pathlib.Path | None = Non
 def save_state_dict(module: torch.nn.Module, name: str, entry: dict, directory: pathlib.Path | None = None) -> pathlib.Path:
     """Save ``module``'s state_dict as ``<name>.pt``, record it (with its sha256) in the manifest and,
     for the shipped folder, in the package's trusted list -- all three or none."""
-    from ..outputs import OutputSet  # noqa: PLC0415
+    from ..io.outputs import OutputSet  # noqa: PLC0415
 
     directory = directory or weights_dir()
     path = directory / f"{name}.pt"

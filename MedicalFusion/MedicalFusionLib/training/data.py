@@ -76,7 +76,8 @@ def read_split(root: pathlib.Path, split: str | None = None, pairs: tuple[str, .
 
 def read_png(path: pathlib.Path) -> np.ndarray:
     """uint8 [H, W] or [H, W, 3] of one dataset picture (checked: complete, readable, 8-bit)."""
-    from ..sources import check_image_file, check_input_path, display_path, native_quiet  # noqa: PLC0415
+    from ..io.files import check_image_file, check_input_path, display_path  # noqa: PLC0415
+    from ..io.read import native_quiet  # noqa: PLC0415
 
     label = f"dataset image {display_path(path)}"
     check_input_path(path, "dataset image")

@@ -33,7 +33,7 @@ distributed = pytest.importorskip("distributed", reason="the cohort extra (dask[
 from MedicalFusionLib import cohort  # noqa: E402
 from MedicalFusionLib.cli import main  # noqa: E402
 from MedicalFusionLib.metrics import MetricInfo  # noqa: E402
-from MedicalFusionLib.outputs import PAUSE_FILE_ENV  # noqa: E402
+from MedicalFusionLib.io.outputs import PAUSE_FILE_ENV  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 

@@ -1,5 +1,5 @@
 """``fuse --output-dicom DIR``: the fused volume as an RGB Secondary Capture series of the
-anatomical's patient and study, on its grid (MedicalFusionLib/dicom_export.py, docs/PACS.md).
+anatomical's patient and study, on its grid (MedicalFusionLib/io/dicom_export.py, docs/PACS.md).
 
 Checked on the three real sts patients (CT + PET, ../shared/data/sts) and on synthetic volumes
 (oblique, left-handed, not DICOM):
@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from conftest import data_root, make_image
 from test_faults import assert_one_line, cli, leftovers, start_paused
-from MedicalFusionLib import dicom_export
+from MedicalFusionLib.io import dicom_export
 
 STS = data_root() / "sts"
 PATIENTS = ("STS_001", "STS_002", "STS_003")

@@ -15,8 +15,9 @@ pytest.importorskip("pydicom")
 
 from dicom_series import BQML_FIELDS, RADIOPHARMACEUTICAL, write_series  # noqa: E402
 
-from MedicalFusionLib import cli, dicom  # noqa: E402
-from MedicalFusionLib.sources import read_source  # noqa: E402
+from MedicalFusionLib import cli  # noqa: E402
+from MedicalFusionLib.io import dicom  # noqa: E402
+from MedicalFusionLib.io.read import read_source  # noqa: E402
 
 WEIGHT_G = 70_000.0
 DOSE_BQ = 3.7e8

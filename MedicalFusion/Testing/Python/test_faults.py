@@ -11,7 +11,7 @@ D. "internal error" or unclear messages for a user's mistake.
 
 Real faults wherever possible: a full disk is RLIMIT_FSIZE in a subprocess (and a small tmpfs when
 one can be mounted), signals are sent to a subprocess paused at a named point of the writing
-($MEDICALFUSION_TEST_PAUSE_AT, see outputs.py), permission denied drops root's file capabilities
+($MEDICALFUSION_TEST_PAUSE_AT, see io/outputs.py), permission denied drops root's file capabilities
 (CAP_DAC_OVERRIDE/READ_SEARCH) in the subprocess when the suite runs as root (as CI does), FIFOs and devices are real ones.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from conftest import REPO, make_image
 from test_cli import write_dicom_series
 from MedicalFusionLib.cli import main
 from MedicalFusionLib.errors import FusionError
-from MedicalFusionLib.outputs import PAUSE_ENV, PAUSE_FILE_ENV
+from MedicalFusionLib.io.outputs import PAUSE_ENV, PAUSE_FILE_ENV
 
 MODULE_DIR = REPO / "MedicalFusion"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -180,7 +180,7 @@ def _as_from_a_terminal() -> None:
 
 
 def start_paused(args, cwd: pathlib.Path, point: str, marker: pathlib.Path) -> subprocess.Popen:
-    """Start the command so that it pauses at ``point`` (outputs.pause_point); wait until it is there."""
+    """Start the command so that it pauses at ``point`` (io.outputs.pause_point); wait until it is there."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(MODULE_DIR) + os.pathsep + env.get("PYTHONPATH", "")
     env.update({PAUSE_ENV: point, PAUSE_FILE_ENV: str(marker)})

@@ -155,7 +155,7 @@ def test_slicer_scene_round_trip_pull_fuse_export_store(pacs, login, tmp_path):
     stored back (STOW-RS): the PACS lists it in the CT's study, equal to the fused node."""
     slicer = pytest.importorskip("slicer")
     import pydicom
-    from MedicalFusionLib import pacs as pacs_client
+    from MedicalFusionLib.io import pacs as pacs_client
     from MedicalFusionLib import scene as sc
     from MedicalFusionLib import scene_dicom
     from MedicalFusionLib.pipeline import FusionOptions

@@ -27,7 +27,7 @@ from MedicalFusionLib import cli, colour
 from MedicalFusionLib.hotspot import Case, chroma, detail_kept, top_fraction_in
 from MedicalFusionLib.methods import all_methods
 from MedicalFusionLib.pipeline import FusionOptions
-from MedicalFusionLib.sources import read_source
+from MedicalFusionLib.io.read import read_source
 
 STS = data_root() / "sts"
 PATIENTS = ("STS_001", "STS_002", "STS_003")

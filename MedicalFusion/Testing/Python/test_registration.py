@@ -623,7 +623,7 @@ def test_dicom_frame_of_reference(shared_data, tmp_path):
     sts = shared_data / "sts" / "STS_001"
     if not (sts / "CT" / "dicom").is_dir():
         pytest.skip(f"sts data not found in {sts.parent}")
-    from MedicalFusionLib.sources import read_source
+    from MedicalFusionLib.io.read import read_source
 
     def shared(a, b):          # as the CLI does it: the UIDs the series' headers gave when read
         facts = [read_source(p, "input").facts for p in (a, b)]

@@ -24,7 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import data_root
-from MedicalFusionLib import dicom_export
+from MedicalFusionLib.io import dicom_export
 from MedicalFusionLib.errors import FusionError
 
 slicer = pytest.importorskip("slicer")

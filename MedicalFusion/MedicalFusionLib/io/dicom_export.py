@@ -29,7 +29,7 @@ axis points the other way (a left-handed direction matrix, possible in NIfTI, ne
 series) is written with its slices reversed, so a reader gets the same physical grid with its
 third axis along the normal.
 
-:func:`add_dicom_folder` writes the series into a run's :class:`~MedicalFusionLib.outputs.OutputSet`
+:func:`add_dicom_folder` writes the series into a run's :class:`~MedicalFusionLib.io.outputs.OutputSet`
 as one folder output (all or nothing), after reading it back with SimpleITK's series reader and
 comparing it voxel for voxel and in geometry with what was fused.
 """
@@ -47,8 +47,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .errors import FusionError
+from .. import __version__
+from ..errors import FusionError
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SYNTHETIC_PATIENT_NAME = "MEDICALFUSION^SYNTHETIC"
@@ -188,7 +188,7 @@ def series_description(result, anat, func) -> str:
 
 def derivation_description(result, anat, func, identity: SeriesIdentity) -> str:
     """One paragraph (DICOM ST, at most 1024 characters): inputs, method, windows, colour map."""
-    from .windows import display_metadata  # noqa: PLC0415
+    from ..windows import display_metadata  # noqa: PLC0415
 
     meta = display_metadata(result.prepared) if result.prepared is not None else {}
 
@@ -378,7 +378,7 @@ def dataset_bytes(ds) -> bytes:
 
 def read_back(folder: str | os.PathLike) -> sitk.Image:
     """The series in ``folder`` as SimpleITK's series reader (GDCM) reads it."""
-    from .sources import native_quiet  # noqa: PLC0415
+    from .read import native_quiet  # noqa: PLC0415
 
     reader = sitk.ImageSeriesReader()
     with native_quiet():

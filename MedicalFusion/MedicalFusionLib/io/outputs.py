@@ -25,7 +25,7 @@ What it guarantees:
   than the file system allows.
 - ``add_*`` write at once to a temporary ``.mf-tmp-XXXXXXXX<ext>`` in the target's folder (a short
   name, so any valid target name works) and check what was written: its size (text, bytes) or,
-  for images, the file's completeness against its header (:func:`sources.check_image_file`) and a
+  for images, the file's completeness against its header (:func:`files.check_image_file`) and a
   read-back compared voxel for voxel (lossy JPEG: its size). A failed or short write (disk full,
   file size limit) raises FusionError with the cause, whatever ITK printed. Multi-file formats
   are written under the temporary name and their headers are rewritten to name the final data
@@ -63,9 +63,9 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import FusionError
-from .sources import (_name_max, _os_error_reason, _path_max, check_image_file, display_path, extension,
-                      native_quiet, source_files)
+from ..errors import FusionError
+from .files import _name_max, _os_error_reason, _path_max, check_image_file, display_path, extension, source_files
+from .read import native_quiet
 
 #: Extensions the fused result may be written to: volumes (and 2D images) ...
 IMAGE_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mha", ".mhd", ".tif", ".tiff")

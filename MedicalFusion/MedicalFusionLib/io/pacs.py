@@ -14,7 +14,7 @@ with STOW-RS (dicomweb-client over requests), for ``medicalfusion fuse --pacs UR
   instances than QIDO-RS lists, instances of another series, or a gap in the slice positions).
 - **Retrieval**: QIDO-RS finds the series (its study and number of instances), WADO-RS retrieves
   it, the instances are written to a temporary folder and read by the same reader as any DICOM
-  folder (sources.read_source: HU, SUV, the series checks). The folder is removed afterwards.
+  folder (read.read_source: HU, SUV, the series checks). The folder is removed afterwards.
 - **Store**: the fused series is sent in requests of :data:`STORE_BATCH` instances. Every
   instance must be listed as stored in the STOW-RS answers; otherwise (a request refused, an
   instance failed, the connection lost half way) the instances already stored are removed again
@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import FusionError
+from ..errors import FusionError
 
 USER_ENV, PASSWORD_ENV = "MEDICALFUSION_PACS_USER", "MEDICALFUSION_PACS_PASSWORD"
 DEFAULT_TIMEOUT = 30.0

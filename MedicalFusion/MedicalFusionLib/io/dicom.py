@@ -53,7 +53,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import FusionError
+from ..errors import FusionError
 
 #: Units this package reports, as UCUM-like short names (what goes into metadata and tables).
 UNIT_HU = "HU"
@@ -126,7 +126,7 @@ def read_headers(files: Sequence[str | os.PathLike]) -> list:
 def series_facts(source: str | os.PathLike | Sequence[str | os.PathLike]) -> SeriesFacts:
     """Facts of one DICOM series: a folder holding it, or its files in slice order."""
     if isinstance(source, (str, os.PathLike)):
-        from .sources import dicom_series_files  # noqa: PLC0415  (sources reads series through this module)
+        from .read import dicom_series_files  # noqa: PLC0415  (read.py reads series through this module)
 
         files = dicom_series_files(pathlib.Path(source)) if pathlib.Path(source).is_dir() else [str(source)]
     else:

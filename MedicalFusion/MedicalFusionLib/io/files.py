@@ -1,8 +1,7 @@
-"""Reading the two inputs: anything SimpleITK reads (NRRD, NIfTI, MHA, a DICOM series folder,
-PNG/JPG for 2D), and the checks of their files and contents, so that bad input fails early with
-one line that says what to do.
-
-What is checked before a file is trusted (:func:`read_source`):
+"""The files of an image, checked before they are trusted and after they are written: paths
+(:func:`check_input_path`), the files an input is made of (:func:`source_files`), and whether a file
+is complete (:func:`check_image_file`), so that bad input fails early with one line that says what
+to do.
 
 - the path: it exists, is a regular file or a folder (no FIFO, device or socket: they would hang
   or never end), no symbolic-link loop, not longer than the system allows, readable (permission);
@@ -10,34 +9,25 @@ What is checked before a file is trusted (:func:`read_source`):
   type in their header (raw data by file size, gzip/bzip2/zlib streams decompressed to the end),
   NIfTI/Analyze read by nibabel (it reports short files, where ITK fills the rest with zeros, and
   it keeps NaN/Inf, which ITK's NIfTI reader turns into 0), PNG/JPEG/BMP decoded by Pillow (ITK
-  reads truncated JPEG/BMP files with a warning); DICOM folders: every DICOM file in the folder
-  belongs to the one series (a damaged slice is otherwise dropped silently);
-- the contents (:func:`as_3d`, called by the pipeline for files and scene nodes alike): 2D or 3D,
-  scalar or RGB, finite, not constant, values that fit 32-bit floats.
+  reads truncated JPEG/BMP files with a warning).
 
-After :func:`as_3d` an image is 3D (a 2D image becomes a one-slice volume) with either one
-component (scalar) or three (RGB pseudo-colour, uint8). :func:`source_files` lists every file an
-input is made of (header and data files, the files of a DICOM folder): outputs.py checks outputs
-against them.
+:func:`source_files` lists every file an input is made of (header and data files, the files of a
+DICOM folder): outputs.py checks outputs against them. Reading is read.py's job; what the picture
+holds (dimension, components, values) is checked by :mod:`MedicalFusionLib.images`.
 """
 from __future__ import annotations
 
 import bz2
-import contextlib
 import errno
 import os
 import pathlib
 import stat
-import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 
-from .dicom import SeriesFacts, read_series
-from .errors import FusionError
+from ..errors import FusionError
 
 #: 8-bit pictures that are display-ready as stored: their default window is 0..255. Every other
 #: image (any NRRD, NIfTI, MHA, DICOM, TIFF, even uint8 ones) is windowed from its values.
@@ -45,48 +35,6 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".hdr.gz")
 #: Extensions made of two suffixes (everything else is ``Path.suffix``).
 COMPOUND_EXTENSIONS = (".nii.gz", ".img.gz", ".hdr.gz", ".raw.gz")
-#: Smallest slice (pixels on each side) the methods and the metrics work on (SSIM's 7x7 window).
-MIN_SLICE = 7
-_FLOAT32_SAFE = 1e38      # beyond this, differences of values overflow 32-bit floats
-
-
-@dataclass
-class Source:
-    """An input image as read (its contents are checked by the pipeline), whether it is 2D, where
-    it came from, and whether it is a display-ready 8-bit picture (PNG/JPG/BMP: window 0..255)."""
-
-    image: sitk.Image
-    path: str = ""
-    display_ready: bool = False
-    facts: SeriesFacts | None = None     # what a DICOM series' headers say (modality, units, ...)
-
-    @property
-    def was_2d(self) -> bool:
-        return self.image.GetDimension() == 2
-
-
-# --------------------------------------------------------------------------------------------------
-# ITK's own printing
-
-
-@contextlib.contextmanager
-def native_quiet():
-    """Keep what ITK's C/C++ libraries print on the process's stderr (niftilib's "** ERROR",
-    MetaIO's messages, GDCM and ITK warnings) off the user's terminal for the block. Failures are
-    found by this package's own checks, which then say what went wrong in one line."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,179 +408,3 @@ def check_image_file(path: str | os.PathLike, label: str, values: bool = True) -
         return
     except OSError as exc:
         raise FusionError(f"{label} cannot be read: {_os_error_reason(exc)}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# reading
-
-
-def _dicom_files(folder: pathlib.Path, label: str) -> list[pathlib.Path]:
-    """The regular files of a folder; anything else in it (FIFO, device, link loop) is refused
-    because the DICOM scanner would open it."""
-    files = []
-    for name in sorted(os.listdir(folder)):
-        entry = folder / name
-        try:
-            st = os.stat(entry)
-        except OSError as exc:
-            raise FusionError(f"{label} holds {display_path(name)}, which cannot be opened "
-                              f"({_os_error_reason(exc)}): remove it from the folder") from None
-        if stat.S_ISDIR(st.st_mode):
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            raise FusionError(f"{label} holds {display_path(name)}, which is {_kind(st.st_mode)}: "
-                              "remove it from the folder")
-        files.append(entry)
-    return files
-
-
-def _looks_like_dicom(path: pathlib.Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def dicom_series_files(folder: pathlib.Path, label: str = "") -> list[str]:
-    """The files of the one DICOM series in ``folder``, in SimpleITK's (GDCM's) slice order; every
-    other DICOM file in the folder is refused."""
-    label = label or f"input {display_path(folder)}"
-    files = _dicom_files(folder, label)
-    reader = sitk.ImageSeriesReader()
-    with native_quiet():
-        ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
-        raise FusionError(f"{label} is a folder without a DICOM series: give an image file or a DICOM series folder")
-    if len(ids) > 1:
-        raise FusionError(f"{label} holds {len(ids)} DICOM series: put the series to fuse in a folder of its own")
-    with native_quiet():
-        names = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
-    in_series = {os.path.normcase(os.path.abspath(n)) for n in names}
-    for f in files:
-        if f.name.upper() != "DICOMDIR" and os.path.normcase(os.path.abspath(f)) not in in_series \
-                and _looks_like_dicom(f):
-            raise FusionError(f"{label}: {display_path(f.name)} is a DICOM file that is not part of the series "
-                              "(truncated or damaged?): replace or remove it")
-    return list(names)
-
-
-def _read_dicom_series(folder: pathlib.Path, label: str = "") -> tuple[sitk.Image, SeriesFacts]:
-    """The series' image in its units (PET in SUV when the header allows) and its header facts."""
-    files = dicom_series_files(folder, label)
-    with native_quiet():
-        return read_series(files)
-
-
-def read_source(path: str | os.PathLike, role: str) -> Source:
-    """Read one input; ``role`` ('anatomical' or 'functional') is named in errors."""
-    label = f"{role} input"
-    p = check_input_path(path, label)
-    shown = f"{label} {display_path(p)}"
-    is_dir = p.is_dir()
-    if not is_dir:
-        check_image_file(p, shown)
-    try:
-        facts = None
-        if is_dir:
-            image, facts = _read_dicom_series(p, shown)
-        else:
-            with native_quiet():
-                image = sitk.ReadImage(str(p))
-    except RuntimeError:
-        raise FusionError(f"{shown} is not an image SimpleITK can read: use NRRD, NIfTI, MHA, DICOM or PNG/JPG") from None
-    display_ready = (not is_dir and extension(p) in PICTURE_EXTENSIONS
-                     and image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8))
-    return Source(image, path=str(p), display_ready=display_ready, facts=facts)
-
-
-# --------------------------------------------------------------------------------------------------
-# contents
-
-
-def _rgb_to_uint8(image: sitk.Image, label: str) -> sitk.Image:
-    """A 3-component image that is not uint8 as 8-bit RGB: floats in [0, 1] are scaled by 255,
-    values in [0, 255] are rounded; anything else is refused."""
-    arr = sitk.GetArrayFromImage(image)
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise FusionError(f"{label} contains NaN or infinite values: fix or mask them before fusing")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < 0 or hi > 255:
-        raise FusionError(f"{label} is a 3-component image with values {lo:g}..{hi:g}, not RGB colour: "
-                          "give 8-bit RGB (0..255), float RGB in 0..1, or scalar values")
-    if arr.dtype.kind == "f" and hi <= 1.0:
-        arr = arr * 255.0
-    new = sitk.GetImageFromArray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), isVector=True)
-    new.CopyInformation(image)
-    return new
-
-
-def as_3d(image: sitk.Image, role: str, name: str = "") -> tuple[sitk.Image, bool]:
-    """Check an image and return it as 3D (2D becomes one slice); raises FusionError on bad input."""
-    label = f"{role} input {name}".strip()
-    dim = image.GetDimension()
-    ncomp = image.GetNumberOfComponentsPerPixel()
-    if dim == 4:
-        raise FusionError(f"{label} is 4D (a time series or multi-frame volume): extract one 3D frame first")
-    if dim not in (2, 3):
-        raise FusionError(f"{label} has {dim} dimensions: give a 2D image or a 3D volume")
-    if ncomp == 4:  # RGBA (PNG): drop alpha
-        image = sitk.Compose([sitk.VectorIndexSelectionCast(image, i) for i in range(3)])
-        ncomp = 3
-    if ncomp not in (1, 3):
-        raise FusionError(f"{label} has {ncomp} values per voxel (a multi-frame or multi-channel volume): "
-                          "give a scalar or an RGB image, e.g. extract one frame")
-    if ncomp == 3 and image.GetPixelID() != sitk.sitkVectorUInt8:
-        image = _rgb_to_uint8(image, label)
-    arr = sitk.GetArrayViewFromImage(image)
-    if arr.size == 0:
-        raise FusionError(f"{label} is empty: check the file")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise FusionError(f"{label} contains NaN or infinite values: fix or mask them before fusing")
-    lo, hi = arr.min(), arr.max()
-    if np.issubdtype(arr.dtype, np.floating):
-        big = max(abs(float(lo)), abs(float(hi)))
-        if big > _FLOAT32_SAFE:
-            raise FusionError(f"{label} has values up to {big:.3g}, too large to window in 32-bit floats: "
-                              "rescale it (e.g. to its physical units) before fusing")
-        # rounding to float32 keeps the order of values: the extremes tell whether any two differ
-        with np.errstate(under="ignore"):
-            same32 = np.float32(lo) == np.float32(hi)
-        if same32 and lo != hi:
-            raise FusionError(f"{label} has values that differ only beyond 32-bit float precision "
-                              f"({float(lo):.3g}..{float(hi):.3g}): rescale it before fusing")
-    if lo == hi:
-        raise FusionError(f"{label} is constant (every voxel {arr.flat[0]}): there is nothing to fuse, check the file")
-    was_2d = dim == 2
-    if was_2d:
-        image = sitk.JoinSeries(image)
-    return image, was_2d
-
-
-def check_same_dimension(anatomical_2d: bool, functional_2d: bool) -> None:
-    """A 2D picture never pairs with a 3D volume (its one plane would be fused with whatever lies
-    there)."""
-    if anatomical_2d != functional_2d:
-        two, three = ("anatomical", "functional") if anatomical_2d else ("functional", "anatomical")
-        raise FusionError(f"the {two} input is a 2D image and the {three} input a 3D volume: "
-                          "give two 2D images or two 3D volumes")
-
-
-def check_slice_size(image: sitk.Image, axis: int, axis_name: str = "") -> None:
-    """Slices along numpy ``axis`` of ``image`` must be at least :data:`MIN_SLICE` pixels a side."""
-    shape = list(reversed(image.GetSize()))           # [Z, Y, X]
-    plane = [n for i, n in enumerate(shape) if i != axis]
-    if min(plane) < MIN_SLICE:
-        what = f"{axis_name} slices" if axis_name else "slices"
-        raise FusionError(f"the anatomical's {what} are {plane[0]}x{plane[1]} pixels: fusion and its metrics need "
-                          f"at least {MIN_SLICE}x{MIN_SLICE} (choose another slice orientation or a larger image)")
-
-
-def rgb_is_gray(image: sitk.Image) -> bool:
-    """True when a 3-component image has equal channels (a grayscale image saved as RGB)."""
-    if image.GetNumberOfComponentsPerPixel() != 3:
-        return False
-    a = sitk.GetArrayViewFromImage(image)
-    return bool(np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]))
