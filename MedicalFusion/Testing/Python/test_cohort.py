@@ -322,10 +322,10 @@ def test_ctrl_c_keeps_the_finished_studies_and_a_rerun_does_the_rest(cluster, tm
     out = tmp_path / "out"
     argv = ["batch", str(tmp_path / "manifest.csv"), "-o", str(out), "--scheduler", cluster[0].scheduler_address, "-q"]
 
-    # c11 is held at its output's write (the pause hook, armed in the workers for this test only) until
+    # c0 is held at its output's write (the pause hook, armed in the workers for this test only) until
     # the Ctrl-C has been handled, so the batch cannot finish before it whatever the machine's load.
     pause_file = tmp_path / "pause"
-    env = {cohort.TEST_PAUSE_ENV: "c11:write:output", PAUSE_FILE_ENV: str(pause_file)}
+    env = {cohort.TEST_PAUSE_ENV: "c0:write:output", PAUSE_FILE_ENV: str(pause_file)}
 
     def ctrl_c():
         deadline = time.monotonic() + 120
@@ -346,7 +346,7 @@ def test_ctrl_c_keeps_the_finished_studies_and_a_rerun_does_the_rest(cluster, tm
             old = next(iter(saved.values()))
             client.run(lambda: [__import__("os").environ.__setitem__(k, v) if v is not None else
                                 __import__("os").environ.pop(k, None) for k, v in old.items()])
-            pause_file.unlink(missing_ok=True)         # c11's run goes on (its task was cancelled; the rerun waits on its lock)
+            pause_file.unlink(missing_ok=True)         # c0's run goes on (its task was cancelled; the rerun waits on its lock)
     assert rc == 130
     err = capsys.readouterr().err
     assert err.startswith("medicalfusion: interrupted; the studies finished so far are kept") and err.count("\n") == 1
