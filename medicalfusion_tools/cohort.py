@@ -43,9 +43,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .errors import FusionError
-from .options import DEFAULT_METRIC_SET
-from .outputs import sha256_of
+from MedicalFusionLib.errors import FusionError
+from MedicalFusionLib.options import DEFAULT_METRIC_SET
+from MedicalFusionLib.outputs import sha256_of
 
 REQUIRED_COLUMNS = ("id", "anatomical", "functional")
 #: ``fuse`` options that ``batch`` sets for every study: its threads, its progress, and its file outputs
@@ -105,7 +105,7 @@ class Outcome:
 @functools.lru_cache(maxsize=1)
 def _parser():
     """The CLI's parser (built once per process; parsing leaves it unchanged)."""
-    from .cli import build_parser  # noqa: PLC0415
+    from MedicalFusionLib.cli import build_parser  # noqa: PLC0415
 
     return build_parser()
 
@@ -124,7 +124,7 @@ def _fuse_actions() -> dict:
 
 
 def _set_by_batch() -> tuple:
-    from .cli import FUSE_OUTPUTS  # noqa: PLC0415
+    from MedicalFusionLib.cli import FUSE_OUTPUTS  # noqa: PLC0415
 
     return SET_BY_BATCH + tuple(dest for dest, _what, _kind in FUSE_OUTPUTS)
 
@@ -294,7 +294,7 @@ def study_lock(path: str):
 
 def _remove_leftovers(folder: pathlib.Path) -> None:
     """Temporaries and backups of an OutputSet whose process was killed (held lock: none is live)."""
-    from .outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
+    from MedicalFusionLib.outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
 
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
@@ -311,7 +311,7 @@ def _configure_worker(threads: int) -> None:
     import SimpleITK as sitk  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from .methods.registry import keep_built  # noqa: PLC0415
+    from MedicalFusionLib.methods.registry import keep_built  # noqa: PLC0415
 
     if _configured.get("threads") != threads:
         torch.set_num_threads(threads)
@@ -325,7 +325,7 @@ def _configure_worker(threads: int) -> None:
 
 @contextlib.contextmanager
 def _test_pause(study_id: str):
-    from .outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
+    from MedicalFusionLib.outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
 
     hook = os.environ.get(TEST_PAUSE_ENV, "")
     sid, _, point = hook.partition(":")
@@ -344,7 +344,7 @@ def run_task(task: Task, threads: int) -> Outcome:
     """Run one study (in a Dask worker): skip it when its outputs are verified, else ``fuse`` it as
     the CLI does and write its done.json last. Never raises for the study's own failure: that is
     an Outcome with status 'failed' and the one-line message ``fuse`` would print."""
-    from .errors import FusionCancelled  # noqa: PLC0415
+    from MedicalFusionLib.errors import FusionCancelled  # noqa: PLC0415
 
     t0 = time.perf_counter()
     if task.error:
@@ -382,9 +382,9 @@ def run_task(task: Task, threads: int) -> Outcome:
 
 
 def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
-    from . import __version__  # noqa: PLC0415
-    from .cli import fuse_one  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
+    from MedicalFusionLib import __version__  # noqa: PLC0415
+    from MedicalFusionLib.cli import fuse_one  # noqa: PLC0415
+    from MedicalFusionLib.outputs import OutputSet  # noqa: PLC0415
 
     args, error = parse_fuse_argv(task.argv)
     if args is None:
@@ -405,7 +405,7 @@ def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
 def read_metrics(path: str | os.PathLike) -> dict:
     """``{metric: mean}`` of a metrics.csv that ``fuse`` wrote (the luma and the colour-fidelity
     metrics), and its 'seconds' run information."""
-    from .metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
+    from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
 
     wanted = set(METRIC_KEYS) | set(COLOUR_METRIC_KEYS) | {"seconds"}
     values = {}
@@ -424,7 +424,7 @@ def ranked_metrics(table=None) -> list:
     """The metrics the ranking uses, with their directions: every row of the metrics table (the
     reference evaluator's metrics.METRICS and the colour fidelity's metrics.COLOUR_METRICS) but
     :data:`NOT_RANKED`."""
-    from .metrics import COLOUR_METRICS, METRICS  # noqa: PLC0415
+    from MedicalFusionLib.metrics import COLOUR_METRICS, METRICS  # noqa: PLC0415
 
     return [m for m in (METRICS + COLOUR_METRICS if table is None else table) if m.key not in NOT_RANKED]
 
@@ -479,7 +479,7 @@ def summary_text(outcomes: list) -> str:
 
 def cohort_metrics_text(outcomes: list) -> str:
     """Every fused study's metrics: one row per study and method, one column per metric."""
-    from .metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
+    from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
 
     keys = [k for k in METRIC_KEYS + COLOUR_METRIC_KEYS if any(k in o.metrics for o in outcomes)]
     buf = io.StringIO(newline="")
@@ -516,7 +516,7 @@ def _dask():
 
 
 def _machine_cores() -> int:
-    from .cli import cpu_count  # noqa: PLC0415
+    from MedicalFusionLib.cli import cpu_count  # noqa: PLC0415
 
     return cpu_count()
 
@@ -604,8 +604,8 @@ def _dashboard(client) -> str:
 def run_batch(args) -> int:
     """``medicalfusion batch``: plan, run every task on Dask, write the cohort tables; 0 when every
     study is ok or skipped, 2 when any failed (after every other study was done)."""
-    from .methods import get_method  # noqa: PLC0415
-    from .outputs import OutputSet  # noqa: PLC0415
+    from MedicalFusionLib.methods import get_method  # noqa: PLC0415
+    from MedicalFusionLib.outputs import OutputSet  # noqa: PLC0415
 
     for m in args.methods or [args.method]:
         ok, reason = get_method(m).available()

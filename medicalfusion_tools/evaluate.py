@@ -1,35 +1,40 @@
 """``medicalfusion evaluate``: every method on the aanlib pairs of a split, as the papers report it.
 
-Protocol (the one of the reference evaluator most fusion papers use, CDDFuse's utils/Evaluator.py):
-the MRI and the functional's BT.601 luma are fused; the fused luma is recombined with the
-functional's colour to RGB uint8 by the pipeline's ``recombine`` (grayscale for CT); then every
-image is read as 8-bit grayscale
-(BT.601 luma) and the metrics of :mod:`.metrics` are computed per pair and averaged over the
-pairs. For a coloured functional (PET, SPECT) the colour metrics of the pipeline
-(:func:`~MedicalFusionLib.metrics_torch.colour_metrics_torch`: hue error, chroma kept, against the
-functional's own colour) are added per pair, over the pairs with coloured voxels. Written per
-modality pair into the output folder: ``<pair>.csv`` (one row per method and
-metric: mean, std, seconds per pair), ``<pair>.md`` (a table of mean ± std like the papers'),
-``<pair>_montage.png`` (a few cases: MRI, functional, then each method), and ``summary.md`` -- all
-of them together at the end of a successful run, or none.
+Protocol (the one of the reference evaluator most fusion papers use, CDDFuse's utils/Evaluator.py),
+run through the code users run: the pairs of a modality are one stack of slices, prepared by
+:func:`MedicalFusionLib.pipeline.prepare` (MRI and functional 0..255 as [0, 1]; a PET/SPECT's
+pseudo-colour RGB as it is, a CT as grey), fused and recombined by
+:func:`MedicalFusionLib.pipeline.fuse_prepared` (the fused luma with the functional's colour, RGB
+uint8), then scored by :func:`score`: the metrics engine
+(:func:`MedicalFusionLib.metrics.torch_engine.volume_metrics_torch`, every metric) on the 8-bit
+grayscale (BT.601 luma) of the sources and of the fused RGB, as the pipeline's metrics phase
+reads them (:func:`MedicalFusionLib.pipeline.source_gray8`), one value per pair, mean and std over
+the pairs. For a coloured functional (PET, SPECT) the colour metrics of the pipeline
+(:func:`~MedicalFusionLib.metrics.torch_engine.colour_metrics_torch`: hue error, chroma kept,
+against the functional's own colour) are added per pair, over the pairs with coloured voxels.
+Training scores its test split with the same :func:`score` (training/loop.py). Written per
+modality pair into the output folder: ``<pair>.csv`` (one row per method and metric: mean, std,
+seconds per pair), ``<pair>.md`` (a table of mean ± std like the papers'), ``<pair>_montage.png``
+(a few cases: MRI, functional, then each method), and ``summary.md`` -- all of them together at
+the end of a successful run, or none.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import sys
-import time
 
 import numpy as np
+import SimpleITK as sitk
 
-from . import colour
-from .device import pick_device
-from .engine import fuse_slices
-from .errors import FusionError
-from .methods import all_methods, get_method
-from .metrics import COLOUR_METRICS, METRICS, slice_metrics
-from .pipeline import recombine
+from MedicalFusionLib import colour
+from MedicalFusionLib.device import pick_device
+from MedicalFusionLib.errors import FusionError
+from MedicalFusionLib.methods import all_methods, get_method
+from MedicalFusionLib.metrics import COLOUR_METRICS, METRIC_SETS, METRICS, summarise
+from MedicalFusionLib.options import FusionOptions
+from MedicalFusionLib.pipeline import Prepared, fuse_prepared, prepare, source_gray8
+
 from .training.data import PAIRS, dataset_root, read_png, read_split
 
 TABLE_KEYS = ("EN", "SD", "SF", "AG", "MI_nats", "FMI_pixel", "SCD", "VIF", "Qabf", "SSIM_avg", "SSIM_sum", "PSNR",
@@ -56,18 +61,61 @@ def load_modality(records) -> dict:
             np.repeat(func8[..., None], 3, axis=-1), "names": [r.stem for r in records]}
 
 
-def fuse_modality(data: dict, method, device) -> tuple[np.ndarray, float]:
-    """RGB uint8 [N,H,W,3] for every pair and the seconds per pair (after one warm-up pair).
+def evaluation_options(method: str, device: str = "auto") -> FusionOptions:
+    """The options of an evaluation run: the pictures' 0..255 as [0, 1] (no auto window), slices
+    along the stack of pairs (array axis 0); the metrics are :func:`score`'s."""
+    return FusionOptions(method=method, device=str(device), anatomical_window=(0.0, 255.0),
+                         functional_window=(0.0, 255.0), axis=0, compute_metrics=False)
 
-    The method is built once (networks read and verify their weights once) and used for the
-    warm-up and the timed run."""
-    fn = method.build(device)
-    method = dataclasses.replace(method, build=lambda _device: fn)
-    fuse_slices(data["mri"][:1], data["ycc"][:1, ..., 0], method, device=device)   # warm-up (caches)
-    t0 = time.perf_counter()
-    fused_y = fuse_slices(data["mri"], data["ycc"][..., 0], method, device=device)
-    seconds = (time.perf_counter() - t0) / len(data["mri"])
-    return recombine(fused_y, data["ycc"], method.chroma_scale, data["grayscale"]), seconds
+
+def prepare_modality(data: dict, first: int | None = None) -> Prepared:
+    """The pairs of :func:`load_modality` (the first ``first`` of them) prepared by the pipeline as
+    one stack of slices [N, H, W]: the MRI as a scalar 8-bit volume, the functional as its RGB
+    (a CT's grey in three equal channels, which the pipeline keeps grey)."""
+    n = len(data["a8"]) if first is None else first
+    anatomical = sitk.GetImageFromArray(np.ascontiguousarray(data["a8"][:n]))
+    functional = sitk.GetImageFromArray(np.ascontiguousarray(data["func_rgb8"][:n]), isVector=True)
+    return prepare(anatomical, functional, evaluation_options("alpha"))
+
+
+def fuse_modality(data: dict, method: str, device, prepared: Prepared | None = None) -> tuple[np.ndarray, float]:
+    """RGB uint8 [N,H,W,3] of ``method`` (a name) for every pair, through the pipeline
+    (:func:`~MedicalFusionLib.pipeline.fuse_prepared`), and the seconds per pair of its fuse and
+    recombine phases (after a warm-up on the first pair).
+
+    The method is built once for the warm-up and the timed run (networks read and verify their
+    weights once): :func:`MedicalFusionLib.methods.registry.keep_built` is on for the call."""
+    from MedicalFusionLib.methods import registry  # noqa: PLC0415
+
+    prepared = prepared if prepared is not None else prepare_modality(data)
+    options = evaluation_options(method, str(device))
+    was_kept = registry._kept is not None
+    registry.keep_built(True)
+    try:
+        fuse_prepared(prepare_modality(data, first=1), options)     # warm-up (caches, the built method)
+        result = fuse_prepared(prepared, options)
+    finally:
+        if not was_kept:
+            registry.keep_built(False)
+    return result.rgb, result.seconds / len(prepared.anatomical)
+
+
+def score(prepared: Prepared, rgb: np.ndarray, device="auto") -> dict[str, tuple[float, float, int]]:
+    """``{key: (mean, std, pairs)}`` over the slices (pairs) of a fused stack: every metric of the
+    table by the metrics engine, on the sources and the fused RGB as 8-bit grayscale (as the
+    pipeline's metrics phase reads them); for a coloured functional, the colour metrics of each
+    pair, over the pairs with coloured voxels."""
+    from MedicalFusionLib.metrics.torch_engine import colour_metrics_torch, volume_metrics_torch  # noqa: PLC0415
+
+    a8, b8 = source_gray8(prepared)
+    out = volume_metrics_torch(a8, b8, colour.gray8(rgb), axis=0, keys=METRIC_SETS["all"], device=device)
+    if not prepared.grayscale:
+        per_pair: dict = {}
+        for i in range(len(rgb)):
+            for k, v in colour_metrics_torch(rgb[i:i + 1], prepared.functional_ycc[i:i + 1], device=device).items():
+                per_pair.setdefault(k, []).append(v[0])
+        out.update(summarise(per_pair))
+    return out
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -75,22 +123,23 @@ def _fmt(mean: float, std: float) -> str:
 
 
 def table_texts(pair: str, rows: dict, seconds: dict, n: int) -> tuple[str, str]:
-    """(``<pair>.csv``, ``<pair>.md``): per method and metric mean, std, pairs, seconds per pair."""
+    """(``<pair>.csv``, ``<pair>.md``): per method and metric mean, std, pairs, seconds per pair;
+    ``rows`` is ``{method: {key: (mean, std, pairs)}}`` (:func:`score`)."""
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["method", "metric", "mean", "std", "pairs", "seconds_per_pair"])
     for name, per_key in rows.items():
         for key in [m.key for m in METRICS + COLOUR_METRICS]:
-            vals = per_key.get(key)
-            if not vals:                 # a colour metric without coloured voxels (CT-MRI)
+            if key not in per_key:       # a colour metric without coloured voxels (CT-MRI)
                 continue
-            w.writerow([name, key, f"{np.mean(vals):.6f}", f"{np.std(vals):.6f}", len(vals), f"{seconds[name]:.5f}"])
-    keys = TABLE_KEYS + tuple(k for k in COLOUR_TABLE_KEYS if all(per_key.get(k) for per_key in rows.values()))
+            mean, std, count = per_key[key]
+            w.writerow([name, key, f"{mean:.6f}", f"{std:.6f}", count, f"{seconds[name]:.5f}"])
+    keys = TABLE_KEYS + tuple(k for k in COLOUR_TABLE_KEYS if all(k in per_key for per_key in rows.values()))
     lines = [f"### {pair} ({n} test pairs)", "",
              "| method | " + " | ".join(keys) + " | s/pair |",
              "|---|" + "---|" * (len(keys) + 1)]
     for name, per_key in rows.items():
-        cells = [_fmt(float(np.mean(per_key[k])), float(np.std(per_key[k]))) for k in keys]
+        cells = [_fmt(per_key[k][0], per_key[k][1]) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds[name]:.4f} |")
     return buf.getvalue(), "\n".join(lines) + "\n"
 
@@ -115,7 +164,7 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
              pairs: list[str] | None = None, device: str = "auto", limit: int | None = None,
              quiet: bool = False, montage_sources: bool = True, run=None) -> dict:
     """Evaluate ``methods`` (default: every available one) and write the tables; returns
-    ``{pair: {method: {metric: [values per pair]}}}``.
+    ``{pair: {method: {metric: (mean, std, pairs)}}}``.
 
     Every file goes through one :class:`~MedicalFusionLib.outputs.OutputSet`: the tables, montages
     and summary appear together when every pair was evaluated, or not at all (an unreadable PNG or
@@ -123,8 +172,7 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
     ``run.output_set`` (the CLI uses it to report an interrupt truthfully)."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    from .metrics_torch import colour_metrics_torch  # noqa: PLC0415
-    from .outputs import OutputSet, picture  # noqa: PLC0415
+    from MedicalFusionLib.outputs import OutputSet, picture  # noqa: PLC0415
 
     bars = not quiet and sys.stderr.isatty()      # never bar fragments in a log
     pairs = pairs or list(PAIRS)
@@ -146,7 +194,8 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
                           "check --dataset, --split and --pairs")
     results: dict = {}
     summary = [f"# Evaluation on the aanlib {split} split", "",
-               "Protocol: fused luma + functional colour (pipeline.recombine) -> RGB uint8 -> BT.601 8-bit grayscale; A = MRI, "
+               "Protocol: the pipeline's prepare, fuse and recombine (fused luma + functional colour) -> RGB uint8 -> "
+               "BT.601 8-bit grayscale -> the metrics engine (torch); A = MRI, "
                "B = CT/PET/SPECT. SSIM_sum = SSIM(F,A)+SSIM(F,B) (reference evaluator), SSIM_avg = half of it; "
                f"MI in nats (sum over A and B); mean ± std over pairs; device {dev}.", ""]
     with OutputSet() as out:
@@ -159,22 +208,13 @@ def evaluate(dataset, split: str = "test", methods: list[str] | None = None, out
         folder = out.folder(output, "evaluate --output folder")
         for pair, records in by_pair.items():
             data = load_modality(records)
+            prepared = prepare_modality(data)
             rows, seconds, fused_all = {}, {}, {}
-            for m in chosen:
-                fused, seconds[m.name] = fuse_modality(data, m, dev)
+            it = tqdm(chosen, desc=pair, unit="method", leave=False) if bars else chosen
+            for m in it:
+                fused, seconds[m.name] = fuse_modality(data, m.name, dev, prepared)
                 fused_all[m.name] = fused
-                f8 = colour.gray8(fused)
-                per_key: dict = {info.key: [] for info in METRICS + COLOUR_METRICS}
-                it = range(len(records))
-                if bars:
-                    it = tqdm(it, desc=f"{pair} {m.name}", unit="pair", leave=False)
-                for i in it:
-                    for k, v in slice_metrics(data["a8"][i], data["b8"][i], f8[i]).items():
-                        per_key[k].append(v)
-                    if not data["grayscale"]:
-                        for k, v in colour_metrics_torch(fused[i:i + 1], data["ycc"][i:i + 1], device=dev).items():
-                            per_key[k].append(v[0])
-                rows[m.name] = per_key
+                rows[m.name] = score(prepared, fused, dev)
             csv_text, md_text = table_texts(pair, rows, seconds, len(records))
             image, caption = montage(data, fused_all, with_sources=montage_sources)
             out.add_text(folder / f"{pair}.csv", csv_text, f"table {pair}.csv")

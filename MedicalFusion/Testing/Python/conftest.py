@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))                      # medicalfusion_tools (evaluate, training, hotspot, cohort)
 sys.path.insert(0, str(REPO / "MedicalFusion"))
 
 

@@ -226,29 +226,40 @@ def test_threads_option_sets_torch_threads_and_rejects_zero(files, capsys):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("args", [["evaluate", "--dataset", "x"], ["train", "--method", "mrdfn", "--data", "d"],
+                                  ["batch", "manifest.csv", "--output", "out"]])
+def test_tools_commands_without_the_tools_package_say_so_in_one_line(args, monkeypatch, capsys, tmp_path):
+    """The Slicer extension ships MedicalFusionLib without medicalfusion_tools: its commands (evaluate,
+    train, batch) then end in one line that says what is missing and how to get it, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "medicalfusion_tools" or m.startswith("medicalfusion_tools.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "medicalfusion_tools", None)     # import of it fails as when absent
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medicalfusion: error: '{args[0]}' needs the medicalfusion_tools")
+    assert "pip install -e ." in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_builds_each_method_once_per_pair():
-    """The warm-up and the timed run share one built function (networks verify their weights once)."""
-    import dataclasses
-
+    """The warm-up and the timed run go through the pipeline (fuse_prepared) and share one built
+    function (networks verify their weights once); the registry is left as it was."""
     import torch
-    from MedicalFusionLib.evaluate import fuse_modality
-    from MedicalFusionLib.methods import get_method
+    from medicalfusion_tools.evaluate import fuse_modality
+    from MedicalFusionLib.methods import registry
 
-    base = get_method("alpha")
-    builds = []
-
-    def counting_build(device):
-        builds.append(device)
-        return base.build(device)
-
-    method = dataclasses.replace(base, build=counting_build)
     rng = np.random.default_rng(0)
-    y = rng.random((3, 16, 16), dtype=np.float32)
-    data = {"mri": rng.random((3, 16, 16), dtype=np.float32),
-            "ycc": np.stack([y, np.full_like(y, 0.5), np.full_like(y, 0.5)], axis=-1), "grayscale": True}
-    rgb, seconds = fuse_modality(data, method, torch.device("cpu"))
-    assert len(builds) == 1
+    a8 = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    f8 = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    data = {"a8": a8, "func_rgb8": np.repeat(f8[..., None], 3, axis=-1)}
+    before = registry.build_counts.get("max", 0)
+    rgb, seconds = fuse_modality(data, "max", torch.device("cpu"))
+    assert registry.build_counts.get("max", 0) - before == 1
+    assert registry._kept is None                     # keep_built is off again, as the CLI has it
     assert rgb.shape == (3, 16, 16, 3) and rgb.dtype == np.uint8 and seconds >= 0
+    # the fused grey is the pipeline's max of the two sources (a CT's grey stays grey)
+    assert np.array_equal(rgb[..., 0], np.maximum(a8, f8)) and np.array_equal(rgb[..., 0], rgb[..., 2])
 
 
 def test_two_identical_mrdfn_runs_write_the_same_bytes(tmp_path, capsys):
