@@ -1,10 +1,10 @@
 """The metrics engine, in torch: the 16 metrics of the table (:mod:`MedicalFusionLib.metrics`) for
 every slice of a volume at once, and the colour fidelity.
 
-:func:`volume_metrics_torch` returns ``{key: (mean, std, n_slices)}`` over the non-empty slices
-(``per_slice=True``: the values of each slice), computed on the fusion's device (CUDA, Apple MPS
-or the CPU, chosen as the engine chooses), for batches of slices at a time, in one pass over the
-volume, with a cancel check and a progress report at least every few tens of milliseconds. The
+:func:`volume_metrics_torch` returns ``{key: (mean, std, n_slices)}`` over the non-empty slices,
+computed on the fusion's device (CUDA, Apple MPS or the CPU, chosen as the engine chooses), for
+batches of slices at a time, in one pass over the volume, with a cancel check and a progress
+report at least every few tens of milliseconds. The
 pipeline, ``medicalfusion evaluate`` (the published tables), training's test-split scores and the
 cohort all use it. Its independent reference, in numpy/scipy/scikit-image, is test code
 (Testing/Python/reference_metrics.py); the tests compare the two on real and synthetic volumes
@@ -541,7 +541,7 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
                          batch_pixels: int = BATCH_PIXELS) -> dict[str, tuple[float, float, int]]:
     """Slice-wise metrics of a fused volume, ``{key: (mean, std, n_slices)}``, computed in torch.
 
-    Same inputs, slices and values as :func:`MedicalFusionLib.metrics.volume_metrics` (the numpy
+    Same inputs, slices and values as ``volume_metrics`` of Testing/Python/reference_metrics.py (the numpy
     reference): a8, b8, f8 uint8 volumes of one shape (f8 may be RGB [..., 3]), slices along
     ``axis``, only the slices where a or b is nonzero. ``device``: 'auto' (CUDA, MPS, CPU) or a
     torch device. ``progress(done, total)`` and ``cancel() -> bool`` are called at least every few

@@ -159,6 +159,28 @@ def test_evaluate_writes_tables_and_montage(shared_data, tmp_path):
     assert (tmp_path / "PET-MRI_montage.png").is_file()
 
 
+def test_evaluate_reports_what_fuse_gives_users(shared_data, tmp_path):
+    """Issue 21, one way through: evaluate's table for a pair is what the pipeline gives a user who
+    fuses the same two PNGs (8-bit pictures: window 0..255, as the CLI reads them): the same RGB and
+    the same metrics, from the same metrics engine (no second implementation behind the tables)."""
+    import torch
+    from medicalfusion_tools.evaluate import evaluate, fuse_modality, load_modality
+    from medicalfusion_tools.training.data import read_split
+    from MedicalFusionLib.pipeline import FusionOptions, fuse_images
+
+    record = read_split(shared_data / "aanlib", "test", pairs=("PET-MRI",))[0]
+    user = fuse_images(sitk.ReadImage(str(record.mri)), sitk.ReadImage(str(record.image)),
+                       FusionOptions(method="lp", anatomical_window=(0.0, 255.0), metric_set="all", device="cpu"))
+    rgb, _ = fuse_modality(load_modality([record]), "lp", torch.device("cpu"))
+    assert np.array_equal(rgb[0], user.rgb[0])
+    table = evaluate(shared_data / "aanlib", methods=["lp"], pairs=["PET-MRI"], limit=1, device="cpu",
+                     output=tmp_path / "ev", quiet=True)["PET-MRI"]["lp"]
+    assert set(user.metrics) <= set(table) and {"hue_err10", "chroma_kept", "VIF", "FMI_pixel"} <= set(table)
+    for key, (mean, _std, n) in user.metrics.items():
+        assert n == 1 and table[key][2] == 1
+        assert table[key][0] == pytest.approx(mean, rel=1e-9, abs=1e-12), key
+
+
 def test_demo_runs_on_the_embedded_sample(tmp_path):
     pytest.importorskip("nilearn", reason="nilearn (the MNI152 template) not installed: pip install '.[demo]'")
     assert main(["demo", "--output", str(tmp_path), "--method", "alpha", "-q"]) == 0
