@@ -71,11 +71,19 @@ def evaluation_options(method: str, device: str = "auto") -> FusionOptions:
 def prepare_modality(data: dict, first: int | None = None) -> Prepared:
     """The pairs of :func:`load_modality` (the first ``first`` of them) prepared by the pipeline as
     one stack of slices [N, H, W]: the MRI as a scalar 8-bit volume, the functional as its RGB
-    (a CT's grey in three equal channels, which the pipeline keeps grey)."""
+    (a CT's grey in three equal channels, which the pipeline keeps grey).
+
+    The functional's YCbCr is then :func:`load_modality`'s, computed from the 8-bit picture: the
+    same values as the pipeline's for a PET/SPECT's RGB; for a CT's grey exactly k / 255 (the
+    pipeline's RGB-to-YCbCr of a grey rounds in float32 within 6e-8, enough to turn exact .5 ties
+    of ``average`` the other way, as the reference evaluator does not)."""
     n = len(data["a8"]) if first is None else first
     anatomical = sitk.GetImageFromArray(np.ascontiguousarray(data["a8"][:n]))
     functional = sitk.GetImageFromArray(np.ascontiguousarray(data["func_rgb8"][:n]), isVector=True)
-    return prepare(anatomical, functional, evaluation_options("alpha"))
+    prepared = prepare(anatomical, functional, evaluation_options("alpha"))
+    if "ycc" in data:
+        prepared.functional_ycc = np.ascontiguousarray(data["ycc"][:n], dtype=np.float32)
+    return prepared
 
 
 def fuse_modality(data: dict, method: str, device, prepared: Prepared | None = None) -> tuple[np.ndarray, float]:

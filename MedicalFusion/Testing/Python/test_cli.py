@@ -264,6 +264,29 @@ def test_tools_commands_without_the_tools_package_say_so_in_one_line(args, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_evaluate_prepares_the_pairs_as_the_pipeline_does():
+    """evaluate's stack of pairs is pipeline.prepare's (same arrays, grey kept grey), except that a
+    CT's grey luma is exactly k / 255 as the reference evaluator reads it (prepare's float32
+    RGB-to-YCbCr is off by < 1e-7, which turns exact .5 ties of 'average' the other way)."""
+    from medicalfusion_tools.evaluate import evaluation_options, prepare_modality
+    from MedicalFusionLib.pipeline import prepare
+
+    rng = np.random.default_rng(3)
+    a8 = rng.integers(0, 256, (2, 12, 14), dtype=np.uint8)
+    f8 = rng.integers(0, 256, (2, 12, 14), dtype=np.uint8)
+    y = f8.astype(np.float32) / 255.0
+    data = {"a8": a8, "func_rgb8": np.repeat(f8[..., None], 3, axis=-1),
+            "ycc": np.stack([y, np.full_like(y, 0.5), np.full_like(y, 0.5)], axis=-1)}
+    ours = prepare_modality(data)
+    theirs = prepare(sitk.GetImageFromArray(a8), sitk.GetImageFromArray(data["func_rgb8"], isVector=True),
+                     evaluation_options("alpha"))
+    assert ours.grayscale and theirs.grayscale
+    assert np.array_equal(ours.anatomical, theirs.anatomical) and np.array_equal(ours.anatomical, a8 / np.float32(255))
+    assert np.allclose(ours.functional_ycc, theirs.functional_ycc, atol=1e-6, rtol=0)
+    assert np.array_equal(ours.functional_ycc[..., 0], y)
+    assert prepare_modality(data, first=1).anatomical.shape == (1, 12, 14)
+
+
 def test_evaluate_builds_each_method_once_per_pair():
     """The warm-up and the timed run go through the pipeline (fuse_prepared) and share one built
     function (networks verify their weights once); the registry is left as it was."""
