@@ -35,6 +35,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
+sys.path.insert(0, str(REPO))   # medicalfusion_tools
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchdoc import command_line, machine_line, replace_section  # noqa: E402
@@ -47,7 +48,7 @@ TARGET_OVERHEAD = 0.05        # scheduler overhead, share of the work
 
 def child_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "MedicalFusion") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "MedicalFusion"), str(REPO), env.get("PYTHONPATH", "")])
     return env
 
 
@@ -61,7 +62,7 @@ def write_manifest(work: pathlib.Path, data: pathlib.Path, n: int) -> pathlib.Pa
 
 def fuse_argv(manifest: pathlib.Path, out: pathlib.Path, method: str, metric_set: str) -> list:
     """The studies' fuse command lines, as batch builds them (cohort.plan)."""
-    from MedicalFusionLib import cohort  # noqa: PLC0415
+    from medicalfusion_tools import cohort  # noqa: PLC0415
 
     return [t.argv for t in cohort.plan(manifest, out, method=method, metric_set=metric_set)]
 
@@ -109,7 +110,7 @@ def _peak_rss_mb() -> float:
 
 def batch(manifest: pathlib.Path, out: pathlib.Path, method: str, metric_set: str) -> dict:
     """medicalfusion batch through its own functions (cohort.plan, connect, _run_all), timed."""
-    from MedicalFusionLib import cohort  # noqa: PLC0415
+    from medicalfusion_tools import cohort  # noqa: PLC0415
 
     t0 = time.perf_counter()
     tasks = cohort.plan(manifest, out, method=method, metric_set=metric_set)

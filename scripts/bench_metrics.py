@@ -6,8 +6,8 @@ fuses it) and the spm12 T1 + PET templates (91x109x91), in ONE process and alter
 the machine's load hits all three alike, ``--repeats`` times:
 
 - ``lp``: the fusion of the pair without metrics (``pipeline.fuse_images``: prepare, fuse, recombine);
-- ``torch``: ``metrics_torch.volume_metrics_torch`` on the volumes the pipeline measures;
-- ``numpy``: ``metrics.volume_metrics`` (the per-slice numpy/scipy/scikit-image reference) on the
+- ``torch``: ``metrics.torch_engine.volume_metrics_torch`` (the metrics engine) on the volumes the pipeline measures;
+- ``numpy``: ``reference_metrics.volume_metrics`` (the tests' per-slice numpy/scipy/scikit-image reference) on the
   same volumes (``--numpy-repeats`` times: it is slow).
 
 Reports the median seconds, the ratios torch / lp and numpy / torch, the peak memory the torch
@@ -32,6 +32,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
+sys.path.insert(0, str(REPO))   # medicalfusion_tools
+sys.path.insert(0, str(REPO / "MedicalFusion" / "Testing" / "Python"))   # reference_metrics (the numpy reference)
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchdoc import command_line, common_arguments, machine_line, replace_section  # noqa: E402
@@ -39,7 +41,7 @@ from benchdoc import command_line, common_arguments, machine_line, replace_secti
 
 NOTE_FMI = ("FMI (fast-FMI on pixels and on gradients, 3x3 windows) is most of the torch time: every window pair "
             "where both windows vary is a 17-step merge of two 9-step cdfs plus the entropy of the 17 staircase "
-            "cells (metrics_torch's docstring), about 2.2 million pairs per source and feature on the MNI grid, "
+            "cells (metrics/torch_engine.py's docstring), about 2.2 million pairs per source and feature on the MNI grid, "
             "done as a few dozen tensor operations per chunk of pairs.")
 
 #: Groups of metrics that the torch implementation computes together (timed one by one).
@@ -126,8 +128,9 @@ def main(argv=None) -> int:
 
     import torch  # noqa: PLC0415
 
-    from MedicalFusionLib.metrics import METRIC_KEYS, METRIC_SETS, volume_metrics  # noqa: PLC0415
-    from MedicalFusionLib.metrics_torch import volume_metrics_torch  # noqa: PLC0415
+    from MedicalFusionLib.metrics import METRIC_KEYS, METRIC_SETS  # noqa: PLC0415
+    from reference_metrics import volume_metrics  # noqa: PLC0415  (Testing/Python: the numpy reference)
+    from MedicalFusionLib.metrics.torch_engine import volume_metrics_torch  # noqa: PLC0415
     from MedicalFusionLib.pipeline import FusionOptions, fuse_images, source_gray8  # noqa: PLC0415
     from MedicalFusionLib.colour import gray8  # noqa: PLC0415
 

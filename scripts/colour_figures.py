@@ -24,10 +24,11 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedicalFusion"))
+sys.path.insert(0, str(ROOT))   # medicalfusion_tools
 
 from MedicalFusionLib import colour  # noqa: E402
 from MedicalFusionLib.engine import fuse_slices  # noqa: E402
-from MedicalFusionLib.hotspot import Case  # noqa: E402
+from medicalfusion_tools.hotspot import Case  # noqa: E402
 from MedicalFusionLib.methods import get_method  # noqa: E402
 from MedicalFusionLib.pipeline import recombine  # noqa: E402
 
@@ -91,8 +92,8 @@ def bone_figure() -> str:
 
 
 def mr_figure() -> str:
-    from MedicalFusionLib.evaluate import load_modality  # noqa: PLC0415
-    from MedicalFusionLib.training.data import read_split  # noqa: PLC0415
+    from medicalfusion_tools.evaluate import load_modality  # noqa: PLC0415
+    from medicalfusion_tools.training.data import read_split  # noqa: PLC0415
 
     records = read_split(DATA / "aanlib", "test", pairs=("PET-MRI",))
     data = load_modality(records)

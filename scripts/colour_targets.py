@@ -6,7 +6,7 @@ folders, the pipeline's default windows) and on the coloured modality pairs of t
 recombined twice: ``before`` (the former BT.601 recombination: fused luma + functional Cb/Cr) and
 ``after`` (pipeline.recombine as shipped). Measured on each:
 
-- the colour metrics of the pipeline (metrics_torch.colour_metrics_torch): hue error > 10 degrees
+- the colour metrics of the pipeline (metrics.torch_engine.colour_metrics_torch): hue error > 10 degrees
   (% of coloured voxels), median chroma kept, median read-back error (% of window; sts only: the
   aanlib functionals are RGB pictures without a colour bar), all and over bone (CT > 215 HU);
 - the anatomy rule of docs/CLINICAL.md (hotspot.detail_kept on the luma, in the PET's coloured
@@ -14,7 +14,7 @@ recombined twice: ``before`` (the former BT.601 recombination: fused luma + func
   correlation: the difference of Gaussians (sigma 1 and 3 px in plane) of the fused CIELAB L*
   against the anatomical's, on the coloured voxels (C* > 20) over non-background anatomy, r >= 0.7;
 - sts: the hot-spot share (hotspot.top_fraction_in) minus the plain resample's (>= -2 points);
-- aanlib with ``--ranks``: the reference evaluator's 11 metrics (metrics_torch, 'quick' set) per
+- aanlib with ``--ranks``: the reference evaluator's 11 metrics (the metrics engine, 'quick' set) per
   pair, and the mean rank of every network among the networks and the peers of shared/ANCHORS.md.
 
 Run (one torch thread, in the background; the tables go to --out as CSV and Markdown):
@@ -36,12 +36,13 @@ from scipy import ndimage as ndi
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedicalFusion"))
+sys.path.insert(0, str(ROOT))   # medicalfusion_tools
 
 from MedicalFusionLib import colour  # noqa: E402
 from MedicalFusionLib.engine import fuse_slices, fuse_volume  # noqa: E402
-from MedicalFusionLib.hotspot import DETAIL_SIGMAS, Case, chroma, detail_kept, top_fraction_in  # noqa: E402
+from medicalfusion_tools.hotspot import DETAIL_SIGMAS, Case, chroma, detail_kept, top_fraction_in  # noqa: E402
 from MedicalFusionLib.methods import all_methods, get_method  # noqa: E402
-from MedicalFusionLib.metrics_torch import COLOURED_CHROMA, colour_metrics_torch, volume_metrics_torch  # noqa: E402
+from MedicalFusionLib.metrics.torch_engine import COLOURED_CHROMA, colour_metrics_torch, volume_metrics_torch  # noqa: E402
 from MedicalFusionLib.pipeline import array_axis, recombine  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -127,8 +128,8 @@ def run_sts(methods, writer, log, cases=STS_CASES) -> None:
 
 
 def run_aanlib(methods, writer, log, limit: int | None, ranks: bool) -> None:
-    from MedicalFusionLib.evaluate import load_modality  # noqa: PLC0415
-    from MedicalFusionLib.training.data import read_split  # noqa: PLC0415
+    from medicalfusion_tools.evaluate import load_modality  # noqa: PLC0415
+    from medicalfusion_tools.training.data import read_split  # noqa: PLC0415
 
     for pair in ("PET-MRI", "SPECT-MRI"):
         records = read_split(DATA / "aanlib", "test", pairs=(pair,))

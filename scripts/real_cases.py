@@ -7,7 +7,7 @@ tumour contour in cyan).
 
 Run: python scripts/real_cases.py [--doc docs/CLINICAL.md] [--figures docs/figures] [--methods ...]
      [--threads 1]
-The measures are those of MedicalFusion/Testing/Python/test_real_cases.py (MedicalFusionLib/hotspot.py).
+The measures are those of MedicalFusion/Testing/Python/test_real_cases.py (medicalfusion_tools/hotspot.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedicalFusion"))
+sys.path.insert(0, str(REPO))   # medicalfusion_tools
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchdoc import replace_section  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
-    from MedicalFusionLib.hotspot import Case  # noqa: PLC0415
+    from medicalfusion_tools.hotspot import Case  # noqa: PLC0415
     from MedicalFusionLib.methods import all_methods  # noqa: PLC0415
 
     methods = args.methods or [m.name for m in all_methods() if m.available()[0]]

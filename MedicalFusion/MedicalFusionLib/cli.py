@@ -417,7 +417,7 @@ def _report_fuse(args, result, paths: dict) -> None:
 def fuse_one(args):
     """One ``fuse`` run from parsed ``fuse`` arguments: check, claim, read, fuse, write, commit
     (all or nothing; with --store, stored in the PACS too); returns ``(result, {dest: path
-    written})``. ``cmd_fuse`` and each study of ``batch`` (cohort.py) run exactly this."""
+    written})``. ``cmd_fuse`` and each study of ``batch`` (medicalfusion_tools/cohort.py) run exactly this."""
     from .io import pacs  # noqa: PLC0415
     from .io.files import check_input_path  # noqa: PLC0415
     from .io.outputs import OutputSet  # noqa: PLC0415
@@ -492,10 +492,26 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def tools_module(name: str, command: str):
+    """``medicalfusion_tools.<name>``: the tools (evaluate, training, cohort) live in their own package,
+    beside the core and not shipped in the Slicer extension; imported only when their command runs.
+    An install without them (the extension's Python) says so in one line."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        return importlib.import_module(f"medicalfusion_tools.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("medicalfusion_tools", f"medicalfusion_tools.{name}"):
+            raise
+        raise FusionError(f"'{command}' needs the medicalfusion_tools package, which this installation lacks "
+                          "(the Slicer extension does not ship it): install the repository's pip package "
+                          "(pip install -e . in a checkout) and run it there") from None
+
+
 def cmd_evaluate(args) -> int:
     from .device import pick_device  # noqa: PLC0415
-    from .evaluate import evaluate  # noqa: PLC0415
 
+    evaluate = tools_module("evaluate", "evaluate").evaluate
     pick_device(args.device)
     evaluate(args.dataset, args.split, args.methods, args.output, pairs=args.pairs, device=args.device,
              limit=args.limit, quiet=args.quiet,
@@ -505,8 +521,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_train(args) -> int:
     from .device import pick_device  # noqa: PLC0415
-    from .training import train, trainable_methods  # noqa: PLC0415
-    from .training.data import read_split  # noqa: PLC0415
+
+    training = tools_module("training", "train")
+    train, trainable_methods = training.train, training.trainable_methods
+    read_split = tools_module("training.data", "train").read_split
 
     if args.method not in trainable_methods():
         raise FusionError(f"no trainer for '{args.method}': choose one of {', '.join(trainable_methods())}")
@@ -520,9 +538,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .cohort import run_batch  # noqa: PLC0415  (Dask only when a batch runs)
-
-    return run_batch(args)
+    return tools_module("cohort", "batch").run_batch(args)   # Dask only when a batch runs
 
 
 def cmd_demo(args) -> int:

@@ -338,7 +338,7 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
                           seconds=seconds, axis=axis, grayscale=prepared.grayscale, prepared=prepared)
     if options.compute_metrics:
-        from .metrics_torch import volume_metrics_torch  # noqa: PLC0415  (only when asked)
+        from .metrics.torch_engine import volume_metrics_torch  # noqa: PLC0415  (only when asked)
 
         tracker.phase("metrics")
         a8, b8 = source_gray8(prepared, _span(tracker, 0.0, 0.04))
@@ -352,7 +352,7 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
             progress=(lambda d, t: tracker.advance(0.08 + 0.87 * d / t, 1.0, force=True)) if progress_m else None,
             cancel=cancel_m)
         if not prepared.grayscale:
-            from .metrics_torch import colour_metrics_torch  # noqa: PLC0415
+            from .metrics.torch_engine import colour_metrics_torch  # noqa: PLC0415
 
             result.metrics.update(colour_metrics_torch(rgb, prepared.functional_ycc, prepared.functional_level,
                                                        prepared.functional_table, prepared.bone, axis=axis,

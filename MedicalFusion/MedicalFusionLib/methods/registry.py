@@ -112,7 +112,7 @@ def method_names() -> list[str]:
 
 def keep_built(on: bool = True) -> None:
     """Keep every method's built function for the life of this process (on), so a network's weights
-    are read, checked and loaded once however many volumes it fuses: a cohort worker (cohort.py)
+    are read, checked and loaded once however many volumes it fuses: a cohort worker (medicalfusion_tools/cohort.py)
     turns it on. Off (the default, the CLI and the panel) builds per run and keeps nothing."""
     global _kept
     _kept = {} if on else None

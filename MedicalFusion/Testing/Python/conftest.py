@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))                      # medicalfusion_tools (evaluate, training, hotspot, cohort)
 sys.path.insert(0, str(REPO / "MedicalFusion"))
 
 
@@ -77,6 +78,7 @@ SLOW_MODULES = {"test_real_cases", "test_registration", "test_scene_registration
 SLOW_TESTS = {
     "test_demo_runs_on_the_embedded_sample",
     "test_evaluate_writes_tables_and_montage",
+    "test_evaluate_reports_what_fuse_gives_users",
     "test_torch_volume_metrics_match_numpy_on_aanlib_slices",
     "test_torch_volume_metrics_match_numpy_on_spm12_fused_with_lp",
     "test_reproduces_reference_evaluator_anchors",

@@ -159,6 +159,28 @@ def test_evaluate_writes_tables_and_montage(shared_data, tmp_path):
     assert (tmp_path / "PET-MRI_montage.png").is_file()
 
 
+def test_evaluate_reports_what_fuse_gives_users(shared_data, tmp_path):
+    """Issue 21, one way through: evaluate's table for a pair is what the pipeline gives a user who
+    fuses the same two PNGs (8-bit pictures: window 0..255, as the CLI reads them): the same RGB and
+    the same metrics, from the same metrics engine (no second implementation behind the tables)."""
+    import torch
+    from medicalfusion_tools.evaluate import evaluate, fuse_modality, load_modality
+    from medicalfusion_tools.training.data import read_split
+    from MedicalFusionLib.pipeline import FusionOptions, fuse_images
+
+    record = read_split(shared_data / "aanlib", "test", pairs=("PET-MRI",))[0]
+    user = fuse_images(sitk.ReadImage(str(record.mri)), sitk.ReadImage(str(record.image)),
+                       FusionOptions(method="lp", anatomical_window=(0.0, 255.0), metric_set="all", device="cpu"))
+    rgb, _ = fuse_modality(load_modality([record]), "lp", torch.device("cpu"))
+    assert np.array_equal(rgb[0], user.rgb[0])
+    table = evaluate(shared_data / "aanlib", methods=["lp"], pairs=["PET-MRI"], limit=1, device="cpu",
+                     output=tmp_path / "ev", quiet=True)["PET-MRI"]["lp"]
+    assert set(user.metrics) <= set(table) and {"hue_err10", "chroma_kept", "VIF", "FMI_pixel"} <= set(table)
+    for key, (mean, _std, n) in user.metrics.items():
+        assert n == 1 and table[key][2] == 1
+        assert table[key][0] == pytest.approx(mean, rel=1e-9, abs=1e-12), key
+
+
 def test_demo_runs_on_the_embedded_sample(tmp_path):
     pytest.importorskip("nilearn", reason="nilearn (the MNI152 template) not installed: pip install '.[demo]'")
     assert main(["demo", "--output", str(tmp_path), "--method", "alpha", "-q"]) == 0
@@ -226,29 +248,63 @@ def test_threads_option_sets_torch_threads_and_rejects_zero(files, capsys):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("args", [["evaluate", "--dataset", "x"], ["train", "--method", "mrdfn", "--data", "d"],
+                                  ["batch", "manifest.csv", "--output", "out"]])
+def test_tools_commands_without_the_tools_package_say_so_in_one_line(args, monkeypatch, capsys, tmp_path):
+    """The Slicer extension ships MedicalFusionLib without medicalfusion_tools: its commands (evaluate,
+    train, batch) then end in one line that says what is missing and how to get it, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "medicalfusion_tools" or m.startswith("medicalfusion_tools.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "medicalfusion_tools", None)     # import of it fails as when absent
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medicalfusion: error: '{args[0]}' needs the medicalfusion_tools")
+    assert "pip install -e ." in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_prepares_the_pairs_as_the_pipeline_does():
+    """evaluate's stack of pairs is pipeline.prepare's (same arrays, grey kept grey), except that a
+    CT's grey luma is exactly k / 255 as the reference evaluator reads it (prepare's float32
+    RGB-to-YCbCr is off by < 1e-7, which turns exact .5 ties of 'average' the other way)."""
+    from medicalfusion_tools.evaluate import evaluation_options, prepare_modality
+    from MedicalFusionLib.pipeline import prepare
+
+    rng = np.random.default_rng(3)
+    a8 = rng.integers(0, 256, (2, 12, 14), dtype=np.uint8)
+    f8 = rng.integers(0, 256, (2, 12, 14), dtype=np.uint8)
+    y = f8.astype(np.float32) / 255.0
+    data = {"a8": a8, "func_rgb8": np.repeat(f8[..., None], 3, axis=-1),
+            "ycc": np.stack([y, np.full_like(y, 0.5), np.full_like(y, 0.5)], axis=-1)}
+    ours = prepare_modality(data)
+    theirs = prepare(sitk.GetImageFromArray(a8), sitk.GetImageFromArray(data["func_rgb8"], isVector=True),
+                     evaluation_options("alpha"))
+    assert ours.grayscale and theirs.grayscale
+    assert np.array_equal(ours.anatomical, theirs.anatomical) and np.array_equal(ours.anatomical, a8 / np.float32(255))
+    assert np.allclose(ours.functional_ycc, theirs.functional_ycc, atol=1e-6, rtol=0)
+    assert np.array_equal(ours.functional_ycc[..., 0], y)
+    assert prepare_modality(data, first=1).anatomical.shape == (1, 12, 14)
+
+
 def test_evaluate_builds_each_method_once_per_pair():
-    """The warm-up and the timed run share one built function (networks verify their weights once)."""
-    import dataclasses
-
+    """The warm-up and the timed run go through the pipeline (fuse_prepared) and share one built
+    function (networks verify their weights once); the registry is left as it was."""
     import torch
-    from MedicalFusionLib.evaluate import fuse_modality
-    from MedicalFusionLib.methods import get_method
+    from medicalfusion_tools.evaluate import fuse_modality
+    from MedicalFusionLib.methods import registry
 
-    base = get_method("alpha")
-    builds = []
-
-    def counting_build(device):
-        builds.append(device)
-        return base.build(device)
-
-    method = dataclasses.replace(base, build=counting_build)
     rng = np.random.default_rng(0)
-    y = rng.random((3, 16, 16), dtype=np.float32)
-    data = {"mri": rng.random((3, 16, 16), dtype=np.float32),
-            "ycc": np.stack([y, np.full_like(y, 0.5), np.full_like(y, 0.5)], axis=-1), "grayscale": True}
-    rgb, seconds = fuse_modality(data, method, torch.device("cpu"))
-    assert len(builds) == 1
+    a8 = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    f8 = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    data = {"a8": a8, "func_rgb8": np.repeat(f8[..., None], 3, axis=-1)}
+    before = registry.build_counts.get("max", 0)
+    rgb, seconds = fuse_modality(data, "max", torch.device("cpu"))
+    assert registry.build_counts.get("max", 0) - before == 1
+    assert registry._kept is None                     # keep_built is off again, as the CLI has it
     assert rgb.shape == (3, 16, 16, 3) and rgb.dtype == np.uint8 and seconds >= 0
+    # the fused grey is the pipeline's max of the two sources (a CT's grey stays grey)
+    assert np.array_equal(rgb[..., 0], np.maximum(a8, f8)) and np.array_equal(rgb[..., 0], rgb[..., 2])
 
 
 def test_two_identical_mrdfn_runs_write_the_same_bytes(tmp_path, capsys):

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 distributed = pytest.importorskip("distributed", reason="the cohort extra (dask[distributed]) is not installed")
 
-from MedicalFusionLib import cohort  # noqa: E402
+from medicalfusion_tools import cohort  # noqa: E402
 from MedicalFusionLib.cli import main  # noqa: E402
 from MedicalFusionLib.metrics import MetricInfo  # noqa: E402
 from MedicalFusionLib.io.outputs import PAUSE_FILE_ENV  # noqa: E402

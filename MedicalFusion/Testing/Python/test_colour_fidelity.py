@@ -18,7 +18,7 @@ from MedicalFusionLib import colour
 from MedicalFusionLib.engine import fuse_volume
 from MedicalFusionLib.methods import get_method
 from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, metrics_table_rows
-from MedicalFusionLib.metrics_torch import colour_metrics_torch
+from MedicalFusionLib.metrics.torch_engine import colour_metrics_torch
 from MedicalFusionLib.pipeline import FusionOptions, fuse_images, prepare, recombine
 
 HUE_MAX_PCT, CHROMA_MIN, READBACK_MAX_PCT, LIGHTNESS_R_MIN = 5.0, 0.8, 5.0, 0.7

@@ -8,7 +8,7 @@ import torch
 
 from MedicalFusionLib.methods.registry import get_method
 from MedicalFusionLib.networks.dmfnet import DMFNet, cosine_alpha_bar
-from MedicalFusionLib.training import dmfnet as T
+from medicalfusion_tools.training import dmfnet as T
 
 TINY = {"inner_channels": 8, "channel_mults": [1, 2, 2], "norm_groups": 4, "head_channels": 8}
 
@@ -127,7 +127,7 @@ def test_stage2_trains_and_resumes(tmp_path):
 
 
 def test_split_keeps_cases_disjoint():
-    from MedicalFusionLib.training.data import PairRecord
+    from medicalfusion_tools.training.data import PairRecord
     import pathlib
     recs = [PairRecord("CT-MRI", "CT", pathlib.Path(f"{c}_{i}.png"), pathlib.Path("x.png"), str(c), "train")
             for c in range(10) for i in range(3)]

@@ -110,3 +110,45 @@ def test_icon_and_screenshot_urls_are_images_of_this_repository():
         image = sitk.ReadImage(str(path))
         assert image.GetNumberOfComponentsPerPixel() == 3 and min(image.GetSize()) >= 150
         assert path.parent == REPO / "docs" / "figures"
+
+
+def shipped_scripts() -> list[Path]:
+    """The Python files MedicalFusion/CMakeLists.txt ships (MODULE_PYTHON_SCRIPTS): the module file and
+    what its GLOB_RECURSE patterns match, resolved here as CMake resolves them."""
+    module_dir = REPO / "MedicalFusion"
+    text = (module_dir / "CMakeLists.txt").read_text(encoding="utf-8")
+    glob = re.search(r"file\(GLOB_RECURSE MODULE_LIB_SCRIPTS(.*?)\)", text, flags=re.S).group(1)
+    patterns = [p.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "").replace("${MODULE_NAME}", "MedicalFusion")
+                for p in glob.split() if p.startswith("${CMAKE_CURRENT_SOURCE_DIR}/")]
+    assert patterns, "CMakeLists.txt globs no script"
+    found = [module_dir / "MedicalFusion.py"]
+    for pattern in patterns:
+        folder, _, suffix = pattern.partition("/*")
+        found += sorted((module_dir / folder).rglob("*" + suffix))
+    return found
+
+
+def test_the_extension_ships_the_core_and_not_the_tools():
+    """Issue 21: evaluate, training, the hot-spot study and the cohort live in medicalfusion_tools/, which
+    the Slicer extension does not ship; what it ships (the metrics package included) imports nothing
+    of them (the CLI reaches them only through importlib when their command runs)."""
+    shipped = shipped_scripts()
+    names = {p.relative_to(REPO / "MedicalFusion").as_posix() for p in shipped}
+    assert "MedicalFusionLib/metrics/__init__.py" in names and "MedicalFusionLib/metrics/torch_engine.py" in names
+    assert "MedicalFusionLib/pipeline.py" in names and "MedicalFusionLib/cli.py" in names
+    tools = REPO / "medicalfusion_tools"
+    assert (tools / "evaluate.py").is_file() and (tools / "cohort.py").is_file() and (tools / "hotspot.py").is_file()
+    assert (tools / "training" / "loop.py").is_file()
+    for gone in ("evaluate.py", "hotspot.py", "cohort.py", "training", "metrics.py", "metrics_torch.py"):
+        assert not (REPO / "MedicalFusion" / "MedicalFusionLib" / gone).exists(), f"MedicalFusionLib/{gone} is shipped"
+    for path in shipped:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[0] == "medicalfusion_tools" for m in modules), \
+                f"{path.relative_to(REPO)} imports {modules} (not shipped in the extension)"

@@ -98,7 +98,7 @@ def assert_one_line(rc, lines, *expected, status=2):
 def run_cli(args, cwd, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
     """The command in a subprocess (for RLIMIT, signals, another user, hangs)."""
     full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = str(MODULE_DIR) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), str(REPO), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "MedicalFusionLib.cli", *[str(a) for a in args]], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
@@ -182,7 +182,7 @@ def _as_from_a_terminal() -> None:
 def start_paused(args, cwd: pathlib.Path, point: str, marker: pathlib.Path) -> subprocess.Popen:
     """Start the command so that it pauses at ``point`` (io.outputs.pause_point); wait until it is there."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(MODULE_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), str(REPO), env.get("PYTHONPATH", "")])
     env.update({PAUSE_ENV: point, PAUSE_FILE_ENV: str(marker)})
     proc = subprocess.Popen([sys.executable, "-m", "MedicalFusionLib.cli", *[str(a) for a in args]], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

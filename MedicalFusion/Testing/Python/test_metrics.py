@@ -1,6 +1,7 @@
-"""Tests of MedicalFusionLib.metrics.
+"""Tests of the metrics: the numpy reference (reference_metrics.py, beside this file), then the
+metrics engine (MedicalFusionLib.metrics.torch_engine) against it.
 
-Each metric is checked against an independent computation: scikit-image / scikit-learn / numpy
+Each metric of the reference is checked against an independent computation: scikit-image / scikit-learn / numpy
 where one exists, a literal (slow, loop-by-loop) transcription of the published algorithm for
 fast-FMI and VIF, and small cases worked out by hand otherwise. A data test recomputes the
 `yavg` / `ymax` rows of shared/ANCHORS.md (the field's reference evaluator, CDDFuse's
@@ -22,7 +23,7 @@ from skimage.measure import shannon_entropy
 from skimage.metrics import structural_similarity
 from sklearn.metrics import adjusted_rand_score, mutual_info_score
 
-from MedicalFusionLib import metrics as M
+import reference_metrics as M
 from MedicalFusionLib.colour import gray8
 from MedicalFusionLib.errors import FusionError
 
@@ -498,7 +499,7 @@ def test_reproduces_reference_evaluator_anchors(pair):
 
 
 # ------------------------------------------------------------------------------------------
-# the torch volume metrics (metrics_torch) against the numpy reference
+# the metrics engine (metrics.torch_engine) against the numpy reference (reference_metrics.py)
 
 # Largest difference allowed between volume_metrics_torch and volume_metrics, per metric (of the
 # mean and of the std over the slices). The integer-based metrics are exact up to float64
@@ -510,7 +511,7 @@ TORCH_TOLERANCE = {"EN": 1e-12, "SD": 1e-10, "SF": 1e-10, "AG": 1e-5, "MI_bits":
 
 
 def _assert_torch_matches_numpy(a8, b8, f8, axis=0, keys=None, **kw):
-    from MedicalFusionLib.metrics_torch import volume_metrics_torch
+    from MedicalFusionLib.metrics.torch_engine import volume_metrics_torch
 
     ref = M.volume_metrics(a8, b8, f8, axis=axis, keys=keys)
     ours = volume_metrics_torch(a8, b8, f8, axis=axis, keys=keys, device="cpu", **kw)
@@ -569,7 +570,7 @@ def test_torch_volume_metrics_match_numpy_on_tiny_slices(shape):
 
 
 def test_torch_volume_metrics_refuse_what_the_reference_refuses():
-    from MedicalFusionLib.metrics_torch import volume_metrics_torch
+    from MedicalFusionLib.metrics.torch_engine import volume_metrics_torch
 
     a8, b8, f8 = _edge_case_volume((5, 9))
     for impl in (M.volume_metrics, volume_metrics_torch):
@@ -585,7 +586,7 @@ def test_torch_volume_metrics_refuse_what_the_reference_refuses():
 
 
 def test_torch_volume_metrics_in_small_batches_and_chunks_give_the_same_values(monkeypatch):
-    from MedicalFusionLib import metrics_torch as MT
+    from MedicalFusionLib.metrics import torch_engine as MT
 
     a8, b8, f8 = _edge_case_volume((40, 37))
     whole = MT.volume_metrics_torch(a8, b8, f8, device="cpu")
@@ -597,7 +598,7 @@ def test_torch_volume_metrics_in_small_batches_and_chunks_give_the_same_values(m
 
 def test_torch_volume_metrics_report_progress_and_cancel():
     from MedicalFusionLib.errors import FusionCancelled
-    from MedicalFusionLib.metrics_torch import volume_metrics_torch
+    from MedicalFusionLib.metrics.torch_engine import volume_metrics_torch
 
     a8, b8, f8 = _edge_case_volume()
     seen = []

@@ -18,8 +18,8 @@ from MedicalFusionLib.networks import weights
 from MedicalFusionLib.networks.lywnet import LYWNet, feature_distillation
 from MedicalFusionLib.networks.inference import network_fuse_fn
 from MedicalFusionLib.networks.mrdfn import MRDFN
-from MedicalFusionLib.training import losses
-from MedicalFusionLib.training.loop import CropSampler, TrainConfig, fit, split_cases, validation_loss
+from medicalfusion_tools.training import losses
+from medicalfusion_tools.training.loop import CropSampler, TrainConfig, fit, split_cases, validation_loss
 
 NETS = {"mrdfn": (MRDFN, 2), "lywnet": (LYWNet, 16)}
 
@@ -173,7 +173,7 @@ def test_lywnet_source_skip_round_trips_and_folds_exactly():
 
 
 def test_lywnet_trainer_rejects_a_bad_source_skip_in_one_line(tmp_path, monkeypatch):
-    from MedicalFusionLib.training import lywnet as lyw_trainer
+    from medicalfusion_tools.training import lywnet as lyw_trainer
 
     monkeypatch.setenv("MEDICALFUSION_LYWNET_SOURCE_SKIP", "yes")
     with pytest.raises(FusionError, match="MEDICALFUSION_LYWNET_SOURCE_SKIP must be 0 or 1"):
@@ -194,7 +194,7 @@ def test_losses_basic_properties():
 
 
 def test_lywnet_loss_edge_l1_term_and_weight_spec():
-    from MedicalFusionLib.training import lywnet as lyw_trainer
+    from medicalfusion_tools.training import lywnet as lyw_trainer
 
     a, b, f = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     # the default weights have no L1 edge term (the behaviour of the earlier runs)
@@ -272,7 +272,7 @@ def test_no_manifest_entry_says_how_to_train(weights_tmp):
 # ---- training loop ------------------------------------------------------------------------------
 
 def test_split_cases_is_case_disjoint():
-    from MedicalFusionLib.training.data import PairRecord
+    from medicalfusion_tools.training.data import PairRecord
 
     recs = [PairRecord(p, "X", None, None, str(c), "train") for p in ("CT-MRI", "PET-MRI")
             for c in range(6) for _ in range(3)]
@@ -346,7 +346,7 @@ def _write_tiny_aanlib(root, size: int = 64) -> None:
 def test_trainer_writes_manifest_entry(name, tmp_path, weights_tmp):
     import importlib
 
-    trainer = importlib.import_module(f"MedicalFusionLib.training.{name}")
+    trainer = importlib.import_module(f"medicalfusion_tools.training.{name}")
     data = tmp_path / "aanlib"
     _write_tiny_aanlib(data)
     cfg = trainer.make_config(1.0, 0)

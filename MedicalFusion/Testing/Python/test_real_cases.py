@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from conftest import data_root
 
 from MedicalFusionLib import cli, colour
-from MedicalFusionLib.hotspot import Case, chroma, detail_kept, top_fraction_in
+from medicalfusion_tools.hotspot import Case, chroma, detail_kept, top_fraction_in
 from MedicalFusionLib.methods import all_methods
 from MedicalFusionLib.pipeline import FusionOptions
 from MedicalFusionLib.io.read import read_source

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from . import colour
+from MedicalFusionLib import colour
 
 TOP_FRACTION = 0.01
 COLOURED_CHROMA = 0.1
@@ -75,8 +75,8 @@ class Case:
     the plain-resample reference and the coloured region; fusions made on demand and kept."""
 
     def __init__(self, anatomical_path, functional_path, mask_path):
-        from .pipeline import FusionOptions, prepare  # noqa: PLC0415  (torch only when used)
-        from .io.read import read_source  # noqa: PLC0415
+        from MedicalFusionLib.pipeline import FusionOptions, prepare  # noqa: PLC0415  (torch only when used)
+        from MedicalFusionLib.io.read import read_source  # noqa: PLC0415
 
         self.anat = read_source(anatomical_path, "anatomical")
         self.functional = read_source(functional_path, "functional")
@@ -92,7 +92,7 @@ class Case:
 
     def fused(self, method: str) -> np.ndarray:
         """The fused RGB (uint8 [Z, Y, X, 3]) of ``method``."""
-        from .pipeline import fuse_prepared  # noqa: PLC0415
+        from MedicalFusionLib.pipeline import fuse_prepared  # noqa: PLC0415
 
         if method not in self._fused:
             self.options.method = method

@@ -1,14 +1,15 @@
-"""The volume metrics in torch: the 16 metrics of :mod:`.metrics` for every slice of a volume at once.
+"""The metrics engine, in torch: the 16 metrics of the table (:mod:`MedicalFusionLib.metrics`) for
+every slice of a volume at once, and the colour fidelity.
 
-:func:`volume_metrics_torch` returns what :func:`MedicalFusionLib.metrics.volume_metrics` returns
-(``{key: (mean, std, n_slices)}`` over the non-empty slices) with the same values, but computes
-them in torch on the fusion's device (CUDA, Apple MPS or the CPU, chosen as the engine chooses),
-for batches of slices at a time, in one pass over the volume, with a cancel check and a progress
-report at least every few tens of milliseconds. The numpy/scipy/scikit-image implementation in
-:mod:`.metrics` stays the reference (the evaluation and the reference-evaluator agreement tests use
-it); the tests compare the two on real and synthetic volumes within the tolerances that
-docs/EVALUATION.md states, and docs/BENCHMARKS.md (section 'metrics') lists the largest difference
-measured per metric.
+:func:`volume_metrics_torch` returns ``{key: (mean, std, n_slices)}`` over the non-empty slices,
+computed on the fusion's device (CUDA, Apple MPS or the CPU, chosen as the engine chooses), for
+batches of slices at a time, in one pass over the volume, with a cancel check and a progress
+report at least every few tens of milliseconds. The
+pipeline, ``medicalfusion evaluate`` (the published tables), training's test-split scores and the
+cohort all use it. Its independent reference, in numpy/scipy/scikit-image, is test code
+(Testing/Python/reference_metrics.py); the tests compare the two on real and synthetic volumes
+within the tolerances that docs/EVALUATION.md states, and docs/BENCHMARKS.md (section 'metrics')
+lists the largest difference measured per metric.
 
 :func:`colour_metrics_torch` adds the colour fidelity of a fused volume (CIELAB hue error, chroma
 kept and the uptake read back from the colour, against the functional's own colour; metrics.COLOUR_METRICS),
@@ -50,15 +51,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import colour as _colour
+from .. import colour as _colour
 
-from .device import pick_device
-from .errors import FusionError
-from .metrics import (
+from ..device import pick_device
+from ..errors import FusionError
+from . import (
     PSNR_CAP, QABF_ORIENTATION, QABF_STRENGTH, VIF_EPS, VIF_NOISE_VAR, check_keys, summarise, vif_window,
     volume_slices,
 )
-from .progress import CancelFn, Progress, ProgressFn
+from ..progress import CancelFn, Progress, ProgressFn
 
 logger = logging.getLogger(__name__)
 
@@ -540,7 +541,7 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
                          batch_pixels: int = BATCH_PIXELS) -> dict[str, tuple[float, float, int]]:
     """Slice-wise metrics of a fused volume, ``{key: (mean, std, n_slices)}``, computed in torch.
 
-    Same inputs, slices and values as :func:`MedicalFusionLib.metrics.volume_metrics` (the numpy
+    Same inputs, slices and values as ``volume_metrics`` of Testing/Python/reference_metrics.py (the numpy
     reference): a8, b8, f8 uint8 volumes of one shape (f8 may be RGB [..., 3]), slices along
     ``axis``, only the slices where a or b is nonzero. ``device``: 'auto' (CUDA, MPS, CPU) or a
     torch device. ``progress(done, total)`` and ``cancel() -> bool`` are called at least every few

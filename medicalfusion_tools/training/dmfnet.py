@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..device import pick_device
-from ..networks import weights as W
-from ..networks.dmfnet import DEFAULT_CONFIG, DMFNet, count_parameters, noise_level
+from MedicalFusionLib.device import pick_device
+from MedicalFusionLib.networks import weights as W
+from MedicalFusionLib.networks.dmfnet import DEFAULT_CONFIG, DMFNet, count_parameters, noise_level
 from .data import default_data_root, load_stack, read_split
 from .losses import sobel_gradient
 
@@ -236,7 +236,7 @@ def stage1_validation(model: DMFNet, val_imgs: np.ndarray, device, n: int = 8) -
 
 
 def _pad16(x, m):
-    from ..methods.pyramids import pad_to_multiple
+    from MedicalFusionLib.methods.pyramids import pad_to_multiple
     return pad_to_multiple(x, m)
 
 
@@ -339,7 +339,7 @@ def train(data_root=None, out_dir=None, minutes: float = 60.0, resume: bool = Tr
     stage = str(stage or os.environ.get("MEDICALFUSION_DMFNET_STAGE", "both")).lower()
     dev = pick_device(device)
     root = pathlib.Path(data_root) if data_root else default_data_root()
-    out = pathlib.Path(out_dir) if out_dir else pathlib.Path(__file__).resolve().parents[3] / "runs" / "dmfnet"
+    out = pathlib.Path(out_dir) if out_dir else pathlib.Path(__file__).resolve().parents[2] / "runs" / "dmfnet"
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train.log"
 
@@ -428,7 +428,7 @@ def train(data_root=None, out_dir=None, minutes: float = 60.0, resume: bool = Tr
         test = test_split_metrics(model.fuse, root, log=log)
         full = W.read_manifest().get("dmfnet", {})
         full.update(test_metrics=test,
-                    metric_protocol="fused Y + functional Cb/Cr -> RGB uint8 -> BT.601 gray8; metrics.slice_metrics "
+                    metric_protocol="fused Y + functional Cb/Cr -> RGB uint8 -> BT.601 gray8; the metrics engine "
                                     "(A = MRI, B = CT/PET/SPECT), mean over the test pairs of each modality pair")
         W.update_manifest("dmfnet", full)
         entry = full

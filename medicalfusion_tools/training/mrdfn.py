@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 
-from ..networks.inference import network_fuse_fn
-from ..networks.mrdfn import DEFAULT_SETTINGS, MRDFN, PAD_MULTIPLE
+from MedicalFusionLib.networks.inference import network_fuse_fn
+from MedicalFusionLib.networks.mrdfn import DEFAULT_SETTINGS, MRDFN, PAD_MULTIPLE
 from .loop import TrainConfig, run_training
 from .losses import DEFAULT_MRDFN_WEIGHTS, mrdfn_loss
 

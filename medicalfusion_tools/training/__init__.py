@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 
-from ..errors import FusionError
+from MedicalFusionLib.errors import FusionError
 
 
 def trainable_methods() -> list[str]:

@@ -10,8 +10,8 @@ What every trainer gets from here:
   rate halved after ``lr_patience`` rounds without improvement, early stopping after ``patience``
   rounds, a wall-time budget, a resumable checkpoint ``<run_dir>/ckpt.pt`` written every round and
   a loss log ``<run_dir>/log.csv``;
-- :func:`test_split_metrics`: the fused test split scored with :func:`metrics.slice_metrics` the way
-  the evaluation does it (fused Y + functional Cb/Cr -> RGB uint8 -> 8-bit gray);
+- :func:`test_split_metrics`: the fused test split scored the way the evaluation does it (the
+  pipeline's prepare and recombine, the engine, the metrics engine: evaluate.score);
 - :func:`run_training`: all of the above plus the weights and manifest entry.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import FusionError
+from MedicalFusionLib.errors import FusionError
+from MedicalFusionLib.metrics import METRIC_KEYS
 from .data import PAIRS, PairRecord, load_stack, read_split
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -52,7 +53,7 @@ class TrainConfig:
 
 
 def repo_runs_dir() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[3] / "runs"
+    return pathlib.Path(__file__).resolve().parents[2] / "runs"
 
 
 def seed_everything(seed: int) -> None:
@@ -240,29 +241,32 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, cfg: TrainConfig, train_stack: 
 
 def test_split_metrics(fuse_fn: Callable, data_root, split: str = "test", batch: int = 8,
                        log: Callable[[str], None] = print) -> dict:
-    """Mean metrics per modality pair of ``fuse_fn`` on ``split``, scored as the evaluation does."""
-    from .. import colour
-    from ..evaluate import load_modality
-    from ..metrics import slice_metrics
-    from ..pipeline import recombine
+    """Mean metrics per modality pair of ``fuse_fn`` on ``split``, scored as the evaluation does:
+    the pairs prepared by the pipeline (evaluate.prepare_modality), fused by the engine
+    (:func:`MedicalFusionLib.engine.fuse_slices`, batches of ``batch``), recombined by
+    :func:`MedicalFusionLib.pipeline.recombine` and scored by :func:`..evaluate.score` (the metrics
+    engine). ``fuse_fn`` is the network being trained, not yet a registered method."""
+    from MedicalFusionLib.engine import fuse_slices
+    from MedicalFusionLib.methods import FusionMethod
+    from MedicalFusionLib.pipeline import recombine
 
+    from ..evaluate import load_modality, prepare_modality, score
+
+    cpu = torch.device("cpu")
+    method = FusionMethod(name="training", build=lambda _device: fuse_fn)
     out: dict = {}
     for pair in PAIRS:
         records = read_split(data_root, split, pairs=(pair,))
         if not records:
             continue
-        data = load_modality(records)
-        a = torch.from_numpy(data["mri"][:, None])
-        b = torch.from_numpy(np.ascontiguousarray(data["ycc"][..., 0])[:, None])
+        prepared = prepare_modality(load_modality(records))
         t0 = time.perf_counter()
-        fused = torch.cat([fuse_fn(a[i:i + batch], b[i:i + batch]) for i in range(0, len(a), batch)])
-        seconds = (time.perf_counter() - t0) / len(a)
-        f8 = colour.gray8(recombine(fused[:, 0].numpy(), data["ycc"], 1.0, data["grayscale"]))
-        sums: dict[str, float] = {}
-        for i in range(len(records)):
-            for k, v in slice_metrics(data["a8"][i], data["b8"][i], f8[i]).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        out[pair] = {k: round(v / len(records), 5) for k, v in sums.items()}
+        fused = fuse_slices(prepared.anatomical, prepared.functional_ycc[..., 0], method, device=cpu, batch_size=batch)
+        seconds = (time.perf_counter() - t0) / len(records)
+        rgb = recombine(fused, prepared.functional_ycc, method.chroma_scale, prepared.grayscale,
+                        table=prepared.functional_table)
+        metrics = score(prepared, rgb, cpu)
+        out[pair] = {k: round(v[0], 5) for k, v in metrics.items() if k in METRIC_KEYS}
         out[pair]["pairs"] = len(records)
         out[pair]["seconds_per_pair"] = round(seconds, 5)
         log(f"{split} {pair}: " + " ".join(f"{k}={out[pair][k]:.3f}" for k in ("Qabf", "VIF", "SF", "AG", "SSIM_avg")))
@@ -274,8 +278,8 @@ def run_training(name: str, model: torch.nn.Module, loss_fn: LossFn, cfg: TrainC
                  fuse_wrapper: Callable | None = None, log: Callable[[str], None] = print) -> dict:
     """Train ``model`` on the train split (minus validation cases), score it on the test split and
     save weights + manifest entry under ``name``. Returns the manifest entry."""
-    from ..device import pick_device
-    from ..networks import weights
+    from MedicalFusionLib.device import pick_device
+    from MedicalFusionLib.networks import weights
 
     dev = pick_device(device)
     threads = os.environ.get("MEDICALFUSION_TRAIN_THREADS")
@@ -313,7 +317,7 @@ def run_training(name: str, model: torch.nn.Module, loss_fn: LossFn, cfg: TrainC
                      "wall_time_s": round(info["elapsed"], 1), "device": str(dev),
                      "threads": torch.get_num_threads()},
         "test_metrics": test,
-        "metric_protocol": "fused Y + functional Cb/Cr -> RGB uint8 -> BT.601 gray8; metrics.slice_metrics "
+        "metric_protocol": "fused Y + functional Cb/Cr -> RGB uint8 -> BT.601 gray8; the metrics engine "
                            "(A = MRI, B = CT/PET/SPECT), mean over the test pairs of each modality pair",
     })
     weights.save_state_dict(model, name, entry)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import copy
 import functools
 
-from ..errors import FusionError
-from ..networks.lywnet import DEFAULT_SETTINGS, PAD_MULTIPLE, LYWNet
-from ..networks.inference import network_fuse_fn
+from MedicalFusionLib.errors import FusionError
+from MedicalFusionLib.networks.lywnet import DEFAULT_SETTINGS, PAD_MULTIPLE, LYWNet
+from MedicalFusionLib.networks.inference import network_fuse_fn
 from .loop import TrainConfig, run_training
 from .losses import DEFAULT_LYWNET_WEIGHTS, LYWNET_V2_WEIGHTS, lywnet_loss
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from ..colour import rgb_to_ycbcr
-from ..errors import FusionError
+from MedicalFusionLib.colour import rgb_to_ycbcr
+from MedicalFusionLib.errors import FusionError
 
 PAIRS = ("CT-MRI", "PET-MRI", "SPECT-MRI")
 
@@ -25,7 +25,7 @@ def default_data_root() -> pathlib.Path:
     env = os.environ.get("MEDICALFUSION_DATA")
     if env:
         return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[4] / "shared" / "data"
+    return pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ def read_split(root: pathlib.Path, split: str | None = None, pairs: tuple[str, .
 
 def read_png(path: pathlib.Path) -> np.ndarray:
     """uint8 [H, W] or [H, W, 3] of one dataset picture (checked: complete, readable, 8-bit)."""
-    from ..io.files import check_image_file, check_input_path, display_path  # noqa: PLC0415
-    from ..io.read import native_quiet  # noqa: PLC0415
+    from MedicalFusionLib.io.files import check_image_file, check_input_path, display_path  # noqa: PLC0415
+    from MedicalFusionLib.io.read import native_quiet  # noqa: PLC0415
 
     label = f"dataset image {display_path(path)}"
     check_input_path(path, "dataset image")

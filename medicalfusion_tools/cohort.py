@@ -49,9 +49,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .errors import FusionError
-from .options import DEFAULT_METRIC_SET
-from .io.outputs import sha256_of
+from MedicalFusionLib.errors import FusionError
+from MedicalFusionLib.options import DEFAULT_METRIC_SET
+from MedicalFusionLib.io.outputs import sha256_of
 
 REQUIRED_COLUMNS = ("id",)
 #: The two inputs of a study, one pair or the other (or both columns, each row filling one pair):
@@ -122,7 +122,7 @@ class Outcome:
 @functools.lru_cache(maxsize=1)
 def _parser():
     """The CLI's parser (built once per process; parsing leaves it unchanged)."""
-    from .cli import build_parser  # noqa: PLC0415
+    from MedicalFusionLib.cli import build_parser  # noqa: PLC0415
 
     return build_parser()
 
@@ -141,7 +141,7 @@ def _fuse_actions() -> dict:
 
 
 def _set_by_batch() -> tuple:
-    from .cli import FUSE_OUTPUTS  # noqa: PLC0415
+    from MedicalFusionLib.cli import FUSE_OUTPUTS  # noqa: PLC0415
 
     return SET_BY_BATCH + tuple(dest for dest, _what, _kind in FUSE_OUTPUTS)
 
@@ -272,7 +272,7 @@ def plan(manifest: str | os.PathLike, output: str | os.PathLike, methods: list |
     only, before any work). ``pacs``: the PACS of rows that name series and no pacs; ``store``:
     store every PACS study whose store cell is empty; ``output_dicom``: each study's fused series
     also as DICOM in its folder's ``dicom/``."""
-    from .io import pacs as pacs_io  # noqa: PLC0415
+    from MedicalFusionLib.io import pacs as pacs_io  # noqa: PLC0415
 
     rows, columns = read_manifest(manifest)
     if methods and "method" in columns:
@@ -367,7 +367,7 @@ def study_lock(path: str):
 
 def _remove_leftovers(folder: pathlib.Path) -> None:
     """Temporaries and backups of an OutputSet whose process was killed (held lock: none is live)."""
-    from .io.outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
+    from MedicalFusionLib.io.outputs import BACKUP_PREFIX, TEMP_PREFIX  # noqa: PLC0415
 
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
@@ -390,7 +390,7 @@ def _read_record(folder: pathlib.Path) -> list:
 
 
 def _write_record(folder: pathlib.Path, entries: list) -> None:
-    from .io.outputs import OutputSet  # noqa: PLC0415
+    from MedicalFusionLib.io.outputs import OutputSet  # noqa: PLC0415
 
     if not entries:
         with contextlib.suppress(FileNotFoundError):
@@ -417,7 +417,7 @@ def _clear_record(folder: pathlib.Path, args) -> None:
     """Remove from the PACS every series the record names that is not complete and vouched for
     (a store cut short), and, when this run stores, the series an earlier run stored (it is
     replaced); FusionError when one cannot be removed (the record keeps it for the next run)."""
-    from .io.pacs import DEFAULT_TIMEOUT, Pacs, StoredSeries  # noqa: PLC0415
+    from MedicalFusionLib.io.pacs import DEFAULT_TIMEOUT, Pacs, StoredSeries  # noqa: PLC0415
 
     entries = _read_record(folder)
     left = []
@@ -441,7 +441,7 @@ def _clear_record(folder: pathlib.Path, args) -> None:
 
 def _record_store(folder: pathlib.Path, args, datasets) -> None:
     """Just before the store (pacs.commit_and_store's hook): the series about to be stored."""
-    from .io.pacs import shown_url  # noqa: PLC0415
+    from MedicalFusionLib.io.pacs import shown_url  # noqa: PLC0415
 
     ds = datasets[0]
     _write_record(folder, _read_record(folder) + [{
@@ -452,7 +452,7 @@ def _record_store(folder: pathlib.Path, args, datasets) -> None:
 def _set_aside(path: pathlib.Path) -> pathlib.Path | None:
     """An output folder of an earlier run (the study's ``dicom/``), moved aside while the study is
     redone (fuse writes a new or empty folder): put back if the run fails, removed if it succeeds."""
-    from .io.outputs import BACKUP_PREFIX  # noqa: PLC0415
+    from MedicalFusionLib.io.outputs import BACKUP_PREFIX  # noqa: PLC0415
 
     if not path.is_dir() or path.is_symlink():
         return None
@@ -469,7 +469,7 @@ def _configure_worker(threads: int) -> None:
     import SimpleITK as sitk  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from .methods.registry import keep_built  # noqa: PLC0415
+    from MedicalFusionLib.methods.registry import keep_built  # noqa: PLC0415
 
     if _configured.get("threads") != threads:
         torch.set_num_threads(threads)
@@ -483,7 +483,7 @@ def _configure_worker(threads: int) -> None:
 
 @contextlib.contextmanager
 def _test_pause(study_id: str):
-    from .io.outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
+    from MedicalFusionLib.io.outputs import PAUSE_ENV, PAUSE_FILE_ENV  # noqa: PLC0415
 
     hook = os.environ.get(TEST_PAUSE_ENV, "")
     sid, _, point = hook.partition(":")
@@ -502,7 +502,7 @@ def run_task(task: Task, threads: int) -> Outcome:
     """Run one study (in a Dask worker): skip it when its outputs are verified, else ``fuse`` it as
     the CLI does and write its done.json last. Never raises for the study's own failure: that is
     an Outcome with status 'failed' and the one-line message ``fuse`` would print."""
-    from .errors import FusionCancelled  # noqa: PLC0415
+    from MedicalFusionLib.errors import FusionCancelled  # noqa: PLC0415
 
     t0 = time.perf_counter()
     if task.error:
@@ -543,9 +543,9 @@ def run_task(task: Task, threads: int) -> Outcome:
 
 
 def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
-    from . import __version__  # noqa: PLC0415
-    from .cli import fuse_one  # noqa: PLC0415
-    from .io.outputs import OutputSet  # noqa: PLC0415
+    from MedicalFusionLib import __version__  # noqa: PLC0415
+    from MedicalFusionLib.cli import fuse_one  # noqa: PLC0415
+    from MedicalFusionLib.io.outputs import OutputSet  # noqa: PLC0415
 
     args, error = parse_fuse_argv(task.argv)
     if args is None:
@@ -591,7 +591,7 @@ def _fuse_and_mark(task: Task, folder: pathlib.Path) -> tuple[str, str]:
 def read_metrics(path: str | os.PathLike) -> dict:
     """``{metric: mean}`` of a metrics.csv that ``fuse`` wrote (the luma and the colour-fidelity
     metrics), and its 'seconds' run information."""
-    from .metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
+    from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
 
     wanted = set(METRIC_KEYS) | set(COLOUR_METRIC_KEYS) | {"seconds"}
     values = {}
@@ -610,7 +610,7 @@ def ranked_metrics(table=None) -> list:
     """The metrics the ranking uses, with their directions: every row of the metrics table (the
     reference evaluator's metrics.METRICS and the colour fidelity's metrics.COLOUR_METRICS) but
     :data:`NOT_RANKED`."""
-    from .metrics import COLOUR_METRICS, METRICS  # noqa: PLC0415
+    from MedicalFusionLib.metrics import COLOUR_METRICS, METRICS  # noqa: PLC0415
 
     return [m for m in (METRICS + COLOUR_METRICS if table is None else table) if m.key not in NOT_RANKED]
 
@@ -665,7 +665,7 @@ def summary_text(outcomes: list) -> str:
 
 def cohort_metrics_text(outcomes: list) -> str:
     """Every fused study's metrics: one row per study and method, one column per metric."""
-    from .metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
+    from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, METRIC_KEYS  # noqa: PLC0415
 
     keys = [k for k in METRIC_KEYS + COLOUR_METRIC_KEYS if any(k in o.metrics for o in outcomes)]
     buf = io.StringIO(newline="")
@@ -702,7 +702,7 @@ def _dask():
 
 
 def _machine_cores() -> int:
-    from .cli import cpu_count  # noqa: PLC0415
+    from MedicalFusionLib.cli import cpu_count  # noqa: PLC0415
 
     return cpu_count()
 
@@ -790,8 +790,8 @@ def _dashboard(client) -> str:
 def run_batch(args) -> int:
     """``medicalfusion batch``: plan, run every task on Dask, write the cohort tables; 0 when every
     study is ok or skipped, 2 when any failed (after every other study was done)."""
-    from .methods import get_method  # noqa: PLC0415
-    from .io.outputs import OutputSet  # noqa: PLC0415
+    from MedicalFusionLib.methods import get_method  # noqa: PLC0415
+    from MedicalFusionLib.io.outputs import OutputSet  # noqa: PLC0415
 
     for m in args.methods or [args.method]:
         ok, reason = get_method(m).available()
@@ -806,13 +806,13 @@ def run_batch(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise FusionError(f"batch --output folder {out_dir} is a file, not a folder: give a folder")
     if args.pacs:
-        from .io.pacs import check_url  # noqa: PLC0415
+        from MedicalFusionLib.io.pacs import check_url  # noqa: PLC0415
 
         check_url(args.pacs)
     tasks = plan(args.manifest, out_dir, args.methods, args.method, args.metric_set, args.preview,
                  output_dicom=args.output_dicom, pacs=args.pacs, store=args.store)
     if any("--pacs" in t.argv for t in tasks):
-        from .io.pacs import credentials  # noqa: PLC0415
+        from MedicalFusionLib.io.pacs import credentials  # noqa: PLC0415
 
         credentials()                           # both login variables or neither: one line before any work
     client, cluster, threads, where = connect(args.scheduler, len(tasks), args.workers, args.worker_threads)
