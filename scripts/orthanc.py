@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A real Orthanc PACS (with its DICOMweb plugin) on 127.0.0.1 in a temporary folder: for the PACS
-tests (started once per test session, see Testing/Python/test_pacs.py), the PACS benchmark and the
+tests (started once per test session, see Testing/Python/io/test_pacs.py), the PACS benchmark and the
 walk-through in docs/PACS.md.
 
 Orthanc and its DICOMweb plugin are Debian packages (``apt-get install orthanc orthanc-dicomweb``;

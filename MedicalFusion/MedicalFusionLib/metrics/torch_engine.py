@@ -14,7 +14,7 @@ lists the largest difference measured per metric.
 :func:`colour_metrics_torch` adds the colour fidelity of a fused volume (CIELAB hue error, chroma
 kept and the uptake read back from the colour, against the functional's own colour; metrics.COLOUR_METRICS),
 which the grayscale metrics cannot see; its independent reference (scikit-image's rgb2lab) is in
-Testing/Python/test_colour_fidelity.py.
+Testing/Python/metrics/test_colour_fidelity.py.
 
 Where the time goes and how it is saved:
 

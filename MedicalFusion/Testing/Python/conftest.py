@@ -17,6 +17,13 @@ import SimpleITK as sitk  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))                      # medicalfusion_tools (evaluate, training, hotspot, cohort)
 sys.path.insert(0, str(REPO / "MedicalFusion"))
+#: The tests mirror the package (io/, metrics/, methods/, networks/, scene/, slicer_module/, tools/);
+#: a few share helpers across folders (``from test_faults import cli``, ``from test_pacs import ...``):
+#: every test folder is importable by its modules' names, as when they all sat here.
+HERE = pathlib.Path(__file__).resolve().parent
+for _folder in sorted(p for p in HERE.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 
 def data_root() -> pathlib.Path:

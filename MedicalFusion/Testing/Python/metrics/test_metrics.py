@@ -394,7 +394,7 @@ def _data_root() -> Path:
     env = os.environ.get("MEDICALFUSION_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
+    return Path(__file__).resolve().parents[4] / ".." / "shared" / "data"
 
 
 def _anchors(path: Path) -> dict:

@@ -25,7 +25,7 @@ vtk = pytest.importorskip("vtk", reason="vtk is not installed (it comes with sli
 import SimpleITK as sitk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-MODULE_DIR = Path(__file__).resolve().parents[2]
+MODULE_DIR = Path(__file__).resolve().parents[3]
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
@@ -33,7 +33,7 @@ from MedicalFusionLib import scene as fscene  # noqa: E402
 from MedicalFusionLib.errors import FusionCancelled, FusionError  # noqa: E402
 from MedicalFusionLib.pipeline import FusionOptions, fuse_images  # noqa: E402
 
-DATA = Path(os.environ.get("MEDICALFUSION_DATA") or Path(__file__).resolve().parents[3].parent / "shared" / "data")
+DATA = Path(os.environ.get("MEDICALFUSION_DATA") or Path(__file__).resolve().parents[4].parent / "shared" / "data")
 SPM12 = DATA / "spm12"
 AANLIB = DATA / "aanlib"
 needs_spm12 = pytest.mark.skipif(not (SPM12 / "T1.nii").is_file(),

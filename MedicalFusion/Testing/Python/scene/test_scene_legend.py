@@ -18,7 +18,7 @@ slicer = pytest.importorskip(
     "slicer", reason="slicer-core is not installed (pip install slicer-core): the MRML scene tests need real MRML nodes")
 vtk = pytest.importorskip("vtk", reason="vtk is not installed (it comes with slicer-core)")
 
-MODULE_DIR = Path(__file__).resolve().parents[2]
+MODULE_DIR = Path(__file__).resolve().parents[3]
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 ENTRY = REPO / "docs" / "extension-index" / "MedicalFusion.json"
 SCHEMA_NAME = "slicer-extension-catalog-entry-schema-v1.0.2.json"
 #: The catalog's accepted categories named in ../shared/slicer-extensions-index/README.md (the list

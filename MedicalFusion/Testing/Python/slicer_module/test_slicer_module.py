@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]          # Testing/Python: the harness beside conftest
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 if str(HERE.parents[1]) not in sys.path:

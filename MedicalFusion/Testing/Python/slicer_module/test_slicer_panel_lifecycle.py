@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]          # Testing/Python: the harness beside conftest
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
