@@ -510,6 +510,27 @@ def test_spm12_t2_to_t1(shared_data):
     assert tre(out.transform, truth, t1, 95, brain) < 2.0
 
 
+def test_ct_to_synthetic_mr_finest_level_on_the_whole_grid(shared_data):
+    """What --register-with CT does, with an exact truth: STS_001's CT (198 x 202 x 59, 1 x 1 x 3.3
+    mm, 2.4 million voxels) registered to an MR-like image made from itself (the benchmark's case
+    (b)), after the benchmark's first misalignment. The finest level runs on the whole grid with
+    100,000 samples: 0.06 mm median over the tumour (0.10 mm when that level took every 2nd voxel
+    and 20,000 samples; elastix 0.07, ANTs 0.06)."""
+    from bench_registration import centre_of, random_rigid, synthetic_mr  # noqa: PLC0415
+    from MedicalFusionLib.sources import read_source  # noqa: PLC0415
+
+    root = shared_data / "sts" / "STS_001" / "CT"
+    if not (root / "dicom").is_dir():
+        pytest.skip(f"sts data not found in {root}")
+    ct = read_source(root / "dicom", "functional").image
+    tumour = region_points(sitk.ReadImage(str(root / "gtv_mask.nii.gz")))
+    truth = random_rigid(np.random.default_rng(1000), centre_of(ct))
+    out = reg.register(synthetic_mr(ct, seed=7), reg.moved_geometry(ct, truth), "rigid")
+    assert tre(out.transform, truth, ct, 50, tumour) < 0.08
+    assert tre(out.transform, truth, ct, 95, tumour) < 0.15
+    assert out.warning is None
+
+
 # ------------------------------------------------------------------------------------------------
 # transform files
 
