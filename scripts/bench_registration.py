@@ -187,7 +187,8 @@ def trial(anat, func, points, g, kind, settings, reference=None):
 
 
 def fmt(x: float) -> str:
-    return "fail" if not np.isfinite(x) else f"{x:.2f}"
+    """Two decimals; three under 1 mm, where the tools differ by hundredths."""
+    return "fail" if not np.isfinite(x) else f"{x:.3f}" if abs(x) < 1.0 else f"{x:.2f}"
 
 
 def worst(values: list[float]) -> float:
