@@ -45,6 +45,19 @@ venv on the same two images written as NRRD. Reported per tool: TRE (mm; per tri
 over the region) median / 95th percentile / worst over the trials, seconds (the registration
 alone) median / worst, refusals; for ours also the warnings (uncertain spread) and the accepted
 results more than 10 mm off without one.
+
+The peers take 3-5x ours' CPU time. ``--cache DIR`` keeps every tool's per-trial results
+(DIR/<case>.<tool>.<pid>.json) and takes a peer's trial from there instead of running it again (its
+result does not depend on our code); ``--run`` says which tools run (the others come from the cache
+only), ``--patients`` picks sts patients and ``--peer-trials`` runs the peers on the first N trials
+only. So the peers can run once, each pair in its own process, and ours after every change:
+
+    ... --cases hybrid --patients STS_002 --trials 5 --cache /tmp/peers --run elastix ants
+    ... --cases hybrid --trials 5 --cache /tmp/peers --run ours
+    ... --cases hybrid --trials 5 --cache /tmp/peers --run elastix ants --output docs/BENCHMARKS.md
+
+(the last one finds everything in the cache and writes the table; a table is written only when
+every tool has every trial).
 """
 from __future__ import annotations
 

@@ -531,6 +531,30 @@ def test_ct_to_synthetic_mr_finest_level_on_the_whole_grid(shared_data):
     assert out.warning is None
 
 
+def test_benchmark_cache_keeps_every_tools_trials(tmp_path, pair):
+    """scripts/bench_registration.py --cache/--run: each tool's trials are kept per case (one file
+    per tool and process, so runs of different tools can fill it at once) and taken from there
+    instead of being run again; a tool neither run nor cached is left out (no table is written)."""
+    from bench_registration import load_cache, run_case_trials, save_cache  # noqa: PLC0415
+
+    anat, pet = pair
+    trial = {"tre": 0.5, "sec": 1.0, "cpu": 1.0, "error": "", "warning": ""}
+    cache = {"x|ours|0": dict(trial, tre=0.25), "x|elastix|0": trial}
+    save_cache(str(tmp_path), "hybrid", "ours", cache)
+    save_cache(str(tmp_path), "hybrid", "elastix", cache)
+    save_cache(str(tmp_path), "synthetic-mr", "elastix", {"x|elastix|0": dict(trial, tre=9.0)})
+    loaded = load_cache(str(tmp_path), "hybrid")
+    assert loaded == cache
+    points = np.zeros((3, 3))
+    # nothing is run (a peer would fail: no such interpreter): both come from the cache
+    got = run_case_trials(anat, pet, points, ["ours", "elastix"], 1, FAST, "/nonexistent/python", 1, False, "x",
+                          loaded, run=("elastix",))
+    assert got == {"ours": [cache["x|ours|0"]], "elastix": [trial]}
+    got = run_case_trials(anat, pet, points, ["ours", "elastix"], 2, FAST, "/nonexistent/python", 1, False, "x",
+                          loaded, run=(), peer_trials=2)
+    assert [len(got["ours"]), len(got["elastix"])] == [1, 1]
+
+
 # ------------------------------------------------------------------------------------------------
 # transform files
 
