@@ -45,6 +45,19 @@ venv on the same two images written as NRRD. Reported per tool: TRE (mm; per tri
 over the region) median / 95th percentile / worst over the trials, seconds (the registration
 alone) median / worst, refusals; for ours also the warnings (uncertain spread) and the accepted
 results more than 10 mm off without one.
+
+The peers take 3-5x ours' CPU time. ``--cache DIR`` keeps every tool's per-trial results
+(DIR/<case>.<tool>.<pid>.json) and takes a peer's trial from there instead of running it again (its
+result does not depend on our code); ``--run`` says which tools run (the others come from the cache
+only), ``--patients`` picks sts patients and ``--peer-trials`` runs the peers on the first N trials
+only. So the peers can run once, each pair in its own process, and ours after every change:
+
+    ... --cases hybrid --patients STS_002 --trials 5 --cache /tmp/peers --run elastix ants
+    ... --cases hybrid --trials 5 --cache /tmp/peers --run ours
+    ... --cases hybrid --trials 5 --cache /tmp/peers --run elastix ants --output docs/BENCHMARKS.md
+
+(the last one finds everything in the cache and writes the table; a table is written only when
+every tool has every trial).
 """
 from __future__ import annotations
 
@@ -187,7 +200,8 @@ def trial(anat, func, points, g, kind, settings, reference=None):
 
 
 def fmt(x: float) -> str:
-    return "fail" if not np.isfinite(x) else f"{x:.2f}"
+    """Two decimals; three under 1 mm, where the tools differ by hundredths."""
+    return "fail" if not np.isfinite(x) else f"{x:.3f}" if abs(x) < 1.0 else f"{x:.2f}"
 
 
 def worst(values: list[float]) -> float:
@@ -265,13 +279,13 @@ def synthetic_mr(ct: sitk.Image, seed: int = 0) -> sitk.Image:
     return out
 
 
-def load_cases(data: pathlib.Path, cases: list[str]):
+def load_cases(data: pathlib.Path, cases: list[str], patients: tuple = STS_PATIENTS):
     """Yield (case, pair name, fixed image, moving image, region points (on the fixed side), truth note)."""
     if "hybrid" in cases:
-        for key, ct, pet, points, *_ in load_pairs(data, ["sts/PET-CT"]):
+        for key, ct, pet, points, *_ in load_pairs(data, [f"sts/{p}/PET-CT" for p in patients]):
             yield "hybrid", key.replace("/PET-CT", " PET->CT"), ct, pet, points
     if "synthetic-mr" in cases:
-        for patient in STS_PATIENTS:
+        for patient in patients:
             root = data / "sts" / patient / "CT"
             if not (root / "dicom").is_dir():
                 print(f"sts {patient} not found: skipped", file=sys.stderr)
@@ -305,10 +319,42 @@ def peer_register(tool: str, fixed_path: pathlib.Path, moving_path: pathlib.Path
         return affine_matrix(sitk.ReadTransform(str(out))), float(timing["seconds"]), float(timing["cpu"]), ""
 
 
-def run_case_trials(fixed, moving, points, tools, trials, settings, python, threads, verbose, name):
-    """Every tool on the same ``trials`` misaligned starts: {tool: [trial dicts]}."""
+def load_cache(directory: str | None, case: str) -> dict:
+    """Per-trial results of ``case`` kept by earlier runs (``--cache``): {"pair|tool|trial": trial dict},
+    from DIR/<case>.json and DIR/<case>.*.json."""
+    import json  # noqa: PLC0415
+
+    cache: dict = {}
+    if directory and pathlib.Path(directory).is_dir():
+        for path in sorted(pathlib.Path(directory).glob(f"{case}.json")) + \
+                sorted(pathlib.Path(directory).glob(f"{case}.*.json")):
+            cache.update(json.loads(path.read_text()))
+    return cache
+
+
+def save_cache(directory: str | None, case: str, tool: str, cache: dict) -> None:
+    """``tool``'s results in ``cache`` to DIR/<case>.<tool>.<process id>.json (one file per tool and
+    process: several runs may fill the cache at the same time)."""
+    import json  # noqa: PLC0415
+
+    if not directory:
+        return
+    path = pathlib.Path(directory) / f"{case}.{tool}.{os.getpid()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in cache.items() if k.split("|")[1] == tool}, indent=1))
+    os.replace(tmp, path)
+
+
+def run_case_trials(fixed, moving, points, tools, trials, settings, python, threads, verbose, name,
+                    cache: dict | None = None, on_cached=None, run: tuple = (), peer_trials: int | None = None):
+    """Every tool on the same ``trials`` misaligned starts: {tool: [trial dicts]}. With a ``cache``
+    (key: pair, tool, trial; the start depends only on the trial's seed and the image): a peer's
+    trial found there is taken from it, not run again, and so is every trial of a tool not in
+    ``run`` (missing: left out); a trial that is run is added to it and ``on_cached(tool)`` called."""
     import tempfile  # noqa: PLC0415
 
+    cache = {} if cache is None else cache
     results = {tool: [] for tool in tools}
     with tempfile.TemporaryDirectory() as tmp:
         fixed_path = pathlib.Path(tmp) / "fixed.nrrd"
@@ -319,6 +365,17 @@ def run_case_trials(fixed, moving, points, tools, trials, settings, python, thre
             moving_path = pathlib.Path(tmp) / "moving.nrrd"
             sitk.WriteImage(sitk.Cast(moved, sitk.sitkFloat32), str(moving_path))
             for tool in tools:
+                if tool != "ours" and peer_trials is not None and k >= peer_trials:
+                    continue
+                key = f"{name}|{tool}|{k}"
+                if key in cache and (tool != "ours" or tool not in run):
+                    results[tool].append(cache[key])
+                    if verbose:
+                        print(f"  {name} trial {k} {tool}: TRE {fmt(cache[key]['tre'])} mm (kept from an earlier run)",
+                              flush=True)
+                    continue
+                if tool not in run:
+                    continue
                 found, warning, error = None, "", ""
                 if tool == "ours":
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -334,6 +391,9 @@ def run_case_trials(fixed, moving, points, tools, trials, settings, python, thre
                 if found is not None:
                     tre = float(np.median(np.linalg.norm(apply(found, points) - apply(g, points), axis=1)))
                 results[tool].append({"tre": tre, "sec": seconds, "cpu": cpu, "error": error, "warning": warning})
+                cache[key] = results[tool][-1]
+                if on_cached is not None:
+                    on_cached(tool)
                 if verbose:
                     flag = " WARNING" if warning else ""
                     print(f"  {name} trial {k} {tool}: TRE {fmt(tre)} mm, {seconds:.1f} s (CPU {cpu:.1f}){flag} {error}",
@@ -373,9 +433,12 @@ def case_markdown(case: str, rows: list[tuple[str, list[dict]]], args, machine: 
     title, text = CASE_TEXT[case]
     cmd = (f"python scripts/bench_registration.py --cases {case} --peers {' '.join(args.peers)} --peers-python "
            f"{args.peers_python} --trials {args.trials}" + (f" --threads {args.threads}" if args.threads else "")
-           + " --output docs/BENCHMARKS.md")
+           + (f" --peer-trials {args.peer_trials}" if args.peer_trials and args.peer_trials < args.trials else "")
+           + (f" --cache {args.cache}" if args.cache else "") + " --output docs/BENCHMARKS.md")
     lines = [f"## Registration with a known truth: {title}", "", f"Command: `{cmd}`. {machine}", "",
-             text + f" {args.trials} trials per pair: the moving image moved by a known random rigid transform "
+             text + f" {args.trials} trials per pair"
+             + (f" (the peers: the first {args.peer_trials}, for time)" if args.peer_trials and args.peer_trials < args.trials else "")
+             + ": the moving image moved by a known random rigid transform "
              "(up to 10 degrees about each axis, 20 mm along each; numpy seeds 1000 and up), the same for every "
              "tool. TRE per trial: the median distance over the region between where the found and the true "
              "transforms put its points; the table gives its median, 95th percentile and worst over the trials. "
@@ -407,18 +470,33 @@ def main_cases(args) -> int:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     settings = parse_settings(args.set)
     tools = ["ours"] + list(args.peers)
+    peer_trials = min(args.trials, args.peer_trials or args.trials)
+    run = tuple(args.run or (list(args.peers) if args.peers_only else tools))
     by_case: dict = {}
-    for case, name, fixed, moving, points in load_cases(pathlib.Path(args.data), args.cases):
+    complete = True
+    for case, name, fixed, moving, points in load_cases(pathlib.Path(args.data), args.cases, tuple(args.patients)):
+        cache = load_cache(args.cache, case)
         results = run_case_trials(fixed, moving, points, tools, args.trials, settings, args.peers_python,
-                                  args.threads, args.verbose, name)
+                                  args.threads, args.verbose, name, cache,
+                                  lambda tool, c=case, d=cache: save_cache(args.cache, c, tool, d), run,
+                                  peer_trials)
+        missing = [tool for tool in tools if len(results[tool]) < (args.trials if tool == "ours" else peer_trials)]
+        if missing:
+            print(f"{name}: no table: {', '.join(missing)} not run and not all in the cache", flush=True)
+            complete = False
+            continue
         tool_rows = [case_row(tool, results[tool]) for tool in tools]
         by_case.setdefault(case, []).append((name, tool_rows))
         for r in tool_rows:
             print(f"{name} {r['tool']}: TRE median {fmt(r['median'])} p95 {fmt(r['p95'])} worst {fmt(r['worst'])} mm; "
                   f"{r['sec']:.1f} s (max {r['max_sec']:.1f}, CPU max {r['max_cpu']:.1f}); refused {r['refused']}/{r['trials']}; "
                   f"warned {r['warned']}; silent > 10 mm {r['silent_far']}", flush=True)
-    for case, rows in by_case.items():
+    for case, rows in (by_case.items() if complete else ()):
         body = case_markdown(case, rows, args, machine_line())
+        if args.cache:
+            body += ("\n\nWith `--cache`: trials kept by earlier runs of the same command (same pairs, seeds and "
+                     "starts; a peer's result does not depend on our code) were taken from it, so their seconds "
+                     "were measured then, under those runs' load.")
         if args.output:
             replace_section(args.output, f"registration-{case}", body)
             print(f"-> {args.output} (section 'registration-{case}')")
@@ -444,6 +522,18 @@ def main(argv=None) -> int:
     parser.add_argument("--peers-python", default=str(REPO / ".venv-bench" / "bin" / "python"),
                         help="the interpreter with itk-elastix and antspyx (make bench-deps)")
     parser.add_argument("--threads", type=int, help="threads for every tool (ITK's default otherwise)")
+    parser.add_argument("--cache", "--peer-cache", dest="cache", metavar="DIR",
+                        help="keep every tool's per-trial results in DIR/<case>.<tool>.json and reuse the peers' "
+                             "(they do not depend on our code) and those of tools not in --run: the slow peers run "
+                             "once, alongside or before ours")
+    parser.add_argument("--run", nargs="+", choices=("ours", "elastix", "ants"),
+                        help="with --cache: run only these tools, take the others from the cache (default: all); "
+                             "the tables are written only when every tool has every trial")
+    parser.add_argument("--patients", nargs="+", default=list(STS_PATIENTS), choices=STS_PATIENTS,
+                        help="the sts patients of the hybrid and synthetic-mr cases (default: all three)")
+    parser.add_argument("--peer-trials", type=int,
+                        help="the peers' trials (the first ones of --trials; default: as many as --trials)")
+    parser.add_argument("--peers-only", action="store_true", help="the same as --run with the --peers")
     args = parser.parse_args(argv)
     if args.cases:
         return main_cases(args)

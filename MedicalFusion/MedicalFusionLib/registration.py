@@ -107,11 +107,12 @@ class RegistrationSettings:
     start: str = "auto"                  # auto | placement | moments
     sampling: str = "regular"            # regular (a jittered grid) | random
     seed: int = 7
+    finest_samples: int = 100_000        # ... but the finest level: more, for a precise optimum (0: ``samples``)
     restarts: int = 2                    # perturbed starts run besides the main one, for the spread (0: none)
     restart_shift_mm: float = 10.0       # each perturbed start: shifted this far ...
     restart_turn_deg: float = 5.0        # ... and turned this much about the anatomical's centre
     restart_levels: int = 2              # the restarts run the first this many (coarsest) levels
-    level_voxels: int = 2_000_000        # a level's anatomical grid is subsampled to at most this many voxels
+    level_voxels: int = 3_000_000        # a level's anatomical grid is subsampled to at most this many voxels
     gradient_filter: bool = False        # rigid: ITK's smoothed gradient images (True) or the interpolator's gradients
     threads: int = 1                     # ITK threads while registering (1: the same answer bit for bit; 0: ITK's default)
 
@@ -662,7 +663,7 @@ def _level_images(fixed: sitk.Image, moving: sitk.Image, shrink: int, sigma: flo
                   tracker: _Tracker) -> tuple[sitk.Image, sitk.Image]:
     """The pyramid level (:func:`_reduced`): both images smoothed by ``sigma`` mm; the fixed one on
     a grid ``shrink`` times coarser, or more to keep at most ``max_voxels`` (its voxels are where the
-    metric samples: 20,000 of them), the moving one as coarse as the smoothing allows (a voxel no
+    metric samples: 20,000 of them, 100,000 at the finest level), the moving one as coarse as the smoothing allows (a voxel no
     larger than sigma, at most ``shrink`` times its own). Done here rather than by SimpleITK's
     registration framework, which smooths both at full resolution and sets up the metric over every
     fixed voxel with no progress report (0.8-2 s on a 1 mm MR, each level and start)."""
@@ -710,7 +711,8 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
                 continue
             try:
                 current[i], stop = _run_level(*images, current[i], stage, settings, tracker,
-                                              _budget(settings, stage, level))
+                                              _budget(settings, stage, level),
+                                              finest=level == len(settings.shrink_factors) - 1)
             except FusionCancelled:
                 raise
             except RuntimeError as exc:
@@ -727,14 +729,18 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
 
 
 def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: str,
-               settings: RegistrationSettings, tracker: _Tracker, iterations: int) -> tuple[np.ndarray, str]:
+               settings: RegistrationSettings, tracker: _Tracker, iterations: int,
+               finest: bool = False) -> tuple[np.ndarray, str]:
     """One pyramid level (images already smoothed and subsampled: :func:`_level_images`) from
     ``start`` (4x4, centred frame), at most ``iterations``; returns the result and the optimizer's
     stop condition."""
     method = sitk.ImageRegistrationMethod()
+    # The finest level takes more samples: where the optimum lies there depends less on which voxels
+    # were drawn (docs/REGISTRATION.md, "A more precise finest level").
+    samples = (finest and settings.finest_samples) or settings.samples
     method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM if settings.sampling == "random" else method.REGULAR)
-    method.SetMetricSamplingPercentagePerLevel([_sampling_fraction(fixed, settings.samples)], settings.seed)
+    method.SetMetricSamplingPercentagePerLevel([_sampling_fraction(fixed, samples)], settings.seed)
     method.SetInterpolator(sitk.sitkLinear)
     # Image gradients from the interpolator, consistent with the values the metric measures: ITK's
     # default gradient filter (a smoothed gradient image) pulls affine scales away (test phantoms)
