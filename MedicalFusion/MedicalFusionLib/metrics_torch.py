@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 #: Pixels (slices x height x width) per batch of slices.
 BATCH_PIXELS = 1 << 18
+#: Pixels per chunk of a batch for the computations that make many passes over per-pixel maps
+#: (their working set, a few MB, stays in the CPU cache): one 256x256 slice.
+CACHE_PIXELS = 1 << 16
 #: FMI window pairs per chunk (keeps the walk's arrays in the CPU cache).
 FMI_CHUNK = 4096
 #: scikit-image's structural_similarity defaults: 7x7 uniform window, K1, K2, data range 255.
@@ -204,15 +207,48 @@ def _moment_metrics(a, b, f) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 # SSIM (scikit-image's structural_similarity, data_range 255, 7x7 uniform window, sample covariance)
 
+def _box7(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """'valid' sums of 7 consecutive entries along ``dim`` (exact for integers): 4 additions, 2 + 2 -> 4,
+    4 + 2 -> 6, 6 + 1 -> 7, instead of a 7-tap convolution."""
+    n = x.shape[dim]
+    s2 = x.narrow(dim, 0, n - 1) + x.narrow(dim, 1, n - 1)
+    s4 = s2.narrow(dim, 0, n - 3) + s2.narrow(dim, 2, n - 3)
+    s4 = s4.narrow(dim, 0, n - 5).add_(s2.narrow(dim, 4, n - 5))
+    return s4.narrow(dim, 0, n - 6).add_(x.narrow(dim, 6, n - 6))
+
+
+def _in_cache_chunks(fn: Callable) -> Callable:
+    """``fn(a, b, f)`` run on chunks of at most :data:`CACHE_PIXELS` pixels of the batch (whole
+    slices), the per-slice results put together: for a computation that makes several passes over
+    per-pixel maps, the chunk's maps stay in the CPU cache between passes (measured: SSIM's window
+    sums 6x faster on single 256x256 slices than on batches of four). The values do not change."""
+
+    def chunked(a, b, f) -> dict[str, np.ndarray]:
+        step = max(1, CACHE_PIXELS // max(1, f.shape[1] * f.shape[2]))
+        if f.shape[0] <= step:
+            return fn(a, b, f)
+        parts = [fn(a[i:i + step], b[i:i + step], f[i:i + step]) for i in range(0, f.shape[0], step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    chunked.__doc__ = fn.__doc__
+    return chunked
+
+
+@_in_cache_chunks
 def _ssim_metrics(a, b, f) -> dict[str, np.ndarray]:
     k = SSIM_WINDOW
     if min(f.shape[1], f.shape[2]) < k:
         raise FusionError(f"SSIM needs slices of at least {k}x{k} pixels, got {tuple(f.shape[1:])}")
     npix = k * k
-    x = torch.stack([f, a, b], 1).to(torch.float32)
-    maps = torch.cat([x, x * x, x[:, 1:] * x[:, :1]], 1)           # F A B, F2 A2 B2, AF BF
-    # 7x7 window sums over the valid region: sums of integers below 2^24, exact in float32
-    sums = _separable(maps, torch.ones(k, device=f.device)).to(torch.int32)
+    x = torch.stack([f, a, b], 1).to(torch.int32)
+    maps = x.new_empty((x.shape[0], 8) + x.shape[2:])                # F A B, F2 A2 B2, AF BF (int32)
+    maps[:, :3] = x
+    torch.mul(x, x, out=maps[:, 3:6])
+    torch.mul(x[:, 1:], x[:, :1], out=maps[:, 6:8])
+    del x
+    # 7x7 window sums over the valid region, exact in int32 (at most 49 x 255^2)
+    sums = _box7(_box7(maps, 2), 3)
+    del maps
     s_f, s_ff = sums[:, 0], sums[:, 3]
     u_f = s_f.to(torch.float32) / npix
     norm = 1.0 / (npix * (npix - 1))        # cov_norm NP/(NP-1) over NP^2
@@ -240,11 +276,12 @@ def _separable(x: torch.Tensor, g: torch.Tensor, stride: int = 1) -> torch.Tenso
     return F.conv2d(x, g.view(1, 1, 1, n).expand(c, 1, 1, n), stride=(1, stride), groups=c)
 
 
+@_in_cache_chunks
 def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
     s = f.shape[0]
     images = torch.stack([f, a, b], 1).to(torch.float32)      # [S, 3, H, W]: D, A, B
-    nums = torch.zeros(s, 2, dtype=torch.float64)
-    dens = torch.zeros(s, 2, dtype=torch.float64)
+    acc = _acc_dtype(f.device)
+    sums = torch.zeros(s, 2, 2, dtype=torch.float64)            # [slice, num/den, A/B]
     for scale in range(1, 5):
         g = torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
         n = g.numel()
@@ -252,23 +289,34 @@ def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
             images = _separable(images, g, 2)
         if min(images.shape[2], images.shape[3]) < n:
             break
-        d = images[:, :1]
-        maps = torch.cat([images, images * images, images[:, 1:] * d], 1)   # D A B, D2 A2 B2, AD BD
+        # the eight maps D A B, D2 A2 B2, AD BD written into one tensor, filtered as its channels
+        maps = images.new_empty((s, 8) + images.shape[2:])
+        maps[:, :3] = images
+        torch.mul(images, images, out=maps[:, 3:6])
+        torch.mul(images[:, 1:], images[:, :1], out=maps[:, 6:8])
         mu = _separable(maps, g)
-        mu_d, mu_r = mu[:, :1], mu[:, 1:3]
-        var_d = (mu[:, 3:4] - mu_d * mu_d).clamp_min(0.0)
-        var_r = (mu[:, 4:6] - mu_r * mu_r).clamp_min(0.0)
-        cov = mu[:, 6:8] - mu_r * mu_d
-        ok_r = (var_r >= VIF_EPS).to(torch.float32)
+        del maps
+        # in place: channels 3..5 become the variances of D, A, B, channels 6..7 the covariances AD, BD
+        mu[:, 3:6] -= mu[:, :3] * mu[:, :3]
+        mu[:, 3:6].clamp_min_(0.0)
+        mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
+        var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
+        ok_r = var_r >= VIF_EPS
         gain = cov / (var_r + VIF_EPS)
-        valid = ok_r * (var_d >= VIF_EPS).to(torch.float32) * (gain >= 0).to(torch.float32)
-        gain = gain * valid
-        var_n = (var_d - gain * cov).clamp_min(VIF_EPS)
-        num = torch.log10(1.0 + gain * gain * var_r / (var_n + VIF_NOISE_VAR))
-        den = torch.log10(1.0 + var_r * ok_r / VIF_NOISE_VAR)
-        acc = _acc_dtype(f.device)
-        nums += num.sum((2, 3), dtype=acc).cpu().double()
-        dens += den.sum((2, 3), dtype=acc).cpu().double()
+        valid = ok_r & (var_d >= VIF_EPS) & (gain >= 0)
+        gain = torch.where(valid, gain, 0.0)
+        terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
+        var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
+        var_n += VIF_NOISE_VAR
+        torch.mul(gain, gain, out=terms[:, 0])
+        terms[:, 0] *= var_r
+        terms[:, 0] /= var_n
+        torch.mul(var_r, ok_r, out=terms[:, 1])
+        terms[:, 1] /= VIF_NOISE_VAR
+        terms += 1.0
+        terms.log10_()
+        sums += terms.sum((3, 4), dtype=acc).cpu().double()
+    nums, dens = sums[:, 0], sums[:, 1]
     vif = torch.where(dens > 0, nums / torch.where(dens > 0, dens, torch.ones_like(dens)), torch.ones_like(dens))
     return {"VIF": vif.sum(1).numpy()}
 
