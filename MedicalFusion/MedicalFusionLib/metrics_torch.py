@@ -327,15 +327,21 @@ def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
 def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Strength and orientation of scipy.ndimage.convolve with the Sobel kernels (zero padding),
     as separable integer sums: sx[i, j] = v[i, j-1] - v[i, j+1] with v the [1 2 1] sum down the
-    rows, sy[i, j] = h[i+1, j] - h[i-1, j] with h the [1 2 1] sum along the rows."""
-    p = F.pad(x.to(torch.float32), (1, 1, 1, 1))
-    smooth_v = p[:, :-2] + 2.0 * p[:, 1:-1] + p[:, 2:]                 # [1 2 1] down the rows
-    smooth_h = p[..., :-2] + 2.0 * p[..., 1:-1] + p[..., 2:]           # [1 2 1] along the rows
-    sx = smooth_v[..., :-2] - smooth_v[..., 2:]
-    sy = smooth_h[:, 2:] - smooth_h[:, :-2]
-    g = torch.sqrt(sx * sx + sy * sy)
-    zero = (sx == 0).to(torch.float32)
-    alpha = torch.atan(sy / (sx + zero)) * (1.0 - zero) + zero * (math.pi / 2)
+    rows, sy[i, j] = h[i+1, j] - h[i-1, j] with h the [1 2 1] sum along the rows (int16: |sx|, |sy|
+    <= 4 x 255 x 2), then float32 (exact)."""
+    p = F.pad(x.to(torch.int16), (1, 1, 1, 1))
+    mid = p[:, 1:-1] * 2
+    mid += p[:, :-2]
+    mid += p[:, 2:]                                                    # [1 2 1] down the rows
+    sx = (mid[..., :-2] - mid[..., 2:]).to(torch.float32)
+    mid = p[..., 1:-1] * 2
+    mid += p[..., :-2]
+    mid += p[..., 2:]                                                  # [1 2 1] along the rows
+    sy = (mid[:, 2:] - mid[:, :-2]).to(torch.float32)
+    del mid, p
+    g = torch.sqrt(torch.addcmul(sx * sx, sy, sy))
+    zero = sx == 0
+    alpha = torch.where(zero, math.pi / 2, torch.atan(sy.div_(sx)))  # sx = 0: pi / 2 (the division's inf/nan unused)
     return g, alpha
 
 
