@@ -739,6 +739,15 @@ class _FusedColours:
                 None if self.bar_ab is None else self.nearest.index_select(0, slots))
 
 
+def _median_of_counts(counts: np.ndarray) -> float:
+    """numpy.median of the integers 0, 1, ... given by how often each occurs (``counts[i]`` times i)."""
+    n = int(counts.sum())
+    cum = np.cumsum(counts)
+    lo = int(np.searchsorted(cum, (n - 1) // 2, side="right"))      # the sorted values' (n-1)//2-th
+    hi = int(np.searchsorted(cum, n // 2, side="right"))            # and n//2-th (0-based)
+    return (lo + hi) / 2.0
+
+
 def _colour_batch(fused: torch.Tensor, lab_s: torch.Tensor, levels: torch.Tensor | None,
                   fused_colours: _FusedColours):
     """Per coloured voxel of one batch: (hue error degrees, chroma ratio, read-back error in entries
@@ -791,7 +800,8 @@ def colour_metrics_torch(fused_rgb8: np.ndarray, functional_ycc: np.ndarray, lev
     groups = ("", "_bone") if flat_b is not None else ("",)
     hue_over = dict.fromkeys(groups, 0)                     # voxels whose hue error is above HUE_ERROR_DEG
     hit = {g: torch.zeros(n_axis, dtype=torch.bool) for g in groups}   # slices with coloured voxels
-    ratio, read, in_bone = [], [], []
+    ratio, in_bone = [], []
+    read = {g: torch.zeros(max(1, n_bar), dtype=torch.int64) for g in groups}   # read-back errors' counts
     total = flat_f.shape[0]
     with Progress(progress, cancel, phases=(("colour", 1.0),)) as tracker, torch.inference_mode():
         tracker.phase("colour")
@@ -821,27 +831,29 @@ def colour_metrics_torch(fused_rgb8: np.ndarray, functional_ycc: np.ndarray, lev
                 hue_over[""] += int(over.sum())
                 ratio.append(r.cpu())
                 if rb is not None:
-                    read.append(rb.cpu())
+                    read[""] += torch.bincount(rb.to(torch.int64).cpu(), minlength=len(read[""]))
                 if flat_b is not None:
                     b = torch.from_numpy(np.ascontiguousarray(flat_b[start:stop])).to(dev).index_select(0, sel)
                     in_bone.append(b.cpu())
                     hue_over["_bone"] += int((over & b).sum())
+                    if rb is not None:
+                        read["_bone"] += torch.bincount(rb[b].to(torch.int64).cpu(), minlength=len(read["_bone"]))
                     hit["_bone"] |= torch.bincount((((sel[b] + start) // stride) % n_axis).cpu(), minlength=n_axis) > 0
             tracker.advance(stop, total)
     if not ratio:
         return {}
     ratio_all = torch.cat(ratio).double().numpy()
-    read_all = torch.cat(read).numpy() if read else None
     bone_all = torch.cat(in_bone).numpy() if in_bone else None
     out: dict[str, tuple[float, float, int]] = {}
+    # the bone subset copied out before the medians reorder the arrays they are given
+    ratios = {"": ratio_all, "_bone": None if bone_all is None else ratio_all[bone_all]}
     for suffix in groups:
-        r = ratio_all if suffix == "" else ratio_all[bone_all]
+        r = ratios[suffix]
         if r.size == 0:
             continue
         n_sl = int(hit[suffix].sum())
         out["hue_err10" + suffix] = (100.0 * hue_over[suffix] / r.size, 0.0, n_sl)
-        out["chroma_kept" + suffix] = (float(np.median(r)), 0.0, n_sl)
-        if read_all is not None:
-            e = read_all if suffix == "" else read_all[bone_all]
-            out["readback_err" + suffix] = (100.0 * float(np.median(e)) / n_bar, 0.0, n_sl)
+        out["chroma_kept" + suffix] = (float(np.median(r, overwrite_input=True)), 0.0, n_sl)
+        if n_bar:
+            out["readback_err" + suffix] = (100.0 * _median_of_counts(read[suffix].numpy()) / n_bar, 0.0, n_sl)
     return out
