@@ -136,9 +136,9 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
     sources.read_source, pipeline.prepare, pipeline.fuse_prepared = timed_read, timed_prepare, timed_fuse
     out = pathlib.Path(out_dir)
     t0 = time.perf_counter()
+    measure = [] if metric_set == "none" else ["--metrics", str(out / "metrics.csv"), "--metric-set", metric_set]
     rc = cli.main(["fuse", "-a", anatomical, "-f", functional, "-m", method, "--device", device,
-                   "-o", str(out / "fused.nrrd"), "--metrics", str(out / "metrics.csv"), "--metric-set", metric_set,
-                   "-q"])
+                   "-o", str(out / "fused.nrrd"), *measure, "-q"])
     total = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"medicalfusion fuse exited with {rc}")
@@ -179,7 +179,8 @@ def report(rows: list[dict], command: str, threads: int, device: str, metric_set
 
     lines = [
         "## End to end: files in, files out, with metrics"
-        + ("" if metric_set == "all" else f" (metric set '{metric_set}': every metric but FMI)"), "",
+        + {"all": "", "none": " (no metrics: `--metrics` left out)"}.get(
+            metric_set, f" (metric set '{metric_set}': every metric but FMI)"), "",
         f"Command: `{command}` (also run by `make bench`).",
         machine_line(f"torch {torch.__version__} with {threads} threads, device {device}; one child process per run."),
         "",
@@ -225,7 +226,7 @@ def main() -> None:
     p.add_argument("--child", nargs=2, metavar=("ANATOMICAL", "FUNCTIONAL"), help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--metric-set", default="all", help="the CLI's --metric-set: all (default) or quick (no FMI)")
+    p.add_argument("--metric-set", default="all", help="the CLI's --metric-set: all (default) or quick (no FMI); none: no --metrics at all")
     p.add_argument("--section", default=SECTION, help=f"section of the output file (default {SECTION})")
     args = p.parse_args()
     import torch  # noqa: PLC0415
