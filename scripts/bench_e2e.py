@@ -9,7 +9,7 @@ Each (case, method) runs in a fresh child process that calls the command line it
 (``medicalfusion fuse ... -o fused.nrrd --metrics metrics.csv``, i.e. ``cli.main``), so the figures
 follow whatever the pipeline and metrics on the branch do. Phases are timed by wrapping, in the
 child only, the functions the command calls: ``sources.read_source`` (read), ``pipeline.prepare``
-(align: checks, resampling onto the anatomical grid, windows, colour) and ``pipeline.fuse_prepared``
+(align: checks, resampling onto the anatomical grid, windows, colour) and ``pipeline._fuse_prepared``
 (fuse = the engine and recombination, ``FusionResult.seconds``; metrics = the rest of that call);
 write = what the command does after that (fused volume, metadata, metrics CSV). Process start and
 imports are not counted; loading a network's weights is (in fuse).
@@ -107,7 +107,7 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
 
     phases = {"read": 0.0, "align": None, "fuse": None, "metrics": None}
     state = {"reads": 0, "base": 0, "reset": False, "fused_seconds": None}
-    read_source, prepare, fuse_prepared = sources.read_source, pipeline.prepare, pipeline.fuse_prepared
+    read_source, prepare, fuse_prepared = sources.read_source, pipeline.prepare, pipeline._fuse_prepared
 
     def timed_read(*a, **k):
         t = time.perf_counter()
@@ -133,7 +133,8 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
         phases["metrics"] = max(0.0, total - result.seconds)
         return result
 
-    sources.read_source, pipeline.prepare, pipeline.fuse_prepared = timed_read, timed_prepare, timed_fuse
+    # fuse_images (what the command calls) and fuse_prepared both run _fuse_prepared
+    sources.read_source, pipeline.prepare, pipeline._fuse_prepared = timed_read, timed_prepare, timed_fuse
     out = pathlib.Path(out_dir)
     t0 = time.perf_counter()
     measure = [] if metric_set == "none" else ["--metrics", str(out / "metrics.csv"), "--metric-set", metric_set]
