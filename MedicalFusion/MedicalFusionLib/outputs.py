@@ -74,7 +74,7 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
 #: gzip level of compressed outputs (.nrrd, .nii.gz, .mha): 1, the fastest. On a 256x256x180 RGB
 #: fusion: 0.20 s of CPU and 17.8 MB, against 0.36 s and 15.4 MB at ITK's default (2); any reader
-#: of gzip reads it (docs/BENCHMARKS.md, "Where the pipeline's time goes").
+#: of gzip reads it (docs/BENCHMARKS.md, "Speed of the metrics and the write").
 COMPRESSION_LEVEL = 1
 TEMP_PREFIX = ".mf-tmp-"
 BACKUP_PREFIX = ".mf-bak-"
