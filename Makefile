@@ -79,7 +79,8 @@ bench: setup pacs-deps bench-deps
 	$(PY) scripts/bench_registration.py --trials 5 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_registration.py --cases hybrid synthetic-mr spm12-t2 --peers elastix ants --peers-python $(BENCH_VENV)/bin/python --trials 5 --threads 1 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --output docs/BENCHMARKS.md
-	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo spm12 --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo spm12 --methods mrdfn --metric-set none --section e2e-none --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_cohort.py --studies 24 --method mrdfn --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_pacs.py --repeats 3 --threads 1 --output docs/BENCHMARKS.md

@@ -9,7 +9,7 @@ Each (case, method) runs in a fresh child process that calls the command line it
 (``medicalfusion fuse ... -o fused.nrrd --metrics metrics.csv``, i.e. ``cli.main``), so the figures
 follow whatever the pipeline and metrics on the branch do. Phases are timed by wrapping, in the
 child only, the functions the command calls: ``io.read.read_source`` (read), ``pipeline.prepare``
-(align: checks, resampling onto the anatomical grid, windows, colour) and ``pipeline.fuse_prepared``
+(align: checks, resampling onto the anatomical grid, windows, colour) and ``pipeline._fuse_prepared``
 (fuse = the engine and recombination, ``FusionResult.seconds``; metrics = the rest of that call);
 write = what the command does after that (fused volume, metadata, metrics CSV). Process start and
 imports are not counted; loading a network's weights is (in fuse).
@@ -108,7 +108,7 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
 
     phases = {"read": 0.0, "align": None, "fuse": None, "metrics": None}
     state = {"reads": 0, "base": 0, "reset": False, "fused_seconds": None}
-    read_source, prepare, fuse_prepared = sources.read_source, pipeline.prepare, pipeline.fuse_prepared
+    read_source, prepare, fuse_prepared = sources.read_source, pipeline.prepare, pipeline._fuse_prepared
 
     def timed_read(*a, **k):
         t = time.perf_counter()
@@ -134,12 +134,13 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
         phases["metrics"] = max(0.0, total - result.seconds)
         return result
 
-    sources.read_source, pipeline.prepare, pipeline.fuse_prepared = timed_read, timed_prepare, timed_fuse
+    # fuse_images (what the command calls) and fuse_prepared both run _fuse_prepared
+    sources.read_source, pipeline.prepare, pipeline._fuse_prepared = timed_read, timed_prepare, timed_fuse
     out = pathlib.Path(out_dir)
     t0 = time.perf_counter()
+    measure = [] if metric_set == "none" else ["--metrics", str(out / "metrics.csv"), "--metric-set", metric_set]
     rc = cli.main(["fuse", "-a", anatomical, "-f", functional, "-m", method, "--device", device,
-                   "-o", str(out / "fused.nrrd"), "--metrics", str(out / "metrics.csv"), "--metric-set", metric_set,
-                   "-q"])
+                   "-o", str(out / "fused.nrrd"), *measure, "-q"])
     total = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"medicalfusion fuse exited with {rc}")
@@ -180,7 +181,8 @@ def report(rows: list[dict], command: str, threads: int, device: str, metric_set
 
     lines = [
         "## End to end: files in, files out, with metrics"
-        + ("" if metric_set == "all" else f" (metric set '{metric_set}': every metric but FMI)"), "",
+        + {"all": "", "none": " (no metrics: `--metrics` left out)"}.get(
+            metric_set, f" (metric set '{metric_set}': every metric but FMI)"), "",
         f"Command: `{command}` (also run by `make bench`).",
         machine_line(f"torch {torch.__version__} with {threads} threads, device {device}; one child process per run."),
         "",
@@ -226,7 +228,7 @@ def main() -> None:
     p.add_argument("--child", nargs=2, metavar=("ANATOMICAL", "FUNCTIONAL"), help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--metric-set", default="all", help="the CLI's --metric-set: all (default) or quick (no FMI)")
+    p.add_argument("--metric-set", default="all", help="the CLI's --metric-set: all (default) or quick (no FMI); none: no --metrics at all")
     p.add_argument("--section", default=SECTION, help=f"section of the output file (default {SECTION})")
     args = p.parse_args()
     import torch  # noqa: PLC0415

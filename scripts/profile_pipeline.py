@@ -3,6 +3,12 @@
 bare network's cost per 256x256 slice (the same chunks the engine runs).
 
     python scripts/profile_pipeline.py [--method mrdfn] [--threads 1] [--top 18]
+
+With ``--cpu``: no profile; CPU seconds (``time.process_time``, every thread of the process) of the
+bare network per slice, and of ``fuse_prepared`` without and with the default metrics after a warm
+run (weights, imports and colour tables loaded): on a machine shared with other work, CPU time says
+more than wall time about what a change saves. Run a copy of this script from another tree to
+compare trees (it imports the package next to it).
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ def main() -> int:
     p.add_argument("--method", default="mrdfn")
     p.add_argument("--threads", type=int)
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--cpu", action="store_true", help="CPU seconds instead of a profile (see the module doc)")
     args = p.parse_args()
     import torch
 
@@ -49,6 +56,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     a, f = phantom()
+    if args.cpu:
+        return cpu_seconds(a, f, args.method)
     fn = get_method(args.method).build(torch.device("cpu"))
     chunk = getattr(fn, "chunk_for", lambda h, w: 1)(256, 256)
     x, y = torch.rand(chunk, 1, 256, 256), torch.rand(chunk, 1, 256, 256)
@@ -72,6 +81,42 @@ def main() -> int:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.top)
         print(out.getvalue().split("Ordered by: internal time")[-1])
+    return 0
+
+
+def cpu_seconds(a: sitk.Image, f: sitk.Image, method: str) -> int:
+    import torch
+
+    from MedicalFusionLib.methods import get_method
+    from MedicalFusionLib.options import FusionOptions
+    from MedicalFusionLib.pipeline import fuse_prepared, prepare
+
+    fn = get_method(method).build(torch.device("cpu"))
+    chunk = getattr(fn, "chunk_for", lambda h, w: 1)(256, 256)
+    x, y = torch.rand(chunk, 1, 256, 256), torch.rand(chunk, 1, 256, 256)
+    with torch.inference_mode():
+        fn(x, y)
+        c0 = time.process_time()
+        for _ in range(20):
+            fn(x, y)
+        bare = (time.process_time() - c0) / (20 * chunk)
+    prepared = prepare(a, f, FusionOptions(method=method))
+    fuse_prepared(prepared, FusionOptions(method=method, compute_metrics=True))       # warm
+    cpu = {}
+    for metrics in (False, True):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fuse_prepared(prepared, FusionOptions(method=method, compute_metrics=metrics))
+        cpu[metrics] = time.process_time() - c0
+        print(f"metrics={metrics}: {cpu[metrics]:.2f} CPU s, {time.perf_counter() - w0:.2f} s wall")
+    n = prepared.anatomical.shape[0]      # the slices the engine fuses (it skips empty ones)
+    slices = int(np.count_nonzero(prepared.anatomical.reshape(n, -1).any(1)
+                                  | prepared.functional_ycc[..., 0].reshape(n, -1).any(1)))
+    fusion = cpu[False]
+    print(f"{method}, {torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f}: "
+          f"bare network {bare * 1e3:.1f} ms CPU a 256x256 slice; fuse + recombine {fusion:.2f} CPU s "
+          f"({fusion / slices * 1e3:.1f} ms a fused slice, {fusion / slices / bare:.2f}x the bare network); "
+          f"default metrics {cpu[True] - fusion:.2f} CPU s ({(cpu[True] - fusion) / fusion:.2f}x the fusion); "
+          f"with / without metrics {cpu[True] / fusion:.2f}x")
     return 0
 
 

@@ -36,7 +36,6 @@ import math
 from typing import Callable
 
 import numpy as np
-from scipy import ndimage
 
 from MedicalFusionLib.colour import gray8
 from MedicalFusionLib.errors import FusionError
@@ -264,6 +263,8 @@ def ari(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
 
 def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     """'valid' 2D correlation of x with the separable window g g^T (output shrinks by len(g)-1)."""
+    from scipy import ndimage  # noqa: PLC0415 (scipy.ndimage costs ~0.3 s to import; the torch metrics never need it)
+
     r = len(g) // 2
     y = ndimage.correlate1d(x, g, axis=0, mode="constant")[r:x.shape[0] - r]
     return ndimage.correlate1d(y, g, axis=1, mode="constant")[:, r:x.shape[1] - r]
@@ -349,6 +350,8 @@ _SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
 
 
 def _sobel_strength_angle(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage  # noqa: PLC0415
+
     x = x.astype(np.float64)
     sx = ndimage.convolve(x, _SOBEL_X, mode="constant", cval=0.0)
     sy = ndimage.convolve(x, _SOBEL_Y, mode="constant", cval=0.0)
