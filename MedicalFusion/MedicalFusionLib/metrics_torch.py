@@ -547,6 +547,16 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
     tens of milliseconds of work (cancel raises FusionCancelled). A device that cannot run an
     operation (an older MPS) falls back to the CPU with a logged warning.
     """
+    return summarise(volume_metric_values_torch(a8, b8, f8, axis, keys, device, progress, cancel, batch_pixels))
+
+
+def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0,
+                               keys: list[str] | None = None, device: str | torch.device = "auto",
+                               progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                               batch_pixels: int = BATCH_PIXELS) -> dict[str, np.ndarray]:
+    """:func:`volume_metrics_torch` before the summary: ``{key: value per non-empty slice}``, the
+    slices in order. A slice's values do not depend on the other slices given with it, so the
+    pipeline computes them slab by slab and summarises the concatenation."""
     a8, b8, f8, nonempty = volume_slices(a8, b8, f8, axis)
     keys = check_keys(keys)
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -560,7 +570,7 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
                 raise
             logger.warning("MedicalFusion: metrics on %s failed (%s); computing them on the CPU", dev, exc)
             values = _volume_values(a8, b8, f8, nonempty, groups, torch.device("cpu"), tracker, batch_pixels)
-    return summarise({k: values[k] for k in keys})
+    return {k: values[k] for k in keys}
 
 
 def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_pixels: int) -> dict[str, np.ndarray]:
@@ -688,64 +698,125 @@ def colour_metrics_torch(fused_rgb8: np.ndarray, functional_ycc: np.ndarray, lev
     Same progress/cancel contract as :func:`volume_metrics_torch`.
     """
     fused_rgb8 = np.asarray(fused_rgb8)
-    shape = fused_rgb8.shape[:-1]
-    if fused_rgb8.shape[-1] != 3 or functional_ycc.shape != fused_rgb8.shape:
-        raise FusionError(f"colour metrics need two RGB/YCbCr volumes of one shape, got {fused_rgb8.shape}, "
-                          f"{functional_ycc.shape}")
-    dev = device if isinstance(device, torch.device) else pick_device(device)
-    if dev.type == "mps":                   # no float64 there; these are cheap on the CPU
-        dev = torch.device("cpu")
-    flat_f = fused_rgb8.reshape(-1, 3)
-    flat_s = np.asarray(functional_ycc).reshape(-1, 3)
-    flat_l = None if levels is None else np.asarray(levels).reshape(-1)
-    flat_b = None if bone is None else np.asarray(bone).reshape(-1)
-    bar = None if (levels is None or table is None) else torch.from_numpy(np.asarray(table, dtype=np.float32)[:, :3])
-    n_bar = 0 if bar is None else bar.shape[0]
-    hue, ratio, read, in_bone, where = [], [], [], [], []
-    total = flat_f.shape[0]
-    with Progress(progress, cancel, phases=(("colour", 1.0),)) as tracker, torch.inference_mode():
+    acc = ColourMetrics(fused_rgb8.shape[:-1], table if levels is not None else None, bone is not None, device,
+                        batch_pixels)
+    with Progress(progress, cancel, phases=(("colour", 1.0),)) as tracker:
         tracker.phase("colour")
-        bar_rgb = None if bar is None else bar.to(dev)
-        bar_ab = None if bar is None else rgb_to_lab_torch(bar_rgb)[:, 1:]
-        for start in range(0, total, batch_pixels):
-            stop = min(total, start + batch_pixels)
-            ycc = torch.from_numpy(np.ascontiguousarray(flat_s[start:stop])).to(dev)
-            chroma_ycc = (ycc[:, 1:] - 0.5).abs().amax(1)
-            cand = torch.nonzero(chroma_ycc > 1.0 / 512)[:, 0]       # neutral: C* = 0, not coloured
-            if cand.numel():
-                lv = None if flat_l is None else torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev)[cand]
-                source = bar_rgb[lv.to(torch.int64)] if bar_rgb is not None else _ycc_to_rgb_torch(ycc[cand])
-                fused = torch.from_numpy(np.ascontiguousarray(flat_f[start:stop])).to(dev)[cand]
-                idx, h, r, rb = _colour_batch(fused, source, lv, bar_ab)
-                if idx.numel():
-                    sel = cand[idx]
-                    hue.append(h.cpu())
-                    ratio.append(r.cpu())
-                    if rb is not None:
-                        read.append(rb.cpu())
-                    where.append((sel + start).cpu())
-                    if flat_b is not None:
-                        in_bone.append(torch.from_numpy(np.ascontiguousarray(flat_b[start:stop])).to(dev)[sel].cpu())
-            tracker.advance(stop, total)
-    if not where:
-        return {}
-    positions = torch.cat(where).numpy()
-    slices = np.unique(np.unravel_index(positions, shape)[axis]).size
-    groups = {"": None}
-    if flat_b is not None:
-        groups["_bone"] = torch.cat(in_bone).numpy()
-    hue_all, ratio_all = torch.cat(hue).double().numpy(), torch.cat(ratio).double().numpy()
-    read_all = torch.cat(read).numpy() if read else None
-    out: dict[str, tuple[float, float, int]] = {}
-    for suffix, mask in groups.items():
-        h = hue_all if mask is None else hue_all[mask]
-        if h.size == 0:
-            continue
-        r = ratio_all if mask is None else ratio_all[mask]
-        n_sl = slices if mask is None else np.unique(np.unravel_index(positions[mask], shape)[axis]).size
-        out["hue_err10" + suffix] = (100.0 * float(np.mean(h > HUE_ERROR_DEG)), 0.0, int(n_sl))
-        out["chroma_kept" + suffix] = (float(np.median(r)), 0.0, int(n_sl))
-        if read_all is not None:
-            e = read_all if mask is None else read_all[mask]
-            out["readback_err" + suffix] = (100.0 * float(np.median(e)) / n_bar, 0.0, int(n_sl))
-    return out
+        acc.add(fused_rgb8, functional_ycc, levels, bone, axis, tick=tracker.advance)
+    return acc.result()
+
+
+def _median(values: np.ndarray, as_float64: bool):
+    """``np.median(values)`` (of ``values.astype(float64)`` with ``as_float64``) without a copy:
+    ``values`` is partitioned in place."""
+    n = values.size
+    if np.issubdtype(values.dtype, np.floating) and np.isnan(values).any():
+        return np.nan
+    kth = [n // 2 - 1, n // 2] if n % 2 == 0 else [n // 2]
+    values.partition(kth)
+    middle = values[kth]
+    if as_float64 or not np.issubdtype(values.dtype, np.floating):
+        middle = middle.astype(np.float64)
+    return np.mean(middle)
+
+
+class ColourMetrics:
+    """:func:`colour_metrics_torch` over a volume given in slabs (slices along the slice axis, in
+    any order): :meth:`add` each slab, then :meth:`result`; the same values as one call on the whole
+    volume. Per coloured voxel it keeps the chroma ratio (float32), the read-back error (int16/32)
+    and whether it is in bone (1 byte), in buffers sized for every voxel of ``shape`` that the
+    operating system only backs as they fill; the hue errors and the slices are counted."""
+
+    def __init__(self, shape: tuple[int, ...], table: np.ndarray | None = None, with_bone: bool = False,
+                 device: str | torch.device = "auto", batch_pixels: int = BATCH_PIXELS):
+        dev = device if isinstance(device, torch.device) else pick_device(device)
+        if dev.type == "mps":                   # no float64 there; these are cheap on the CPU
+            dev = torch.device("cpu")
+        self.shape, self.device, self.batch_pixels = tuple(shape), dev, batch_pixels
+        self.bar = None if table is None else torch.from_numpy(np.asarray(table, dtype=np.float32)[:, :3])
+        self.n_bar = 0 if self.bar is None else self.bar.shape[0]
+        capacity = int(np.prod(self.shape))
+        self.ratio = np.empty(capacity, np.float32)
+        self.read = None if self.bar is None else np.empty(capacity, np.int16 if self.n_bar < 2**15 else np.int32)
+        self.in_bone = np.empty(capacity, np.bool_) if with_bone else None
+        self.count = 0
+        self.hue_over = 0                 # coloured voxels whose hue error is > HUE_ERROR_DEG
+        self.hue_over_bone = 0
+        self.slices = 0
+        self.slices_bone = 0
+
+    def add(self, fused_rgb8: np.ndarray, functional_ycc: np.ndarray, levels: np.ndarray | None = None,
+            bone: np.ndarray | None = None, axis: int = 0, tick: Callable[[float, float], object] | None = None) -> None:
+        """One slab: arrays of one shape (RGB/YCbCr [..., 3]), whole slices along ``axis``.
+        ``tick(done, total)`` after each batch of voxels (it may raise FusionCancelled)."""
+        fused_rgb8 = np.asarray(fused_rgb8)
+        shape = fused_rgb8.shape[:-1]
+        if fused_rgb8.shape[-1] != 3 or functional_ycc.shape != fused_rgb8.shape:
+            raise FusionError(f"colour metrics need two RGB/YCbCr volumes of one shape, got {fused_rgb8.shape}, "
+                              f"{functional_ycc.shape}")
+        dev, batch_pixels = self.device, self.batch_pixels
+        flat_f = fused_rgb8.reshape(-1, 3)
+        flat_s = np.asarray(functional_ycc).reshape(-1, 3)
+        flat_l = None if levels is None else np.asarray(levels).reshape(-1)
+        flat_b = None if bone is None or self.in_bone is None else np.asarray(bone).reshape(-1)
+        bar = self.bar if levels is not None else None
+        seen = np.zeros(shape[axis], np.bool_)
+        seen_bone = np.zeros(shape[axis], np.bool_)
+        total = flat_f.shape[0]
+        with torch.inference_mode():
+            bar_rgb = None if bar is None else bar.to(dev)
+            bar_ab = None if bar is None else rgb_to_lab_torch(bar_rgb)[:, 1:]
+            for start in range(0, total, batch_pixels):
+                stop = min(total, start + batch_pixels)
+                ycc = torch.from_numpy(np.ascontiguousarray(flat_s[start:stop])).to(dev)
+                chroma_ycc = (ycc[:, 1:] - 0.5).abs().amax(1)
+                cand = torch.nonzero(chroma_ycc > 1.0 / 512)[:, 0]       # neutral: C* = 0, not coloured
+                if cand.numel():
+                    lv = None if flat_l is None else torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev)[cand]
+                    source = bar_rgb[lv.to(torch.int64)] if bar_rgb is not None else _ycc_to_rgb_torch(ycc[cand])
+                    fused = torch.from_numpy(np.ascontiguousarray(flat_f[start:stop])).to(dev)[cand]
+                    idx, h, r, rb = _colour_batch(fused, source, lv, bar_ab)
+                    if idx.numel():
+                        k, n = self.count, int(idx.numel())
+                        over = (h > HUE_ERROR_DEG).cpu().numpy()
+                        self.hue_over += int(over.sum())
+                        self.ratio[k:k + n] = r.cpu().numpy()
+                        if rb is not None and self.read is not None:
+                            self.read[k:k + n] = rb.cpu().numpy()
+                        where = np.unravel_index((cand[idx]).cpu().numpy() + start, shape)[axis]
+                        seen[where] = True
+                        if flat_b is not None:
+                            b = flat_b[start:stop][cand[idx].cpu().numpy()]
+                            self.in_bone[k:k + n] = b
+                            self.hue_over_bone += int(over[b].sum())
+                            seen_bone[where[b]] = True
+                        self.count += n
+                if tick is not None:
+                    tick(stop, total)
+        self.slices += int(seen.sum())
+        self.slices_bone += int(seen_bone.sum())
+
+    def result(self) -> dict[str, tuple[float, float, int]]:
+        """``{key: (value, 0.0, slices with coloured voxels)}``; nothing when no voxel was coloured.
+        The buffers are used up (partitioned in place): call it once."""
+        n = self.count
+        if n == 0:
+            return {}
+        ratio = self.ratio[:n]
+        read = None if self.read is None or self.bar is None else self.read[:n]
+        groups = [("", None)]
+        if self.in_bone is not None:
+            groups.insert(0, ("_bone", self.in_bone[:n]))     # before the in-place partitions of the whole
+        out: dict[str, tuple[float, float, int]] = {}
+        for suffix, mask in groups:
+            count = n if mask is None else int(mask.sum())
+            if count == 0:
+                continue
+            n_sl = self.slices if mask is None else self.slices_bone
+            over = self.hue_over if mask is None else self.hue_over_bone
+            out["hue_err10" + suffix] = (100.0 * (over / count), 0.0, int(n_sl))
+            out["chroma_kept" + suffix] = (float(_median(ratio if mask is None else ratio[mask], True)), 0.0, int(n_sl))
+            if read is not None:
+                e = read if mask is None else read[mask]
+                out["readback_err" + suffix] = (100.0 * float(_median(e, False)) / self.n_bar, 0.0, int(n_sl))
+        return {k: out[k] for k in sorted(out, key=lambda k: k.endswith("_bone"))}
