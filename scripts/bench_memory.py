@@ -11,7 +11,7 @@ float32 PET on a 4 mm grid covering the same body. Each size then runs in a fres
 that calls the command line itself (``cli.main(["fuse", ...])``, default metrics, the fused volume
 written to NRRD with its metrics CSV). Memory: after both inputs are read the child resets the
 kernel's peak-RSS counter and notes its RSS; "beyond inputs" is the peak after that minus that RSS
-(bench_e2e.py's measure). The table also shows what :func:`MedicalFusionLib.pipeline.memory_needed`
+(bench_e2e.py's measure). The table also shows what :func:`MedicalFusionLib.pipeline.study_memory`
 predicts for the run (the figure a study is refused on when it exceeds the available memory).
 """
 from __future__ import annotations
@@ -123,13 +123,13 @@ def child(anatomical: str, functional: str, method: str, metric_set: str, out_di
 def predicted_mb(anatomical: str, functional: str, method: str, metric_set: str) -> float | None:
     """What the pipeline's up-front estimate says the run needs beyond its inputs (MB)."""
     try:
-        from MedicalFusionLib.pipeline import FusionOptions, memory_needed  # noqa: PLC0415
+        from MedicalFusionLib.pipeline import FusionOptions, study_memory  # noqa: PLC0415
         from MedicalFusionLib.sources import read_source  # noqa: PLC0415
     except ImportError:        # a tree without the estimate (the baseline run)
         return None
     anat = read_source(anatomical, "anatomical").image
     func = read_source(functional, "functional").image
-    return memory_needed(anat, func, FusionOptions(method=method, metric_set=metric_set)) / 2**20
+    return study_memory(anat, func, FusionOptions(method=method, metric_set=metric_set)) / 2**20
 
 
 def run(size: str, folder: pathlib.Path, method: str, metric_set: str, python: str) -> dict | None:
@@ -164,7 +164,7 @@ def report(rows: list[dict], command: str, method: str, metric_set: str) -> str:
         f"--metric-set {metric_set}` on generated inputs (a uint8 anatomical on a 1 mm grid, or for the long CT an "
         "int16 CT in HU on 0.8 x 0.8 x 1 mm, with a float32 4 mm PET, written uncompressed). Beyond inputs: peak "
         "resident memory after both inputs were read, minus the resident memory then. Budget: 1 GB + 16 bytes per "
-        "anatomical voxel. Predicted: `pipeline.memory_needed` for the same inputs (what a study is refused on). "
+        "anatomical voxel. Predicted: `pipeline.study_memory` for the same inputs (what a study is refused on). "
         "Seconds after the inputs were read (fuse + metrics + write), and per million voxels.",
         "",
         "| anatomical | voxels (M) | MB beyond inputs | budget MB | within | predicted MB | s after reading | s per M voxels |",

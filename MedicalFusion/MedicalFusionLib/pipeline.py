@@ -565,28 +565,34 @@ FIXED_BYTES = 400 * 2**20
 NO_CONTENT = "no slice has anatomical or functional content: check the inputs are not empty"
 
 
-def memory_needed(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions | None = None) -> int:
-    """Bytes a :func:`fuse_images` run (and writing its result) needs beyond its two inputs.
+def memory_needed(size: tuple[int, ...], voxel_bytes: int = 1, functional_voxels: int = 0,
+                  options: FusionOptions | None = None) -> int:
+    """Bytes a :func:`fuse_images` run (and writing its result) needs beyond its two inputs, for an
+    anatomical of ``size`` (ITK x, y[, z]) with ``voxel_bytes`` per voxel and a functional of
+    ``functional_voxels`` voxels (all components).
 
     Per anatomical voxel: the RGB result (3 bytes) and, at the most demanding moment after it
     exists, the larger of the colour metrics' per-voxel values (chroma ratio, read-back error, bone
     flag: 7 bytes, when measuring) and writing the result (a copy to write and one read back: 6
     bytes); before it, an automatic anatomical window (a mask and two copies of the foreground).
-    Per functional voxel: its float32 copy when it is resampled. Plus one streamed slab's working
-    memory (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`) and
-    :data:`FIXED_BYTES`.
+    Per functional voxel: its float32 copy for resampling. Plus one streamed slab's working memory
+    (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`) and :data:`FIXED_BYTES`.
     """
     options = options or FusionOptions()
-    size = anatomical.GetSize()
     voxels = int(np.prod(size))
-    item = anatomical.GetSizeOfPixelComponent() * anatomical.GetNumberOfComponentsPerPixel()
-    window = (2 * item + 1) * voxels if options.anatomical_window is None else 0
+    window = (2 * voxel_bytes + 1) * voxels if options.anatomical_window is None else 0
     after = 3 * voxels + max(7 * voxels if options.compute_metrics else 0, 6 * voxels)
     shape = tuple(reversed(size)) if len(size) == 3 else (1,) + tuple(reversed(size))
-    slab = max(int(np.prod(shape[1:])), int(np.prod(shape[:2])), int(shape[0] * shape[2]))
-    slab_voxels = max(min(STREAM_VOXELS, voxels), slab)
-    functional = 4 * functional.GetNumberOfPixels() * functional.GetNumberOfComponentsPerPixel()
-    return FIXED_BYTES + max(window, after) + functional + SLAB_BYTES_PER_VOXEL * slab_voxels
+    largest_slice = max(shape[1] * shape[2], shape[0] * shape[2], shape[0] * shape[1])
+    slab_voxels = max(min(STREAM_VOXELS, voxels), largest_slice)
+    return FIXED_BYTES + max(window, after) + 4 * functional_voxels + SLAB_BYTES_PER_VOXEL * slab_voxels
+
+
+def study_memory(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions | None = None) -> int:
+    """:func:`memory_needed` for two images."""
+    return memory_needed(anatomical.GetSize(),
+                         anatomical.GetSizeOfPixelComponent() * anatomical.GetNumberOfComponentsPerPixel(),
+                         functional.GetNumberOfPixels() * functional.GetNumberOfComponentsPerPixel(), options)
 
 
 def available_memory() -> int | None:
@@ -625,7 +631,7 @@ def check_memory(anatomical: sitk.Image, functional: sitk.Image, options: Fusion
     available = available_memory()
     if available is None:
         return
-    need = memory_needed(anatomical, functional, options)
+    need = study_memory(anatomical, functional, options)
     if need > available:
         size = "x".join(map(str, anatomical.GetSize()))
         raise FusionError(f"this study needs about {_size_text(need)} of memory beyond its inputs (anatomical {size}) "

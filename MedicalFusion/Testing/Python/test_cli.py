@@ -136,6 +136,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, capsys):
     assert {p: _hash(tmp / p) for p in before} == before
 
 
+def test_a_study_too_big_for_the_memory_is_refused_in_one_line(files, capsys, monkeypatch):
+    tmp, a, f = files
+    made_before = set(os.listdir(tmp))
+    monkeypatch.setenv("MEDICALFUSION_MEMORY_AVAILABLE", "64M")
+    rc = main(["fuse", "-a", str(a), "-f", str(f), "-o", str(tmp / "out.nrrd"), "--metrics", str(tmp / "m.csv")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("medicalfusion: error: this study needs about") and "but 64 MB is available" in err, err
+    assert set(os.listdir(tmp)) == made_before
+
+
 def test_methods_lists_every_registered_method(capsys):
     from MedicalFusionLib.methods import method_names
 
