@@ -273,9 +273,9 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
     MHA keep it) and the metrics CSV; ``transform`` (the registration's) into --save-transform.
     The preview gets the colour bar (window, map and units of ``functional_name``) under the
     pictures; the fused volume never carries it."""
-    from . import colour, legend, outputs  # noqa: PLC0415
+    from . import legend, outputs  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
-    from .pipeline import source_gray8  # noqa: PLC0415
+    from .pipeline import preview_sources  # noqa: PLC0415
 
     meta = meta or {}
     fused = outputs.fused_image_for_file(result.rgb, result.reference, as_2d)
@@ -283,9 +283,9 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
         fused.SetMetaData(f"MedicalFusion.{key}", value)
     if "output" in paths:
         out.add_image(paths["output"], fused)
+    del fused                     # a copy of the result: not kept while the preview is made
     if "preview" in paths:
-        a8, _ = source_gray8(result.prepared)
-        func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
+        a8, func_rgb = preview_sources(result.prepared)
         montage = outputs.preview_montage(a8, func_rgb, result.rgb, result.reference, args.axis)
         bar = legend.legend_for(result.prepared, name=functional_name)
         if bar is not None:

@@ -377,6 +377,21 @@ def source_gray8(prepared: Prepared, tick: Tick | None = None) -> tuple[np.ndarr
     return out[0], out[1]
 
 
+def preview_sources(prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """The two sources as a preview shows them: the anatomical as 8-bit grey [Z, Y, X] and the
+    functional's RGB [Z, Y, X, 3] on the anatomical grid, made slab by slab (4 bytes a voxel; the
+    normalised whole volumes are never held)."""
+    shape = prepared.shape
+    a8 = np.empty(shape, np.uint8)
+    rgb = np.empty(shape + (3,), np.uint8)
+    per = slab_slices(shape, 0)
+    for start in range(0, shape[0], per):
+        slab = prepared.slab(0, start, min(shape[0], start + per))
+        a8[start:start + per] = colour.to_uint8(slab.anatomical)
+        rgb[start:start + per] = colour.to_uint8(colour.ycbcr_to_rgb(slab.functional_ycc))
+    return a8, rgb
+
+
 def _metric_keys(options: FusionOptions) -> list[str] | None:
     """The metric keys to compute (None: no metrics)."""
     if not options.compute_metrics:

@@ -287,3 +287,34 @@ def test_two_identical_mrdfn_runs_write_the_same_bytes(tmp_path, capsys):
                 if not line.startswith("seconds,")]
         runs.append(((out / "fused.nrrd").read_bytes(), rows))
     assert all(r == runs[0] for r in runs[1:])
+
+
+def test_the_preview_orients_views_as_dicomorient_does_without_copying_the_volumes():
+    """The preview takes its slice from views (issue 21: no whole-volume copies for a picture); they
+    must be DICOMOrient's LPS order for every storage order, permuted, flipped or oblique."""
+    import itertools
+
+    from MedicalFusionLib import outputs
+
+    rng = np.random.default_rng(3)
+    tilt = sitk.Euler3DTransform()
+    tilt.SetRotation(0.2, -0.1, 0.15)
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product([1, -1], repeat=3):
+            d = np.zeros((3, 3))
+            for i, p in enumerate(perm):
+                d[i, p] = signs[i]
+            for direction in (d, np.array(tilt.GetMatrix()).reshape(3, 3) @ d):
+                ref = sitk.Image(7, 5, 6, sitk.sitkUInt8)
+                ref.SetDirection(direction.ravel().tolist())
+                rgb = rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8)
+                view = outputs.oriented_view(rgb, ref)
+                assert np.shares_memory(view, rgb)
+                expected = sitk.GetArrayFromImage(sitk.DICOMOrient(_with_geometry(rgb, ref), "LPS"))
+                assert np.array_equal(view, expected), (perm, signs)
+
+
+def _with_geometry(arr, ref):
+    img = sitk.GetImageFromArray(arr, isVector=arr.ndim == 4)
+    img.CopyInformation(ref)
+    return img
