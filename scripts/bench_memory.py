@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO / "MedicalFusion"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_e2e import _reset_peak, _rss_bytes  # noqa: E402
+import numpy as np  # noqa: E402
 from benchdoc import machine_line, replace_section  # noqa: E402
 
 SECTION = "memory"
@@ -120,16 +122,16 @@ def child(anatomical: str, functional: str, method: str, metric_set: str, out_di
             "total_s": t_end - t0, "after_read_s": t_end - state["t_read"], "output_size": list(fused.GetSize())}
 
 
-def predicted_mb(anatomical: str, functional: str, method: str, metric_set: str) -> float | None:
-    """What the pipeline's up-front estimate says the run needs beyond its inputs (MB)."""
+def predicted_mb(row: dict, method: str, metric_set: str) -> float | None:
+    """What the pipeline's up-front estimate (:func:`MedicalFusionLib.pipeline.memory_needed`, the
+    figure a study is refused on) says the run needs beyond its inputs (MB)."""
     try:
-        from MedicalFusionLib.pipeline import FusionOptions, study_memory  # noqa: PLC0415
-        from MedicalFusionLib.sources import read_source  # noqa: PLC0415
-    except ImportError:        # a tree without the estimate (the baseline run)
+        from MedicalFusionLib.pipeline import FusionOptions, memory_needed  # noqa: PLC0415
+    except ImportError:        # a tree without the estimate (a run of the code before it)
         return None
-    anat = read_source(anatomical, "anatomical").image
-    func = read_source(functional, "functional").image
-    return study_memory(anat, func, FusionOptions(method=method, metric_set=metric_set)) / 2**20
+    size = tuple(int(v) for v in row["size"].split("x"))
+    return memory_needed(size, row["voxel_bytes"], row["functional_voxels"],
+                         FusionOptions(method=method, metric_set=metric_set)) / 2**20
 
 
 def run(size: str, folder: pathlib.Path, method: str, metric_set: str, python: str) -> dict | None:
@@ -146,9 +148,19 @@ def run(size: str, folder: pathlib.Path, method: str, metric_set: str, python: s
         return None
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     voxels = dims[0] * dims[1] * dims[2]
-    row.update(size=size, voxels=voxels, inputs_s=made,
-               budget_mb=FIXED_MB + PER_VOXEL * voxels / 2**20,
-               predicted_mb=predicted_mb(anatomical, functional, method, metric_set))
+    import SimpleITK as sitk  # noqa: PLC0415
+
+    reader = sitk.ImageFileReader()
+    facts = []
+    for p in (anatomical, functional):
+        reader.SetFileName(p)
+        reader.ReadImageInformation()
+        facts.append((int(np.prod(reader.GetSize())), sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+                      reader.GetNumberOfComponents()))
+    row.update(size=size, voxels=voxels, inputs_s=made, budget_mb=FIXED_MB + PER_VOXEL * voxels / 2**20,
+               anatomical_type=facts[0][1], voxel_bytes=2 if "16" in facts[0][1] else 1,
+               functional_voxels=facts[1][0] * facts[1][2], method=method, metric_set=metric_set,
+               load=round(os.getloadavg()[0], 1), when=time.strftime("%H:%M UTC", time.gmtime()))
     for p in (anatomical, functional):
         pathlib.Path(p).unlink()
     return row
@@ -167,14 +179,15 @@ def report(rows: list[dict], command: str, method: str, metric_set: str) -> str:
         "anatomical voxel. Predicted: `pipeline.study_memory` for the same inputs (what a study is refused on). "
         "Seconds after the inputs were read (fuse + metrics + write), and per million voxels.",
         "",
-        "| anatomical | voxels (M) | MB beyond inputs | budget MB | within | predicted MB | s after reading | s per M voxels |",
-        "|---|---:|---:|---:|---|---:|---:|---:|"]
+        "| anatomical | voxels (M) | MB beyond inputs | budget MB | within | predicted MB | s after reading | s per M voxels | load at the end |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         mv = r["voxels"] / 1e6
-        pred = "n/a" if r.get("predicted_mb") is None else f"{r['predicted_mb']:.0f}"
+        predicted = predicted_mb(r, method, metric_set)
+        pred = "n/a" if predicted is None else f"{predicted:.0f}"
         lines.append(f"| {r['size']} | {mv:.1f} | {r['extra_mb']:.0f} | {r['budget_mb']:.0f} | "
                      f"{'yes' if r['extra_mb'] <= r['budget_mb'] else 'NO'} | {pred} | {r['after_read_s']:.1f} | "
-                     f"{r['after_read_s'] / mv:.3f} |")
+                     f"{r['after_read_s'] / mv:.3f} | {r.get('load', 'n/a')} ({r.get('when', '')}) |")
     return "\n".join(lines)
 
 
@@ -187,6 +200,7 @@ def main(argv=None) -> None:
     p.add_argument("--metric-set", default="quick", help="the CLI's --metric-set (default quick: fuse's default)")
     p.add_argument("--work", help="folder for the generated inputs (default: a temporary folder)")
     p.add_argument("--json", help="also append each row as a JSON line to this file")
+    p.add_argument("--rows", nargs="*", help="write the report from rows saved by --json instead of running")
     p.add_argument("--child", nargs=2, metavar=("ANATOMICAL", "FUNCTIONAL"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -194,14 +208,19 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.child[0], args.child[1], args.method, args.metric_set, args.out)))
         return
     rows = []
+    if args.rows:              # runs made earlier (e.g. the large sizes, each in its own background job)
+        for path in args.rows:
+            rows += [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines() if line]
+        rows.sort(key=lambda r: r["voxels"])
+        args.sizes = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-inputs-", dir=args.work) as work:
         for size in args.sizes:
             row = run(size, pathlib.Path(work), args.method, args.metric_set, sys.executable)
             if row is None:
                 continue
             rows.append(row)
-            print(f"{size:14s} {row['extra_mb']:7.0f} MB beyond inputs (budget {row['budget_mb']:.0f}, predicted "
-                  f"{row['predicted_mb']}), {row['after_read_s']:.1f} s after reading", flush=True)
+            print(f"{size:14s} {row['extra_mb']:7.0f} MB beyond inputs (budget {row['budget_mb']:.0f}), "
+                  f"{row['after_read_s']:.1f} s after reading", flush=True)
             if args.json:
                 with open(args.json, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
