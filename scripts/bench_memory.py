@@ -198,6 +198,18 @@ def report(rows: list[dict], command: str, method: str, metric_set: str) -> str:
         lines.append(f"| {r['size']} | {mv:.1f} | {r['extra_mb']:.0f} | {r['budget_mb']:.0f} | "
                      f"{'yes' if r['extra_mb'] <= r['budget_mb'] else 'NO'} | {pred} | {r['after_read_s']:.1f} | "
                      f"{r['cpu_s']:.1f} | {r['cpu_s'] / mv:.3f} | {r.get('load', 'n/a')} ({r.get('when', '')}) |")
+    lines += [
+        "",
+        "Where the memory went before the pipeline streamed (commit fb3d8fd: 1187 MB beyond the inputs for "
+        "256x256x180, about 100 bytes an anatomical voxel; a 700x700x700 uint8 study was killed after 240 s at 11 GB "
+        "and growing): whole-volume float32 copies of the normalised anatomical (4 bytes a voxel) and of the "
+        "resampled functional (4), its YCbCr (12), colour-map levels and bone mask (1 + 1), the fused luma (4), "
+        "the 8-bit sources and fused grey for the metrics (3), and the colour metrics' per-voxel values kept as "
+        "float64 and int64 (hue, chroma ratio, read-back error, position: up to 40 bytes a coloured voxel), then "
+        "the RGB result (3), its SimpleITK copy for writing (3) and the read-back check (3). Now a run holds the "
+        "RGB result, the colour metrics' chroma ratio (float32), read-back error (int16) and bone flag per "
+        "coloured voxel (7 bytes at most), and one slab of about 4 M voxels at a time (pipeline.STREAM_VOXELS); "
+        "writing adds the file's copy and the read-back (6 bytes a voxel) once the metrics' values are gone."]
     return "\n".join(lines)
 
 
