@@ -318,3 +318,15 @@ def _with_geometry(arr, ref):
     img = sitk.GetImageFromArray(arr, isVector=arr.ndim == 4)
     img.CopyInformation(ref)
     return img
+
+
+def test_the_read_back_check_compares_slab_by_slab_and_finds_one_changed_voxel_anywhere():
+    from MedicalFusionLib.outputs import _same_voxels
+
+    a = np.random.default_rng(5).integers(0, 256, (20, 9, 7, 3), dtype=np.uint8)
+    assert _same_voxels(a, a.copy(), voxels=50)                  # slabs of one slice
+    for where in ((0, 0, 0, 0), (19, 8, 6, 2), (11, 4, 3, 1)):
+        b = a.copy()
+        b[where] ^= 1
+        assert not _same_voxels(a, b, voxels=50), where
+    assert not _same_voxels(a, a[:19], voxels=50)
