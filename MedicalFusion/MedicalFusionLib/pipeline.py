@@ -517,31 +517,35 @@ class _SliceMetrics:
 
         self.keys, self.axis, self.device = keys, axis, device
         self.batch_pixels = BATCH_PIXELS
-        self.pending: list[np.ndarray] = []      # [3, n, h, w] uint8 blocks of non-empty slices
+        self.pending: np.ndarray | None = None   # [3, n, h, w] uint8: non-empty slices not measured yet
         self.values: dict[str, list] = {k: [] for k in keys}
         self.any = False
 
     def add(self, a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, progress=None, cancel=None) -> None:
         a, b, f = (np.moveaxis(x, self.axis, 0) for x in (a8, b8, f8))
         keep = np.flatnonzero(a.reshape(a.shape[0], -1).any(axis=1) | b.reshape(b.shape[0], -1).any(axis=1))
-        if keep.size:
-            self.any = True
-            self.pending.append(np.stack([a[keep], b[keep], f[keep]]))
+        if keep.size == 0:
+            return
+        self.any = True
+        block = np.stack([a[keep], b[keep], f[keep]])
+        if self.pending is not None:
+            block = np.concatenate([self.pending, block], axis=1)
         per_batch = max(1, self.batch_pixels // max(1, a[0].size))
-        while sum(p.shape[1] for p in self.pending) >= per_batch:
-            self._flush(per_batch, progress, cancel)
+        done = 0
+        while block.shape[1] - done >= per_batch:
+            self._measure(block[:, done:done + per_batch], progress, cancel)
+            done += per_batch
+        self.pending = block[:, done:].copy() if done < block.shape[1] else None
 
     def finish(self, progress=None, cancel=None) -> dict[str, np.ndarray]:
-        if self.pending:
-            self._flush(sum(p.shape[1] for p in self.pending), progress, cancel)
+        if self.pending is not None:
+            self._measure(self.pending, progress, cancel)
+            self.pending = None
         return {k: np.concatenate(v) for k, v in self.values.items()}
 
-    def _flush(self, n: int, progress, cancel) -> None:
+    def _measure(self, batch: np.ndarray, progress, cancel) -> None:
         from .metrics_torch import volume_metric_values_torch  # noqa: PLC0415
 
-        block = np.concatenate(self.pending, axis=1) if len(self.pending) > 1 else self.pending[0]
-        batch, rest = block[:, :n], block[:, n:]
-        self.pending = [rest] if rest.shape[1] else []
         out = volume_metric_values_torch(batch[0], batch[1], batch[2], axis=0, keys=self.keys, device=self.device,
                                          progress=progress, cancel=cancel, batch_pixels=self.batch_pixels)
         for k in self.keys:
