@@ -200,9 +200,9 @@ def report(rows: list[dict], command: str, method: str, metric_set: str) -> str:
                      f"{r['cpu_s']:.1f} | {r['cpu_s'] / mv:.3f} | {r.get('load', 'n/a')} ({r.get('when', '')}) |")
     lines += [
         "",
-        "Where the memory went before the pipeline streamed (commit fb3d8fd: 1187 MB beyond the inputs for "
-        "256x256x180, about 100 bytes an anatomical voxel; a 700x700x700 uint8 study was killed after 240 s at 11 GB "
-        "and growing): whole-volume float32 copies of the normalised anatomical (4 bytes a voxel) and of the "
+        "Before the pipeline streamed (commit fb3d8fd), the same 256x256x180 run, in the same minutes and load: "
+        "1264 MB beyond the inputs (about 110 bytes an anatomical voxel), 91.4 CPU s (streamed: 96.0); a "
+        "700x700x700 uint8 study was killed after 240 s at 11 GB and growing. Where that memory went: whole-volume float32 copies of the normalised anatomical (4 bytes a voxel) and of the "
         "resampled functional (4), its YCbCr (12), colour-map levels and bone mask (1 + 1), the fused luma (4), "
         "the 8-bit sources and fused grey for the metrics (3), and the colour metrics' per-voxel values kept as "
         "float64 and int64 (hue, chroma ratio, read-back error, position: up to 40 bytes a coloured voxel), then "
@@ -248,6 +248,10 @@ def main(argv=None) -> None:
                     f.write(json.dumps(row) + "\n")
     if args.output and rows:
         command = " ".join(["python scripts/bench_memory.py"] + (argv if argv is not None else sys.argv[1:]))
+        if args.rows:
+            sizes = " ".join(r["size"] for r in rows)
+            command = (f"python scripts/bench_memory.py --sizes SIZE --json rows.jsonl` for each of {sizes} "
+                       f"(in the background, one job a size), then `{command}")
         replace_section(args.output, args.section, report(rows, command, args.method, args.metric_set))
         print(f"wrote section '{args.section}' of {args.output}")
 
