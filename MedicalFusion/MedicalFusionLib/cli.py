@@ -303,7 +303,7 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
 
 def run_fuse(args, anat, func, out, paths: dict):
     """Fuse two read sources and write the claimed outputs into ``out`` (the caller commits)."""
-    from .pipeline import fuse_images  # noqa: PLC0415
+    from .pipeline import check_memory, fuse_images  # noqa: PLC0415
     from .sources import extension  # noqa: PLC0415
 
     ext = extension(paths["output"]) if "output" in paths else ""
@@ -312,6 +312,7 @@ def run_fuse(args, anat, func, out, paths: dict):
         raise FusionError(f"output {paths['output']} holds one 2D picture but the anatomical input is a 3D volume "
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
+    check_memory(anat.image, func.image, options)     # a study too big for the memory: refused before registering
     transform = args.fuse_transform = placement(args, anat, func)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet, percent=True)
     try:
