@@ -134,12 +134,9 @@ class Prepared:
         else:
             a01 = by_slabs(lambda x: colour.window_to_unit(x, lo, hi), anat, _part(tick, 0.0, 0.3))
         if self.same_grid:
-            aligned, func = None, sitk.GetArrayViewFromImage(self.functional_image)[index]
+            func = sitk.GetArrayViewFromImage(self.functional_image)[index]
         else:
-            aligned = resample_onto(self.functional_image, sub_grid(self.reference, axis, start, stop), self.transform)
-            func = sitk.GetArrayViewFromImage(aligned)
-        if tick is not None:
-            tick(0.6)
+            func = self._resampled(axis, start, stop, _part(tick, 0.3, 0.6))
         levels = None
         if self.table_ycc is None:            # an RGB functional
             ycc = by_slabs(lambda x: colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0), func, _part(tick, 0.6, 1.0))
@@ -149,10 +146,28 @@ class Prepared:
             levels = by_slabs(lambda x: colour.colormap_index(colour.window_to_unit(x, flo, fhi), n), func,
                               _part(tick, 0.6, 0.8))
             ycc = by_slabs(lambda x: self.table_ycc[x].astype(np.float32), levels, _part(tick, 0.8, 1.0))
-        del func, aligned
+        del func
         bone = by_slabs(lambda x: x > BONE_HU, anat) if self.with_bone else None
         return Slab(a01.astype(np.float32, copy=False), ycc.astype(np.float32, copy=False),
                     None if self.grayscale else levels, bone)
+
+    def _resampled(self, axis: int, start: int, stop: int, tick: Tick | None) -> np.ndarray:
+        """The functional resampled onto slices ``start:stop`` along ``axis``, in pieces of about
+        :data:`SLAB_VOXELS` voxels (sub-grids: the same voxels as one resampling of the whole)."""
+        step = slab_slices(self.shape, axis, SLAB_VOXELS)
+        out = None
+        for s0 in range(start, stop, step):
+            s1 = min(stop, s0 + step)
+            image = resample_onto(self.functional_image, sub_grid(self.reference, axis, s0, s1), self.transform)
+            part = sitk.GetArrayViewFromImage(image)          # a view: `image` is kept until it is copied
+            if out is None:
+                shape = list(part.shape)
+                shape[axis] = stop - start
+                out = np.empty(shape, part.dtype)
+            out[tuple(slice(s0 - start, s1 - start) if k == axis else slice(None) for k in range(3))] = part
+            if tick is not None:
+                tick((s1 - start) / (stop - start))
+        return out
 
     def _all(self) -> Slab:
         if self._whole is None:
@@ -366,12 +381,18 @@ def _source_gray8(anatomical: np.ndarray, functional_ycc: np.ndarray, grayscale:
 
 def source_gray8(prepared: Prepared, tick: Tick | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The two sources as the metrics see them: 8-bit grayscale (BT.601 luma of the functional's RGB)."""
-    n = prepared.anatomical.shape[0]
-    out = np.empty((2,) + prepared.anatomical.shape, dtype=np.uint8)
-    step = max(1, SLAB_VOXELS // max(1, prepared.anatomical[0].size))
+    return _gray8_sources(prepared.anatomical, prepared.functional_ycc, prepared.grayscale, tick)
+
+
+def _gray8_sources(anatomical: np.ndarray, functional_ycc: np.ndarray, grayscale: bool,
+                   tick: Tick | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`source_gray8` of arrays, in steps of about :data:`SLAB_VOXELS` voxels along their first axis."""
+    n = anatomical.shape[0]
+    out = np.empty((2,) + anatomical.shape, dtype=np.uint8)
+    step = max(1, SLAB_VOXELS // max(1, anatomical[0].size))
     for start in range(0, n, step):
         part = slice(start, start + step)
-        out[:, part] = _source_gray8(prepared.anatomical[part], prepared.functional_ycc[part], prepared.grayscale)
+        out[:, part] = _source_gray8(anatomical[part], functional_ycc[part], grayscale)
         if tick is not None:
             tick(min(n, start + step) / n)
     return out[0], out[1]
@@ -556,9 +577,8 @@ def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, g
                   slice_metrics: _SliceMetrics, colour_acc) -> None:
     """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``."""
     tracker.stage("metrics", *stage["metrics"])
-    a8, b8 = _source_gray8(slab.anatomical, slab.functional_ycc, grayscale)
-    f8 = colour.gray8(rgb)
-    tracker.advance(0.08, 1.0)
+    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, grayscale, lambda f: tracker.advance(0.06 * f, 1.0))
+    f8 = by_slabs(colour.gray8, rgb, lambda f: tracker.advance(0.06 + 0.02 * f, 1.0))
     # the metrics space their own reports (their Progress): passed through unthrottled, as
     # Progress.callbacks() does, so the start of their phases always reaches the panel
     progress_m, cancel_m = tracker.callbacks()
