@@ -597,9 +597,11 @@ def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, g
 #: one slab of whole slices at a time, so its working memory is bounded by the slab, not the volume.
 STREAM_VOXELS = 1 << 22
 #: Bytes of working memory per voxel of a streamed slab (normalised inputs, YCbCr, fused luma,
-#: recombination and metrics temporaries), measured on the 2-core CPU with lp and the quick metrics.
-SLAB_BYTES_PER_VOXEL = 110
-#: Memory a run needs whatever the volume (torch's and the method's working sets, the metrics' batches).
+#: recombination and metrics temporaries): about 75 measured (lp, quick metrics, 256x256x180: 585 MB
+#: beyond the inputs, docs/BENCHMARKS.md), with a margin.
+SLAB_BYTES_PER_VOXEL = 100
+#: Memory a run needs whatever the volume (torch's and the method's working sets, the metrics'
+#: batches): about 200 MB measured on a small volume, with a margin for the larger networks.
 FIXED_BYTES = 400 * 2**20
 NO_CONTENT = "no slice has anatomical or functional content: check the inputs are not empty"
 
