@@ -4,11 +4,20 @@ sources -> align -> prepare -> engine -> recombine -> (metrics). The CLI reads f
 SimpleITK images; the Slicer logic (scene.py) turns MRML nodes into the same images; both call
 :func:`fuse_images` and write what it returns.
 
+Memory: :func:`prepare` checks the inputs and chooses windows and colours without making voxels;
+the run then streams slabs of whole slices (about :data:`STREAM_VOXELS` voxels, along the slicing
+axis) through the voxels' preparation (:meth:`Prepared.slab`: the functional resampled onto the
+slab's sub-grid), the engine, recombination and the metrics (per-slice values in the whole
+volume's batches, colour values accumulated), filling one preallocated RGB result. The result is
+bit for bit that of the whole volume at once. Before any work, :func:`check_memory` refuses a study
+that needs more memory than is available (:func:`memory_needed`).
+
 Progress and cancel: :func:`fuse_images` reports ``progress(done, total)`` and checks ``cancel()``
 through one :class:`~MedicalFusionLib.progress.Progress` over the phases prepare, fuse,
-recombine and metrics (:func:`pipeline_phases`). Every step that touches the whole volume works on
-slabs of about :data:`SLAB_VOXELS` voxels and reports between them, so no stretch without a
-report is longer than one slab, one engine batch or one metrics chunk.
+recombine and metrics (:func:`pipeline_phases`), which take turns slab by slab
+(:meth:`~MedicalFusionLib.progress.Progress.stage`). Every step inside a slab works on pieces of
+about :data:`SLAB_VOXELS` voxels and reports between them, so no stretch without a report is
+longer than one piece, one engine batch or one metrics chunk.
 """
 from __future__ import annotations
 
