@@ -624,14 +624,16 @@ def memory_needed(size: tuple[int, ...], voxel_bytes: int = 1, functional_voxels
     Per anatomical voxel: the RGB result (3 bytes) and, at the most demanding moment after it
     exists, the larger of the colour metrics' per-voxel values (chroma ratio, read-back error, bone
     flag: 7 bytes, when measuring) and writing the result (a copy to write and one read back: 6
-    bytes); before it, an automatic anatomical window (a mask and two copies of the foreground).
+    bytes, counted as 9: the 700x700x700 and 512x512x1000 runs of docs/BENCHMARKS.md peaked while
+    writing at about 12 bytes a voxel beyond the inputs, with a whole-volume comparison since
+    made slab by slab); before it, an automatic anatomical window (a mask and two copies of the foreground).
     Per functional voxel: its float32 copy for resampling. Plus one streamed slab's working memory
     (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`) and :data:`FIXED_BYTES`.
     """
     options = options or FusionOptions()
     voxels = int(np.prod(size))
     window = (2 * voxel_bytes + 1) * voxels if options.anatomical_window is None else 0
-    after = 3 * voxels + max(7 * voxels if options.compute_metrics else 0, 6 * voxels)
+    after = 3 * voxels + max(7 * voxels if options.compute_metrics else 0, 9 * voxels)
     shape = tuple(reversed(size)) if len(size) == 3 else (1,) + tuple(reversed(size))
     largest_slice = max(shape[1] * shape[2], shape[0] * shape[2], shape[0] * shape[1])
     slab_voxels = max(min(STREAM_VOXELS, voxels), largest_slice)

@@ -180,7 +180,7 @@ def test_memory_needed_stays_within_the_scale_budget_and_grows_with_the_voxels()
     per_voxel = (memory_needed((700, 700, 1400), 1, pet) - big) / 700 ** 3
     assert 9 <= per_voxel <= 16                       # the RGB result + the colour metrics' values
     no_metrics = memory_needed((700, 700, 700), 1, pet, FusionOptions(compute_metrics=False))
-    assert no_metrics < big
+    assert no_metrics <= big                          # writing needs as much as the colour metrics
     assert memory_needed((512, 512, 1000), 2, pet) <= gb + 16 * 512 * 512 * 1000      # an int16 CT
     # an automatic window needs a mask and two copies of the foreground first: more than the rest for float64
     assert memory_needed((512, 512, 1000), 8, pet) > memory_needed((512, 512, 1000), 8, pet,
