@@ -82,6 +82,7 @@ bench: setup pacs-deps bench-deps
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo spm12 --methods mrdfn lp --metric-set quick --section e2e-quick --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_e2e.py --cases synthetic-256 mni-demo spm12 --methods mrdfn --metric-set none --section e2e-none --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_io.py --output docs/BENCHMARKS.md
+	$(PY) scripts/bench_memory.py --sizes 256x256x180 400x400x400 700x700x700 512x512x1000 --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_cohort.py --studies 24 --method mrdfn --output docs/BENCHMARKS.md
 	$(PY) scripts/bench_pacs.py --repeats 3 --threads 1 --output docs/BENCHMARKS.md
 

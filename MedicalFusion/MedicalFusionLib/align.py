@@ -32,24 +32,31 @@ def overlap_fraction(reference: sitk.Image, moving: sitk.Image, transform: sitk.
     return float(sitk.GetArrayViewFromImage(mask).mean())
 
 
-def reference_slabs(reference: sitk.Image, voxels: int) -> list[sitk.Image]:
-    """The reference grid cut along its last index axis (ITK z) into slabs of about ``voxels`` voxels.
+def sub_grid(reference: sitk.Image, axis: int, start: int, stop: int) -> sitk.Image:
+    """An empty image on the slices ``start:stop`` of ``reference``'s grid along numpy ``axis`` of its
+    [Z, Y, X] array (ITK index axis ``2 - axis``): the reference's spacing and direction, the origin of
+    its first voxel. Resampling onto it gives exactly those voxels of resampling onto the whole grid."""
+    size = list(reference.GetSize())
+    dim = 2 - axis
+    index = [0, 0, 0]
+    index[dim] = start
+    size[dim] = stop - start
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetSpacing(reference.GetSpacing())
+    grid.SetDirection(reference.GetDirection())
+    grid.SetOrigin(reference.TransformIndexToPhysicalPoint(index))
+    return grid
 
-    Each slab is an empty image with the reference's spacing and direction and the origin of its
-    first slice: resampling onto the slabs gives exactly the voxels of resampling onto the whole grid.
-    """
+
+def reference_slabs(reference: sitk.Image, voxels: int) -> list[sitk.Image]:
+    """The reference grid cut along its last index axis (ITK z) into slabs of about ``voxels`` voxels
+    (:func:`sub_grid`: resampling onto the slabs gives exactly the voxels of resampling onto the
+    whole grid)."""
     size = list(reference.GetSize())
     if reference.GetDimension() != 3:
         return [reference]
     per_slab = max(1, voxels // max(1, size[0] * size[1]))
-    slabs = []
-    for z0 in range(0, size[2], per_slab):
-        slab = sitk.Image([size[0], size[1], min(per_slab, size[2] - z0)], sitk.sitkUInt8)
-        slab.SetSpacing(reference.GetSpacing())
-        slab.SetDirection(reference.GetDirection())
-        slab.SetOrigin(reference.TransformIndexToPhysicalPoint((0, 0, z0)))
-        slabs.append(slab)
-    return slabs
+    return [sub_grid(reference, 0, z0, min(size[2], z0 + per_slab)) for z0 in range(0, size[2], per_slab)]
 
 
 #: Voxels per slab when resampling with a ``tick`` callback (about 0.03 s of work on a 2-core CPU).
@@ -66,15 +73,38 @@ def resample_to_reference(moving: sitk.Image, reference: sitk.Image, transform: 
     FusionError when the two images do not overlap in physical space. ``tick(fraction)``, when
     given, is called between slabs of :data:`SLAB_VOXELS` voxels (the result is the same).
     """
+    moving, same_grid = check_overlap(moving, reference, transform, tick)
+    if same_grid:
+        return moving
+    slabs = reference_slabs(reference, SLAB_VOXELS) if tick is not None else [reference]
+    if len(slabs) == 1:
+        return resample_onto(moving, reference, transform, interpolator)
+    parts = []
+    for k, slab in enumerate(slabs):
+        parts.append(sitk.GetArrayFromImage(resample_onto(moving, slab, transform, interpolator)))
+        tick(0.25 + 0.75 * (k + 1) / len(slabs))
+    out = sitk.GetImageFromArray(np.concatenate(parts, axis=0), isVector=moving.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(reference)
+    return out
+
+
+def check_overlap(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
+                  tick: Callable[[float], None] | None = None) -> tuple[sitk.Image, bool]:
+    """The checks of :func:`resample_to_reference` before any resampling: same dimension, some
+    physical overlap (FusionError otherwise). Returns (``moving`` ready for :func:`resample_onto`:
+    a scalar as float32, or ``moving`` itself when it already is on the reference grid; whether it
+    is). The overlap is looked for slab by slab (uint8 masks of :data:`SLAB_VOXELS` voxels), up to
+    the first slab that overlaps; ``tick(fraction)`` between slabs (fractions up to 0.25)."""
     if moving.GetDimension() != reference.GetDimension():
         raise FusionError("the anatomical and functional images have different dimensions: give two 2D images or two 3D volumes")
-    slabs = reference_slabs(reference, SLAB_VOXELS) if tick is not None else [reference]
-    overlaps = []
+    slabs = reference_slabs(reference, SLAB_VOXELS)
     for k, slab in enumerate(slabs):
-        overlaps.append(overlap_fraction(slab, moving, transform))
+        overlaps = overlap_fraction(slab, moving, transform) > 0.0
         if tick is not None:
             tick(0.25 * (k + 1) / len(slabs))
-    if max(overlaps) == 0.0:
+        if overlaps:
+            break
+    else:
         lo_r, hi_r = physical_bounds(reference)
         lo_m, hi_m = physical_bounds(moving)
         raise FusionError(
@@ -85,19 +115,12 @@ def resample_to_reference(moving: sitk.Image, reference: sitk.Image, transform: 
                  and np.allclose(moving.GetSpacing(), reference.GetSpacing())
                  and np.allclose(moving.GetOrigin(), reference.GetOrigin())
                  and np.allclose(moving.GetDirection(), reference.GetDirection()))
-    if same_grid:
-        return moving
-    out_type = moving.GetPixelID()
-    if moving.GetNumberOfComponentsPerPixel() == 1:
+    if not same_grid and moving.GetNumberOfComponentsPerPixel() == 1:
         moving = sitk.Cast(moving, sitk.sitkFloat32)
-        out_type = sitk.sitkFloat32
-    if len(slabs) == 1:
-        return sitk.Resample(moving, reference, transform or sitk.Transform(), interpolator, 0.0, out_type)
-    parts = []
-    for k, slab in enumerate(slabs):
-        parts.append(sitk.GetArrayFromImage(
-            sitk.Resample(moving, slab, transform or sitk.Transform(), interpolator, 0.0, out_type)))
-        tick(0.25 + 0.75 * (k + 1) / len(slabs))
-    out = sitk.GetImageFromArray(np.concatenate(parts, axis=0), isVector=moving.GetNumberOfComponentsPerPixel() > 1)
-    out.CopyInformation(reference)
-    return out
+    return moving, same_grid
+
+
+def resample_onto(moving: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
+                  interpolator: int = sitk.sitkLinear) -> sitk.Image:
+    """``moving`` (as :func:`check_overlap` returns it) resampled onto ``grid``; outside it is 0."""
+    return sitk.Resample(moving, grid, transform or sitk.Transform(), interpolator, 0.0, moving.GetPixelID())

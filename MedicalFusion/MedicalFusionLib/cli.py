@@ -273,10 +273,10 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
     MHA keep it) and the metrics CSV; ``transform`` (the registration's) into --save-transform.
     The preview gets the colour bar (window, map and units of ``functional_name``) under the
     pictures; the fused volume never carries it."""
-    from . import colour, legend  # noqa: PLC0415
+    from . import legend  # noqa: PLC0415
     from .io import outputs  # noqa: PLC0415
     from .metrics import metrics_table_rows  # noqa: PLC0415
-    from .pipeline import source_gray8  # noqa: PLC0415
+    from .pipeline import preview_sources  # noqa: PLC0415
 
     meta = meta or {}
     fused = outputs.fused_image_for_file(result.rgb, result.reference, as_2d)
@@ -284,9 +284,9 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
         fused.SetMetaData(f"MedicalFusion.{key}", value)
     if "output" in paths:
         out.add_image(paths["output"], fused)
+    del fused                     # a copy of the result: not kept while the preview is made
     if "preview" in paths:
-        a8, _ = source_gray8(result.prepared)
-        func_rgb = colour.to_uint8(colour.ycbcr_to_rgb(result.prepared.functional_ycc))
+        a8, func_rgb = preview_sources(result.prepared)
         montage = outputs.preview_montage(a8, func_rgb, result.rgb, result.reference, args.axis)
         bar = legend.legend_for(result.prepared, name=functional_name)
         if bar is not None:
@@ -304,7 +304,7 @@ def write_fuse_outputs(out, paths: dict, result, args, as_2d: bool, meta: dict |
 
 def run_fuse(args, anat, func, out, paths: dict):
     """Fuse two read sources and write the claimed outputs into ``out`` (the caller commits)."""
-    from .pipeline import fuse_images  # noqa: PLC0415
+    from .pipeline import check_memory, fuse_images  # noqa: PLC0415
     from .io.files import extension  # noqa: PLC0415
 
     ext = extension(paths["output"]) if "output" in paths else ""
@@ -313,6 +313,7 @@ def run_fuse(args, anat, func, out, paths: dict):
         raise FusionError(f"output {paths['output']} holds one 2D picture but the anatomical input is a 3D volume "
                           f"({slices} slices): use .nrrd, .nii.gz or .mha")
     options = fuse_options(args, anat, func)
+    check_memory(anat.image, func.image, options)     # a study too big for the memory: refused before registering
     transform = args.fuse_transform = placement(args, anat, func)
     progress, close = _progress_bar(f"fusing ({args.method})", not args.quiet, percent=True)
     try:

@@ -4,15 +4,25 @@ sources -> align -> prepare -> engine -> recombine -> (metrics). The CLI reads f
 SimpleITK images; the Slicer logic (scene.py) turns MRML nodes into the same images; both call
 :func:`fuse_images` and write what it returns.
 
+Memory: :func:`prepare` checks the inputs and chooses windows and colours without making voxels;
+the run then streams slabs of whole slices (about :data:`STREAM_VOXELS` voxels, along the slicing
+axis) through the voxels' preparation (:meth:`Prepared.slab`: the functional resampled onto the
+slab's sub-grid), the engine, recombination and the metrics (per-slice values in the whole
+volume's batches, colour values accumulated), filling one preallocated RGB result. The result is
+bit for bit that of the whole volume at once. Before any work, :func:`check_memory` refuses a study
+that needs more memory than is available (:func:`memory_needed`).
+
 Progress and cancel: :func:`fuse_images` reports ``progress(done, total)`` and checks ``cancel()``
 through one :class:`~MedicalFusionLib.progress.Progress` over the phases prepare, fuse,
-recombine and metrics (:func:`pipeline_phases`). Every step that touches the whole volume works on
-slabs of about :data:`SLAB_VOXELS` voxels and reports between them, so no stretch without a
-report is longer than one slab, one engine batch or one metrics chunk.
+recombine and metrics (:func:`pipeline_phases`), which take turns slab by slab
+(:meth:`~MedicalFusionLib.progress.Progress.stage`). Every step inside a slab works on pieces of
+about :data:`SLAB_VOXELS` voxels and reports between them, so no stretch without a report is
+longer than one piece, one engine batch or one metrics chunk.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,11 +31,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import colour
-from .align import SLAB_VOXELS, resample_to_reference
+from .align import SLAB_VOXELS, check_overlap, reference_slabs, resample_onto, sub_grid
 from .device import pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
 from .errors import FusionError
 from .methods import get_method
+from .methods.registry import built_once
 from .options import AXES, FusionOptions, validate  # noqa: F401  (FusionOptions: callers import it from here too)
 from .progress import Progress
 from .images import as_3d, check_same_dimension, check_slice_size, rgb_is_gray
@@ -63,12 +74,29 @@ def by_slabs(fn: Callable[[np.ndarray], np.ndarray], arr: np.ndarray, tick: Tick
 
 
 @dataclass
-class Prepared:
-    """Inputs on the anatomical grid, normalised: anatomical [Z,Y,X] and functional YCbCr [Z,Y,X,3]."""
+class Slab:
+    """The normalised inputs on slices ``start:stop`` of the anatomical grid (along the slicing axis):
+    anatomical in [0, 1] and the functional as YCbCr [..., 3] (float32); a scalar functional's
+    colour-map entry per voxel and where a CT in HU shows bone (None when not used)."""
 
-    reference: sitk.Image
     anatomical: np.ndarray
     functional_ycc: np.ndarray
+    functional_level: np.ndarray | None = None
+    bone: np.ndarray | None = None
+
+
+@dataclass
+class Prepared:
+    """Inputs checked, windows and colour map chosen, the functional placed on the anatomical grid.
+
+    The voxels are made slab by slab (:meth:`slab`): the pipeline streams slabs of slices through
+    prepare, engine, recombine and metrics, so a run never holds normalised copies of whole volumes.
+    The whole-volume arrays (:attr:`anatomical` [Z,Y,X], :attr:`functional_ycc` [Z,Y,X,3],
+    :attr:`functional_level`, :attr:`bone`) are made on first use and kept (the same values as the
+    slabs put together); once made, slabs are cut from them.
+    """
+
+    reference: sitk.Image
     grayscale: bool
     anatomical_window: tuple[float, float]
     functional_window: tuple[float, float] | None
@@ -77,11 +105,117 @@ class Prepared:
     functional_units: str = ""
     window_sources: dict = field(default_factory=dict)   # role -> how its window was chosen
     notices: list = field(default_factory=list)          # one-line notices for the user
-    # For the colour metrics: a scalar functional's colour-map entry per voxel (its level: entry i
-    # covers [i, i + 1) / N of the window) and the N x 3 table; where a CT in HU shows bone (> 215 HU).
-    functional_level: np.ndarray | None = None
+    # For the colour metrics: a scalar functional's N x 3 colour table (its colour-map entry per
+    # voxel is functional_level: entry i covers [i, i + 1) / N of the window); None when grayscale.
     functional_table: np.ndarray | None = None
-    bone: np.ndarray | None = None
+    # How the voxels are made: the anatomical (scalar, or RGB used by its luma); the functional as
+    # align.check_overlap returns it (already on the anatomical grid when same_grid); the transform
+    # from anatomical to functional physical points; a scalar functional's colour table in YCbCr;
+    # whether the colour metrics want bone masks (a CT in HU).
+    anatomical_image: sitk.Image | None = field(default=None, repr=False)
+    functional_image: sitk.Image | None = field(default=None, repr=False)
+    transform: sitk.Transform | None = field(default=None, repr=False)
+    same_grid: bool = False
+    table_ycc: np.ndarray | None = field(default=None, repr=False)
+    with_bone: bool = False
+    _whole: Slab | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The anatomical grid as a numpy [Z, Y, X] shape."""
+        return tuple(reversed(self.reference.GetSize()))
+
+    def slab(self, axis: int, start: int, stop: int, tick: Tick | None = None) -> Slab:
+        """The normalised voxels of slices ``start:stop`` along numpy ``axis`` of the grid (the
+        same values as those slices of the whole volume); ``tick(fraction)`` between steps of
+        about :data:`SLAB_VOXELS` voxels."""
+        index = tuple(slice(start, stop) if k == axis else slice(None) for k in range(3))
+        if self._whole is not None:
+            w = self._whole
+            return Slab(w.anatomical[index], w.functional_ycc[index],
+                        None if w.functional_level is None else w.functional_level[index],
+                        None if w.bone is None else w.bone[index])
+        anat = sitk.GetArrayViewFromImage(self.anatomical_image)[index]
+        lo, hi = self.anatomical_window
+        if self.anatomical_image.GetNumberOfComponentsPerPixel() == 3:    # an RGB anatomical: its luma
+            a01 = by_slabs(lambda x: colour.window_to_unit(
+                colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0)[..., 0] * 255.0, lo, hi), anat, _part(tick, 0.0, 0.3))
+        else:
+            a01 = by_slabs(lambda x: colour.window_to_unit(x, lo, hi), anat, _part(tick, 0.0, 0.3))
+        if self.same_grid:
+            func = sitk.GetArrayViewFromImage(self.functional_image)[index]
+        else:
+            func = self._resampled(axis, start, stop, _part(tick, 0.3, 0.6))
+        levels = None
+        if self.table_ycc is None:            # an RGB functional
+            ycc = by_slabs(lambda x: colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0), func, _part(tick, 0.6, 1.0))
+        else:
+            flo, fhi = self.functional_window
+            n = len(self.table_ycc)
+            levels = by_slabs(lambda x: colour.colormap_index(colour.window_to_unit(x, flo, fhi), n), func,
+                              _part(tick, 0.6, 0.8))
+            ycc = by_slabs(lambda x: self.table_ycc[x].astype(np.float32), levels, _part(tick, 0.8, 1.0))
+        del func
+        bone = by_slabs(lambda x: x > BONE_HU, anat) if self.with_bone else None
+        return Slab(a01.astype(np.float32, copy=False), ycc.astype(np.float32, copy=False),
+                    None if self.grayscale else levels, bone)
+
+    def _resampled(self, axis: int, start: int, stop: int, tick: Tick | None) -> np.ndarray:
+        """The functional resampled onto slices ``start:stop`` along ``axis``, in pieces of about
+        :data:`SLAB_VOXELS` voxels (sub-grids: the same voxels as one resampling of the whole)."""
+        step = slab_slices(self.shape, axis, SLAB_VOXELS)
+        out = None
+        for s0 in range(start, stop, step):
+            s1 = min(stop, s0 + step)
+            image = resample_onto(self.functional_image, sub_grid(self.reference, axis, s0, s1), self.transform)
+            part = sitk.GetArrayViewFromImage(image)          # a view: `image` is kept until it is copied
+            if out is None:
+                shape = list(part.shape)
+                shape[axis] = stop - start
+                out = np.empty(shape, part.dtype)
+            out[tuple(slice(s0 - start, s1 - start) if k == axis else slice(None) for k in range(3))] = part
+            if tick is not None:
+                tick((s1 - start) / (stop - start))
+        return out
+
+    def _all(self) -> Slab:
+        if self._whole is None:
+            self._whole = self.slab(0, 0, self.shape[0])
+        return self._whole
+
+    @property
+    def anatomical(self) -> np.ndarray:
+        """The anatomical in [0, 1], float32 [Z, Y, X] (made on first use and kept)."""
+        return self._all().anatomical
+
+    @property
+    def functional_ycc(self) -> np.ndarray:
+        """The functional on the anatomical grid as YCbCr in [0, 1], float32 [Z, Y, X, 3]."""
+        return self._all().functional_ycc
+
+    @functional_ycc.setter
+    def functional_ycc(self, value: np.ndarray) -> None:
+        """Replace the functional's YCbCr (same shape; e.g. ``evaluate``'s exact k / 255 of a grey
+        picture): the whole-volume arrays are made, and later slabs are cut from them."""
+        whole = self._all()
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        if value.shape != whole.functional_ycc.shape:
+            raise ValueError(f"functional_ycc must keep its shape {whole.functional_ycc.shape}, got {value.shape}")
+        self._whole = Slab(whole.anatomical, value, whole.functional_level, whole.bone)
+
+    @property
+    def functional_level(self) -> np.ndarray | None:
+        """A scalar functional's colour-map entry per voxel (None when grayscale or RGB)."""
+        return self._all().functional_level
+
+    @property
+    def bone(self) -> np.ndarray | None:
+        """Where a CT in HU shows bone (> 215 HU), for the colour metrics' bone rows (else None)."""
+        return self._all().bone
+
+
+def _part(tick: Tick | None, lo: float, hi: float) -> Tick | None:
+    return None if tick is None else (lambda f: tick(lo + (hi - lo) * f))
 
 
 @dataclass
@@ -128,25 +262,6 @@ def array_axis(reference: sitk.Image, axis: str | int) -> int:
     return 2 - index_axis
 
 
-def anatomical_unit(image: sitk.Image, window: tuple[float, float] | None,
-                    tick: Tick | None = None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Anatomical to [0, 1]: by ``window``; else an RGB image's luma as it is (0..255), else the
-    0.5-99.5 % percentiles of the non-background voxels (robust auto window), whatever the voxel
-    type (the CLI passes 0..255 for display-ready 8-bit PNG/JPG pictures). ``tick(fraction)``
-    between slabs."""
-    if image.GetNumberOfComponentsPerPixel() == 3:   # an RGB anatomical: use its luma
-        arr = by_slabs(lambda x: colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0)[..., 0] * 255.0,
-                       sitk.GetArrayViewFromImage(image), tick)
-        rgb = True
-    else:
-        arr = sitk.GetArrayViewFromImage(image)
-        rgb = False
-    if window is None:
-        window = (0.0, 255.0) if rgb else colour.robust_window(arr)
-    lo, hi = float(window[0]), float(window[1])
-    return by_slabs(lambda x: colour.window_to_unit(x, lo, hi), arr, tick), (lo, hi)
-
-
 def functional_window_default(image: sitk.Image) -> tuple[float, float]:
     """Default window of a scalar functional, whatever its voxel type: its minimum to the 99.9th
     percentile of the non-background voxels (PET/SPECT background is the minimum; the high
@@ -155,32 +270,6 @@ def functional_window_default(image: sitk.Image) -> tuple[float, float]:
     arr = sitk.GetArrayViewFromImage(image)
     _, hi = colour.robust_window(arr, 0.0, 99.9)
     return float(arr.min()), hi
-
-
-def functional_ycc(image: sitk.Image, window: tuple[float, float] | None, colormap: str | None,
-                   tick: Tick | None = None):
-    """Functional to YCbCr in [0, 1]. RGB pseudo-colour converts directly; a scalar goes through
-    the colour map (default PET-Heat) over ``window`` (default :func:`functional_window_default`).
-    Returns (ycc, window or None, colormap or None, grayscale, levels or None, table or None):
-    ``levels`` is a scalar functional's colour-map entry per voxel, ``table`` the map's N x 3 RGB;
-    grayscale is decided on the table or on the integer RGB channels, not on the converted
-    volume. ``tick(fraction)`` between slabs."""
-    if image.GetNumberOfComponentsPerPixel() == 3:
-        ycc = by_slabs(lambda x: colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0),
-                       sitk.GetArrayViewFromImage(image), tick)
-        return ycc, None, None, rgb_is_gray(image), None, None
-    cmap = colour.DEFAULT_COLORMAP if colormap is None else colormap
-    table = colour.colormap_table(cmap) if isinstance(cmap, str) else colour.check_table(cmap)
-    window = window or functional_window_default(image)
-    lo, hi = float(window[0]), float(window[1])
-    name = cmap if isinstance(cmap, str) else f"custom table ({len(table)} colours)"
-    # look the values up in the table converted to YCbCr: one conversion of 256 entries, not of every voxel
-    table_ycc = colour.rgb_to_ycbcr(table)
-    grayscale = bool(np.allclose(table_ycc[:, 1:], 0.5, atol=1.0 / 512))
-    levels = by_slabs(lambda x: colour.colormap_index(colour.window_to_unit(x, lo, hi), len(table)),
-                      sitk.GetArrayViewFromImage(image), tick)
-    ycc = by_slabs(lambda x: table_ycc[x].astype(np.float32), levels)
-    return ycc, (lo, hi), name, grayscale, levels, table
 
 
 def _span(tracker: Progress | None, lo: float, hi: float) -> Tick | None:
@@ -198,7 +287,8 @@ def _auto_source(source: str, image: sitk.Image, rule: str) -> str:
 
 def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions,
             transform: sitk.Transform | None = None, tracker: Progress | None = None) -> Prepared:
-    """Check both images, put the functional on the anatomical grid and normalise both.
+    """Check both images, choose the windows and the colour map, place the functional on the
+    anatomical grid: everything but making the voxels, which :meth:`Prepared.slab` does slab by slab.
 
     A scalar functional is resampled as values (linear, as Slicer's reslicing shows it) and then
     coloured; its default window comes from its own voxels, not the resampled ones. Windows not
@@ -213,27 +303,55 @@ def prepare(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptio
         anatomical = sitk.VectorIndexSelectionCast(anatomical, 0)
     achoice = choose_window(anatomical, "anatomical", options.anatomical_window, options.anatomical_preset,
                             options.anatomical_units)
-    a01, awin = anatomical_unit(anatomical, achoice.window, _span(tracker, 0.0, 0.2))
+    awin = achoice.window
+    if awin is None:
+        awin = (0.0, 255.0) if anatomical.GetNumberOfComponentsPerPixel() == 3 else \
+            colour.robust_window(sitk.GetArrayViewFromImage(anatomical))
+    awin = (float(awin[0]), float(awin[1]))
+    colour.window_to_unit(np.zeros(1, np.float32), *awin)            # an empty window: its error now
     fchoice = choose_window(functional, "functional", options.functional_window, options.functional_preset,
                             options.functional_units)
     fwin = fchoice.window
-    if fwin is None and functional.GetNumberOfComponentsPerPixel() == 1:
+    scalar = functional.GetNumberOfComponentsPerPixel() == 1
+    if fwin is None and scalar:
         fwin = functional_window_default(functional)
-    aligned = resample_to_reference(functional, anatomical, transform, tick=_span(tracker, 0.25, 0.6))
-    ycc, fwin, cmap, grayscale, levels, table = functional_ycc(aligned, fwin, options.colormap,
-                                                              _span(tracker, 0.6, 1.0))
-    bone = None
-    if achoice.units == "HU" and anatomical.GetNumberOfComponentsPerPixel() == 1 and not grayscale:
-        bone = by_slabs(lambda x: x > BONE_HU, sitk.GetArrayViewFromImage(anatomical))
+    moving, same_grid = check_overlap(functional, anatomical, transform, tick=_span(tracker, 0.0, HEADER_SHARE))
+    cmap = table = table_ycc = None
+    if scalar:
+        cmap = colour.DEFAULT_COLORMAP if options.colormap is None else options.colormap
+        table = colour.colormap_table(cmap) if isinstance(cmap, str) else colour.check_table(cmap)
+        cmap = cmap if isinstance(cmap, str) else f"custom table ({len(table)} colours)"
+        fwin = (float(fwin[0]), float(fwin[1]))
+        # look the values up in the table converted to YCbCr: one conversion of N entries, not of every voxel
+        table_ycc = colour.rgb_to_ycbcr(table)
+        grayscale = bool(np.allclose(table_ycc[:, 1:], 0.5, atol=1.0 / 512))
+    else:
+        fwin = None
+        grayscale = _aligned_rgb_is_gray(moving, anatomical, transform, same_grid)
     notices = [c.notice for c in (achoice, fchoice) if c.notice]
     for text in notices:          # the CLI shows the package's warnings as one 'note:' line each
         logger.warning(text)
-    return Prepared(anatomical, a01.astype(np.float32, copy=False), ycc.astype(np.float32, copy=False), grayscale,
-                    awin, fwin, cmap, anatomical_units=achoice.units, functional_units=fchoice.units,
+    return Prepared(anatomical, grayscale, awin, fwin, cmap, anatomical_units=achoice.units,
+                    functional_units=fchoice.units,
                     window_sources={"anatomical": _auto_source(achoice.source, anatomical, "0.5-99.5 % percentiles"),
                                     "functional": _auto_source(fchoice.source, functional, "minimum..99.9th percentile")},
-                    notices=notices, functional_level=None if grayscale else levels,
-                    functional_table=None if grayscale else table, bone=bone)
+                    notices=notices, functional_table=None if grayscale else table,
+                    anatomical_image=anatomical, functional_image=moving, transform=transform, same_grid=same_grid,
+                    table_ycc=table_ycc,
+                    with_bone=achoice.units == "HU" and anatomical.GetNumberOfComponentsPerPixel() == 1
+                    and not grayscale)
+
+
+def _aligned_rgb_is_gray(moving: sitk.Image, reference: sitk.Image, transform, same_grid: bool) -> bool:
+    """Whether an RGB functional has equal channels where it lands on the anatomical grid
+    (:func:`MedicalFusionLib.images.rgb_is_gray` of the resampled image, slab by slab, up to
+    the first coloured one)."""
+    if same_grid:
+        return rgb_is_gray(moving)
+    for grid in reference_slabs(reference, 16 * SLAB_VOXELS):
+        if not rgb_is_gray(resample_onto(moving, grid, transform)):
+            return False
+    return True
 
 
 def _recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: float, grayscale: bool) -> np.ndarray:
@@ -282,15 +400,36 @@ def _source_gray8(anatomical: np.ndarray, functional_ycc: np.ndarray, grayscale:
 
 def source_gray8(prepared: Prepared, tick: Tick | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The two sources as the metrics see them: 8-bit grayscale (BT.601 luma of the functional's RGB)."""
-    n = prepared.anatomical.shape[0]
-    out = np.empty((2,) + prepared.anatomical.shape, dtype=np.uint8)
-    step = max(1, SLAB_VOXELS // max(1, prepared.anatomical[0].size))
+    return _gray8_sources(prepared.anatomical, prepared.functional_ycc, prepared.grayscale, tick)
+
+
+def _gray8_sources(anatomical: np.ndarray, functional_ycc: np.ndarray, grayscale: bool,
+                   tick: Tick | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`source_gray8` of arrays, in steps of about :data:`SLAB_VOXELS` voxels along their first axis."""
+    n = anatomical.shape[0]
+    out = np.empty((2,) + anatomical.shape, dtype=np.uint8)
+    step = max(1, SLAB_VOXELS // max(1, anatomical[0].size))
     for start in range(0, n, step):
         part = slice(start, start + step)
-        out[:, part] = _source_gray8(prepared.anatomical[part], prepared.functional_ycc[part], prepared.grayscale)
+        out[:, part] = _source_gray8(anatomical[part], functional_ycc[part], grayscale)
         if tick is not None:
             tick(min(n, start + step) / n)
     return out[0], out[1]
+
+
+def preview_sources(prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """The two sources as a preview shows them: the anatomical as 8-bit grey [Z, Y, X] and the
+    functional's RGB [Z, Y, X, 3] on the anatomical grid, made slab by slab (4 bytes a voxel; the
+    normalised whole volumes are never held)."""
+    shape = prepared.shape
+    a8 = np.empty(shape, np.uint8)
+    rgb = np.empty(shape + (3,), np.uint8)
+    per = slab_slices(shape, 0)
+    for start in range(0, shape[0], per):
+        slab = prepared.slab(0, start, min(shape[0], start + per))
+        a8[start:start + per] = colour.to_uint8(slab.anatomical)
+        rgb[start:start + per] = colour.to_uint8(colour.ycbcr_to_rgb(slab.functional_ycc))
+    return a8, rgb
 
 
 def _metric_keys(options: FusionOptions) -> list[str] | None:
@@ -304,63 +443,262 @@ def _metric_keys(options: FusionOptions) -> list[str] | None:
 
 def fuse_prepared(prepared: Prepared, options: FusionOptions, progress: ProgressFn | None = None,
                   cancel: CancelFn | None = None, tracker: Progress | None = None) -> FusionResult:
-    """Fuse prepared inputs (and measure, when ``options.compute_metrics``): engine, recombine,
-    metrics. ``progress``/``cancel`` cover the three phases; a caller that already tracks the run
-    passes its ``tracker`` instead (its phases: :func:`pipeline_phases`)."""
+    """Fuse prepared inputs (and measure, when ``options.compute_metrics``): slab by slab, the
+    voxels (:meth:`Prepared.slab`), engine, recombine, metrics. ``progress``/``cancel`` cover the
+    run; a caller that already tracks the run passes its ``tracker`` instead (its phases:
+    :func:`pipeline_phases`)."""
     validate(options)
     if tracker is None:
-        phases = [p for p in pipeline_phases(options.compute_metrics) if p[0] != "prepare"]
-        with Progress(progress, cancel, phases) as own:
+        with Progress(progress, cancel, pipeline_phases(options.compute_metrics)) as own:
             result = _fuse_prepared(prepared, options, own)
             own.finish()
         return result
     return _fuse_prepared(prepared, options, tracker)
 
 
-def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress) -> FusionResult:
-    """:func:`fuse_prepared` with options already validated."""
+def slab_slices(shape: tuple[int, ...], axis: int, voxels: int | None = None) -> int:
+    """Slices per streamed slab along ``axis`` of a volume of ``shape``: about ``voxels``
+    (default :data:`STREAM_VOXELS`) voxels, at least one slice."""
+    per_slice = int(np.prod([n for k, n in enumerate(shape[:3]) if k != axis]))
+    return max(1, (STREAM_VOXELS if voxels is None else voxels) // max(1, per_slice))
+
+
+def _stages(compute_metrics: bool, grayscale: bool, base: float) -> Callable[[int, int, int], dict]:
+    """Where each stage of a slab falls in the run (fractions of it): the slabs share what follows
+    ``base`` in proportion to their slices, and each slab's share is split like
+    :func:`pipeline_phases` (prepare, fuse, recombine, metrics; the colour metrics are the last
+    5 % of the metrics). Returns ``windows(start, stop, n) -> {stage: (start, width)}``."""
+    phases = dict(pipeline_phases(compute_metrics))
+    total = sum(phases.values())
+
+    def windows(start: int, stop: int, n: int) -> dict:
+        lo = base + (1.0 - base) * start / n
+        size = (1.0 - base) * (stop - start) / n
+        out, acc = {}, lo
+        for name, weight in phases.items():
+            out[name] = (acc, size * weight / total)
+            acc += size * weight / total
+        if compute_metrics and not grayscale:
+            m0, mw = out["metrics"]
+            out["metrics"], out["colour"] = (m0, 0.95 * mw), (m0 + 0.95 * mw, 0.05 * mw)
+        return out
+
+    return windows
+
+
+def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress, base: float = 0.0) -> FusionResult:
+    """:func:`fuse_prepared` with options already validated; the slabs fill the run after ``base``
+    (the fraction of it already reported)."""
     method = get_method(options.method)
     metric_keys = _metric_keys(options)
     device = pick_device(options.device)
     axis = array_axis(prepared.reference, options.axis)
     check_slice_size(prepared.reference, axis, str(options.axis) if not str(options.axis).isdigit() else "")
+    shape = prepared.shape
+    n = shape[axis]
+    per = slab_slices(shape, axis)
+    windows = _stages(options.compute_metrics, prepared.grayscale, base)
+    rgb = np.empty(shape + (3,), dtype=np.uint8)           # the result, filled slab by slab
+    slice_metrics = None if metric_keys is None else _SliceMetrics(metric_keys, axis, device)
+    colour_acc = None
+    if metric_keys is not None and not prepared.grayscale:
+        from .metrics.torch_engine import ColourMetrics  # noqa: PLC0415  (only when asked)
 
-    tracker.phase("fuse")
-    t0 = time.perf_counter()
-    engine_progress, engine_cancel = tracker.callbacks()
-    fused_y = fuse_volume(prepared.anatomical, prepared.functional_ycc[..., 0], method, axis=axis, device=device,
-                          batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel)
-    tracker.phase("recombine")
-    rgb = recombine(fused_y, prepared.functional_ycc, method.chroma_scale, prepared.grayscale,
-                    _span(tracker, 0.0, 1.0), table=prepared.functional_table)
-    del fused_y
-    seconds = time.perf_counter() - t0
+        colour_acc = ColourMetrics(shape, prepared.functional_table, prepared.with_bone, device)
+    seconds = seconds_metrics = 0.0
+    with built_once():
+        for start in range(0, n, per):
+            stop = min(n, start + per)
+            index = tuple(slice(start, stop) if k == axis else slice(None) for k in range(3))
+            stage = windows(start, stop, n)
+
+            tracker.stage("prepare", *stage["prepare"])
+            slab = prepared.slab(axis, start, stop, tick=lambda f: tracker.advance(f, 1.0))
+            tracker.stage("fuse", *stage["fuse"])
+            t0 = time.perf_counter()
+            engine_progress, engine_cancel = tracker.callbacks()
+            fused_y = fuse_volume(slab.anatomical, slab.functional_ycc[..., 0], method, axis=axis, device=device,
+                                  batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel)
+            tracker.stage("recombine", *stage["recombine"])
+            rgb[index] = recombine(fused_y, slab.functional_ycc, method.chroma_scale, prepared.grayscale,
+                                   lambda f: tracker.advance(f, 1.0), table=prepared.functional_table)
+            del fused_y
+            seconds += time.perf_counter() - t0
+            if metric_keys is not None:
+                t1 = time.perf_counter()
+                _slab_metrics(tracker, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics, colour_acc)
+                seconds_metrics += time.perf_counter() - t1
+            del slab
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
                           seconds=seconds, axis=axis, grayscale=prepared.grayscale, prepared=prepared)
-    if options.compute_metrics:
-        from .metrics.torch_engine import volume_metrics_torch  # noqa: PLC0415  (only when asked)
-
-        tracker.phase("metrics")
-        a8, b8 = source_gray8(prepared, _span(tracker, 0.0, 0.04))
-        f8 = by_slabs(colour.gray8, rgb, _span(tracker, 0.04, 0.08))
-        # the metrics space their own reports (their Progress): passed through unthrottled, as
-        # Progress.callbacks() does, so the start of their phases always reaches the panel
-        progress_m, cancel_m = tracker.callbacks()
+    if metric_keys is not None:
         t1 = time.perf_counter()
-        result.metrics = volume_metrics_torch(
-            a8, b8, f8, axis=axis, keys=metric_keys, device=device,
-            progress=(lambda d, t: tracker.advance(0.08 + 0.87 * d / t, 1.0, force=True)) if progress_m else None,
-            cancel=cancel_m)
-        if not prepared.grayscale:
-            from .metrics.torch_engine import colour_metrics_torch  # noqa: PLC0415
+        if not slice_metrics.any:
+            raise FusionError(NO_CONTENT)
+        from .metrics import summarise  # noqa: PLC0415
 
-            result.metrics.update(colour_metrics_torch(rgb, prepared.functional_ycc, prepared.functional_level,
-                                                       prepared.functional_table, prepared.bone, axis=axis,
-                                                       device=device, cancel=cancel_m,
-                                                       progress=(lambda d, t: tracker.advance(0.95 + 0.05 * d / t, 1.0, force=True))
-                                                       if progress_m else None))
-        result.seconds_metrics = time.perf_counter() - t1
+        progress_m, cancel_m = tracker.callbacks()
+        result.metrics = summarise(slice_metrics.finish(progress_m, cancel_m))
+        if colour_acc is not None:
+            result.metrics.update(colour_acc.result())
+        result.seconds_metrics = seconds_metrics + time.perf_counter() - t1
     return result
+
+
+class _SliceMetrics:
+    """The per-slice metrics of a volume given slab by slab, computed in the batches of slices a
+    whole-volume call of :func:`~MedicalFusionLib.metrics.torch_engine.volume_metrics_torch` would use
+    (its non-empty slices, :data:`~MedicalFusionLib.metrics.torch_engine.BATCH_PIXELS` pixels a batch): a
+    slice's FMI depends on the chunks its batch is cut into, so the same batches give the same
+    bytes. Non-empty slices wait in a small buffer until a batch is full."""
+
+    def __init__(self, keys: list[str], axis: int, device):
+        from .metrics.torch_engine import BATCH_PIXELS  # noqa: PLC0415
+
+        self.keys, self.axis, self.device = keys, axis, device
+        self.batch_pixels = BATCH_PIXELS
+        self.pending: np.ndarray | None = None   # [3, n, h, w] uint8: non-empty slices not measured yet
+        self.values: dict[str, list] = {k: [] for k in keys}
+        self.any = False
+
+    def add(self, a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, progress=None, cancel=None) -> None:
+        a, b, f = (np.moveaxis(x, self.axis, 0) for x in (a8, b8, f8))
+        keep = np.flatnonzero(a.reshape(a.shape[0], -1).any(axis=1) | b.reshape(b.shape[0], -1).any(axis=1))
+        if keep.size == 0:
+            return
+        self.any = True
+        block = np.stack([a[keep], b[keep], f[keep]])
+        if self.pending is not None:
+            block = np.concatenate([self.pending, block], axis=1)
+        per_batch = max(1, self.batch_pixels // max(1, a[0].size))
+        done = 0
+        while block.shape[1] - done >= per_batch:
+            self._measure(block[:, done:done + per_batch], progress, cancel)
+            done += per_batch
+        self.pending = block[:, done:].copy() if done < block.shape[1] else None
+
+    def finish(self, progress=None, cancel=None) -> dict[str, np.ndarray]:
+        if self.pending is not None:
+            self._measure(self.pending, progress, cancel)
+            self.pending = None
+        return {k: np.concatenate(v) for k, v in self.values.items()}
+
+    def _measure(self, batch: np.ndarray, progress, cancel) -> None:
+        from .metrics.torch_engine import volume_metric_values_torch  # noqa: PLC0415
+
+        out = volume_metric_values_torch(batch[0], batch[1], batch[2], axis=0, keys=self.keys, device=self.device,
+                                         progress=progress, cancel=cancel, batch_pixels=self.batch_pixels)
+        for k in self.keys:
+            self.values[k].append(out[k])
+
+
+def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
+                  slice_metrics: _SliceMetrics, colour_acc) -> None:
+    """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``."""
+    tracker.stage("metrics", *stage["metrics"])
+    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, grayscale, lambda f: tracker.advance(0.06 * f, 1.0))
+    f8 = by_slabs(colour.gray8, rgb, lambda f: tracker.advance(0.06 + 0.02 * f, 1.0))
+    # the metrics space their own reports (their Progress): passed through unthrottled, as
+    # Progress.callbacks() does, so the start of their phases always reaches the panel
+    progress_m, cancel_m = tracker.callbacks()
+    slice_metrics.add(a8, b8, f8,
+                      progress=(lambda d, t: tracker.advance(0.08 + 0.92 * d / t, 1.0, force=True)) if progress_m else None,
+                      cancel=cancel_m)
+    del a8, b8, f8
+    if colour_acc is not None:
+        tracker.stage("metrics", *stage["colour"])
+        with Progress(progress_m, cancel_m, phases=(("colour", 1.0),)) as inner:
+            inner.phase("colour")
+            colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=inner.advance)
+
+
+#: Voxels per streamed slab: :func:`fuse_images` makes the voxels of, fuses, recombines and measures
+#: one slab of whole slices at a time, so its working memory is bounded by the slab, not the volume.
+STREAM_VOXELS = 1 << 22
+#: Bytes of working memory per voxel of a streamed slab (normalised inputs, YCbCr, fused luma,
+#: recombination and metrics temporaries): about 75 measured (lp, quick metrics, 256x256x180: 585 MB
+#: beyond the inputs, docs/BENCHMARKS.md), with a margin.
+SLAB_BYTES_PER_VOXEL = 100
+#: Memory a run needs whatever the volume (torch's and the method's working sets, the metrics'
+#: batches): about 200 MB measured on a small volume, with a margin for the larger networks.
+FIXED_BYTES = 400 * 2**20
+NO_CONTENT = "no slice has anatomical or functional content: check the inputs are not empty"
+
+
+def memory_needed(size: tuple[int, ...], voxel_bytes: int = 1, functional_voxels: int = 0,
+                  options: FusionOptions | None = None) -> int:
+    """Bytes a :func:`fuse_images` run (and writing its result) needs beyond its two inputs, for an
+    anatomical of ``size`` (ITK x, y[, z]) with ``voxel_bytes`` per voxel and a functional of
+    ``functional_voxels`` voxels (all components).
+
+    Per anatomical voxel: the RGB result (3 bytes) and, at the most demanding moment after it
+    exists, the larger of the colour metrics' per-voxel values (chroma ratio, read-back error, bone
+    flag: 7 bytes, when measuring) and writing the result (a copy to write and one read back: 6
+    bytes, counted as 9: the 700x700x700 and 512x512x1000 runs of docs/BENCHMARKS.md peaked while
+    writing at about 12 bytes a voxel beyond the inputs, with a whole-volume comparison since
+    made slab by slab); before it, an automatic anatomical window (a mask and two copies of the foreground).
+    Per functional voxel: its float32 copy for resampling. Plus one streamed slab's working memory
+    (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`) and :data:`FIXED_BYTES`.
+    """
+    options = options or FusionOptions()
+    voxels = int(np.prod(size))
+    window = (2 * voxel_bytes + 1) * voxels if options.anatomical_window is None else 0
+    after = 3 * voxels + max(7 * voxels if options.compute_metrics else 0, 9 * voxels)
+    shape = tuple(reversed(size)) if len(size) == 3 else (1,) + tuple(reversed(size))
+    largest_slice = max(shape[1] * shape[2], shape[0] * shape[2], shape[0] * shape[1])
+    slab_voxels = max(min(STREAM_VOXELS, voxels), largest_slice)
+    return FIXED_BYTES + max(window, after) + 4 * functional_voxels + SLAB_BYTES_PER_VOXEL * slab_voxels
+
+
+def study_memory(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions | None = None) -> int:
+    """:func:`memory_needed` for two images."""
+    return memory_needed(anatomical.GetSize(),
+                         anatomical.GetSizeOfPixelComponent() * anatomical.GetNumberOfComponentsPerPixel(),
+                         functional.GetNumberOfPixels() * functional.GetNumberOfComponentsPerPixel(), options)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now: ``MEDICALFUSION_MEMORY_AVAILABLE`` (bytes, or
+    with a K/M/G suffix) when set, else the operating system's figure (psutil, /proc/meminfo); None
+    when unknown."""
+    text = os.environ.get("MEDICALFUSION_MEMORY_AVAILABLE", "").strip()
+    if text:
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+        try:
+            return int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            raise FusionError(f"MEDICALFUSION_MEMORY_AVAILABLE={text!r} is not a size: give bytes, e.g. 8G") from None
+    try:
+        import psutil  # noqa: PLC0415
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _size_text(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def check_memory(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions | None = None) -> None:
+    """FusionError, before any work, when the run needs more memory than is available."""
+    available = available_memory()
+    if available is None:
+        return
+    need = study_memory(anatomical, functional, options)
+    if need > available:
+        size = "x".join(map(str, anatomical.GetSize()))
+        raise FusionError(f"this study needs about {_size_text(need)} of memory beyond its inputs (anatomical {size}) "
+                          f"but {_size_text(available)} is available: close other programs, or crop or downsample "
+                          "the anatomical volume")
 
 
 def fuse_images(anatomical: sitk.Image, functional: sitk.Image, options: FusionOptions | None = None,
@@ -370,12 +708,24 @@ def fuse_images(anatomical: sitk.Image, functional: sitk.Image, options: FusionO
 
     ``progress(done, total)`` and ``cancel() -> bool`` are called at least every few tenths of a
     second from the start to the end (see :mod:`MedicalFusionLib.progress`); a cancel raises
-    FusionCancelled and nothing is returned.
+    FusionCancelled and nothing is returned. A study that needs more memory than is available
+    (:func:`memory_needed`) is refused with FusionError before any work.
     """
     options = validate(options or FusionOptions())   # every check that needs no image, before any work
+    check_memory(anatomical, functional, options)
     with Progress(progress, cancel, pipeline_phases(options.compute_metrics)) as tracker:
         tracker.phase("prepare")
         prepared = prepare(anatomical, functional, options, transform, tracker)
-        result = _fuse_prepared(prepared, options, tracker)
+        # the header of the run (windows, overlap) takes the first fifth of the prepare phase
+        result = _fuse_prepared(prepared, options, tracker, base=HEADER_SHARE * _prepare_share(options.compute_metrics))
         tracker.finish()
     return result
+
+
+#: The share of the 'prepare' phase taken by :func:`prepare` before the slabs (windows, overlap).
+HEADER_SHARE = 0.2
+
+
+def _prepare_share(compute_metrics: bool) -> float:
+    phases = dict(pipeline_phases(compute_metrics))
+    return phases["prepare"] / sum(phases.values())

@@ -109,6 +109,7 @@ class Progress:
             self._width[name] = weight / total
             acc += weight
         self.current: str | None = None
+        self._window: tuple[float, float] | None = None    # set by stage()
         self._fraction = 0.0              # of the whole run, reported so far
         self._last_call = -1e9
         self._min_interval = min_interval
@@ -146,7 +147,20 @@ class Progress:
         if name not in self._start:
             raise KeyError(f"unknown progress phase '{name}'")
         self.current = name
+        self._window = None
         self._fraction = max(self._fraction, self._start[name])
+        self._report(force=True)
+
+    def stage(self, name: str, start: float, width: float) -> None:
+        """Work of phase ``name`` that fills the part [start, start + width] of the whole run
+        (fractions of it), for runs whose phases take turns (the pipeline streams slabs: prepare,
+        fuse, recombine, metrics of one slab, then of the next). :func:`active_phase` names it,
+        :meth:`advance` fills that part; reported at once, with a cancel check."""
+        if name not in self._start:
+            raise KeyError(f"unknown progress phase '{name}'")
+        self.current = name
+        self._window = (start, width)
+        self._fraction = max(self._fraction, start)
         self._report(force=True)
 
     def advance(self, done: float, total: float, force: bool = False) -> None:
@@ -154,7 +168,8 @@ class Progress:
         if self.current is None:
             return
         part = min(1.0, max(0.0, float(done) / float(total))) if total else 1.0
-        self._fraction = max(self._fraction, self._start[self.current] + part * self._width[self.current])
+        start, width = self._window or (self._start[self.current], self._width[self.current])
+        self._fraction = max(self._fraction, start + part * width)
         self._report(force=force)
 
     def tick(self) -> None:

@@ -659,7 +659,7 @@ def scene_phases(register: bool) -> tuple[tuple[str, float], ...]:
 def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_table, use_display_windows,
                 tracker: Progress, register: str | None, registration_settings,
                 register_with=None) -> SceneFusionResult:
-    from .pipeline import fuse_images  # noqa: PLC0415  (torch only when fusing)
+    from .pipeline import check_memory, fuse_images  # noqa: PLC0415  (torch only when fusing)
 
     t0 = time.perf_counter()
     tracker.phase("read")
@@ -673,6 +673,7 @@ def _fuse_nodes(scene, anatomical, functional, options, output_volume, output_ta
 
     tracker.tick()
     a_img, f_img, opts, transform, info = prepare_inputs(scene, anatomical, functional, options, use_display_windows)
+    check_memory(a_img, f_img, opts)          # a study too big for the memory: refused before registering
     registration = None
     also_placed = []
     if register:

@@ -465,8 +465,8 @@ class OutputSet:
         same_shape = back.GetSize() == image.GetSize() and \
             back.GetNumberOfComponentsPerPixel() == image.GetNumberOfComponentsPerPixel()
         lossless = extension(claim.path) not in LOSSY_EXTENSIONS
-        if not same_shape or (lossless and not np.array_equal(sitk.GetArrayViewFromImage(back),
-                                                              sitk.GetArrayViewFromImage(image))):
+        if not same_shape or (lossless and not _same_voxels(sitk.GetArrayViewFromImage(back),
+                                                            sitk.GetArrayViewFromImage(image))):
             raise self._failure(claim, "the file read back differs from what was written", staged)
 
     def add_bytes(self, path: str | os.PathLike, data: bytes, what: str | None = None) -> pathlib.Path:
@@ -639,6 +639,15 @@ def _point_header_at(header: pathlib.Path, temp_stem: str, final_stem: str, data
 # what the files hold
 
 
+def _same_voxels(a: np.ndarray, b: np.ndarray, voxels: int = 1 << 24) -> bool:
+    """``np.array_equal(a, b)`` slab by slab along the first axis: no whole-volume temporary
+    (a large volume's read-back check stays within its own size)."""
+    if a.shape != b.shape:
+        return False
+    step = max(1, voxels // max(1, a[:1].size))
+    return all(np.array_equal(a[i:i + step], b[i:i + step]) for i in range(0, a.shape[0], step))
+
+
 def fused_image_for_file(rgb: np.ndarray, reference: sitk.Image, as_2d: bool) -> sitk.Image:
     """The RGB result as a vector image with the reference geometry (2D when the inputs were 2D)."""
     img = sitk.GetImageFromArray(rgb, isVector=True)
@@ -664,22 +673,51 @@ def _oriented(array: np.ndarray, reference: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS"))
 
 
+def oriented_view(array: np.ndarray, reference: sitk.Image) -> np.ndarray:
+    """``array`` ([Z, Y, X] or [Z, Y, X, C], on ``reference``'s grid) in LPS index order, as
+    SimpleITK's DICOMOrient puts it, but as a view (axes permuted and flipped; nothing copied): the
+    permutation is read off DICOMOrient applied to three small index images with the reference's
+    direction."""
+    if reference.GetDimension() != 3:
+        return _oriented(array, reference)
+    shape = (4, 3, 2)                                     # numpy [z, y, x]: every axis its own length
+    sources = []
+    for ax in range(3):
+        index = np.broadcast_to(np.arange(shape[ax], dtype=np.int16).reshape([-1 if k == ax else 1 for k in range(3)]),
+                                shape)
+        probe = sitk.GetImageFromArray(np.ascontiguousarray(index))
+        probe.SetDirection(reference.GetDirection())
+        sources.append(sitk.GetArrayFromImage(sitk.DICOMOrient(probe, "LPS")))
+    perm, flips = [], []
+    for out_axis in range(3):
+        for ax in range(3):
+            step = np.diff(sources[ax], axis=out_axis)
+            if step.size and np.all(step == step.flat[0]) and step.flat[0] != 0:
+                perm.append(ax)
+                flips.append(step.flat[0] < 0)
+                break
+    view = np.transpose(array, perm + list(range(3, array.ndim)))
+    return view[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+
+
 def preview_montage(anatomical8: np.ndarray, functional_rgb8: np.ndarray, fused_rgb8: np.ndarray,
                     reference: sitk.Image, orientation: str = "axial") -> np.ndarray:
     """Anatomical | functional | fused side by side (uint8 RGB), at the slice with the most content.
 
     Volumes are first reoriented to LPS index order, so the picture is in radiological convention
-    (anterior or superior up, patient's left on the right) whatever the storage order.
+    (anterior or superior up, patient's left on the right) whatever the storage order; as views,
+    so only the chosen slice is copied.
     """
-    a = _oriented(np.repeat(anatomical8[..., None], 3, axis=-1), reference)
-    f = _oriented(functional_rgb8, reference)
-    r = _oriented(fused_rgb8, reference)
+    a = oriented_view(anatomical8, reference)
+    f = oriented_view(functional_rgb8, reference)
+    r = oriented_view(fused_rgb8, reference)
     axis = {"axial": 0, "coronal": 1, "sagittal": 2}.get(str(orientation).lower(), 0)
     if reference.GetSize()[2] == 1:
         axis = 0
-    content = np.moveaxis(a[..., 0], axis, 0).reshape(a.shape[axis], -1).astype(np.int64).sum(axis=1)
+    content = a.sum(axis=tuple(k for k in range(3) if k != axis), dtype=np.int64)
     k = int(np.argmax(content))
-    views = [np.take(v, k, axis=axis) for v in (a, f, r)]
+    a_slice = np.take(a, k, axis=axis)
+    views = [np.repeat(a_slice[..., None], 3, axis=-1)] + [np.take(v, k, axis=axis) for v in (f, r)]
     if axis != 0:  # rows run inferior -> superior: put superior at the top
         views = [v[::-1] for v in views]
     gap = np.full((views[0].shape[0], 4, 3), 255, np.uint8)

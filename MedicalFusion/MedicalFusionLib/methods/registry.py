@@ -17,6 +17,7 @@ Family modules in ``methods/`` and ``networks/`` register their methods at impor
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import pkgutil
@@ -116,6 +117,22 @@ def keep_built(on: bool = True) -> None:
     turns it on. Off (the default, the CLI and the panel) builds per run and keeps nothing."""
     global _kept
     _kept = {} if on else None
+
+
+@contextlib.contextmanager
+def built_once():
+    """Within the block every method is built once, as with :func:`keep_built` (unless that is on
+    already); what was built is dropped after it. One run's slabs (the pipeline streams them) share
+    one build of the method, and a network's weights are read once."""
+    global _kept
+    if _kept is not None:
+        yield
+        return
+    _kept = {}
+    try:
+        yield
+    finally:
+        _kept = None
 
 
 def build_method(method: FusionMethod, device: torch.device) -> FuseFn:

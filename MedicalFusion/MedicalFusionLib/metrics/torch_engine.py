@@ -609,6 +609,16 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
     tens of milliseconds of work (cancel raises FusionCancelled). A device that cannot run an
     operation (an older MPS) falls back to the CPU with a logged warning.
     """
+    return summarise(volume_metric_values_torch(a8, b8, f8, axis, keys, device, progress, cancel, batch_pixels))
+
+
+def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0,
+                               keys: list[str] | None = None, device: str | torch.device = "auto",
+                               progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                               batch_pixels: int = BATCH_PIXELS) -> dict[str, np.ndarray]:
+    """:func:`volume_metrics_torch` before the summary: ``{key: value per non-empty slice}``, the
+    slices in order. A slice's values do not depend on the other slices given with it, so the
+    pipeline computes them slab by slab and summarises the concatenation."""
     a8, b8, f8, nonempty = volume_slices(a8, b8, f8, axis)
     keys = check_keys(keys)
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -622,7 +632,7 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
                 raise
             logger.warning("MedicalFusion: metrics on %s failed (%s); computing them on the CPU", dev, exc)
             values = _volume_values(a8, b8, f8, nonempty, groups, torch.device("cpu"), tracker, batch_pixels)
-    return summarise({k: values[k] for k in keys})
+    return {k: values[k] for k in keys}
 
 
 def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_pixels: int) -> dict[str, np.ndarray]:
@@ -767,7 +777,7 @@ def _colour_batch(fused: torch.Tensor, lab_s: torch.Tensor, levels: torch.Tensor
     dot = lab_s[:, 1] * lab_f[:, 1] + lab_s[:, 2] * lab_f[:, 2]
     hue = torch.rad2deg(torch.atan2(cross.abs(), dot))
     hue = torch.where(c_f < LOST_CHROMA, torch.full_like(hue, 180.0), hue)
-    read = None if nearest is None else (nearest.to(torch.int16) - levels.to(torch.int16)).abs()
+    read = None if nearest is None or levels is None else (nearest.to(torch.int16) - levels.to(torch.int16)).abs()
     return hue, c_f / c_s, read
 
 
@@ -790,78 +800,132 @@ def colour_metrics_torch(fused_rgb8: np.ndarray, functional_ycc: np.ndarray, lev
     Same progress/cancel contract as :func:`volume_metrics_torch`.
     """
     fused_rgb8 = np.asarray(fused_rgb8)
-    shape = fused_rgb8.shape[:-1]
-    if fused_rgb8.shape[-1] != 3 or functional_ycc.shape != fused_rgb8.shape:
-        raise FusionError(f"colour metrics need two RGB/YCbCr volumes of one shape, got {fused_rgb8.shape}, "
-                          f"{functional_ycc.shape}")
-    dev = device if isinstance(device, torch.device) else pick_device(device)
-    if dev.type == "mps":                   # no float64 there; these are cheap on the CPU
-        dev = torch.device("cpu")
-    flat_f = fused_rgb8.reshape(-1, 3)
-    flat_s = np.asarray(functional_ycc).reshape(-1, 3)
-    flat_l = None if levels is None else np.asarray(levels).reshape(-1)
-    flat_b = None if bone is None else np.asarray(bone).reshape(-1)
-    bar = None if (levels is None or table is None) else torch.from_numpy(np.asarray(table, dtype=np.float32)[:, :3])
-    n_bar = 0 if bar is None else bar.shape[0]
-    # slice of a flat voxel index along ``axis``: (index // stride) % shape[axis]
-    stride, n_axis = int(np.prod(shape[axis + 1:], dtype=np.int64)), int(shape[axis])
-    groups = ("", "_bone") if flat_b is not None else ("",)
-    hue_over = dict.fromkeys(groups, 0)                     # voxels whose hue error is above HUE_ERROR_DEG
-    hit = {g: torch.zeros(n_axis, dtype=torch.bool) for g in groups}   # slices with coloured voxels
-    ratio, in_bone = [], []
-    read = {g: torch.zeros(max(1, n_bar), dtype=torch.int64) for g in groups}   # read-back errors' counts
-    total = flat_f.shape[0]
-    with Progress(progress, cancel, phases=(("colour", 1.0),)) as tracker, torch.inference_mode():
+    acc = ColourMetrics(fused_rgb8.shape[:-1], table if levels is not None else None, bone is not None, device,
+                        batch_pixels)
+    with Progress(progress, cancel, phases=(("colour", 1.0),)) as tracker:
         tracker.phase("colour")
-        # a scalar functional's source colours are its bar's entries: CIELAB and C* computed once
-        bar_lab = None if bar is None else rgb_to_lab_torch(bar.to(dev))
-        bar_coloured = None if bar is None else torch.hypot(bar_lab[:, 1], bar_lab[:, 2]) > COLOURED_CHROMA
-        fused_colours = _FusedColours(dev, None if bar is None else bar_lab[:, 1:])
-        for start in range(0, total, batch_pixels):
-            stop = min(total, start + batch_pixels)
-            if bar_lab is not None:       # coloured: the voxel's bar entry is
-                lv = torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev).to(torch.int64)
-                sel = torch.nonzero(bar_coloured.index_select(0, lv))[:, 0]
-                lv = lv.index_select(0, sel)
-                lab_s = bar_lab.index_select(0, lv)
-            else:                         # coloured: the RGB of the functional's YCbCr has C* > 20
-                ycc = torch.from_numpy(np.ascontiguousarray(flat_s[start:stop])).to(dev)
-                cand = torch.nonzero((ycc[:, 1:] - 0.5).abs().amax(1) > 1.0 / 512)[:, 0]   # neutral: C* = 0
-                lab_s = rgb_to_lab_torch(_ycc_to_rgb_torch(ycc[cand]))
-                keep = torch.nonzero(torch.hypot(lab_s[:, 1], lab_s[:, 2]) > COLOURED_CHROMA)[:, 0]
-                sel, lab_s, lv = cand[keep], lab_s[keep], None
-            if sel.numel():
-                fused = torch.from_numpy(np.ascontiguousarray(flat_f[start:stop])).to(dev).index_select(0, sel)
-                h, r, rb = _colour_batch(fused, lab_s, lv, fused_colours)
-                over = h > HUE_ERROR_DEG
-                sl = torch.bincount((((sel + start) // stride) % n_axis).cpu(), minlength=n_axis) > 0
-                hit[""] |= sl
-                hue_over[""] += int(over.sum())
-                ratio.append(r.cpu())
-                if rb is not None:
-                    read[""] += torch.bincount(rb.to(torch.int64).cpu(), minlength=len(read[""]))
-                if flat_b is not None:
-                    b = torch.from_numpy(np.ascontiguousarray(flat_b[start:stop])).to(dev).index_select(0, sel)
-                    in_bone.append(b.cpu())
-                    hue_over["_bone"] += int((over & b).sum())
+        acc.add(fused_rgb8, functional_ycc, levels, bone, axis, tick=tracker.advance)
+    return acc.result()
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median(values.astype(float64))`` without a copy: ``values`` is partitioned in place."""
+    n = values.size
+    if np.issubdtype(values.dtype, np.floating) and np.isnan(values).any():
+        return float("nan")
+    kth = [n // 2 - 1, n // 2] if n % 2 == 0 else [n // 2]
+    values.partition(kth)
+    return float(np.mean(values[kth].astype(np.float64)))
+
+
+class ColourMetrics:
+    """:func:`colour_metrics_torch` over a volume given in slabs (whole slices along the slice axis,
+    in any order): :meth:`add` each slab, then :meth:`result`; the same values as one call on the
+    whole volume. Per coloured voxel it keeps the chroma ratio (float32) and whether it is in bone
+    (1 byte), in buffers sized for every voxel of ``shape`` that the operating system only backs as
+    they fill; the hue errors, the read-back errors (a histogram over the bar's entries) and the
+    slices are counted. The fused colours' CIELAB and nearest bar entry are computed once per
+    distinct colour (:class:`_FusedColours`), for the whole volume."""
+
+    def __init__(self, shape: tuple[int, ...], table: np.ndarray | None = None, with_bone: bool = False,
+                 device: str | torch.device = "auto", batch_pixels: int = BATCH_PIXELS):
+        dev = device if isinstance(device, torch.device) else pick_device(device)
+        if dev.type == "mps":                   # no float64 there; these are cheap on the CPU
+            dev = torch.device("cpu")
+        self.shape, self.device, self.batch_pixels = tuple(shape), dev, batch_pixels
+        bar = None if table is None else torch.from_numpy(np.asarray(table, dtype=np.float32)[:, :3])
+        self.n_bar = 0 if bar is None else bar.shape[0]
+        with torch.inference_mode():
+            # a scalar functional's source colours are its bar's entries: CIELAB and C* computed once
+            self.bar_lab = None if bar is None else rgb_to_lab_torch(bar.to(dev))
+            self.bar_coloured = None if bar is None else \
+                torch.hypot(self.bar_lab[:, 1], self.bar_lab[:, 2]) > COLOURED_CHROMA
+        self.fused_colours = _FusedColours(dev, None if bar is None else self.bar_lab[:, 1:])
+        capacity = int(np.prod(self.shape))
+        self.ratio = np.empty(capacity, np.float32)
+        self.in_bone = np.empty(capacity, np.bool_) if with_bone else None
+        self.count = 0
+        self.hue_over = {"": 0, "_bone": 0}          # coloured voxels whose hue error is > HUE_ERROR_DEG
+        self.slices = {"": 0, "_bone": 0}            # slices with coloured voxels
+        self.read = {g: torch.zeros(max(1, self.n_bar), dtype=torch.int64) for g in ("", "_bone")}
+
+    def add(self, fused_rgb8: np.ndarray, functional_ycc: np.ndarray, levels: np.ndarray | None = None,
+            bone: np.ndarray | None = None, axis: int = 0, tick: Callable[[float, float], object] | None = None) -> None:
+        """One slab: arrays of one shape (RGB/YCbCr [..., 3]), whole slices along ``axis``.
+        ``tick(done, total)`` after each batch of voxels (it may raise FusionCancelled)."""
+        fused_rgb8 = np.asarray(fused_rgb8)
+        shape = fused_rgb8.shape[:-1]
+        if fused_rgb8.shape[-1] != 3 or functional_ycc.shape != fused_rgb8.shape:
+            raise FusionError(f"colour metrics need two RGB/YCbCr volumes of one shape, got {fused_rgb8.shape}, "
+                              f"{functional_ycc.shape}")
+        dev, batch_pixels = self.device, self.batch_pixels
+        flat_f = fused_rgb8.reshape(-1, 3)
+        flat_s = np.asarray(functional_ycc).reshape(-1, 3)
+        by_level = levels is not None and self.bar_lab is not None
+        flat_l = np.asarray(levels).reshape(-1) if by_level else None
+        flat_b = None if bone is None or self.in_bone is None else np.asarray(bone).reshape(-1)
+        # slice of a flat voxel index along ``axis``: (index // stride) % shape[axis]
+        stride, n_axis = int(np.prod(shape[axis + 1:], dtype=np.int64)), int(shape[axis])
+        hit = {g: torch.zeros(n_axis, dtype=torch.bool) for g in ("", "_bone")}
+        total = flat_f.shape[0]
+        with torch.inference_mode():
+            for start in range(0, total, batch_pixels):
+                stop = min(total, start + batch_pixels)
+                if by_level:                  # coloured: the voxel's bar entry is
+                    lv = torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev).to(torch.int64)
+                    sel = torch.nonzero(self.bar_coloured.index_select(0, lv))[:, 0]
+                    lv = lv.index_select(0, sel)
+                    lab_s = self.bar_lab.index_select(0, lv)
+                else:                         # coloured: the RGB of the functional's YCbCr has C* > 20
+                    ycc = torch.from_numpy(np.ascontiguousarray(flat_s[start:stop])).to(dev)
+                    cand = torch.nonzero((ycc[:, 1:] - 0.5).abs().amax(1) > 1.0 / 512)[:, 0]   # neutral: C* = 0
+                    lab_s = rgb_to_lab_torch(_ycc_to_rgb_torch(ycc[cand]))
+                    keep = torch.nonzero(torch.hypot(lab_s[:, 1], lab_s[:, 2]) > COLOURED_CHROMA)[:, 0]
+                    sel, lab_s, lv = cand[keep], lab_s[keep], None
+                if sel.numel():
+                    fused = torch.from_numpy(np.ascontiguousarray(flat_f[start:stop])).to(dev).index_select(0, sel)
+                    h, r, rb = _colour_batch(fused, lab_s, lv, self.fused_colours)
+                    over = h > HUE_ERROR_DEG
+                    k, n = self.count, int(sel.numel())
+                    self.ratio[k:k + n] = r.cpu().numpy()
+                    self.hue_over[""] += int(over.sum())
+                    rows = (((sel + start) // stride) % n_axis).cpu()
+                    hit[""][rows] = True
                     if rb is not None:
-                        read["_bone"] += torch.bincount(rb[b].to(torch.int64).cpu(), minlength=len(read["_bone"]))
-                    hit["_bone"] |= torch.bincount((((sel[b] + start) // stride) % n_axis).cpu(), minlength=n_axis) > 0
-            tracker.advance(stop, total)
-    if not ratio:
-        return {}
-    ratio_all = torch.cat(ratio).double().numpy()
-    bone_all = torch.cat(in_bone).numpy() if in_bone else None
-    out: dict[str, tuple[float, float, int]] = {}
-    # the bone subset copied out before the medians reorder the arrays they are given
-    ratios = {"": ratio_all, "_bone": None if bone_all is None else ratio_all[bone_all]}
-    for suffix in groups:
-        r = ratios[suffix]
-        if r.size == 0:
-            continue
-        n_sl = int(hit[suffix].sum())
-        out["hue_err10" + suffix] = (100.0 * hue_over[suffix] / r.size, 0.0, n_sl)
-        out["chroma_kept" + suffix] = (float(np.median(r, overwrite_input=True)), 0.0, n_sl)
-        if n_bar:
-            out["readback_err" + suffix] = (100.0 * _median_of_counts(read[suffix].numpy()) / n_bar, 0.0, n_sl)
-    return out
+                        self.read[""] += torch.bincount(rb.to(torch.int64).cpu(), minlength=len(self.read[""]))
+                    if flat_b is not None:
+                        b = torch.from_numpy(np.ascontiguousarray(flat_b[start:stop])).to(dev).index_select(0, sel)
+                        self.in_bone[k:k + n] = b.cpu().numpy()
+                        self.hue_over["_bone"] += int((over & b).sum())
+                        if rb is not None:
+                            self.read["_bone"] += torch.bincount(rb[b].to(torch.int64).cpu(),
+                                                                 minlength=len(self.read["_bone"]))
+                        hit["_bone"][rows[b.cpu()]] = True
+                    self.count += n
+                if tick is not None:
+                    tick(stop, total)
+        for g in hit:
+            self.slices[g] += int(hit[g].sum())
+
+    def result(self) -> dict[str, tuple[float, float, int]]:
+        """``{key: (value, 0.0, slices with coloured voxels)}``; nothing when no voxel was coloured.
+        The buffers are used up (partitioned in place): call it once."""
+        n = self.count
+        if n == 0:
+            return {}
+        ratio = self.ratio[:n]
+        groups = [("", None)]
+        if self.in_bone is not None:
+            groups.insert(0, ("_bone", self.in_bone[:n]))     # before the in-place partitions of the whole
+        out: dict[str, tuple[float, float, int]] = {}
+        for suffix, mask in groups:
+            count = n if mask is None else int(mask.sum())
+            if count == 0:
+                continue
+            n_sl = self.slices[suffix]
+            out["hue_err10" + suffix] = (100.0 * self.hue_over[suffix] / count, 0.0, n_sl)
+            out["chroma_kept" + suffix] = (_median(ratio if mask is None else ratio[mask]), 0.0, n_sl)
+            if self.n_bar and int(self.read[suffix].sum()):
+                out["readback_err" + suffix] = (100.0 * _median_of_counts(self.read[suffix].numpy()) / self.n_bar,
+                                                0.0, n_sl)
+        return {k: out[k] for k in sorted(out, key=lambda k: k.endswith("_bone"))}

@@ -136,6 +136,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, capsys):
     assert {p: _hash(tmp / p) for p in before} == before
 
 
+def test_a_study_too_big_for_the_memory_is_refused_in_one_line(files, capsys, monkeypatch):
+    tmp, a, f = files
+    made_before = set(os.listdir(tmp))
+    monkeypatch.setenv("MEDICALFUSION_MEMORY_AVAILABLE", "64M")
+    rc = main(["fuse", "-a", str(a), "-f", str(f), "-o", str(tmp / "out.nrrd"), "--metrics", str(tmp / "m.csv")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("medicalfusion: error: this study needs about") and "but 64 MB is available" in err, err
+    assert set(os.listdir(tmp)) == made_before
+
+
 def test_methods_lists_every_registered_method(capsys):
     from MedicalFusionLib.methods import method_names
 
@@ -332,3 +343,46 @@ def test_two_identical_mrdfn_runs_write_the_same_bytes(tmp_path, capsys):
                 if not line.startswith("seconds,")]
         runs.append(((out / "fused.nrrd").read_bytes(), rows))
     assert all(r == runs[0] for r in runs[1:])
+
+
+def test_the_preview_orients_views_as_dicomorient_does_without_copying_the_volumes():
+    """The preview takes its slice from views (issue 21: no whole-volume copies for a picture); they
+    must be DICOMOrient's LPS order for every storage order, permuted, flipped or oblique."""
+    import itertools
+
+    from MedicalFusionLib.io import outputs
+
+    rng = np.random.default_rng(3)
+    tilt = sitk.Euler3DTransform()
+    tilt.SetRotation(0.2, -0.1, 0.15)
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product([1, -1], repeat=3):
+            d = np.zeros((3, 3))
+            for i, p in enumerate(perm):
+                d[i, p] = signs[i]
+            for direction in (d, np.array(tilt.GetMatrix()).reshape(3, 3) @ d):
+                ref = sitk.Image(7, 5, 6, sitk.sitkUInt8)
+                ref.SetDirection(direction.ravel().tolist())
+                rgb = rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8)
+                view = outputs.oriented_view(rgb, ref)
+                assert np.shares_memory(view, rgb)
+                expected = sitk.GetArrayFromImage(sitk.DICOMOrient(_with_geometry(rgb, ref), "LPS"))
+                assert np.array_equal(view, expected), (perm, signs)
+
+
+def _with_geometry(arr, ref):
+    img = sitk.GetImageFromArray(arr, isVector=arr.ndim == 4)
+    img.CopyInformation(ref)
+    return img
+
+
+def test_the_read_back_check_compares_slab_by_slab_and_finds_one_changed_voxel_anywhere():
+    from MedicalFusionLib.io.outputs import _same_voxels
+
+    a = np.random.default_rng(5).integers(0, 256, (20, 9, 7, 3), dtype=np.uint8)
+    assert _same_voxels(a, a.copy(), voxels=50)                  # slabs of one slice
+    for where in ((0, 0, 0, 0), (19, 8, 6, 2), (11, 4, 3, 1)):
+        b = a.copy()
+        b[where] ^= 1
+        assert not _same_voxels(a, b, voxels=50), where
+    assert not _same_voxels(a, a[:19], voxels=50)

@@ -118,3 +118,120 @@ def test_custom_colour_table_and_grey_rgb_functional(small_pair):
     grey_rgb = make_image(np.repeat(g[..., None], 3, -1), vector=True)
     r = fuse_images(anat, grey_rgb, FusionOptions(method="average", compute_metrics=False))
     assert r.grayscale and np.array_equal(r.rgb[..., 0], r.rgb[..., 2])
+
+
+# -- streaming (issue 21, Scale) ---------------------------------------------------------------------
+
+
+def _ct_and_tilted_pet():
+    """A small CT in HU (bone above 215 HU, so the colour metrics' bone rows exist) and a coarse PET
+    placed by a rotation: every part of the streamed path (sub-grid resampling, colour metrics with
+    a colour bar and bone, all metrics including FMI)."""
+    rng = np.random.default_rng(7)
+    z, y, x = np.mgrid[0:14, 0:36, 0:30].astype(np.float32)
+    ct = -1000 + 1100 * (((x - 15) / 13) ** 2 + ((y - 18) / 16) ** 2 < 1) + 60 * np.sin(x / 3) * np.cos(y / 4)
+    ct += 700 * ((np.abs(x - 15) < 2) & (np.abs(y - 18) < 3)) + rng.normal(0, 10, ct.shape)
+    ct = make_image(ct.astype(np.int16), spacing=(1.0, 1.0, 2.0))
+    pz, py, px = np.mgrid[0:8, 0:12, 0:11].astype(np.float32)
+    pet = make_image((np.exp(-((px - 5) ** 2 + (py - 6) ** 2 + (pz - 4) ** 2) / 8.0) * 9 + 0.3).astype(np.float32),
+                     spacing=(3.0, 3.0, 4.0), origin=(-1.0, -1.5, -2.0))
+    tr = sitk.Euler3DTransform()
+    tr.SetRotation(0.04, -0.03, 0.08)
+    tr.SetTranslation((1.0, -0.5, 1.5))
+    return ct, pet, tr
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_a_slab_streamed_run_equals_a_whole_volume_run_bit_for_bit(axis, monkeypatch):
+    from MedicalFusionLib import pipeline
+    from MedicalFusionLib.engine import fuse_volume
+    from MedicalFusionLib.methods import get_method
+    from MedicalFusionLib.metrics.torch_engine import colour_metrics_torch, volume_metrics_torch
+
+    ct, pet, tr = _ct_and_tilted_pet()
+    options = FusionOptions(method="lp", axis=axis, metric_set="all", anatomical_units="HU", device="cpu")
+    # the whole-volume run, step by step as the pipeline ran before it streamed: whole arrays throughout
+    p = pipeline.prepare(ct, pet, options, tr)
+    k = array_axis(p.reference, axis)
+    fused_y = fuse_volume(p.anatomical, p.functional_ycc[..., 0], get_method("lp"), axis=k, device="cpu")
+    rgb = pipeline.recombine(fused_y, p.functional_ycc, 1.0, p.grayscale, table=p.functional_table)
+    a8, b8 = pipeline.source_gray8(p)
+    metrics = volume_metrics_torch(a8, b8, rgb, axis=k, keys=pipeline._metric_keys(options), device="cpu")
+    metrics.update(colour_metrics_torch(rgb, p.functional_ycc, p.functional_level, p.functional_table, p.bone,
+                                        axis=k, device="cpu"))
+    assert {"FMI_pixel", "readback_err", "hue_err10_bone"} <= set(metrics)
+    # streamed in slabs of two or three slices (the default slab holds this volume whole)
+    monkeypatch.setattr(pipeline, "STREAM_VOXELS", 2 * 36 * 30)
+    assert pipeline.slab_slices(p.shape, k) < p.shape[k] // 3
+    r = fuse_images(ct, pet, options, transform=tr)
+    assert np.array_equal(r.rgb, rgb)
+    assert r.metrics == metrics                                  # every value, to the last bit
+    assert list(r.metrics) == list(metrics)
+
+
+def test_memory_needed_stays_within_the_scale_budget_and_grows_with_the_voxels():
+    from MedicalFusionLib.pipeline import memory_needed
+
+    gb = 2**30
+    pet = 175 ** 3                                    # a 4 mm PET over 70 cm
+    big = memory_needed((700, 700, 700), 1, pet, FusionOptions())
+    # issue 21: at most 1 GB + 16 bytes per anatomical voxel beyond the inputs (and no less than the RGB result)
+    assert 3 * 700 ** 3 < big <= gb + 16 * 700 ** 3
+    per_voxel = (memory_needed((700, 700, 1400), 1, pet) - big) / 700 ** 3
+    assert 9 <= per_voxel <= 16                       # the RGB result + the colour metrics' values
+    no_metrics = memory_needed((700, 700, 700), 1, pet, FusionOptions(compute_metrics=False))
+    assert no_metrics <= big                          # writing needs as much as the colour metrics
+    assert memory_needed((512, 512, 1000), 2, pet) <= gb + 16 * 512 * 512 * 1000      # an int16 CT
+    # an automatic window needs a mask and two copies of the foreground first: more than the rest for float64
+    assert memory_needed((512, 512, 1000), 8, pet) > memory_needed((512, 512, 1000), 8, pet,
+                                                                  FusionOptions(anatomical_window=(-135, 215)))
+    # a slice larger than the streamed slab is one slab of its own
+    assert memory_needed((8000, 8000, 1), 1) > memory_needed((800, 800, 100), 1)
+
+
+def test_a_study_that_does_not_fit_in_memory_is_refused_before_any_work(small_pair, monkeypatch):
+    from MedicalFusionLib import pipeline
+
+    anat, pet = small_pair
+    calls = []
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: calls.append("prepare"))
+    monkeypatch.setenv("MEDICALFUSION_MEMORY_AVAILABLE", "100M")
+    need = pipeline.study_memory(anat, pet, FusionOptions())
+    assert need > 100 * 2**20
+    with pytest.raises(FusionError) as err:
+        fuse_images(anat, pet, FusionOptions(method="lp"), progress=lambda d, t: calls.append(d))
+    text = str(err.value)
+    assert "\n" not in text and f"{need / 2**20:.0f} MB" in text and "100 MB is available" in text
+    assert calls == []                                # no progress, no preparation: nothing was done
+    monkeypatch.setenv("MEDICALFUSION_MEMORY_AVAILABLE", "lots")
+    with pytest.raises(FusionError, match="MEDICALFUSION_MEMORY_AVAILABLE"):
+        fuse_images(anat, pet)
+
+
+def test_progress_and_cancel_across_slabs(small_pair, monkeypatch):
+    from MedicalFusionLib import pipeline
+    from MedicalFusionLib.errors import FusionCancelled
+    from MedicalFusionLib.progress import active_phase
+
+    anat, pet = small_pair
+    monkeypatch.setattr(pipeline, "STREAM_VOXELS", 2 * 40 * 48)          # four slabs of two slices
+    seen, phases = [], []
+
+    def progress(done, total):
+        seen.append(done)
+        if not phases or phases[-1] != active_phase():
+            phases.append(active_phase())
+
+    fuse_images(anat, pet, FusionOptions(method="lp", batch_size=1), progress=progress)
+    assert seen == sorted(seen) and seen[-1] == 1000 and len(set(seen)) > 10
+    assert phases.count("fuse") == 4 and phases.count("colour") == 4         # each slab's turn
+    # a cancel while the third slab fuses stops the run
+    fused = []
+
+    def cancel():
+        if active_phase() == "fuse":
+            fused.append(1)
+        return len(fused) > 2 * 3
+
+    with pytest.raises(FusionCancelled):
+        fuse_images(anat, pet, FusionOptions(method="lp", batch_size=1), progress=lambda d, t: None, cancel=cancel)

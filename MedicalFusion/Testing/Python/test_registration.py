@@ -517,7 +517,7 @@ def test_ct_to_synthetic_mr_finest_level_on_the_whole_grid(shared_data):
     100,000 samples: 0.06 mm median over the tumour (0.10 mm when that level took every 2nd voxel
     and 20,000 samples; elastix 0.07, ANTs 0.06)."""
     from bench_registration import centre_of, random_rigid, synthetic_mr  # noqa: PLC0415
-    from MedicalFusionLib.sources import read_source  # noqa: PLC0415
+    from MedicalFusionLib.io.read import read_source  # noqa: PLC0415
 
     root = shared_data / "sts" / "STS_001" / "CT"
     if not (root / "dicom").is_dir():

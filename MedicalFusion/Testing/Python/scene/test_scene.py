@@ -300,6 +300,18 @@ def test_errors_leave_the_scene_unchanged(scene, spm12_pair):
 
 
 @needs_spm12
+def test_a_study_too_big_for_the_memory_is_refused_with_the_clis_message(scene, spm12_pair, monkeypatch):
+    t1, pet = spm12_pair
+    state = scene_state(scene)
+    monkeypatch.setenv("MEDICALFUSION_MEMORY_AVAILABLE", "50M")
+    with pytest.raises(FusionError) as err:
+        fscene.fuse_nodes(scene, t1, pet, FusionOptions(**FAST), register="rigid")
+    assert str(err.value).startswith("this study needs about") and "but 50 MB is available" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert scene_state(scene) == state
+
+
+@needs_spm12
 def test_validation_reasons_for_the_panel(scene, spm12_pair):
     t1, pet = spm12_pair
     assert fscene.validate_inputs(scene, t1, pet) == (True, "")
