@@ -12,6 +12,7 @@ rerun) and after a run cut short between the store and its done.json.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -68,6 +69,32 @@ def read_csv(path) -> list[dict]:
 
 def leftovers(folder: pathlib.Path) -> list:
     return [p for p in folder.rglob("*") if p.name.startswith((".mf-tmp-", ".mf-bak-"))]
+
+
+@contextlib.contextmanager
+def workers_env(address: str, env: dict, thread_target):
+    """The cluster's workers with ``env`` set for the block, ``thread_target`` started beside it (it
+    watches the run: sends the interrupt, kills the paused worker); the workers alive at the end
+    get their variables back (a killed worker's restart has the nanny's environment anyway)."""
+    def set_env(values: dict) -> dict:          # runs in each worker (nested: Dask sends it by value)
+        import os as worker_os  # noqa: PLC0415
+
+        old = {k: worker_os.environ.get(k) for k in values}
+        for k, v in values.items():
+            if v is None:
+                worker_os.environ.pop(k, None)
+            else:
+                worker_os.environ[k] = v
+        return old
+
+    with distributed.Client(address) as client:
+        saved = client.run(set_env, env)
+        thread = threading.Thread(target=thread_target, daemon=True)
+        thread.start()
+        try:
+            yield thread
+        finally:
+            client.run(set_env, next(iter(saved.values())))
 
 
 @pytest.fixture(scope="module")
@@ -334,19 +361,16 @@ def test_ctrl_c_keeps_the_finished_studies_and_a_rerun_does_the_rest(cluster, tm
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)          # as Ctrl-C: batch's handler, in the main thread
 
-    with distributed.Client(cluster[0].scheduler_address) as client:
-        saved = client.run(lambda: {k: __import__("os").environ.get(k) for k in env})
-        client.run(lambda: __import__("os").environ.update(env))
-        try:
-            thread = threading.Thread(target=ctrl_c, daemon=True)
-            thread.start()
+    # SIGINT as a terminal has it: a background job (`make test &`, CI under nohup) inherits it
+    # ignored, and batch keeps an ignored SIGINT ignored, as the CLI does
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with workers_env(cluster[0].scheduler_address, env, ctrl_c) as thread:
             rc = main(argv)
             thread.join()
-        finally:
-            old = next(iter(saved.values()))
-            client.run(lambda: [__import__("os").environ.__setitem__(k, v) if v is not None else
-                                __import__("os").environ.pop(k, None) for k, v in old.items()])
-            pause_file.unlink(missing_ok=True)         # c0's run goes on (its task was cancelled; the rerun waits on its lock)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+        pause_file.unlink(missing_ok=True)             # c0's run goes on (its task was cancelled; the rerun waits on its lock)
     assert rc == 130
     err = capsys.readouterr().err
     assert err.startswith("medicalfusion: interrupted; the studies finished so far are kept") and err.count("\n") == 1
@@ -563,19 +587,10 @@ def test_worker_killed_between_store_and_done_json_stores_once(pacs_cohort, clus
                 return
             time.sleep(0.05)
 
-    with distributed.Client(cluster[0].scheduler_address) as client:
-        saved = client.run(lambda: {k: __import__("os").environ.get(k) for k in env})
-        client.run(lambda: __import__("os").environ.update(env))
-        try:
-            thread = threading.Thread(target=killer, daemon=True)
-            thread.start()
-            rc = main(["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "out"), "--scheduler",
-                       cluster[0].scheduler_address, "-q"])
-            thread.join(timeout=5)
-        finally:                     # the workers alive now (the killed one's restart has the nanny's environment)
-            old = next(iter(saved.values()))
-            client.run(lambda: [__import__("os").environ.__setitem__(k, v) if v is not None else
-                                __import__("os").environ.pop(k, None) for k, v in old.items()])
+    with workers_env(cluster[0].scheduler_address, env, killer) as thread:
+        rc = main(["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "out"), "--scheduler",
+                   cluster[0].scheduler_address, "-q"])
+        thread.join(timeout=5)
     assert killed.get("record") and not killed["done"] and len(killed["stored"]) == len(before) + 1
     assert rc == 0
     done = json.loads((tmp_path / "out" / "k1" / "done.json").read_text())
