@@ -222,30 +222,35 @@ class TlsFront:
         except (ssl.SSLError, OSError):
             raw.close()
             return
-        back = socket.create_connection(("127.0.0.1", self.backend_port), timeout=60)
+        import select  # noqa: PLC0415
 
-        def pipe(src, dst):
-            try:
-                while True:
+        back = socket.create_connection(("127.0.0.1", self.backend_port), timeout=60)
+        # Both directions in this one thread: an SSL socket must not be read in one thread while
+        # another writes to it (OpenSSL's connection object is not thread-safe; two pipe threads
+        # corrupted a response now and then: ChunkedEncodingError in the client).
+        other = {tls: back, back: tls}
+        try:
+            while True:
+                ready = [tls] if tls.pending() else select.select([tls, back], [], [], 60)[0]
+                if not ready:
+                    break                                   # idle for a minute
+                data = b""
+                for src in ready:
                     data = src.recv(65536)
                     if not data:
                         break
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        t = self._threading.Thread(target=pipe, args=(back, tls), daemon=True)
-        t.start()
-        pipe(tls, back)
-        t.join(timeout=60)
-        tls.close()
-        back.close()
+                    other[src].sendall(data)
+                if not data:
+                    break                                   # one side closed: close both
+        except OSError:
+            pass
+        finally:
+            for sock in (tls, back):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
 
     def close(self) -> None:
         self._stop.set()
