@@ -113,14 +113,17 @@ def score(prepared: Prepared, rgb: np.ndarray, device="auto") -> dict[str, tuple
     table by the metrics engine, on the sources and the fused RGB as 8-bit grayscale (as the
     pipeline's metrics phase reads them); for a coloured functional, the colour metrics of each
     pair, over the pairs with coloured voxels."""
-    from MedicalFusionLib.metrics.torch_engine import colour_metrics_torch, volume_metrics_torch  # noqa: PLC0415
+    from MedicalFusionLib.metrics.torch_engine import ColourMetrics, volume_metrics_torch  # noqa: PLC0415
 
     a8, b8 = source_gray8(prepared)
     out = volume_metrics_torch(a8, b8, colour.gray8(rgb), axis=0, keys=METRIC_SETS["all"], device=device)
     if not prepared.grayscale:
         per_pair: dict = {}
+        acc = ColourMetrics(rgb[:1].shape[:-1], device=device)     # one look-up of fused colours for every pair
         for i in range(len(rgb)):
-            for k, v in colour_metrics_torch(rgb[i:i + 1], prepared.functional_ycc[i:i + 1], device=device).items():
+            acc.reset()
+            acc.add(rgb[i:i + 1], prepared.functional_ycc[i:i + 1])
+            for k, v in acc.result().items():
                 per_pair.setdefault(k, []).append(v[0])
         out.update(summarise(per_pair))
     return out
