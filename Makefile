@@ -54,7 +54,8 @@ test-fast: setup
 
 ## the Slicer module and the core must run on Python 3.9 (Slicer 5.4-5.8): syntax and standard library
 check-py39: setup
-	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib
+	$(VENV)/bin/vermin --target=3.9- --violations --no-tips --eval-annotations MedicalFusion/MedicalFusion.py MedicalFusion/MedicalFusionLib \
+		MedicalFusion/MedicalFusionSlicer
 
 BENCH_VENV ?= .venv-bench
 BENCH_PEERS := itk-elastix==0.25.4 antspyx==0.6.3 SimpleITK   # pyproject.toml's `bench` extra

@@ -1,34 +1,26 @@
 """MedicalFusion: the 3D Slicer module, on Slicer's scripted-module template (Module, parameter node,
-Widget, Logic, self-test) plus the file reader of the sample.
-
-Slicer glue only, and the only file that imports Qt/CTK/ScriptedLoadableModule. The work lives in the
-Qt-free package ``MedicalFusionLib``: ``panel.py`` (what the panel offers, checks and says),
-``install.py`` (the dependencies), ``scene.py`` (MRML nodes), ``sample.py`` (the demo pair), the
-pipeline. Heavy dependencies (torch, scikit-image, scikit-learn, nilearn) are imported only when used,
-after the user agreed to install them, so the module loads in a fresh Slicer.
-
-It runs on Slicer 5.4 and newer, i.e. on Python 3.9 (CI checks this file with vermin). The tests run it
-on Slicer's own Python layer (MedicalFusion/Testing/Python/slicer_harness.py).
+Widget, Logic, self-test) plus the sample's file reader. Slicer glue only: the Qt-free core
+``MedicalFusionLib`` does the work (``panel.py``: what the panel offers, checks and says; ``install.py``;
+``scene.py``: MRML nodes; the pipeline); ``MedicalFusionSlicer`` holds what needs the running application
+besides the panel (install dialogs, the Sample Data entry, the self-test's tests). Heavy dependencies
+(torch, scikit-image, scikit-learn, nilearn) are imported only when used, after the user agreed to
+install them, so the module loads in a fresh Slicer. Python 3.9 (Slicer 5.4+; vermin checks it); the
+tests run it on Slicer's own Python layer (Testing/Python/slicer_harness.py).
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import pathlib
 import time
-import unittest
 from typing import Annotated, Union
 
 import ctk  # noqa: F401  (Slicer's CTK widgets, used by the .ui)
-import numpy as np
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Default, findFirstAnnotation, parameterNodeWrapper, splitAnnotations
+from slicer.parameterNodeWrapper import Choice, Default, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -44,47 +36,13 @@ from MedicalFusionLib.options import DEFAULT_METHOD
 from MedicalFusionLib.options import PANEL_DEVICES as DEVICE_CHOICES
 from MedicalFusionLib.panel import ANATOMICAL_PRESETS, AS_DISPLAYED, FUNCTIONAL_PRESETS, NO_PRESET
 from MedicalFusionLib.registration import KINDS as REGISTRATION_CHOICES
-from MedicalFusionLib.sample import SAMPLE_FILE_TYPE, SAMPLE_NAME, SAMPLE_NODE_NAMES, SAMPLE_RECIPE_FILE
+from MedicalFusionSlicer.dependencies import ensureDependencies
+from MedicalFusionSlicer.parameters import acceptSavedChoices
+from MedicalFusionSlicer.results import exportFusedVolume, showResults
+from MedicalFusionSlicer.sample_data import SampleFileReader, loadSamplePair, registerSampleData
+from MedicalFusionSlicer.self_test import MedicalFusionSelfTests
 
 METRIC_SET_CHOICES = tuple(choices.METRIC_SETS)
-
-
-def ensureDependencies(askConfirmation: bool = True) -> bool:
-    """Install torch (through the PyTorch extension when present), scikit-image, scikit-learn and scipy,
-    asking once (not when ``askConfirmation`` is False: an unattended self-test). True when everything
-    is importable afterwards; a failure is one message and False, never an exception."""
-    missing = install.missing_dependencies()
-    if not missing:
-        return True
-    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            _("MedicalFusion needs these Python packages, which are not installed yet:\n\n  {packages}\n\n"
-              "Install them now? PyTorch is a large download (up to a few GB with GPU support) and may take "
-              "several minutes; Slicer may need a restart afterwards.").format(packages=", ".join(missing)),
-            _("MedicalFusion: install dependencies")):
-        return False
-    torchUtils = None
-    if "torch" in missing:
-        try:
-            import PyTorchUtils  # noqa: PLC0415  (the PyTorch extension picks the right CUDA build)
-            torchUtils = PyTorchUtils.PyTorchUtilsLogic()
-        except ImportError:
-            pass
-    try:
-        with slicer.util.WaitCursor():
-            still = install.install_dependencies(slicer.util.pip_install, torchUtils)
-    except install.InstallFailed as exc:
-        logging.error("MedicalFusion: %s", exc)
-        slicer.util.errorDisplay(
-            _("Installing {packages} failed ({detail}). Check the internet connection (and a proxy, if any), "
-              "read pip's messages in the Python console, then click Fuse again.").format(
-                packages=exc.packages, detail=exc.detail), windowTitle=_("MedicalFusion: installation failed"))
-        return False
-    if still:
-        slicer.util.errorDisplay(_("MedicalFusion could not install: {packages}. See the Python console for pip's "
-                                   "messages.").format(packages=", ".join(still)))
-        return False
-    logging.info("MedicalFusion: %s", install.version_report())
-    return True
 
 
 class MedicalFusion(ScriptedLoadableModule):
@@ -118,108 +76,21 @@ from it. Test data: the Harvard Whole Brain Atlas (Johnson &amp; Becker) and the
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
-#
-# Sample data
-#
-
-
-def _sampleRecipePath() -> str:
-    return os.path.join(os.path.dirname(__file__), "Resources", SAMPLE_RECIPE_FILE)
-
-
-def registerSampleData() -> None:
-    """Add the demo pair to the Sample Data module (category "Medical Image Fusion"). The pair is generated,
-    not downloaded: the source names the recipe file the extension ships by a file:// URI, with the file
-    type of :class:`MedicalFusionFileReader`. Sample Data's button (no custom downloader) and
-    ``SampleData.downloadSample`` both copy it to the cache and load it through the IO manager, i.e. the
-    reader, which runs :func:`loadSample` (a custom downloader would serve the button only)."""
-    import SampleData  # noqa: PLC0415
-
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category=_("Medical Image Fusion"), sampleName=SAMPLE_NAME,
-        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "MedicalFusionSample.png"),
-        uris=pathlib.Path(_sampleRecipePath()).resolve().as_uri(), fileNames=SAMPLE_RECIPE_FILE,
-        nodeNames=SAMPLE_NODE_NAMES[0], loadFileType=SAMPLE_FILE_TYPE)   # the keyword Slicer 5.4 to main accept
-
-
-class MedicalFusionFileReader:
-    """The module's scripted file reader (found by its name and registered with the IO manager when the
-    module loads): reads a ``*.mfsample`` recipe by generating and loading the demo pair. Sample Data
-    loads the sample through it; dropping the file on Slicer does the same."""
-
-    def __init__(self, parent):
-        self.parent = parent
-
-    def description(self) -> str:
-        return _("MedicalFusion sample")
-
-    def fileType(self) -> str:
-        return SAMPLE_FILE_TYPE
-
-    def extensions(self) -> list:
-        return [_("MedicalFusion sample") + " (*.mfsample)"]
-
-    def canLoadFile(self, filePath: str) -> bool:
-        from MedicalFusionLib.sample import is_sample_recipe  # noqa: PLC0415
-
-        return is_sample_recipe(filePath)
-
-    def canLoadFileConfidence(self, filePath: str) -> float:
-        return 0.6 if self.canLoadFile(filePath) else 0.0
-
-    def load(self, properties) -> bool:
-        try:
-            nodes = loadSample()
-        except Exception:  # noqa: BLE001 - a reader reports failure with False; the details go to the log
-            logging.exception("MedicalFusion: loading the sample failed")
-            return False
-        self.parent.loadedNodes = [node.GetID() for node in nodes]
-        return True
-
-
-def _ensureSampleTemplate(askConfirmation: bool = True) -> bool:
-    """The MNI152 template comes with the nilearn package: offer to install it on first use."""
-    from MedicalFusionLib.sample import template_folder  # noqa: PLC0415
-
-    if template_folder() is not None:
-        return True
-    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            _("The MedicalFusion sample is made from the MNI152 brain template that the nilearn Python package "
-              "ships. Install nilearn now (a few tens of MB)?\n\nCancel loads a procedural head phantom instead."),
-            _("MedicalFusion: sample data")):
-        return False
-    try:
-        with slicer.util.WaitCursor():
-            install.pip_install_quietly(slicer.util.pip_install, "nilearn")
-    except install.INSTALL_ERRORS as exc:
-        logging.warning("MedicalFusion: installing nilearn failed (%s); the sample is a procedural phantom", exc)
-        return False
-    importlib.invalidate_caches()
-    return template_folder() is not None
-
-
 def loadSample(source=None) -> list:
-    """Load the demo pair (MNI152 T1 + simulated FDG PET, or the phantom pair without the template), generated
-    once into Slicer's cache, as one study shown PET over MRI, and select it in the module. Returns
+    """Load the demo pair (MedicalFusionSlicer/sample_data.py) and select it in the module. Returns
     [anatomical, functional]. ``source``: unused (what a custom downloader gets)."""
-    from MedicalFusionLib.sample import write_sample  # noqa: PLC0415
-    from MedicalFusionLib.scene import move_to_subject_hierarchy_item  # noqa: PLC0415
-
-    haveTemplate = _ensureSampleTemplate(askConfirmation=not slicer.app.testingEnabled())
-    folder = os.path.join(slicer.app.cachePath, "MedicalFusion", "sample-mni152" if haveTemplate else "sample-phantom")
-    with slicer.util.WaitCursor():
-        anatomicalPath, functionalPath = write_sample(folder)
-    names = SAMPLE_NODE_NAMES if haveTemplate else (_("Phantom T1"), _("Phantom PET"))
-    anatomical = slicer.util.loadVolume(str(anatomicalPath), {"name": names[0], "show": False})
-    functional = slicer.util.loadVolume(str(functionalPath), {"name": names[1], "show": False,
-                                                              "colorNodeID": colour.SLICER_COLOR_NODE_IDS["PET-Heat"]})
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), _("MedicalFusion sample")), _("PET/MRI demo"))
-    move_to_subject_hierarchy_item(slicer.mrmlScene, [anatomical, functional], study)
-    slicer.util.setSliceViewerLayers(background=anatomical, foreground=functional, foregroundOpacity=0.5, fit=True)
+    nodes = loadSamplePair()
     parameterNode = MedicalFusionLogic().getParameterNode()
-    parameterNode.anatomicalVolume, parameterNode.functionalVolume = anatomical, functional
-    return [anatomical, functional]
+    parameterNode.anatomicalVolume, parameterNode.functionalVolume = nodes
+    return nodes
+
+
+class MedicalFusionFileReader(SampleFileReader):
+    """The module's scripted file reader (Slicer registers it with the IO manager by this name): a
+    ``*.mfsample`` recipe loads the demo pair, selected in the module."""
+
+    def loadPair(self) -> list:
+        return loadSample()
 
 
 @parameterNodeWrapper
@@ -350,7 +221,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = p = inputParameterNode
         if not p:
             return
-        self._notices += self._acceptSavedChoices(p)
+        self._notices += acceptSavedChoices(p)
         # connectParametersToGui returns the tag on every Slicer version (5.8's connectGui returns None:
         # the GUI could never be disconnected and each entry stacked one more connection).
         mapping = {w.property("SlicerParameterName"): w for w in vars(self.ui).values() if hasattr(w, "property")}
@@ -368,21 +239,6 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if notes and self.ui.fuseButton.enabled and not self._running:
             self.ui.statusLabel.text = " ".join(notes)
             self._statusIsReason = False
-
-    def _acceptSavedChoices(self, p) -> list:
-        """A value its combo box cannot show (a scene saved by a version with other methods) would make the
-        GUI connection raise: reset it to its default. Returns the notices for the status line."""
-        notices = []
-        for name in p.allParameters:
-            choice = findFirstAnnotation(splitAnnotations(p.dataType(name))[1], Choice)
-            if choice is None or p.getValue(name) in choice.choices:
-                continue
-            message = _("The scene's {parameter} '{value}' is not available here: using '{default}'.").format(
-                parameter=name, value=p.getValue(name), default=p.default(name).value)
-            logging.warning("MedicalFusion: %s", message)
-            p.setValue(name, p.default(name).value)
-            notices.append(message)
-        return notices
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -410,12 +266,8 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             self.ui.fuseButton.enabled = False
             return
-        scalar = panel.scalar_functional(p)
-        self.ui.colormapComboBox.enabled = self.ui.functionalWindowPresetComboBox.enabled = scalar
-        typed = scalar and not p.useDisplayWindow and p.functionalWindowPreset == NO_PRESET
-        self.ui.functionalWindowMinSpinBox.enabled = self.ui.functionalWindowMaxSpinBox.enabled = typed
-        self.ui.registrationComboBox.enabled = self.ui.registerWithSelector.enabled = p.registerFirst
-        self.ui.metricSetComboBox.enabled = p.computeMetrics
+        for name, enabled in panel.control_states(p).items():
+            getattr(self.ui, name).enabled = enabled
         ok, reason = self.logic.validate(p)
         self.ui.fuseButton.enabled = ok
         self.ui.fuseButton.toolTip = _("Fuse the functional volume into the anatomical one.") if ok else reason
@@ -484,9 +336,7 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             outcome = self.logic.process(p, progress=self._progress, cancel=self._cancel)
         except FusionCancelled:
-            self._runNotice = (_("Cancelled: {reason}; nothing was written.").format(reason=self._abortReason)
-                               if self._abortReason is not None else
-                               _("Cancelled: nothing was written, the scene is unchanged."))
+            self._runNotice = panel.cancelled_message(self._abortReason)
             self.ui.statusLabel.text, self._statusIsReason = self._runNotice, False
             return
         except FusionError as exc:
@@ -519,26 +369,10 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                "anatomical's patient and study.") if ok else reason)
 
     def onExportDicomButton(self) -> None:
-        """Export the selected fused volume as a DICOM series (MedicalFusionLib.scene_dicom); one status line."""
-        from MedicalFusionLib.errors import FusionError  # noqa: PLC0415
-        from MedicalFusionLib.scene_dicom import export_fused_node_dicom  # noqa: PLC0415
-
+        """Export the selected fused volume as a DICOM series (MedicalFusionSlicer.results); one status line."""
         self._statusIsReason = False
-        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
-        try:
-            done = export_fused_node_dicom(slicer.mrmlScene, self.ui.exportVolumeSelector.currentNode(),
-                                           self.ui.exportFolderPathLineEdit.currentPath.strip())
-        except FusionError as exc:
-            self.ui.statusLabel.text = str(exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - show any failure to the user, details in the log
-            logging.exception("MedicalFusion DICOM export failed")
-            self.ui.statusLabel.text = _("DICOM export failed: {error}").format(error=exc)
-            return
-        finally:
-            slicer.app.restoreOverrideCursor()
-        self.ui.statusLabel.text = done.message
-        logging.info("MedicalFusion: %s", done.message)
+        self.ui.statusLabel.text = exportFusedVolume(self.ui.exportVolumeSelector.currentNode(),
+                                                     self.ui.exportFolderPathLineEdit.currentPath.strip())
 
 
 class MedicalFusionLogic(ScriptedLoadableModuleLogic):
@@ -574,181 +408,12 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
         place_beside(slicer.mrmlScene, [n for n in created if n is not None], p.anatomicalVolume)
         return outcome
 
-    @staticmethod
-    def showResults(outcome, anatomical, foreground: bool = False, switchLayout: bool = False) -> None:
-        """Fused volume in the slice views (background, or foreground over the anatomical); the metrics table
-        selected, so a table view of the layout shows it. The layout is switched to Four-Up + table only
-        when ``switchLayout`` (the panel's option) asks for it."""
-        if foreground:
-            slicer.util.setSliceViewerLayers(background=anatomical, foreground=outcome.volume_node,
-                                             foregroundOpacity=1.0, fit=True)
-        else:
-            slicer.util.setSliceViewerLayers(background=outcome.volume_node, foreground=None, fit=True)
-        if outcome.table_node is None:
-            return
-        layoutManager = slicer.app.layoutManager()
-        if switchLayout and layoutManager is not None:
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
-        appLogic = slicer.app.applicationLogic()
-        if appLogic is not None:
-            appLogic.GetSelectionNode().SetActiveTableID(outcome.table_node.GetID())
-            appLogic.PropagateTableSelection()
+    showResults = staticmethod(showResults)   # MedicalFusionSlicer/results.py
 
 
-class MedicalFusionTest(ScriptedLoadableModuleTest):
-    """Inside Slicer, on generated data (no download): "Reload and Test" runs :meth:`runTest`; ctest
-    (slicer.testing.runUnitTest) loads the test_* methods one by one. A test that needs PyTorch skips,
-    with the reason, when it is not installed."""
+class MedicalFusionTest(MedicalFusionSelfTests, ScriptedLoadableModuleTest):
+    """Inside Slicer, on generated data (no download): "Reload and Test" runs ``runTest``; ctest
+    (slicer.testing.runUnitTest) loads the test_* methods one by one. The tests are in
+    MedicalFusionSlicer/self_test.py; this class is the one Slicer looks up (``<ModuleName>Test``)."""
 
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        """Every test in order; skips are reported (``self.skipped``, a message), never raised: in "Reload
-        and Test" an exception shows a failure dialog."""
-        self.skipped = {}
-        if not ensureDependencies(askConfirmation=not slicer.app.testingEnabled()):
-            logging.warning("MedicalFusion self-test: the dependencies are not installed; the tests that need them skip")
-        for test in (self.test_WidgetValidation, self.test_SampleData, self.test_FuseNodeToNode,
-                     self.test_CancelAndBadInputLeaveSceneUnchanged, self.test_FuseSampleFromPanel,
-                     self.test_SceneCloseCancelsFusion):
-            self.setUp()
-            try:
-                test()
-            except unittest.SkipTest as exc:
-                self.skipped[test.__name__] = str(exc)
-                self.delayDisplay(f"Skipped {test.__name__}: {exc}")
-            finally:
-                self.tearDown()
-
-    def _requireDependencies(self):
-        missing = install.missing_dependencies()
-        if missing:
-            self.skipTest("needs " + ", ".join(missing) + ", not installed (the module's first Fuse installs them)")
-
-    def _widget(self):
-        return slicer.modules.medicalfusion.widgetRepresentation().self()
-
-    def _phantom(self):
-        from MedicalFusionLib.scene import add_phantom_pair  # noqa: PLC0415
-
-        return add_phantom_pair(slicer.mrmlScene)
-
-    def _loadSampleFromSampleData(self):
-        import SampleData  # noqa: PLC0415
-
-        logic = SampleData.SampleDataLogic()
-        source = logic.sourceForSampleName(SAMPLE_NAME)
-        self.assertIsNotNone(source, "the MedicalFusion sample is not registered with the Sample Data module")
-        self.assertIsNone(source.customDownloader)
-        loaded = logic.downloadFromSource(source)   # what its button in the Sample Data module does
-        self.assertEqual(len(loaded), 1, loaded)
-        p = MedicalFusionLogic().getParameterNode()
-        self.assertIs(loaded[0], p.anatomicalVolume)
-        return p.anatomicalVolume, p.functionalVolume
-
-    def test_WidgetValidation(self):
-        self.delayDisplay("Panel refuses bad input with a reason")
-        from MedicalFusionLib.scene import validate_inputs  # noqa: PLC0415
-
-        anatomical, functional = self._phantom()
-        widget = self._widget()
-        p = widget._parameterNode
-        self.assertIsNotNone(p, "the panel has no parameter node after the scene was cleared")
-        p.anatomicalVolume, p.functionalVolume, p.outputVolume = anatomical, functional, None
-        self.assertTrue(widget.ui.fuseButton.enabled, widget.ui.fuseButton.toolTip)
-        p.functionalVolume = None
-        self.assertFalse(widget.ui.fuseButton.enabled)
-        self.assertIn("functional", widget.ui.fuseButton.toolTip)
-        label = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "segmentation")
-        slicer.util.updateVolumeFromArray(label, np.ones((4, 4, 4), np.uint8))
-        ok, reason = validate_inputs(slicer.mrmlScene, anatomical, label)   # hidden from the selectors, refused too
-        self.assertFalse(ok)
-        self.assertIn("label map", reason)
-
-    def test_SampleData(self):
-        self.delayDisplay("The sample pair from the Sample Data module")
-        anatomical, functional = self._loadSampleFromSampleData()
-        self.assertTrue(anatomical.IsA("vtkMRMLScalarVolumeNode") and functional.IsA("vtkMRMLScalarVolumeNode"))
-        self.assertEqual(functional.GetDisplayNode().GetColorNodeID(), colour.SLICER_COLOR_NODE_IDS["PET-Heat"])
-        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        study = sh.GetItemParent(sh.GetItemByDataNode(anatomical))
-        self.assertEqual(sh.GetItemLevel(study), "Study")
-        self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(functional)), study)
-        widget = self._widget()
-        self.assertEqual((widget._parameterNode.anatomicalVolume, widget._parameterNode.functionalVolume),
-                         (anatomical, functional))
-        self.assertTrue(widget.ui.fuseButton.enabled, widget.ui.fuseButton.toolTip)
-
-    def test_FuseSampleFromPanel(self):
-        self.delayDisplay("Fuse the sample from the panel")
-        self._requireDependencies()
-        anatomical, functional = self._loadSampleFromSampleData()
-        widget = self._widget()
-        p = widget._parameterNode
-        p.method, p.computeMetrics = "alpha", False
-        layoutManager = slicer.app.layoutManager()
-        layoutBefore = layoutManager.layout if layoutManager is not None else None
-        widget.ui.fuseButton.click()
-        fused = p.outputVolume or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLVectorVolumeNode")
-        self.assertIsNotNone(fused, widget.ui.statusLabel.text)
-        self.assertEqual(fused.GetAttribute("MedicalFusion.method"), "alpha")
-        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(fused)), sh.GetItemParent(sh.GetItemByDataNode(anatomical)))
-        if layoutManager is not None:
-            self.assertEqual(layoutManager.layout, layoutBefore)
-        self.assertTrue(widget.ui.fuseButton.enabled)
-
-    def test_SceneCloseCancelsFusion(self):
-        self.delayDisplay("Closing the scene during a fusion cancels it")
-        self._requireDependencies()
-        anatomical, functional = self._phantom()
-        widget = self._widget()
-        p = widget._parameterNode
-        p.anatomicalVolume, p.functionalVolume, p.outputVolume, p.outputTable = anatomical, functional, None, None
-        p.method, p.computeMetrics = "average", False
-        qt.QTimer.singleShot(0, lambda: slicer.mrmlScene.Clear(0))   # File > Close Scene while it runs
-        widget.ui.fuseButton.click()
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLVectorVolumeNode"), 0,
-                         widget.ui.statusLabel.text)
-        self.assertEqual(widget._abortReason, _("the scene was closed"), widget.ui.statusLabel.text)
-        self.assertTrue(widget.ui.fuseButton.text == _("Fuse") and widget.ui.inputsCollapsibleButton.enabled)
-
-    def test_FuseNodeToNode(self):
-        self.delayDisplay("Fusing a generated phantom node to node")
-        self._requireDependencies()
-        from MedicalFusionLib.metrics import COLOUR_METRIC_KEYS, metric_set_keys  # noqa: PLC0415
-        from MedicalFusionLib.scene import fuse_nodes, ijk_to_ras  # noqa: PLC0415
-
-        anatomical, functional = self._phantom()
-        before, functionalMatrix = slicer.util.arrayFromVolume(functional).copy(), ijk_to_ras(functional)
-        outcome = fuse_nodes(slicer.mrmlScene, anatomical, functional, choices.FusionOptions(method="alpha"))
-        fused = outcome.volume_node
-        self.assertTrue(fused.IsA("vtkMRMLVectorVolumeNode"))
-        self.assertTrue(np.array_equal(ijk_to_ras(fused), ijk_to_ras(anatomical)))
-        self.assertEqual(fused.GetImageData().GetScalarType(), vtk.VTK_UNSIGNED_CHAR)
-        self.assertEqual(fused.GetImageData().GetNumberOfScalarComponents(), 3)
-        names = [outcome.table_node.GetCellText(r, 0) for r in range(outcome.table_node.GetNumberOfRows())]
-        defaultKeys = metric_set_keys(choices.DEFAULT_METRIC_SET)       # the quick set (issue 21)
-        self.assertEqual(names[:len(defaultKeys)], defaultKeys)
-        self.assertTrue(set(names[len(defaultKeys):]) <= set(COLOUR_METRIC_KEYS))
-        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(functional), before))   # input untouched
-        self.assertTrue(np.array_equal(ijk_to_ras(functional), functionalMatrix))
-        self.assertIsNotNone(functional.GetParentTransformNode())
-        MedicalFusionLogic.showResults(outcome, anatomical, foreground=True)
-
-    def test_CancelAndBadInputLeaveSceneUnchanged(self):
-        self.delayDisplay("Cancel and bad input")
-        self._requireDependencies()
-        from MedicalFusionLib.errors import FusionCancelled, FusionError  # noqa: PLC0415
-        from MedicalFusionLib.scene import fuse_nodes  # noqa: PLC0415
-
-        anatomical, functional = self._phantom()
-        scene = slicer.mrmlScene
-        ids = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
-        with self.assertRaises(FusionCancelled):
-            fuse_nodes(scene, anatomical, functional, choices.FusionOptions(method="average"), cancel=lambda: True)
-        with self.assertRaises(FusionError):
-            fuse_nodes(scene, anatomical, functional, choices.FusionOptions(method="average"), output_volume=None,
-                       output_table=anatomical)
-        self.assertEqual(ids, [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())])
+    logicClass = MedicalFusionLogic

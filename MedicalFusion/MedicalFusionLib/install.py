@@ -13,6 +13,8 @@ import inspect
 import logging
 import subprocess
 
+from .i18n import tr as _
+
 #: Python packages the core needs beyond what Slicer ships: (import name, pip name).
 PIP_DEPENDENCIES = (("skimage", "scikit-image"), ("sklearn", "scikit-learn"), ("scipy", "scipy"))
 #: The extension that installs torch for Slicer (named in EXTENSION_DEPENDS of the top CMakeLists.txt).
@@ -61,7 +63,8 @@ def install_dependencies(pip_install, torch_utils=None) -> list[str]:
                 if not torch_utils.torchInstalled():
                     logging.info("MedicalFusion: installing PyTorch through the %s extension", PYTORCH_EXTENSION)
                     if torch_utils.installTorch(askConfirmation=False) is None:
-                        raise RuntimeError(f"the {PYTORCH_EXTENSION} extension did not install torch")
+                        raise RuntimeError(_("the {extension} extension did not install torch").format(
+                            extension=PYTORCH_EXTENSION))
             else:
                 logging.info("MedicalFusion: %s extension not found, installing torch with pip", PYTORCH_EXTENSION)
                 pip_install_quietly(pip_install, "torch")

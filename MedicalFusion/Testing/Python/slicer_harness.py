@@ -54,8 +54,9 @@ MODULE_DIR = REPO / "MedicalFusion"
 MODULE_NAME = "MedicalFusion"
 #: the folders of ../shared/slicer-python: stable release, main branch
 VERSIONS = ("v5.8.1", "main-583e9b37")
-#: names the harness puts into (or takes out of) sys.modules
-_OWNED = ("slicer", "qt", "ctk", "SampleData", "PyTorchUtils", MODULE_NAME)
+#: names the harness puts into (or takes out of) sys.modules; the module's Slicer-side package too, which
+#: binds the ``slicer`` of the Slicer version it was first imported with
+_OWNED = ("slicer", "qt", "ctk", "SampleData", "PyTorchUtils", MODULE_NAME, MODULE_NAME + "Slicer")
 
 
 def slicer_python_root() -> Path:

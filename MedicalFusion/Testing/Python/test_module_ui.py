@@ -1,10 +1,12 @@
 """Static checks of the Slicer module, which cannot run outside the Slicer application.
 
 MedicalFusion.py imports qt/ctk/ScriptedLoadableModule, so it is read with ``ast`` instead of being
-imported: it must compile; every ``self.ui.<name>`` it uses must exist in MedicalFusion.ui with a
-class that has the attributes the code relies on; every field of the parameter node must be bound
-to a widget (SlicerParameterName) of a class the parameter node wrapper can connect to that field's
-type; the method combobox must list what the registry offers.
+imported: it must compile; every ``<widget>.ui.<name>`` it, its Slicer-side package (MedicalFusionSlicer:
+the self-test) and the panel's Qt-free half (panel.control_states) use must exist in MedicalFusion.ui
+with a class that has the attributes the code relies on; every field of the parameter node must be
+bound to a widget (SlicerParameterName) of a class the parameter node wrapper can connect to that
+field's type; the method combobox must list what the registry offers; the self-test class is where
+Slicer looks for it.
 
 Runs under pytest, and also without it (``python test_module_ui.py``, or inside Slicer through the
 ctest registered in this folder's CMakeLists.txt), since Slicer's Python has no pytest.
@@ -17,6 +19,7 @@ import importlib.util
 import py_compile
 import sys
 import tempfile
+import types
 import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -25,6 +28,7 @@ MODULE_DIR = Path(__file__).resolve().parents[2]
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 MODULE_PY = MODULE_DIR / "MedicalFusion.py"
+SLICER_SIDE = MODULE_DIR / "MedicalFusionSlicer"      # the module's Slicer-side package (not the core)
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedicalFusion.ui"
 ICON = MODULE_DIR / "Resources" / "Icons" / "MedicalFusion.png"
 PARAMETER_CLASS = "MedicalFusionParameterNode"
@@ -97,12 +101,17 @@ def parameter_fields(tree: ast.Module) -> dict[str, str]:
 
 
 def used_ui_names(tree: ast.Module) -> set[str]:
+    """The names of ``self.ui.<name>`` (the widget) and ``widget.ui.<name>`` (the self-test)."""
     names = set()
     for node in ast.walk(tree):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+                and isinstance(node.value.value, ast.Name) and node.value.value.id in ("self", "widget")):
             names.add(node.attr)
     return names
+
+
+def slicer_side_files() -> list[Path]:
+    return sorted(SLICER_SIDE.glob("*.py"))
 
 
 def test_module_file_compiles():
@@ -110,10 +119,15 @@ def test_module_file_compiles():
         py_compile.compile(str(MODULE_PY), cfile=str(Path(tmp) / "MedicalFusion.pyc"), doraise=True)
 
 
-def test_only_the_module_file_imports_qt():
+def test_only_the_slicer_side_imports_qt():
     """No Qt anywhere in the core; ``slicer`` imported at module level only by scene.py (a lazy
-    import inside a function elsewhere keeps the package importable without Slicer)."""
+    import inside a function elsewhere keeps the package importable without Slicer); the core never
+    imports the module file or its Slicer-side package (MedicalFusionSlicer, which only the module file
+    imports, and which the pip package does not ship)."""
     lib = MODULE_DIR / "MedicalFusionLib"
+    assert (SLICER_SIDE / "__init__.py").is_file() and slicer_side_files()
+    pyproject = (MODULE_DIR.parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert "MedicalFusionSlicer" not in pyproject, "the pip package is the core only"
     for path in lib.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         top_level = {id(n) for n in tree.body}
@@ -127,6 +141,7 @@ def test_only_the_module_file_imports_qt():
             for mod in mods:
                 top = mod.split(".")[0]
                 assert top not in ("qt", "ctk", "PythonQt"), f"{path} imports {mod}"
+                assert top not in ("MedicalFusion", SLICER_SIDE.name), f"{path} imports {mod}"
                 assert mod != "slicer.ScriptedLoadableModule", f"{path} imports {mod}"
                 if top in ("slicer", "vtk") and id(node) in top_level:
                     assert path.name == "scene.py", f"{path} imports {mod} at module level: only scene.py may"
@@ -150,6 +165,15 @@ def test_every_ui_widget_the_code_uses_exists_with_the_right_class():
     assert used, "the widget code should use self.ui.<name>"
     missing = sorted(used - set(widgets))
     assert not missing, f"MedicalFusion.py uses widgets missing from the .ui: {missing}"
+    for path in slicer_side_files():
+        missing = sorted(used_ui_names(ast.parse(path.read_text(encoding="utf-8"))) - set(widgets))
+        assert not missing, f"{path.name} uses widgets missing from the .ui: {missing}"
+    from MedicalFusionLib import panel  # noqa: PLC0415
+
+    states = panel.control_states(types.SimpleNamespace(    # the fields control_states reads
+        functionalVolume=None, useDisplayWindow=True, functionalWindowPreset=panel.NO_PRESET, registerFirst=True,
+        computeMetrics=True))
+    assert states and not sorted(set(states) - set(widgets)), sorted(set(states) - set(widgets))
     for name, cls in CLASS_OF_USE.items():
         if name in used:
             assert widgets[name].get("class") == cls, f"{name} should be a {cls}"
@@ -224,6 +248,22 @@ def test_parameter_node_choices_come_from_the_options_module():
     assert options.DEFAULT_METHOD in options.method_names()
 
 
+def test_the_self_test_class_is_where_slicer_looks_for_it():
+    """Slicer's "Reload and Test" (ScriptedLoadableModule.runTest) takes ``<ModuleName>Test`` from the module
+    file's namespace; ctest (slicer.testing.runUnitTest: unittest's loadTestsFromName) collects every
+    TestCase class there. So MedicalFusionTest is a ScriptedLoadableModuleTest of MedicalFusion.py, and the
+    tests it inherits (MedicalFusionSlicer/self_test.py) are in a class that is no TestCase, which the
+    loader would collect a second time. (Run both ways on Slicer's layer: slicer_module/.)"""
+    cls = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "MedicalFusionTest")
+    bases = [ast.unparse(b) for b in cls.bases]
+    assert bases[-1] == "ScriptedLoadableModuleTest" and bases[0] == "MedicalFusionSelfTests", bases
+    tree = ast.parse((SLICER_SIDE / "self_test.py").read_text(encoding="utf-8"))
+    mixin = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedicalFusionSelfTests")
+    assert mixin.bases == [], "the tests' class must not be a TestCase"
+    tests = [n.name for n in mixin.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    assert len(tests) >= 6 and "runTest" in [n.name for n in mixin.body if isinstance(n, ast.FunctionDef)]
+
+
 def test_resources_exist_and_icon_is_128px():
     import SimpleITK as sitk  # noqa: PLC0415
     assert ICON.is_file() and UI_FILE.is_file()
@@ -236,6 +276,7 @@ def test_cmake_lists_every_library_script_and_resource():
     text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "GLOB_RECURSE" in text and "${MODULE_NAME}Lib/*.py" in text and "RELATIVE" in text
+    assert "${MODULE_NAME}Slicer/*.py" in text          # the Slicer-side package (self-test, Sample Data)
     for resource in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png",
                      "Resources/Icons/${MODULE_NAME}Sample.png", "colormaps.json"):
         assert resource in text

@@ -34,6 +34,7 @@ if str(HERE.parents[1]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[1]))
 
 import slicer_harness as sh  # noqa: E402
+from MedicalFusionLib.sample import SAMPLE_NAME, SAMPLE_NODE_NAMES  # noqa: E402
 
 HIDDEN_WITHOUT_TORCH = ("torch", "skimage", "sklearn", "nilearn")
 SELF_TESTS = ("test_WidgetValidation", "test_SampleData", "test_FuseNodeToNode",
@@ -387,13 +388,13 @@ if __name__ != "__main__":
         import SampleData  # noqa: PLC0415  (the harness's: Slicer's registration API)
 
         sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("Medical Image Fusion")
-        assert [s.sampleName for s in sources] == [h.module.SAMPLE_NAME]
+        assert [s.sampleName for s in sources] == [SAMPLE_NAME]
         assert Path(sources[0].thumbnailFileName).is_file()
-        (anatomical,) = h.click_sample(h.module.SAMPLE_NAME)     # Sample Data returns the first node
+        (anatomical,) = h.click_sample(SAMPLE_NAME)     # Sample Data returns the first node
         widget = h.widget()
         assert widget._parameterNode.anatomicalVolume is anatomical
         functional = widget._parameterNode.functionalVolume
-        assert (anatomical.GetName(), functional.GetName()) == h.module.SAMPLE_NODE_NAMES
+        assert (anatomical.GetName(), functional.GetName()) == SAMPLE_NODE_NAMES
         assert h.slicer.util.arrayFromVolume(anatomical).shape == (189, 233, 197)   # the MNI152 template
         assert widget.ui.fuseButton.enabled, widget.ui.fuseButton.toolTip
 

@@ -25,6 +25,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import slicer_harness as sh  # noqa: E402
+from MedicalFusionLib.sample import SAMPLE_FILE_TYPE, SAMPLE_NAME, SAMPLE_NODE_NAMES  # noqa: E402
 
 VERSIONS = sh.version_params()
 
@@ -47,12 +48,12 @@ def _check_loaded(h, returned) -> None:
     module = h.module
     p = module.MedicalFusionLogic().getParameterNode()
     assert returned is p.anatomicalVolume, returned
-    assert (p.anatomicalVolume.GetName(), p.functionalVolume.GetName()) == module.SAMPLE_NODE_NAMES
+    assert (p.anatomicalVolume.GetName(), p.functionalVolume.GetName()) == SAMPLE_NODE_NAMES
     assert h.slicer.util.arrayFromVolume(p.anatomicalVolume).shape == (189, 233, 197)   # MNI152 template
     assert p.functionalVolume.GetDisplayNode().GetColorNodeID().endswith("PET-Heat")
     widget = h.widget()
     assert widget.ui.fuseButton.enabled, widget.ui.fuseButton.toolTip
-    assert [n.GetName() for n in h.nodes("vtkMRMLScalarVolumeNode")] == list(module.SAMPLE_NODE_NAMES)
+    assert [n.GetName() for n in h.nodes("vtkMRMLScalarVolumeNode")] == list(SAMPLE_NODE_NAMES)
     assert h.callback_errors == [], h.callback_errors
 
 
@@ -71,7 +72,7 @@ def test_download_sample_loads_the_pair_with_slicers_own_sample_data(version, sa
         import SampleData  # noqa: PLC0415
 
         assert Path(SampleData.__file__).name == "SampleData.py" and hasattr(SampleData, "SampleDataWidget")
-        _check_loaded(h, SampleData.downloadSample(h.module.SAMPLE_NAME))
+        _check_loaded(h, SampleData.downloadSample(SAMPLE_NAME))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -81,10 +82,10 @@ def test_the_sample_button_loads_the_pair_with_slicers_own_sample_data(version, 
         import SampleData  # noqa: PLC0415
 
         sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("Medical Image Fusion")
-        assert [s.sampleName for s in sources] == [h.module.SAMPLE_NAME]
+        assert [s.sampleName for s in sources] == [SAMPLE_NAME]
         assert Path(sources[0].thumbnailFileName).is_file()
         assert sources[0].customDownloader is None        # the button and downloadSample: one path
-        (returned,) = h.click_sample(h.module.SAMPLE_NAME)
+        (returned,) = h.click_sample(SAMPLE_NAME)
         _check_loaded(h, returned)
 
 
@@ -95,11 +96,11 @@ def test_download_sample_loads_the_pair(version, sample_cache):
     with _harness(version, sample_cache) as h:
         import SampleData  # noqa: PLC0415
 
-        returned_first = SampleData.downloadSample(h.module.SAMPLE_NAME)
+        returned_first = SampleData.downloadSample(SAMPLE_NAME)
         _check_loaded(h, returned_first)
         # a second download reuses the copy in the cache and the generated pair
-        again = SampleData.downloadSample(h.module.SAMPLE_NAME)
-        assert again.GetName().startswith(h.module.SAMPLE_NODE_NAMES[0]) and again is not returned_first
+        again = SampleData.downloadSample(SAMPLE_NAME)
+        assert again.GetName().startswith(SAMPLE_NODE_NAMES[0]) and again is not returned_first
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -108,10 +109,12 @@ def test_the_sample_file_loads_through_the_modules_reader_as_add_data_does(versi
     with _harness(version, sample_cache) as h:
         import vtk  # noqa: PLC0415
 
-        recipe = h.module._sampleRecipePath()
+        from MedicalFusionSlicer.sample_data import sampleRecipePath  # noqa: PLC0415
+
+        recipe = sampleRecipePath()
         loaded = vtk.vtkCollection()
-        assert h.app.coreIOManager().loadNodes(h.module.SAMPLE_FILE_TYPE, {"fileName": recipe}, loaded)
+        assert h.app.coreIOManager().loadNodes(SAMPLE_FILE_TYPE, {"fileName": recipe}, loaded)
         assert [loaded.GetItemAsObject(i).GetName() for i in range(loaded.GetNumberOfItems())] == \
-            list(h.module.SAMPLE_NODE_NAMES)
+            list(SAMPLE_NODE_NAMES)
         reader = h.module.MedicalFusionFileReader(None)
         assert reader.canLoadFile(recipe) and not reader.canLoadFile(str(sh.MODULE_DIR / "MedicalFusion.py"))
