@@ -21,12 +21,8 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode, vtkMRMLVectorVolum
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, Default, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from MedicalFusionLib import colour, install, panel
@@ -36,6 +32,7 @@ from MedicalFusionLib.options import DEFAULT_METHOD
 from MedicalFusionLib.options import PANEL_DEVICES as DEVICE_CHOICES
 from MedicalFusionLib.panel import ANATOMICAL_PRESETS, AS_DISPLAYED, FUNCTIONAL_PRESETS, NO_PRESET
 from MedicalFusionLib.registration import KINDS as REGISTRATION_CHOICES
+from MedicalFusionSlicer import reloadSubmodules
 from MedicalFusionSlicer.dependencies import ensureDependencies
 from MedicalFusionSlicer.parameters import acceptSavedChoices
 from MedicalFusionSlicer.results import exportFusedVolume, showResults
@@ -159,6 +156,10 @@ class MedicalFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._missingDependencies = install.missing_dependencies()   # said whenever the status line is written
         self.initializeParameterNode()
         self._checkCanExport()
+
+    def onReload(self) -> None:
+        reloadSubmodules()   # MedicalFusionSlicer too: the self-test's tests live there
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
         self._disconnectParameterNode()
@@ -412,8 +413,7 @@ class MedicalFusionLogic(ScriptedLoadableModuleLogic):
 
 
 class MedicalFusionTest(MedicalFusionSelfTests, ScriptedLoadableModuleTest):
-    """Inside Slicer, on generated data (no download): "Reload and Test" runs ``runTest``; ctest
-    (slicer.testing.runUnitTest) loads the test_* methods one by one. The tests are in
-    MedicalFusionSlicer/self_test.py; this class is the one Slicer looks up (``<ModuleName>Test``)."""
+    """The self-test where Slicer looks for it (``<ModuleName>Test``: Reload and Test runs ``runTest``, ctest
+    the test_* methods one by one); its tests, on generated data, are in MedicalFusionSlicer/self_test.py."""
 
     logicClass = MedicalFusionLogic

@@ -264,6 +264,20 @@ def test_the_self_test_class_is_where_slicer_looks_for_it():
     assert len(tests) >= 6 and "runTest" in [n.name for n in mixin.body if isinstance(n, ast.FunctionDef)]
 
 
+def test_reload_reads_every_slicer_side_module_after_those_it_imports():
+    """Developer mode's Reload reads MedicalFusionSlicer's modules again (SUBMODULES, in that order) before
+    the module file: every module of the package, each after the ones it imports from the package."""
+    init = ast.parse((SLICER_SIDE / "__init__.py").read_text(encoding="utf-8"))
+    listed = next(ast.literal_eval(n.value) for n in init.body if isinstance(n, ast.Assign)
+                  and [t.id for t in n.targets if isinstance(t, ast.Name)] == ["SUBMODULES"])
+    assert sorted(listed) == sorted(p.stem for p in slicer_side_files() if p.stem != "__init__")
+    for position, name in enumerate(listed):
+        tree = ast.parse((SLICER_SIDE / f"{name}.py").read_text(encoding="utf-8"))
+        own = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+        assert own <= set(listed[:position]), f"{name} imports {own} that Reload reads after it"
+    assert "reloadSubmodules()" in MODULE_PY.read_text(encoding="utf-8")
+
+
 def test_resources_exist_and_icon_is_128px():
     import SimpleITK as sitk  # noqa: PLC0415
     assert ICON.is_file() and UI_FILE.is_file()

@@ -7,7 +7,8 @@ out of MedicalFusion.py still reaches the user the way it did.
 - ``MedicalFusion.loadSample()`` (the Python console's way to the demo pair, docs/SLICER.md) loads the
   pair and selects it in the module;
 - ctest's loader runs every self-test once (the tests live in MedicalFusionSlicer/self_test.py, in a
-  class that is no TestCase, and MedicalFusionTest inherits them).
+  class that is no TestCase, and MedicalFusionTest inherits them); developer mode's Reload reads that
+  package again, so Reload and Test runs what is in the files now.
 
 Skipped, with the reason, where the harness is (see test_slicer_module.py).
 """
@@ -79,3 +80,17 @@ def test_ctest_runs_each_self_test_once(harness):
     # and one more: ScriptedLoadableModuleTest, imported into the module file as Slicer's template does,
     # is a TestCase the loader collects too (its runTest() finds no test_* of its own and returns)
     assert f"Ran {len(tsm.SELF_TESTS) + 1} tests" in result["output"], result["output"]
+
+
+@sh.parametrize_versions
+def test_reload_reads_the_slicer_side_package_again(harness):
+    h = harness
+    old_tests = h.module.MedicalFusionTest.__mro__[1]
+    old_reader = h.module.MedicalFusionFileReader.__mro__[1]
+    h.widget().onReload()
+    module = sys.modules["MedicalFusion"]                  # read again (5.8: same object, main: a new one)
+    tests = sys.modules["MedicalFusionSlicer.self_test"].MedicalFusionSelfTests
+    assert module.MedicalFusionTest.__mro__[1] is tests and tests is not old_tests
+    reader = sys.modules["MedicalFusionSlicer.sample_data"].SampleFileReader
+    assert module.MedicalFusionFileReader.__mro__[1] is reader and reader is not old_reader
+    assert h.callback_errors == [], h.callback_errors
