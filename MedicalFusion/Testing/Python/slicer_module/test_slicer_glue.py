@@ -6,9 +6,9 @@ out of MedicalFusion.py still reaches the user the way it did.
   (``MedicalFusionLib.panel``), and a translation that loses a placeholder is not used;
 - ``MedicalFusion.loadSample()`` (the Python console's way to the demo pair, docs/SLICER.md) loads the
   pair and selects it in the module;
-- ctest's loader runs every self-test once (the tests live in MedicalFusionSlicer/self_test.py, in a
-  class that is no TestCase, and MedicalFusionTest inherits them); developer mode's Reload reads that
-  package again, so Reload and Test runs what is in the files now.
+- developer mode's Reload reads MedicalFusionSlicer again (the self-test's tests live there), so Reload
+  and Test runs what is in the files now. (That ctest's loader runs each self-test once, inherited by
+  MedicalFusionTest from a class that is no TestCase: test_slicer_module.py.)
 
 Skipped, with the reason, where the harness is (see test_slicer_module.py).
 """
@@ -66,20 +66,6 @@ def test_load_sample_from_the_python_console_selects_the_pair(harness):
     assert (p.anatomicalVolume, p.functionalVolume) == (anatomical, functional)
     assert functional.GetDisplayNode().GetColorNodeID().endswith("PET-Heat")
     assert h.callback_errors == [], h.callback_errors
-
-
-@sh.parametrize_versions
-def test_ctest_runs_each_self_test_once(harness):
-    import test_slicer_module as tsm  # noqa: PLC0415
-
-    result = tsm.run_ctest_style(harness)
-    assert result["succeeded"], result["output"]
-    for name in tsm.SELF_TESTS:
-        runs = [line for line in result["output"].splitlines() if line.startswith(name + " (")]
-        assert len(runs) == 1, (name, runs)
-    # and one more: ScriptedLoadableModuleTest, imported into the module file as Slicer's template does,
-    # is a TestCase the loader collects too (its runTest() finds no test_* of its own and returns)
-    assert f"Ran {len(tsm.SELF_TESTS) + 1} tests" in result["output"], result["output"]
 
 
 @sh.parametrize_versions

@@ -416,6 +416,12 @@ if __name__ != "__main__":
         result = run_ctest_style(harness)
         assert result["succeeded"], result["output"]
         assert result["outcomes"] == {name: "ok" for name in SELF_TESTS}, result["output"]
+        # each once: MedicalFusionTest inherits them (MedicalFusionSlicer/self_test.py) from a class that is
+        # no TestCase; the one more is ScriptedLoadableModuleTest, imported into the module file as in
+        # Slicer's template, a TestCase the loader collects too (its runTest() finds no test and returns)
+        for name in SELF_TESTS:
+            assert len(re.findall(rf"^{name} \(", result["output"], flags=re.M)) == 1, result["output"]
+        assert f"Ran {len(SELF_TESTS) + 1} tests" in result["output"], result["output"]
 
     # ---- a Slicer without torch (subprocess)
 
