@@ -284,46 +284,66 @@ def _separable(x: torch.Tensor, g: torch.Tensor, stride: int = 1) -> torch.Tenso
     return F.conv2d(x, g.view(1, 1, 1, n).expand(c, 1, 1, n), stride=(1, stride), groups=c)
 
 
-@_in_cache_chunks
+def _vif_scale(images: torch.Tensor, g: torch.Tensor, sums: torch.Tensor) -> None:
+    """Add one scale's per-slice sums of log10(1 + num) and log10(1 + den) terms ([S, 2 (num, den),
+    2 (A, B)]) for ``images`` [S, 3 (D, A, B), H, W] (float32) filtered with the window g g^T."""
+    s = images.shape[0]
+    # the eight maps D A B, D2 A2 B2, AD BD written into one tensor, filtered as its channels
+    maps = images.new_empty((s, 8) + images.shape[2:])
+    maps[:, :3] = images
+    torch.mul(images, images, out=maps[:, 3:6])
+    torch.mul(images[:, 1:], images[:, :1], out=maps[:, 6:8])
+    mu = _separable(maps, g)
+    del maps
+    # in place: channels 3..5 become the variances of D, A, B, channels 6..7 the covariances AD, BD
+    mu[:, 3:6] -= mu[:, :3] * mu[:, :3]
+    mu[:, 3:6].clamp_min_(0.0)
+    mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
+    var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
+    ok_r = var_r >= VIF_EPS
+    gain = cov / (var_r + VIF_EPS)
+    valid = ok_r & (var_d >= VIF_EPS) & (gain >= 0)
+    gain = torch.where(valid, gain, 0.0)
+    terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
+    var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
+    var_n += VIF_NOISE_VAR
+    torch.mul(gain, gain, out=terms[:, 0])
+    terms[:, 0] *= var_r
+    terms[:, 0] /= var_n
+    torch.mul(var_r, ok_r, out=terms[:, 1])
+    terms[:, 1] /= VIF_NOISE_VAR
+    terms += 1.0
+    terms.log10_()
+    sums += terms.sum((3, 4), dtype=_acc_dtype(images.device)).cpu().double()
+
+
 def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
+    """VIF of a batch: scale 1 (the 17-tap window over full-size maps, most of the work) on one
+    cache-sized chunk of slices at a time (:data:`CACHE_PIXELS`), then the decimated images of the
+    whole batch through scales 2..4 together (their maps are small: per-call overheads, not the
+    cache, dominate there). Each slice's values are those of computing it alone."""
     s = f.shape[0]
-    images = torch.stack([f, a, b], 1).to(torch.float32)      # [S, 3, H, W]: D, A, B
-    acc = _acc_dtype(f.device)
     sums = torch.zeros(s, 2, 2, dtype=torch.float64)            # [slice, num/den, A/B]
-    for scale in range(1, 5):
-        g = torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
-        n = g.numel()
-        if scale > 1:
+    g1 = torch.from_numpy(vif_window(1)).to(device=f.device, dtype=torch.float32)
+    g2 = torch.from_numpy(vif_window(2)).to(device=f.device, dtype=torch.float32)
+    if min(f.shape[1], f.shape[2]) < g1.numel():            # smaller than the first window: no scale
+        return {"VIF": np.full(s, 2.0)}
+    step = max(1, CACHE_PIXELS // max(1, f.shape[1] * f.shape[2]))
+    small = []
+    for i in range(0, s, step):
+        images = torch.stack([f[i:i + step], a[i:i + step], b[i:i + step]], 1).to(torch.float32)  # D, A, B
+        _vif_scale(images, g1, sums[i:i + step])
+        small.append(_separable(images, g2, 2))             # scale 2's images
+        del images
+    images = small[0] if len(small) == 1 else torch.cat(small)
+    del small
+    for scale in range(2, 5):
+        g = g2 if scale == 2 else torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
+        if scale > 2:
             images = _separable(images, g, 2)
-        if min(images.shape[2], images.shape[3]) < n:
+        if min(images.shape[2], images.shape[3]) < g.numel():
             break
-        # the eight maps D A B, D2 A2 B2, AD BD written into one tensor, filtered as its channels
-        maps = images.new_empty((s, 8) + images.shape[2:])
-        maps[:, :3] = images
-        torch.mul(images, images, out=maps[:, 3:6])
-        torch.mul(images[:, 1:], images[:, :1], out=maps[:, 6:8])
-        mu = _separable(maps, g)
-        del maps
-        # in place: channels 3..5 become the variances of D, A, B, channels 6..7 the covariances AD, BD
-        mu[:, 3:6] -= mu[:, :3] * mu[:, :3]
-        mu[:, 3:6].clamp_min_(0.0)
-        mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
-        var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
-        ok_r = var_r >= VIF_EPS
-        gain = cov / (var_r + VIF_EPS)
-        valid = ok_r & (var_d >= VIF_EPS) & (gain >= 0)
-        gain = torch.where(valid, gain, 0.0)
-        terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
-        var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
-        var_n += VIF_NOISE_VAR
-        torch.mul(gain, gain, out=terms[:, 0])
-        terms[:, 0] *= var_r
-        terms[:, 0] /= var_n
-        torch.mul(var_r, ok_r, out=terms[:, 1])
-        terms[:, 1] /= VIF_NOISE_VAR
-        terms += 1.0
-        terms.log10_()
-        sums += terms.sum((3, 4), dtype=acc).cpu().double()
+        _vif_scale(images, g, sums)
     nums, dens = sums[:, 0], sums[:, 1]
     vif = torch.where(dens > 0, nums / torch.where(dens > 0, dens, torch.ones_like(dens)), torch.ones_like(dens))
     return {"VIF": vif.sum(1).numpy()}
