@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +36,7 @@ from . import colour
 from .align import SLAB_VOXELS, check_overlap, reference_slabs, resample_onto, sub_grid
 from .device import pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
-from .errors import FusionError
+from .errors import FusionCancelled, FusionError
 from .methods import get_method
 from .methods.registry import built_once
 from .options import AXES, FusionOptions, validate  # noqa: F401  (FusionOptions: callers import it from here too)
@@ -573,7 +575,7 @@ class _SliceMetrics:
         self.values: dict[str, list] = {k: [] for k in keys}
         self.any = False
 
-    def add(self, a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, progress=None, cancel=None) -> None:
+    def add(self, a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, progress=None, cancel=None, pool=None) -> None:
         a, b, f = (np.moveaxis(x, self.axis, 0) for x in (a8, b8, f8))
         keep = np.flatnonzero(a.reshape(a.shape[0], -1).any(axis=1) | b.reshape(b.shape[0], -1).any(axis=1))
         if keep.size == 0:
@@ -585,7 +587,7 @@ class _SliceMetrics:
         per_batch = max(1, self.batch_pixels // max(1, a[0].size))
         done = 0
         while block.shape[1] - done >= per_batch:
-            self._measure(block[:, done:done + per_batch], progress, cancel)
+            self._measure(block[:, done:done + per_batch], progress, cancel, pool)
             done += per_batch
         self.pending = block[:, done:].copy() if done < block.shape[1] else None
 
@@ -595,18 +597,75 @@ class _SliceMetrics:
             self.pending = None
         return {k: np.concatenate(v) for k, v in self.values.items()}
 
-    def _measure(self, batch: np.ndarray, progress, cancel) -> None:
+    def _measure(self, batch: np.ndarray, progress, cancel, pool=None) -> None:
         from .metrics.torch_engine import volume_metric_values_torch  # noqa: PLC0415
 
         out = volume_metric_values_torch(batch[0], batch[1], batch[2], axis=0, keys=self.keys, device=self.device,
-                                         progress=progress, cancel=cancel, batch_pixels=self.batch_pixels)
+                                         progress=progress, cancel=cancel, batch_pixels=self.batch_pixels, pool=pool)
         for k in self.keys:
             self.values[k].append(out[k])
 
 
 def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
                   slice_metrics: _SliceMetrics, colour_acc) -> None:
-    """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``."""
+    """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``.
+
+    On a CPU with several torch threads, one :func:`~MedicalFusionLib.metrics.torch_engine.cpu_workers`
+    block holds the slab's metrics: the colour metrics start on one of its workers while this thread
+    makes the 8-bit images and hands the slices' metrics to the same workers (before, the colour
+    metrics ran alone after them, on one core of two). The values do not depend on the timing: the
+    colour accumulator takes the slabs one at a time, in order (this slab's colour metrics end before
+    the next slab's start), and every torch operation runs on one thread, as before. Progress and
+    cancel stay in this thread (the callbacks may drive a UI); a cancel stops the worker at its next
+    batch of voxels, and an error in it is raised here."""
+    from .metrics.torch_engine import cpu_workers  # noqa: PLC0415
+
+    with cpu_workers(slice_metrics.device) as pool:
+        _slab_metrics_in(tracker, stage, slab, rgb, grayscale, axis, slice_metrics, colour_acc, pool)
+
+
+def _slab_metrics_in(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
+                     slice_metrics: _SliceMetrics, colour_acc, pool) -> None:
+    stop = threading.Event()
+
+    def colour_in_worker() -> None:
+        def tick(done, total) -> None:
+            if stop.is_set():
+                raise FusionCancelled("fusion cancelled")
+
+        colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=tick)
+
+    colour_job = None if colour_acc is None or pool is None else pool.submit(colour_in_worker)
+    try:
+        _slice_metrics_of_slab(tracker, stage, slab, rgb, grayscale, axis, slice_metrics, pool)
+        if colour_acc is not None:
+            tracker.stage("metrics", *stage["colour"])
+            progress_m, cancel_m = tracker.callbacks()
+            with Progress(progress_m, cancel_m, phases=(("colour", 1.0),)) as inner:
+                inner.phase("colour")
+                if colour_job is None:
+                    colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis,
+                                   tick=inner.advance)
+                else:
+                    while not _finished(colour_job, 0.05):
+                        inner.tick()                         # progress and cancel, every 0.05 s at most
+                    colour_job.result()                      # the worker's error, if any, here
+                    inner.advance(1, 1)
+    finally:
+        stop.set()                                           # on an error or a cancel: the worker stops
+
+
+def _finished(job, seconds: float) -> bool:
+    """Whether ``job`` (a Future) is done, waiting up to ``seconds`` for it."""
+    try:
+        job.exception(timeout=seconds)
+    except FutureTimeout:
+        return False
+    return True
+
+
+def _slice_metrics_of_slab(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
+                           slice_metrics: _SliceMetrics, pool) -> None:
     tracker.stage("metrics", *stage["metrics"])
     a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, grayscale, lambda f: tracker.advance(0.06 * f, 1.0),
                             slab.functional_gray8)
@@ -616,13 +675,7 @@ def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, g
     progress_m, cancel_m = tracker.callbacks()
     slice_metrics.add(a8, b8, f8,
                       progress=(lambda d, t: tracker.advance(0.08 + 0.92 * d / t, 1.0, force=True)) if progress_m else None,
-                      cancel=cancel_m)
-    del a8, b8, f8
-    if colour_acc is not None:
-        tracker.stage("metrics", *stage["colour"])
-        with Progress(progress_m, cancel_m, phases=(("colour", 1.0),)) as inner:
-            inner.phase("colour")
-            colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=inner.advance)
+                      cancel=cancel_m, pool=pool)
 
 
 #: Voxels per streamed slab: :func:`fuse_images` makes the voxels of, fuses, recombines and measures

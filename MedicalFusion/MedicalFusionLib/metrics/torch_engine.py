@@ -635,10 +635,11 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
 def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0,
                                keys: list[str] | None = None, device: str | torch.device = "auto",
                                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                               batch_pixels: int = BATCH_PIXELS) -> dict[str, np.ndarray]:
+                               batch_pixels: int = BATCH_PIXELS, pool=None) -> dict[str, np.ndarray]:
     """:func:`volume_metrics_torch` before the summary: ``{key: value per non-empty slice}``, the
     slices in order. A slice's values do not depend on the other slices given with it, so the
-    pipeline computes them slab by slab and summarises the concatenation."""
+    pipeline computes them slab by slab and summarises the concatenation. ``pool``: the workers of
+    a :func:`cpu_workers` block the caller is in (None: this call sets up its own, on the CPU)."""
     a8, b8, f8, nonempty = volume_slices(a8, b8, f8, axis)
     keys = check_keys(keys)
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -646,7 +647,7 @@ def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, a
     with Progress(progress, cancel, phases=(("metrics", 1.0),)) as tracker:
         tracker.phase("metrics")
         try:
-            values = _volume_values(a8, b8, f8, nonempty, groups, dev, tracker, batch_pixels)
+            values = _volume_values(a8, b8, f8, nonempty, groups, dev, tracker, batch_pixels, pool)
         except (RuntimeError, NotImplementedError) as exc:
             if dev.type == "cpu":
                 raise
@@ -655,14 +656,16 @@ def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, a
     return {k: values[k] for k in keys}
 
 
-def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_pixels: int) -> dict[str, np.ndarray]:
+def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_pixels: int,
+                   pool=None) -> dict[str, np.ndarray]:
     h, w = a8.shape[1], a8.shape[2]
     per_batch = max(1, int(batch_pixels // max(1, h * w)))
     cost = sum(_COST[g] for g in groups)
     total = float(len(nonempty)) * cost
     done_before = {g: sum(_COST[x] for x in groups[:i]) for i, g in enumerate(groups)}
     parts: list[dict[str, np.ndarray]] = []
-    with _cpu_workers(dev) as pool, torch.inference_mode():
+    workers = contextlib.nullcontext(pool) if pool is not None and dev.type == "cpu" else cpu_workers(dev)
+    with workers as pool, torch.inference_mode():
         for start in range(0, len(nonempty), per_batch):
             idx = nonempty[start:start + per_batch]
             n = len(idx)
@@ -676,14 +679,15 @@ def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_p
 
 
 @contextlib.contextmanager
-def _cpu_workers(dev: torch.device):
+def cpu_workers(dev: torch.device):
     """On the CPU: torch ops on one thread each, and a pool of as many worker threads as torch had.
 
     The metrics are many small tensor operations; torch's own intra-op threads synchronise at
     every one of them, which on a CPU shared with other work costs several times the work itself
     (measured: FMI 10x slower with 2 intra-op threads than with 1 on a busy 2-core machine). Worker
     threads that each take whole FMI chunks do not wait for each other. The thread count is
-    restored afterwards. On a GPU: no pool, nothing changed.
+    restored afterwards. On a GPU: no pool, nothing changed. The pipeline holds one block over a
+    slab's metrics and gives its pool both the slices' metrics and the colour metrics.
     """
     if dev.type != "cpu":
         yield None
