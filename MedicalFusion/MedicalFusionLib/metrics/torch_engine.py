@@ -301,9 +301,12 @@ def _vif_scale(images: torch.Tensor, g: torch.Tensor, sums: torch.Tensor) -> Non
     mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
     var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
     ok_r = var_r >= VIF_EPS
-    gain = cov / (var_r + VIF_EPS)
-    valid = ok_r & (var_d >= VIF_EPS) & (gain >= 0)
-    gain = torch.where(valid, gain, 0.0)
+    gain = torch.add(var_r, VIF_EPS)
+    torch.div(cov, gain, out=gain)
+    valid = var_d >= VIF_EPS
+    valid = valid & ok_r
+    valid &= gain >= 0
+    gain.mul_(valid)                                         # 0 where not valid (var_r + eps > 0: finite)
     terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
     var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
     var_n += VIF_NOISE_VAR
@@ -378,9 +381,11 @@ def _edge_preservation(g_x, a_x, g_f, a_f) -> torch.Tensor:
     ta, ka, da = QABF_ORIENTATION
     hi, lo = torch.maximum(g_x, g_f), torch.minimum(g_x, g_f)
     none = (hi == 0).to(torch.float32)           # both 0: relative strength 1
-    rel_g = (lo + none) / (hi + none)
-    rel_a = 1.0 - torch.abs(a_x - a_f) / (math.pi / 2)
-    return tg / (1.0 + torch.exp(kg * (rel_g - dg))) * (ta / (1.0 + torch.exp(ka * (rel_a - da))))
+    rel_g = (lo + none).div_(hi.add_(none))
+    # T / (1 + exp(k (x - D))) = T sigmoid(-k (x - D)), one pass each, in place
+    q = torch.sigmoid_(rel_g.sub_(dg).mul_(-kg)).mul_(tg)
+    rel_a = torch.sub(a_x, a_f).abs_().mul_(-1.0 / (math.pi / 2)).add_(1.0 - da).mul_(-ka)
+    return q.mul_(torch.sigmoid_(rel_a)).mul_(ta)
 
 
 def _qabf_metrics(a, b, f) -> dict[str, np.ndarray]:
@@ -389,7 +394,7 @@ def _qabf_metrics(a, b, f) -> dict[str, np.ndarray]:
     den = torch.zeros(f.shape[0], dtype=torch.float64)
     for x in (a, b):
         g_x, a_x = _sobel(x)
-        num += _slice_sum(_edge_preservation(g_x, a_x, g_f, a_f) * g_x)
+        num += _slice_sum(_edge_preservation(g_x, a_x, g_f, a_f).mul_(g_x))
         den += _slice_sum(g_x)
     return {"Qabf": torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
                                 torch.zeros_like(den)).numpy()}
