@@ -26,9 +26,14 @@ Where the time goes and how it is saved:
 - **VIF** filters all of a scale's eight maps (F, A, B, F^2, A^2, B^2, AF, BF) as channels of one
   depthwise separable convolution in float32 (float64 convolution is several times slower on the
   CPU); the clamps of the formula are masks, not branches, and it runs in place.
-- **Cache-sized chunks.** SSIM and VIF make many passes over per-pixel maps; they run on one
-  256x256 slice at a time (:data:`CACHE_PIXELS`), so the maps stay in the CPU cache between the
-  passes (SSIM's window sums: 6x faster than on batches of four slices on the 2-core machine).
+- **Cache-sized chunks.** SSIM and VIF's first scale make many passes over per-pixel maps; they
+  run on one 256x256 slice at a time (:data:`CACHE_PIXELS`), so the maps stay in the CPU cache
+  between the passes (SSIM's window sums: 6x faster than on batches of four slices on the 2-core
+  machine). VIF's scales 2-4 run on the whole batch's decimated images at once (on single slices
+  their small convolutions cost mostly per-call overheads).
+- **Both cores, no intra-op threads.** On a CPU with several torch threads the groups of metrics
+  run on a pool of one-thread workers (:func:`cpu_workers`); the pipeline also gives that pool a
+  slab's colour metrics, which then run beside the slices' metrics.
 - **Colour fidelity** is computed once per distinct colour, not per voxel: the source's CIELAB from
   the colour bar's entries, the fused colours' CIELAB and nearest bar entry from a table of the
   2^24 RGB colours filled as colours appear (a fused volume has tens of thousands of colours for
