@@ -7,8 +7,9 @@ bare network's cost per 256x256 slice (the same chunks the engine runs).
 With ``--cpu``: no profile; CPU seconds (``time.process_time``, every thread of the process) of the
 bare network per slice, and of ``fuse_prepared`` without and with the default metrics after a warm
 run (weights, imports and colour tables loaded): on a machine shared with other work, CPU time says
-more than wall time about what a change saves. Run a copy of this script from another tree to
-compare trees (it imports the package next to it).
+more than wall time about what a change saves. ``--repeat N`` runs the two N times, alternating, and
+reports medians (the metrics' CPU is the median of the N differences). ``--package DIR`` imports
+MedicalFusionLib from DIR (another tree's MedicalFusion folder) instead of this tree's, to compare trees.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "MedicalFusion"))
+_package = sys.argv[sys.argv.index("--package") + 1] if "--package" in sys.argv[:-1] else None
+sys.path.insert(0, _package or str(pathlib.Path(__file__).resolve().parents[1] / "MedicalFusion"))
 
 
 def phantom() -> tuple[sitk.Image, sitk.Image]:
@@ -46,6 +48,8 @@ def main() -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--cpu", action="store_true", help="CPU seconds instead of a profile (see the module doc)")
+    p.add_argument("--repeat", type=int, default=1, help="with --cpu: runs of each, alternating; medians")
+    p.add_argument("--package", help="import MedicalFusionLib from this folder (another tree's MedicalFusion)")
     args = p.parse_args()
     import torch
 
@@ -57,7 +61,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     a, f = phantom()
     if args.cpu:
-        return cpu_seconds(a, f, args.method)
+        return cpu_seconds(a, f, args.method, args.repeat)
     fn = get_method(args.method).build(torch.device("cpu"))
     chunk = getattr(fn, "chunk_for", lambda h, w: 1)(256, 256)
     x, y = torch.rand(chunk, 1, 256, 256), torch.rand(chunk, 1, 256, 256)
@@ -84,7 +88,7 @@ def main() -> int:
     return 0
 
 
-def cpu_seconds(a: sitk.Image, f: sitk.Image, method: str) -> int:
+def cpu_seconds(a: sitk.Image, f: sitk.Image, method: str, repeat: int = 1) -> int:
     import torch
 
     from MedicalFusionLib.methods import get_method
@@ -102,12 +106,15 @@ def cpu_seconds(a: sitk.Image, f: sitk.Image, method: str) -> int:
         bare = (time.process_time() - c0) / (20 * chunk)
     prepared = prepare(a, f, FusionOptions(method=method))
     fuse_prepared(prepared, FusionOptions(method=method, compute_metrics=True))       # warm
-    cpu = {}
-    for metrics in (False, True):
-        c0, w0 = time.process_time(), time.perf_counter()
-        fuse_prepared(prepared, FusionOptions(method=method, compute_metrics=metrics))
-        cpu[metrics] = time.process_time() - c0
-        print(f"metrics={metrics}: {cpu[metrics]:.2f} CPU s, {time.perf_counter() - w0:.2f} s wall")
+    runs = {False: [], True: []}
+    for _ in range(max(1, repeat)):
+        for metrics in (False, True):
+            c0, w0 = time.process_time(), time.perf_counter()
+            fuse_prepared(prepared, FusionOptions(method=method, compute_metrics=metrics))
+            runs[metrics].append(time.process_time() - c0)
+            print(f"metrics={metrics}: {runs[metrics][-1]:.2f} CPU s, {time.perf_counter() - w0:.2f} s wall")
+    cpu = {m: float(np.median(v)) for m, v in runs.items()}
+    extra = float(np.median([t - n for t, n in zip(runs[True], runs[False])]))
     n = prepared.anatomical.shape[0]      # the slices the engine fuses (it skips empty ones)
     slices = int(np.count_nonzero(prepared.anatomical.reshape(n, -1).any(1)
                                   | prepared.functional_ycc[..., 0].reshape(n, -1).any(1)))
@@ -115,7 +122,7 @@ def cpu_seconds(a: sitk.Image, f: sitk.Image, method: str) -> int:
     print(f"{method}, {torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f}: "
           f"bare network {bare * 1e3:.1f} ms CPU a 256x256 slice; fuse + recombine {fusion:.2f} CPU s "
           f"({fusion / slices * 1e3:.1f} ms a fused slice, {fusion / slices / bare:.2f}x the bare network); "
-          f"default metrics {cpu[True] - fusion:.2f} CPU s ({(cpu[True] - fusion) / fusion:.2f}x the fusion); "
+          f"default metrics {extra:.2f} CPU s ({extra / fusion:.2f}x the fusion); "
           f"with / without metrics {cpu[True] / fusion:.2f}x")
     return 0
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +36,7 @@ from . import colour
 from .align import SLAB_VOXELS, check_overlap, reference_slabs, resample_onto, sub_grid
 from .device import pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
-from .errors import FusionError
+from .errors import FusionCancelled, FusionError
 from .methods import get_method
 from .methods.registry import built_once
 from .options import AXES, FusionOptions, validate  # noqa: F401  (FusionOptions: callers import it from here too)
@@ -77,12 +79,16 @@ def by_slabs(fn: Callable[[np.ndarray], np.ndarray], arr: np.ndarray, tick: Tick
 class Slab:
     """The normalised inputs on slices ``start:stop`` of the anatomical grid (along the slicing axis):
     anatomical in [0, 1] and the functional as YCbCr [..., 3] (float32); a scalar functional's
-    colour-map entry per voxel and where a CT in HU shows bone (None when not used)."""
+    colour-map entry per voxel and where a CT in HU shows bone (None when not used); a scalar
+    functional's 8-bit grey as the metrics read it, looked up from its colour-table entry
+    (:func:`_functional_gray8` of the table: the same values as of ``functional_ycc``; None when
+    ``functional_ycc`` does not come from a table)."""
 
     anatomical: np.ndarray
     functional_ycc: np.ndarray
     functional_level: np.ndarray | None = None
     bone: np.ndarray | None = None
+    functional_gray8: np.ndarray | None = None
 
 
 @dataclass
@@ -134,7 +140,8 @@ class Prepared:
             w = self._whole
             return Slab(w.anatomical[index], w.functional_ycc[index],
                         None if w.functional_level is None else w.functional_level[index],
-                        None if w.bone is None else w.bone[index])
+                        None if w.bone is None else w.bone[index],
+                        None if w.functional_gray8 is None else w.functional_gray8[index])
         anat = sitk.GetArrayViewFromImage(self.anatomical_image)[index]
         lo, hi = self.anatomical_window
         if self.anatomical_image.GetNumberOfComponentsPerPixel() == 3:    # an RGB anatomical: its luma
@@ -146,7 +153,7 @@ class Prepared:
             func = sitk.GetArrayViewFromImage(self.functional_image)[index]
         else:
             func = self._resampled(axis, start, stop, _part(tick, 0.3, 0.6))
-        levels = None
+        levels = gray = None
         if self.table_ycc is None:            # an RGB functional
             ycc = by_slabs(lambda x: colour.rgb_to_ycbcr(x.astype(np.float32) / 255.0), func, _part(tick, 0.6, 1.0))
         else:
@@ -155,10 +162,12 @@ class Prepared:
             levels = by_slabs(lambda x: colour.colormap_index(colour.window_to_unit(x, flo, fhi), n), func,
                               _part(tick, 0.6, 0.8))
             ycc = by_slabs(lambda x: self.table_ycc[x].astype(np.float32), levels, _part(tick, 0.8, 1.0))
+            # the metrics' grey of each table entry, once: a look-up per voxel (the values of the voxels' YCbCr)
+            gray = _functional_gray8(self.table_ycc.astype(np.float32)[:, None], self.grayscale).reshape(-1)[levels]
         del func
         bone = by_slabs(lambda x: x > BONE_HU, anat) if self.with_bone else None
         return Slab(a01.astype(np.float32, copy=False), ycc.astype(np.float32, copy=False),
-                    None if self.grayscale else levels, bone)
+                    None if self.grayscale else levels, bone, gray)
 
     def _resampled(self, axis: int, start: int, stop: int, tick: Tick | None) -> np.ndarray:
         """The functional resampled onto slices ``start:stop`` along ``axis``, in pieces of about
@@ -201,7 +210,7 @@ class Prepared:
         value = np.ascontiguousarray(value, dtype=np.float32)
         if value.shape != whole.functional_ycc.shape:
             raise ValueError(f"functional_ycc must keep its shape {whole.functional_ycc.shape}, got {value.shape}")
-        self._whole = Slab(whole.anatomical, value, whole.functional_level, whole.bone)
+        self._whole = Slab(whole.anatomical, value, whole.functional_level, whole.bone)   # its grey: from value
 
     @property
     def functional_level(self) -> np.ndarray | None:
@@ -389,32 +398,37 @@ def recombine(fused_y: np.ndarray, functional_ycc: np.ndarray, chroma_scale: flo
     return out
 
 
-def _source_gray8(anatomical: np.ndarray, functional_ycc: np.ndarray, grayscale: bool) -> np.ndarray:
-    a8 = colour.to_uint8(anatomical)
+def _functional_gray8(functional_ycc: np.ndarray, grayscale: bool) -> np.ndarray:
+    """The functional as the metrics read it: 8-bit grey (its luma when grayscale, else the BT.601
+    luma of its RGB)."""
     if grayscale:
-        b8 = colour.to_uint8(functional_ycc[..., 0])
-    else:
-        b8 = colour.gray8(colour.to_uint8(colour.ycbcr_to_rgb(functional_ycc)))
-    return np.stack([a8, b8])
+        return colour.to_uint8(functional_ycc[..., 0])
+    return colour.gray8(colour.to_uint8(colour.ycbcr_to_rgb(functional_ycc)))
 
 
 def source_gray8(prepared: Prepared, tick: Tick | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The two sources as the metrics see them: 8-bit grayscale (BT.601 luma of the functional's RGB)."""
-    return _gray8_sources(prepared.anatomical, prepared.functional_ycc, prepared.grayscale, tick)
+    whole = prepared._all()
+    return _gray8_sources(whole.anatomical, whole.functional_ycc, prepared.grayscale, tick, whole.functional_gray8)
 
 
 def _gray8_sources(anatomical: np.ndarray, functional_ycc: np.ndarray, grayscale: bool,
-                   tick: Tick | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`source_gray8` of arrays, in steps of about :data:`SLAB_VOXELS` voxels along their first axis."""
+                   tick: Tick | None = None, functional_gray8: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`source_gray8` of arrays, in steps of about :data:`SLAB_VOXELS` voxels along their first
+    axis; ``functional_gray8``: the functional's grey already made (:attr:`Slab.functional_gray8`)."""
     n = anatomical.shape[0]
-    out = np.empty((2,) + anatomical.shape, dtype=np.uint8)
+    a8 = np.empty(anatomical.shape, dtype=np.uint8)
+    b8 = np.empty(anatomical.shape, dtype=np.uint8) if functional_gray8 is None else functional_gray8
     step = max(1, SLAB_VOXELS // max(1, anatomical[0].size))
     for start in range(0, n, step):
         part = slice(start, start + step)
-        out[:, part] = _source_gray8(anatomical[part], functional_ycc[part], grayscale)
+        a8[part] = colour.to_uint8(anatomical[part])
+        if functional_gray8 is None:
+            b8[part] = _functional_gray8(functional_ycc[part], grayscale)
         if tick is not None:
             tick(min(n, start + step) / n)
-    return out[0], out[1]
+    return a8, b8
 
 
 def preview_sources(prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
@@ -561,7 +575,7 @@ class _SliceMetrics:
         self.values: dict[str, list] = {k: [] for k in keys}
         self.any = False
 
-    def add(self, a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, progress=None, cancel=None) -> None:
+    def add(self, a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, progress=None, cancel=None, pool=None) -> None:
         a, b, f = (np.moveaxis(x, self.axis, 0) for x in (a8, b8, f8))
         keep = np.flatnonzero(a.reshape(a.shape[0], -1).any(axis=1) | b.reshape(b.shape[0], -1).any(axis=1))
         if keep.size == 0:
@@ -573,7 +587,7 @@ class _SliceMetrics:
         per_batch = max(1, self.batch_pixels // max(1, a[0].size))
         done = 0
         while block.shape[1] - done >= per_batch:
-            self._measure(block[:, done:done + per_batch], progress, cancel)
+            self._measure(block[:, done:done + per_batch], progress, cancel, pool)
             done += per_batch
         self.pending = block[:, done:].copy() if done < block.shape[1] else None
 
@@ -583,33 +597,85 @@ class _SliceMetrics:
             self.pending = None
         return {k: np.concatenate(v) for k, v in self.values.items()}
 
-    def _measure(self, batch: np.ndarray, progress, cancel) -> None:
+    def _measure(self, batch: np.ndarray, progress, cancel, pool=None) -> None:
         from .metrics.torch_engine import volume_metric_values_torch  # noqa: PLC0415
 
         out = volume_metric_values_torch(batch[0], batch[1], batch[2], axis=0, keys=self.keys, device=self.device,
-                                         progress=progress, cancel=cancel, batch_pixels=self.batch_pixels)
+                                         progress=progress, cancel=cancel, batch_pixels=self.batch_pixels, pool=pool)
         for k in self.keys:
             self.values[k].append(out[k])
 
 
 def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
                   slice_metrics: _SliceMetrics, colour_acc) -> None:
-    """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``."""
+    """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``.
+
+    On a CPU with several torch threads, one :func:`~MedicalFusionLib.metrics.torch_engine.cpu_workers`
+    block holds the slab's metrics: the colour metrics start on one of its workers while this thread
+    makes the 8-bit images and hands the slices' metrics to the same workers (before, the colour
+    metrics ran alone after them, on one core of two). The values do not depend on the timing: the
+    colour accumulator takes the slabs one at a time, in order (this slab's colour metrics end before
+    the next slab's start), and every torch operation runs on one thread, as before. Progress and
+    cancel stay in this thread (the callbacks may drive a UI); a cancel stops the worker at its next
+    batch of voxels, and an error in it is raised here."""
+    from .metrics.torch_engine import cpu_workers  # noqa: PLC0415
+
+    with cpu_workers(slice_metrics.device) as pool:
+        _slab_metrics_in(tracker, stage, slab, rgb, grayscale, axis, slice_metrics, colour_acc, pool)
+
+
+def _slab_metrics_in(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
+                     slice_metrics: _SliceMetrics, colour_acc, pool) -> None:
+    stop = threading.Event()
+
+    def colour_in_worker() -> None:
+        def tick(done, total) -> None:
+            if stop.is_set():
+                raise FusionCancelled("fusion cancelled")
+
+        colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=tick)
+
+    colour_job = None if colour_acc is None or pool is None else pool.submit(colour_in_worker)
+    try:
+        _slice_metrics_of_slab(tracker, stage, slab, rgb, grayscale, axis, slice_metrics, pool)
+        if colour_acc is not None:
+            tracker.stage("metrics", *stage["colour"])
+            progress_m, cancel_m = tracker.callbacks()
+            with Progress(progress_m, cancel_m, phases=(("colour", 1.0),)) as inner:
+                inner.phase("colour")
+                if colour_job is None:
+                    colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis,
+                                   tick=inner.advance)
+                else:
+                    while not _finished(colour_job, 0.05):
+                        inner.tick()                         # progress and cancel, every 0.05 s at most
+                    colour_job.result()                      # the worker's error, if any, here
+                    inner.advance(1, 1)
+    finally:
+        stop.set()                                           # on an error or a cancel: the worker stops
+
+
+def _finished(job, seconds: float) -> bool:
+    """Whether ``job`` (a Future) is done, waiting up to ``seconds`` for it."""
+    try:
+        job.exception(timeout=seconds)
+    except FutureTimeout:
+        return False
+    return True
+
+
+def _slice_metrics_of_slab(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
+                           slice_metrics: _SliceMetrics, pool) -> None:
     tracker.stage("metrics", *stage["metrics"])
-    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, grayscale, lambda f: tracker.advance(0.06 * f, 1.0))
+    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, grayscale, lambda f: tracker.advance(0.06 * f, 1.0),
+                            slab.functional_gray8)
     f8 = by_slabs(colour.gray8, rgb, lambda f: tracker.advance(0.06 + 0.02 * f, 1.0))
     # the metrics space their own reports (their Progress): passed through unthrottled, as
     # Progress.callbacks() does, so the start of their phases always reaches the panel
     progress_m, cancel_m = tracker.callbacks()
     slice_metrics.add(a8, b8, f8,
                       progress=(lambda d, t: tracker.advance(0.08 + 0.92 * d / t, 1.0, force=True)) if progress_m else None,
-                      cancel=cancel_m)
-    del a8, b8, f8
-    if colour_acc is not None:
-        tracker.stage("metrics", *stage["colour"])
-        with Progress(progress_m, cancel_m, phases=(("colour", 1.0),)) as inner:
-            inner.phase("colour")
-            colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=inner.advance)
+                      cancel=cancel_m, pool=pool)
 
 
 #: Voxels per streamed slab: :func:`fuse_images` makes the voxels of, fuses, recombines and measures

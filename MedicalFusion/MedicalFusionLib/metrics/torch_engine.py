@@ -26,9 +26,14 @@ Where the time goes and how it is saved:
 - **VIF** filters all of a scale's eight maps (F, A, B, F^2, A^2, B^2, AF, BF) as channels of one
   depthwise separable convolution in float32 (float64 convolution is several times slower on the
   CPU); the clamps of the formula are masks, not branches, and it runs in place.
-- **Cache-sized chunks.** SSIM and VIF make many passes over per-pixel maps; they run on one
-  256x256 slice at a time (:data:`CACHE_PIXELS`), so the maps stay in the CPU cache between the
-  passes (SSIM's window sums: 6x faster than on batches of four slices on the 2-core machine).
+- **Cache-sized chunks.** SSIM and VIF's first scale make many passes over per-pixel maps; they
+  run on one 256x256 slice at a time (:data:`CACHE_PIXELS`), so the maps stay in the CPU cache
+  between the passes (SSIM's window sums: 6x faster than on batches of four slices on the 2-core
+  machine). VIF's scales 2-4 run on the whole batch's decimated images at once (on single slices
+  their small convolutions cost mostly per-call overheads).
+- **Both cores, no intra-op threads.** On a CPU with several torch threads the groups of metrics
+  run on a pool of one-thread workers (:func:`cpu_workers`); the pipeline also gives that pool a
+  slab's colour metrics, which then run beside the slices' metrics.
 - **Colour fidelity** is computed once per distinct colour, not per voxel: the source's CIELAB from
   the colour bar's entries, the fused colours' CIELAB and nearest bar entry from a table of the
   2^24 RGB colours filled as colours appear (a fused volume has tens of thousands of colours for
@@ -284,46 +289,69 @@ def _separable(x: torch.Tensor, g: torch.Tensor, stride: int = 1) -> torch.Tenso
     return F.conv2d(x, g.view(1, 1, 1, n).expand(c, 1, 1, n), stride=(1, stride), groups=c)
 
 
-@_in_cache_chunks
+def _vif_scale(images: torch.Tensor, g: torch.Tensor, sums: torch.Tensor) -> None:
+    """Add one scale's per-slice sums of log10(1 + num) and log10(1 + den) terms ([S, 2 (num, den),
+    2 (A, B)]) for ``images`` [S, 3 (D, A, B), H, W] (float32) filtered with the window g g^T."""
+    s = images.shape[0]
+    # the eight maps D A B, D2 A2 B2, AD BD written into one tensor, filtered as its channels
+    maps = images.new_empty((s, 8) + images.shape[2:])
+    maps[:, :3] = images
+    torch.mul(images, images, out=maps[:, 3:6])
+    torch.mul(images[:, 1:], images[:, :1], out=maps[:, 6:8])
+    mu = _separable(maps, g)
+    del maps
+    # in place: channels 3..5 become the variances of D, A, B, channels 6..7 the covariances AD, BD
+    mu[:, 3:6] -= mu[:, :3] * mu[:, :3]
+    mu[:, 3:6].clamp_min_(0.0)
+    mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
+    var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
+    ok_r = var_r >= VIF_EPS
+    gain = torch.add(var_r, VIF_EPS)
+    torch.div(cov, gain, out=gain)
+    valid = var_d >= VIF_EPS
+    valid = valid & ok_r
+    valid &= gain >= 0
+    gain.mul_(valid)                                         # 0 where not valid (var_r + eps > 0: finite)
+    terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
+    var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
+    var_n += VIF_NOISE_VAR
+    torch.mul(gain, gain, out=terms[:, 0])
+    terms[:, 0] *= var_r
+    terms[:, 0] /= var_n
+    torch.mul(var_r, ok_r, out=terms[:, 1])
+    terms[:, 1] /= VIF_NOISE_VAR
+    terms += 1.0
+    terms.log10_()
+    sums += terms.sum((3, 4), dtype=_acc_dtype(images.device)).cpu().double()
+
+
 def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
+    """VIF of a batch: scale 1 (the 17-tap window over full-size maps, most of the work) on one
+    cache-sized chunk of slices at a time (:data:`CACHE_PIXELS`), then the decimated images of the
+    whole batch through scales 2..4 together (their maps are small: per-call overheads, not the
+    cache, dominate there). Each slice's values are those of computing it alone."""
     s = f.shape[0]
-    images = torch.stack([f, a, b], 1).to(torch.float32)      # [S, 3, H, W]: D, A, B
-    acc = _acc_dtype(f.device)
     sums = torch.zeros(s, 2, 2, dtype=torch.float64)            # [slice, num/den, A/B]
-    for scale in range(1, 5):
-        g = torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
-        n = g.numel()
-        if scale > 1:
+    g1 = torch.from_numpy(vif_window(1)).to(device=f.device, dtype=torch.float32)
+    g2 = torch.from_numpy(vif_window(2)).to(device=f.device, dtype=torch.float32)
+    if min(f.shape[1], f.shape[2]) < g1.numel():            # smaller than the first window: no scale
+        return {"VIF": np.full(s, 2.0)}
+    step = max(1, CACHE_PIXELS // max(1, f.shape[1] * f.shape[2]))
+    small = []
+    for i in range(0, s, step):
+        images = torch.stack([f[i:i + step], a[i:i + step], b[i:i + step]], 1).to(torch.float32)  # D, A, B
+        _vif_scale(images, g1, sums[i:i + step])
+        small.append(_separable(images, g2, 2))             # scale 2's images
+        del images
+    images = small[0] if len(small) == 1 else torch.cat(small)
+    del small
+    for scale in range(2, 5):
+        g = g2 if scale == 2 else torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
+        if scale > 2:
             images = _separable(images, g, 2)
-        if min(images.shape[2], images.shape[3]) < n:
+        if min(images.shape[2], images.shape[3]) < g.numel():
             break
-        # the eight maps D A B, D2 A2 B2, AD BD written into one tensor, filtered as its channels
-        maps = images.new_empty((s, 8) + images.shape[2:])
-        maps[:, :3] = images
-        torch.mul(images, images, out=maps[:, 3:6])
-        torch.mul(images[:, 1:], images[:, :1], out=maps[:, 6:8])
-        mu = _separable(maps, g)
-        del maps
-        # in place: channels 3..5 become the variances of D, A, B, channels 6..7 the covariances AD, BD
-        mu[:, 3:6] -= mu[:, :3] * mu[:, :3]
-        mu[:, 3:6].clamp_min_(0.0)
-        mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
-        var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
-        ok_r = var_r >= VIF_EPS
-        gain = cov / (var_r + VIF_EPS)
-        valid = ok_r & (var_d >= VIF_EPS) & (gain >= 0)
-        gain = torch.where(valid, gain, 0.0)
-        terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
-        var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
-        var_n += VIF_NOISE_VAR
-        torch.mul(gain, gain, out=terms[:, 0])
-        terms[:, 0] *= var_r
-        terms[:, 0] /= var_n
-        torch.mul(var_r, ok_r, out=terms[:, 1])
-        terms[:, 1] /= VIF_NOISE_VAR
-        terms += 1.0
-        terms.log10_()
-        sums += terms.sum((3, 4), dtype=acc).cpu().double()
+        _vif_scale(images, g, sums)
     nums, dens = sums[:, 0], sums[:, 1]
     vif = torch.where(dens > 0, nums / torch.where(dens > 0, dens, torch.ones_like(dens)), torch.ones_like(dens))
     return {"VIF": vif.sum(1).numpy()}
@@ -358,9 +386,11 @@ def _edge_preservation(g_x, a_x, g_f, a_f) -> torch.Tensor:
     ta, ka, da = QABF_ORIENTATION
     hi, lo = torch.maximum(g_x, g_f), torch.minimum(g_x, g_f)
     none = (hi == 0).to(torch.float32)           # both 0: relative strength 1
-    rel_g = (lo + none) / (hi + none)
-    rel_a = 1.0 - torch.abs(a_x - a_f) / (math.pi / 2)
-    return tg / (1.0 + torch.exp(kg * (rel_g - dg))) * (ta / (1.0 + torch.exp(ka * (rel_a - da))))
+    rel_g = (lo + none).div_(hi.add_(none))
+    # T / (1 + exp(k (x - D))) = T sigmoid(-k (x - D)), one pass each, in place
+    q = torch.sigmoid_(rel_g.sub_(dg).mul_(-kg)).mul_(tg)
+    rel_a = torch.sub(a_x, a_f).abs_().mul_(-1.0 / (math.pi / 2)).add_(1.0 - da).mul_(-ka)
+    return q.mul_(torch.sigmoid_(rel_a)).mul_(ta)
 
 
 def _qabf_metrics(a, b, f) -> dict[str, np.ndarray]:
@@ -369,7 +399,7 @@ def _qabf_metrics(a, b, f) -> dict[str, np.ndarray]:
     den = torch.zeros(f.shape[0], dtype=torch.float64)
     for x in (a, b):
         g_x, a_x = _sobel(x)
-        num += _slice_sum(_edge_preservation(g_x, a_x, g_f, a_f) * g_x)
+        num += _slice_sum(_edge_preservation(g_x, a_x, g_f, a_f).mul_(g_x))
         den += _slice_sum(g_x)
     return {"Qabf": torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
                                 torch.zeros_like(den)).numpy()}
@@ -615,10 +645,11 @@ def volume_metrics_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: i
 def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, axis: int = 0,
                                keys: list[str] | None = None, device: str | torch.device = "auto",
                                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                               batch_pixels: int = BATCH_PIXELS) -> dict[str, np.ndarray]:
+                               batch_pixels: int = BATCH_PIXELS, pool=None) -> dict[str, np.ndarray]:
     """:func:`volume_metrics_torch` before the summary: ``{key: value per non-empty slice}``, the
     slices in order. A slice's values do not depend on the other slices given with it, so the
-    pipeline computes them slab by slab and summarises the concatenation."""
+    pipeline computes them slab by slab and summarises the concatenation. ``pool``: the workers of
+    a :func:`cpu_workers` block the caller is in (None: this call sets up its own, on the CPU)."""
     a8, b8, f8, nonempty = volume_slices(a8, b8, f8, axis)
     keys = check_keys(keys)
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -626,7 +657,7 @@ def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, a
     with Progress(progress, cancel, phases=(("metrics", 1.0),)) as tracker:
         tracker.phase("metrics")
         try:
-            values = _volume_values(a8, b8, f8, nonempty, groups, dev, tracker, batch_pixels)
+            values = _volume_values(a8, b8, f8, nonempty, groups, dev, tracker, batch_pixels, pool)
         except (RuntimeError, NotImplementedError) as exc:
             if dev.type == "cpu":
                 raise
@@ -635,14 +666,16 @@ def volume_metric_values_torch(a8: np.ndarray, b8: np.ndarray, f8: np.ndarray, a
     return {k: values[k] for k in keys}
 
 
-def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_pixels: int) -> dict[str, np.ndarray]:
+def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_pixels: int,
+                   pool=None) -> dict[str, np.ndarray]:
     h, w = a8.shape[1], a8.shape[2]
     per_batch = max(1, int(batch_pixels // max(1, h * w)))
     cost = sum(_COST[g] for g in groups)
     total = float(len(nonempty)) * cost
     done_before = {g: sum(_COST[x] for x in groups[:i]) for i, g in enumerate(groups)}
     parts: list[dict[str, np.ndarray]] = []
-    with _cpu_workers(dev) as pool, torch.inference_mode():
+    workers = contextlib.nullcontext(pool) if pool is not None and dev.type == "cpu" else cpu_workers(dev)
+    with workers as pool, torch.inference_mode():
         for start in range(0, len(nonempty), per_batch):
             idx = nonempty[start:start + per_batch]
             n = len(idx)
@@ -656,14 +689,15 @@ def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_p
 
 
 @contextlib.contextmanager
-def _cpu_workers(dev: torch.device):
+def cpu_workers(dev: torch.device):
     """On the CPU: torch ops on one thread each, and a pool of as many worker threads as torch had.
 
     The metrics are many small tensor operations; torch's own intra-op threads synchronise at
     every one of them, which on a CPU shared with other work costs several times the work itself
     (measured: FMI 10x slower with 2 intra-op threads than with 1 on a busy 2-core machine). Worker
     threads that each take whole FMI chunks do not wait for each other. The thread count is
-    restored afterwards. On a GPU: no pool, nothing changed.
+    restored afterwards. On a GPU: no pool, nothing changed. The pipeline holds one block over a
+    slab's metrics and gives its pool both the slices' metrics and the colour metrics.
     """
     if dev.type != "cpu":
         yield None

@@ -235,3 +235,95 @@ def test_progress_and_cancel_across_slabs(small_pair, monkeypatch):
 
     with pytest.raises(FusionCancelled):
         fuse_images(anat, pet, FusionOptions(method="lp", batch_size=1), progress=lambda d, t: None, cancel=cancel)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Two torch threads (the metrics then run on a pool of two workers); restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_torch_threads):
+    """Issue 21: the colour metrics of a slab run on a metrics worker while this thread makes the
+    slices' metrics; same values and same bytes whatever the timing and whatever the thread count."""
+    import threading
+    import time
+
+    import torch
+
+    from MedicalFusionLib import pipeline
+    from MedicalFusionLib.metrics.torch_engine import ColourMetrics
+
+    ct, pet, tr = _ct_and_tilted_pet()
+    options = FusionOptions(method="lp", metric_set="all", anatomical_units="HU", device="cpu")
+    monkeypatch.setattr(pipeline, "STREAM_VOXELS", 3 * 36 * 30)          # several slabs
+    base = fuse_images(ct, pet, options, transform=tr)
+    assert {"FMI_pixel", "readback_err", "hue_err10_bone"} <= set(base.metrics)
+    add, threads = ColourMetrics.add, []
+
+    def slow_colour(self, *args, **kw):          # the colour metrics end long after the slices'
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)
+        return add(self, *args, **kw)
+
+    monkeypatch.setattr(ColourMetrics, "add", slow_colour)
+    late = fuse_images(ct, pet, options, transform=tr)
+    assert threads and all(name.startswith("medicalfusion-metrics") for name in threads)   # on a worker
+    monkeypatch.setattr(ColourMetrics, "add", add)
+    measure = pipeline._SliceMetrics._measure
+
+    def slow_slices(self, *args, **kw):          # the slices' metrics end long after the colour ones
+        time.sleep(0.05)
+        return measure(self, *args, **kw)
+
+    monkeypatch.setattr(pipeline._SliceMetrics, "_measure", slow_slices)
+    early = fuse_images(ct, pet, options, transform=tr)
+    monkeypatch.setattr(pipeline._SliceMetrics, "_measure", measure)
+    torch.set_num_threads(1)                     # no workers: everything in this thread, as before
+    alone = fuse_images(ct, pet, options, transform=tr)
+    for run in (late, early, alone):
+        assert np.array_equal(run.rgb, base.rgb)
+        assert run.metrics == base.metrics       # every value, to the last bit
+
+
+def test_an_error_or_a_cancel_in_the_colour_worker_ends_the_run(small_pair, monkeypatch, two_torch_threads):
+    """The colour metrics' worker: its error is the run's error (the same one-line FusionError), and a
+    cancel while it works stops it (no worker left running) and the run."""
+    import threading
+
+    from MedicalFusionLib.errors import FusionCancelled
+    from MedicalFusionLib.metrics.torch_engine import ColourMetrics
+    from MedicalFusionLib.progress import active_phase
+
+    anat, pet = small_pair
+    add = ColourMetrics.add
+
+    def broken(self, *args, **kw):
+        raise FusionError("colour metrics need a colour table")
+
+    monkeypatch.setattr(ColourMetrics, "add", broken)
+    with pytest.raises(FusionError, match="^colour metrics need a colour table$"):
+        fuse_images(anat, pet, FusionOptions(method="lp"))
+    started, stopped = threading.Event(), []
+
+    def endless(self, fused, ycc, levels, bone, axis, tick=None):
+        started.set()
+        try:
+            while True:                          # stops only through its tick (the pipeline's cancel)
+                tick(0, 1)
+        except FusionCancelled:
+            stopped.append(threading.current_thread().name)
+            raise
+
+    monkeypatch.setattr(ColourMetrics, "add", endless)
+    with pytest.raises(FusionCancelled):
+        fuse_images(anat, pet, FusionOptions(method="lp"), progress=lambda d, t: None,
+                    cancel=lambda: started.is_set() and active_phase() == "colour")
+    assert stopped and stopped[0].startswith("medicalfusion-metrics")
+    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-metrics")]
+    monkeypatch.setattr(ColourMetrics, "add", add)
