@@ -78,9 +78,6 @@ MAX_METRIC_LOSS = 0.005
 #: improved by at most this fraction over its last :data:`MOTION_WINDOW` iterations.
 MAX_FINAL_GAIN = 1e-3
 MOTION_WINDOW = 10
-#: A level's best metric value must improve by this fraction within ``stall_iterations`` iterations,
-#: or the level stops where it is (it wanders on a plateau).
-STALL_GAIN = 1e-4
 #: The affine stage runs the last this many levels of the pyramid, from the rigid result.
 AFFINE_LEVELS = 2
 #: Singular values of an affine registration's matrix must lie in [1/MAX_SCALE, MAX_SCALE].
@@ -113,11 +110,11 @@ class RegistrationSettings:
     finest_samples: int = 100_000        # the finest level, once settled: a short pass with more samples (0: none)
     refine_step: float = 0.25            # ... its first step (mm) ...
     refine_iterations: int = 50          # ... and its iterations at most
-    stall_iterations: int = 50           # a level stops when its best value has not improved for this many (0: never)
     restarts: int = 2                    # perturbed starts run besides the main one, for the spread (0: none)
     restart_shift_mm: float = 10.0       # each perturbed start: shifted this far ...
     restart_turn_deg: float = 5.0        # ... and turned this much about the anatomical's centre
-    restart_levels: int = 2              # the restarts run the first this many (coarsest) levels
+    restart_levels: int = 2              # the restarts run the first this many (coarsest) levels ...
+    restart_budget: float = 0.5          # ... with this fraction of the main run's iterations at each
     level_voxels: int = 3_000_000        # a level's anatomical grid is subsampled to at most this many voxels
     gradient_filter: bool = False        # rigid: ITK's smoothed gradient images (True) or the interpolator's gradients
     threads: int = 1                     # ITK threads while registering (1: the same answer bit for bit; 0: ITK's default)
@@ -431,7 +428,8 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
     runs = 1 + max(0, int(settings.restarts))
     restart_levels = min(levels, max(1, int(settings.restart_levels)))
     budgets = [_budget(settings, stage, level) + _refine_budget(settings, level) for stage, level in plan]
-    tracker = _Tracker(progress, cancel, sum(budgets) + (runs - 1) * sum(budgets[:restart_levels]))
+    restart_budgets = [_budget(settings, stage, level, restart=True) for stage, level in plan[:restart_levels]]
+    tracker = _Tracker(progress, cancel, sum(budgets) + (runs - 1) * sum(restart_budgets))
     tracker.check_cancel()
     fixed = registration_image(anatomical, "anatomical")
     tracker.beat()
@@ -480,13 +478,14 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
     return outcome
 
 
-def _budget(settings: RegistrationSettings, stage: str, level: int) -> int:
+def _budget(settings: RegistrationSettings, stage: str, level: int, restart: bool = False) -> int:
     """Iterations allowed at one (stage, level) of the plan. The coarsest rigid level gets
     ``coarsest_iterations``: it covers the whole misalignment, and once the noise of the gradient's
     translation part has shrunk the step (regular-step gradient descent never grows it), rotations
     of several degrees are covered ~0.02 mm a step (the test head, 8 degrees off, used all 200 and
     ended 4.0 mm off at its box's corners; 1.5 mm with 400). The finer levels start near the answer."""
-    return int(settings.coarsest_iterations) if stage == "rigid" and level == 0 else int(settings.iterations)
+    budget = int(settings.coarsest_iterations) if stage == "rigid" and level == 0 else int(settings.iterations)
+    return max(1, int(budget * settings.restart_budget)) if restart else budget
 
 
 def _refine_budget(settings: RegistrationSettings, level: int) -> int:
@@ -732,10 +731,10 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
         if key != (shrink, sigma):
             images, key = None, None     # the previous level's images go before the next ones are made
             images, key = _level_images(fixed, moving, shrink, sigma, settings.level_voxels, tracker), (shrink, sigma)
-        budget, refine = _budget(settings, stage, level), _refine_budget(settings, level)
         for i in range(len(starts)):
             if i > 0 and step >= restart_levels:
                 break
+            budget, refine = _budget(settings, stage, level, restart=i > 0), _refine_budget(settings, level)
             tracker.new_run(budget, main=(i == 0))
             if failed[i] is not None:
                 tracker.new_run(refine, main=(i == 0), refine=True)
@@ -777,7 +776,7 @@ def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: s
     """One pyramid level (images already smoothed and subsampled: :func:`_level_images`) from
     ``start`` (4x4, centred frame), at most ``iterations``, the metric on ``samples`` points, the
     optimizer's first step ``first_step`` mm; returns the result, the optimizer's stop condition
-    and whether it settled (stopped by itself, before its budget and not for wandering)."""
+    and whether it settled (stopped by itself, before its budget)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM if settings.sampling == "random" else method.REGULAR)
@@ -800,28 +799,15 @@ def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: s
     method.SetMovingInitialTransform(affine_transform(start))
     method.SetInitialTransform(sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3), inPlace=False)
 
-    # A level that wanders (its best value no better by STALL_GAIN for ``stall_iterations``) is
-    # stopped there: on a plateau regular-step gradient descent keeps its step and can roam for its
-    # whole budget (docs/REGISTRATION.md, "Time").
-    state = {"best": float("inf"), "since": 0, "stalled": False}
-
     def on_iteration() -> None:
-        value = method.GetMetricValue()
-        if not np.isfinite(state["best"]) or value < state["best"] - STALL_GAIN * abs(state["best"]):
-            state["best"], state["since"] = value, 0
-        else:
-            state["since"] += 1
-        if tracker.iteration(value):
-            method.StopRegistration()
-        elif settings.stall_iterations and state["since"] >= settings.stall_iterations:
-            state["stalled"] = True
+        if tracker.iteration(method.GetMetricValue()):
             method.StopRegistration()
 
     method.AddCommand(sitk.sitkIterationEvent, on_iteration)
     with itk_threads(settings.threads):
         result = method.Execute(fixed, moving)
     tracker.check_cancel()
-    settled = tracker.count < iterations and not state["stalled"]
+    settled = tracker.count < iterations
     # SimpleITK returns the optimised transform alone: compose it with the start (start after it).
     return start @ affine_matrix(result), method.GetOptimizerStopConditionDescription(), settled
 
