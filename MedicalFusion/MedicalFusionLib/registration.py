@@ -470,7 +470,8 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
         transform=final, kind=kind, start=start, metric_before=metric_before, metric_after=metric_after,
         overlap=mutual_overlap(fixed_grid, moving_grid, final), iterations=tracker.iterations,
         stop_condition=stop_condition, still_improving=float(still_improving), seconds=time.perf_counter() - t0,
-        level_iterations=list(tracker.level_iterations), refine_iterations=tracker.refine_iterations, moved_mm=_moved(fixed, matrix, answers[0]),
+        level_iterations=list(tracker.level_iterations), refine_iterations=tracker.refine_iterations,
+        moved_mm=_moved(fixed, matrix, answers[0]),
         restarts=runs - 1, restarts_failed=sum(f is not None for f in failed[1:]),
         spread_centre_mm=spread_centre, spread_overlap_mm=spread_overlap,
         spread_limit_mm=limit)
@@ -687,8 +688,9 @@ def _level_images(fixed: sitk.Image, moving: sitk.Image, shrink: int, sigma: flo
                   tracker: _Tracker) -> tuple[sitk.Image, sitk.Image]:
     """The pyramid level (:func:`_reduced`): both images smoothed by ``sigma`` mm; the fixed one on
     a grid ``shrink`` times coarser, or more to keep at most ``max_voxels`` (its voxels are where the
-    metric samples: 20,000 of them, 100,000 at the finest level), the moving one as coarse as the smoothing allows (a voxel no
-    larger than sigma, at most ``shrink`` times its own). Done here rather than by SimpleITK's
+    metric samples: 20,000 of them, and 100,000 in the finest level's second pass), the moving one
+    as coarse as the smoothing allows (a voxel no larger than sigma, at most ``shrink`` times its
+    own). Done here rather than by SimpleITK's
     registration framework, which smooths both at full resolution and sets up the metric over every
     fixed voxel with no progress report (0.8-2 s on a 1 mm MR, each level and start)."""
     shrink = max(int(shrink), int(np.ceil((float(np.prod(fixed.GetSize())) / max_voxels) ** (1.0 / 3.0))))
