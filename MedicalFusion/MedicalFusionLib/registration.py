@@ -107,11 +107,14 @@ class RegistrationSettings:
     start: str = "auto"                  # auto | placement | moments
     sampling: str = "regular"            # regular (a jittered grid) | random
     seed: int = 7
-    finest_samples: int = 100_000        # ... but the finest level: more, for a precise optimum (0: ``samples``)
+    finest_samples: int = 100_000        # the finest level, once settled: a short pass with more samples (0: none)
+    refine_step: float = 0.25            # ... its first step (mm) ...
+    refine_iterations: int = 50          # ... and its iterations at most
     restarts: int = 2                    # perturbed starts run besides the main one, for the spread (0: none)
     restart_shift_mm: float = 10.0       # each perturbed start: shifted this far ...
     restart_turn_deg: float = 5.0        # ... and turned this much about the anatomical's centre
-    restart_levels: int = 2              # the restarts run the first this many (coarsest) levels
+    restart_levels: int = 2              # the restarts run the first this many (coarsest) levels ...
+    restart_budget: float = 0.5          # ... with this fraction of the main run's iterations at each
     level_voxels: int = 3_000_000        # a level's anatomical grid is subsampled to at most this many voxels
     gradient_filter: bool = False        # rigid: ITK's smoothed gradient images (True) or the interpolator's gradients
     threads: int = 1                     # ITK threads while registering (1: the same answer bit for bit; 0: ITK's default)
@@ -132,6 +135,7 @@ class Registration:
     still_improving: float               # relative metric gain over the last iterations of the finest level
     seconds: float
     level_iterations: list = field(default_factory=list)
+    refine_iterations: int = 0           # the finest level's last pass with more samples (0: not run)
     moved_mm: float = 0.0                # how far the result is from the start at the anatomical's centre
     restarts: int = 0                    # perturbed starts run besides the main one
     restarts_failed: int = 0             # ... of which SimpleITK gave up (the spread is then infinite)
@@ -423,8 +427,9 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
         plan += [("affine", level) for level in range(max(0, levels - AFFINE_LEVELS), levels)]
     runs = 1 + max(0, int(settings.restarts))
     restart_levels = min(levels, max(1, int(settings.restart_levels)))
-    budgets = [_budget(settings, stage, level) for stage, level in plan]
-    tracker = _Tracker(progress, cancel, sum(budgets) + (runs - 1) * sum(budgets[:restart_levels]))
+    budgets = [_budget(settings, stage, level) + _refine_budget(settings, level) for stage, level in plan]
+    restart_budgets = [_budget(settings, stage, level, restart=True) for stage, level in plan[:restart_levels]]
+    tracker = _Tracker(progress, cancel, sum(budgets) + (runs - 1) * sum(restart_budgets))
     tracker.check_cancel()
     fixed = registration_image(anatomical, "anatomical")
     tracker.beat()
@@ -436,7 +441,12 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
     centre = _centre(fixed)
     starts = [matrix] + [matrix @ _perturbation(i, centre, settings) for i in range(runs - 1)]
     try:
-        answers, failed, stop_condition = _optimise(fixed, moving, starts, plan, restart_levels, settings, tracker)
+        limit = coarser_voxel_mm(anatomical, functional)
+
+        def sure(answers: list, failed: list) -> bool:     # the restarts agree within a voxel (or none ran)
+            return not _spread(fixed_grid, moving_grid, answers, failed)[1] > limit
+        answers, failed, stop_condition = _optimise(fixed, moving, starts, plan, restart_levels, settings, tracker,
+                                                    sure)
         final = affine_transform(answers[0])
         tracker.beat()
         metric_before, metric_after = normalized_mutual_information(fixed, moving, [affine_transform(matrix), final],
@@ -460,21 +470,30 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
         transform=final, kind=kind, start=start, metric_before=metric_before, metric_after=metric_after,
         overlap=mutual_overlap(fixed_grid, moving_grid, final), iterations=tracker.iterations,
         stop_condition=stop_condition, still_improving=float(still_improving), seconds=time.perf_counter() - t0,
-        level_iterations=list(tracker.level_iterations), moved_mm=_moved(fixed, matrix, answers[0]),
+        level_iterations=list(tracker.level_iterations), refine_iterations=tracker.refine_iterations,
+        moved_mm=_moved(fixed, matrix, answers[0]),
         restarts=runs - 1, restarts_failed=sum(f is not None for f in failed[1:]),
         spread_centre_mm=spread_centre, spread_overlap_mm=spread_overlap,
-        spread_limit_mm=coarser_voxel_mm(anatomical, functional))
+        spread_limit_mm=limit)
     check_converged(outcome, settings)
     return outcome
 
 
-def _budget(settings: RegistrationSettings, stage: str, level: int) -> int:
+def _budget(settings: RegistrationSettings, stage: str, level: int, restart: bool = False) -> int:
     """Iterations allowed at one (stage, level) of the plan. The coarsest rigid level gets
     ``coarsest_iterations``: it covers the whole misalignment, and once the noise of the gradient's
     translation part has shrunk the step (regular-step gradient descent never grows it), rotations
     of several degrees are covered ~0.02 mm a step (the test head, 8 degrees off, used all 200 and
     ended 4.0 mm off at its box's corners; 1.5 mm with 400). The finer levels start near the answer."""
-    return int(settings.coarsest_iterations) if stage == "rigid" and level == 0 else int(settings.iterations)
+    budget = int(settings.coarsest_iterations) if stage == "rigid" and level == 0 else int(settings.iterations)
+    return max(1, int(budget * settings.restart_budget)) if restart else budget
+
+
+def _refine_budget(settings: RegistrationSettings, level: int) -> int:
+    """Iterations of the finest level's second pass (:func:`_optimise`; 0 at the other levels or
+    when there is none)."""
+    finest = level == len(settings.shrink_factors) - 1
+    return int(settings.refine_iterations) if finest and settings.finest_samples > settings.samples else 0
 
 
 def _centre(image: sitk.Image) -> np.ndarray:
@@ -558,7 +577,7 @@ class _Tracker:
         self.progress, self.cancel, self.total = progress, cancel, max(1, total)
         self.clock, self.every = clock or _clock, every
         self.offset, self.count, self.slot, self.start_of_next = 0, 0, -1, 0
-        self.iterations, self.cancelled, self.main = 0, False, True
+        self.iterations, self.cancelled, self.main, self.refining, self.refine_iterations = 0, False, True, False, 0
         self.values: list[float] = []
         self.level_iterations: list[int] = []
         self.last = self.clock()
@@ -591,19 +610,25 @@ class _Tracker:
         if self.due():
             raise FusionCancelled("registration cancelled")
 
-    def new_run(self, per_level: int, main: bool) -> None:
-        """One start's optimisation of one level begins (it has ``per_level`` iterations at most)."""
+    def new_run(self, per_level: int, main: bool, refine: bool = False) -> None:
+        """One start's optimisation of one level begins (it has ``per_level`` iterations at most).
+        ``refine``: the finest level's second pass (:func:`_optimise`): its iterations are counted
+        apart (``refine_iterations``), and the level's own (the last metric values, judged by the
+        convergence criteria) are left as the first pass ended."""
         self.slot += 1
-        self.offset, self.count, self.main = self.start_of_next, 0, main
+        self.offset, self.count, self.main, self.refining = self.start_of_next, 0, main, refine
         self.start_of_next += per_level
-        if main:
+        if main and not refine:
             self.level_iterations.append(0)
             self.values = []
 
     def iteration(self, value: float) -> bool:
         """Record one iteration; True when the user asked to cancel."""
         self.count += 1
-        if self.main:
+        if self.main and self.refining:
+            self.refine_iterations += 1
+            self.iterations += 1
+        elif self.main:
             self.level_iterations[-1] += 1
             self.iterations += 1
             self.values = (self.values + [value])[-MOTION_WINDOW - 1:]
@@ -663,8 +688,9 @@ def _level_images(fixed: sitk.Image, moving: sitk.Image, shrink: int, sigma: flo
                   tracker: _Tracker) -> tuple[sitk.Image, sitk.Image]:
     """The pyramid level (:func:`_reduced`): both images smoothed by ``sigma`` mm; the fixed one on
     a grid ``shrink`` times coarser, or more to keep at most ``max_voxels`` (its voxels are where the
-    metric samples: 20,000 of them, 100,000 at the finest level), the moving one as coarse as the smoothing allows (a voxel no
-    larger than sigma, at most ``shrink`` times its own). Done here rather than by SimpleITK's
+    metric samples: 20,000 of them, and 100,000 in the finest level's second pass), the moving one
+    as coarse as the smoothing allows (a voxel no larger than sigma, at most ``shrink`` times its
+    own). Done here rather than by SimpleITK's
     registration framework, which smooths both at full resolution and sets up the metric over every
     fixed voxel with no progress report (0.8-2 s on a 1 mm MR, each level and start)."""
     shrink = max(int(shrink), int(np.ceil((float(np.prod(fixed.GetSize())) / max_voxels) ** (1.0 / 3.0))))
@@ -675,13 +701,16 @@ def _level_images(fixed: sitk.Image, moving: sitk.Image, shrink: int, sigma: flo
 
 
 def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, restart_levels: int,
-              settings: RegistrationSettings, tracker: _Tracker) -> tuple[list, list, str]:
+              settings: RegistrationSettings, tracker: _Tracker,
+              sure: Callable[[list, list], bool] | None = None) -> tuple[list, list, str]:
     """Every start (4x4, LPS; the first is the main one) through the ``plan`` of (stage, level),
     one level at a time: each level's images are made once and every start runs on them from where
     its previous level ended; the restarts (starts after the first) run the first
     ``restart_levels`` rigid levels only. Returns [the main answer, the main answer after those
     levels, each restart's answer] (4x4), each start's failure (None: fine) and the main run's
-    last stop condition. The main run's failure raises (RuntimeError)."""
+    last stop condition. The main run's failure raises (RuntimeError). ``sure(answers, failed)``
+    (the main answer and the restarts' after those levels, as returned) is asked once they are
+    done: False (the answer will be flagged uncertain) skips the finest level's second pass."""
     # Rotations must turn about the anatomy, whatever the start: x -> start(optimised(x)) with the
     # optimised transform centred on the anatomical's centre c. SimpleITK (2.5) drops the centre of
     # the optimised transform when a moving initial transform is set (it then turns about the world
@@ -698,6 +727,7 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
     stop_condition = ""
     images, key = None, None
     compared = current[0]
+    precise = True
     for step, (stage, level) in enumerate(plan):
         shrink, sigma = settings.shrink_factors[level], settings.smoothing_sigmas_mm[level]
         if key != (shrink, sigma):
@@ -706,13 +736,24 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
         for i in range(len(starts)):
             if i > 0 and step >= restart_levels:
                 break
-            tracker.new_run(_budget(settings, stage, level), main=(i == 0))
+            budget, refine = _budget(settings, stage, level, restart=i > 0), _refine_budget(settings, level)
+            tracker.new_run(budget, main=(i == 0))
             if failed[i] is not None:
+                tracker.new_run(refine, main=(i == 0), refine=True)
                 continue
             try:
-                current[i], stop = _run_level(*images, current[i], stage, settings, tracker,
-                                              _budget(settings, stage, level),
-                                              finest=level == len(settings.shrink_factors) - 1)
+                current[i], stop, settled = _run_level(*images, current[i], stage, settings, tracker, budget,
+                                                    settings.samples, settings.learning_rate)
+                # The finest level, once it has settled (stopped before its budget), takes a short
+                # second pass with more samples from where it stopped: where the optimum lies then
+                # depends less on which voxels were drawn (docs/REGISTRATION.md, "A more precise
+                # finest level"). A level that did not settle gets none: its cost would be the
+                # larger sample count times the whole budget; nor does an answer that will be
+                # flagged uncertain (the restarts disagree): precision is no use to it.
+                tracker.new_run(refine, main=(i == 0), refine=True)
+                if refine and settled and precise:
+                    current[i], stop, _ = _run_level(*images, current[i], stage, settings, tracker, refine,
+                                                     settings.finest_samples, settings.refine_step)
             except FusionCancelled:
                 raise
             except RuntimeError as exc:
@@ -724,20 +765,21 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
                 stop_condition = stop
         if step == restart_levels - 1:
             compared = current[0]
+            if sure is not None and len(starts) > 1:
+                back = np.linalg.inv(shift)
+                precise = sure([back @ c @ shift for c in [compared] + current[1:]], failed)
     back = np.linalg.inv(shift)
     return [back @ c @ shift for c in [current[0], compared] + current[1:]], failed, stop_condition
 
 
 def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: str,
-               settings: RegistrationSettings, tracker: _Tracker, iterations: int,
-               finest: bool = False) -> tuple[np.ndarray, str]:
+               settings: RegistrationSettings, tracker: _Tracker, iterations: int, samples: int,
+               first_step: float) -> tuple[np.ndarray, str, bool]:
     """One pyramid level (images already smoothed and subsampled: :func:`_level_images`) from
-    ``start`` (4x4, centred frame), at most ``iterations``; returns the result and the optimizer's
-    stop condition."""
+    ``start`` (4x4, centred frame), at most ``iterations``, the metric on ``samples`` points, the
+    optimizer's first step ``first_step`` mm; returns the result, the optimizer's stop condition
+    and whether it settled (stopped by itself, before its budget)."""
     method = sitk.ImageRegistrationMethod()
-    # The finest level takes more samples: where the optimum lies there depends less on which voxels
-    # were drawn (docs/REGISTRATION.md, "A more precise finest level").
-    samples = (finest and settings.finest_samples) or settings.samples
     method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM if settings.sampling == "random" else method.REGULAR)
     method.SetMetricSamplingPercentagePerLevel([_sampling_fraction(fixed, samples)], settings.seed)
@@ -749,7 +791,7 @@ def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: s
     method.SetMetricUseFixedImageGradientFilter(kind == "rigid" and settings.gradient_filter)
     method.SetMetricUseMovingImageGradientFilter(kind == "rigid" and settings.gradient_filter)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=settings.learning_rate, minStep=settings.min_step, numberOfIterations=iterations,
+        learningRate=first_step, minStep=settings.min_step, numberOfIterations=iterations,
         relaxationFactor=settings.relaxation, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([1])
@@ -767,8 +809,9 @@ def _run_level(fixed: sitk.Image, moving: sitk.Image, start: np.ndarray, kind: s
     with itk_threads(settings.threads):
         result = method.Execute(fixed, moving)
     tracker.check_cancel()
+    settled = tracker.count < iterations
     # SimpleITK returns the optimised transform alone: compose it with the start (start after it).
-    return start @ affine_matrix(result), method.GetOptimizerStopConditionDescription()
+    return start @ affine_matrix(result), method.GetOptimizerStopConditionDescription(), settled
 
 
 @contextlib.contextmanager

@@ -206,8 +206,10 @@ def test_progress_every_iteration_of_every_start(pair):
     moved = reg.moved_geometry(pet, rigid())
     calls = []
     out = reg.register(anat, moved, "rigid", progress=lambda d, t: calls.append((d, t)), settings=FAST)
-    # main run (the coarsest level's budget, then two of the usual), then the restarts' two levels
-    total = (1 + FAST.restarts) * (FAST.coarsest_iterations + FAST.iterations) + FAST.iterations
+    # main run (the coarsest level's budget, then two of the usual and the finest level's second
+    # pass), then the restarts' two levels (a fraction of the main run's budgets)
+    total = FAST.coarsest_iterations + 2 * FAST.iterations + FAST.refine_iterations \
+        + FAST.restarts * (int(FAST.coarsest_iterations * FAST.restart_budget) + int(FAST.iterations * FAST.restart_budget))
     assert out.restarts == FAST.restarts == 2
     assert len(calls) >= out.iterations                  # every iteration reports (and the heartbeat between)
     assert all(t == total for _, t in calls)
@@ -388,6 +390,7 @@ def test_every_registration_says_how_sure_it_is(pair, tube_pair):
     assert head.spread_centre_mm < 0.5 and head.spread_overlap_mm < head.spread_limit_mm
     assert head.warning is None and "spread" in head.summary()
     assert head.metadata()["registration_uncertain"] is False
+    assert head.refine_iterations > 0                # sure: the finest level's second pass ran
 
     limb = reg.register(*tube_pair, "rigid", settings=FAST)
     assert limb.spread_centre_mm > limb.spread_limit_mm
@@ -395,9 +398,12 @@ def test_every_registration_says_how_sure_it_is(pair, tube_pair):
     assert limb.metadata()["registration_uncertain"] is True
     assert limb.metadata()["registration_spread_centre_mm"] == round(limb.spread_centre_mm, 3)
 
-    alone = reg.register(*tube_pair, "rigid", settings=reg.RegistrationSettings(restarts=0))
-    assert alone.warning is None and alone.restarts == 0                 # without restarts: no verdict
-    assert np.allclose(reg.affine_matrix(alone.transform), reg.affine_matrix(limb.transform))   # same answer
+    assert limb.refine_iterations == 0       # uncertain: no second pass at the finest level (no use to it)
+
+    # without restarts: no verdict, and the same answer (the second pass off, as the uncertain one had none)
+    alone = reg.register(*tube_pair, "rigid", settings=reg.RegistrationSettings(restarts=0, finest_samples=0))
+    assert alone.warning is None and alone.restarts == 0 and alone.refine_iterations == 0
+    assert np.allclose(reg.affine_matrix(alone.transform), reg.affine_matrix(limb.transform))
 
 
 def test_a_failed_restart_is_a_warning():
