@@ -97,7 +97,7 @@ SLOW_TESTS = {
     "test_panel_first_display_lists_every_method_without_importing_torch",
 }
 #: A test that starts a Python subprocess (each imports the package and torch: seconds) is slow too.
-SUBPROCESS_CALLS = ("run_cli(", "start_paused(", "subprocess.", "_python(")
+SUBPROCESS_CALLS = ("run_cli(", "start_paused(", "subprocess.", "_python(", "cli_process.")
 
 
 def _starts_a_subprocess(item) -> bool:
