@@ -243,6 +243,7 @@ class Process:
     def __init__(self, args, cwd, env=None, setup=(), stdin=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                  text=True, fresh=False):
         args = [str(a) for a in args]
+        fresh = fresh or not sys.platform.startswith("linux")   # the fork server is for Linux (CI) only
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), str(REPO), full_env.get("PYTHONPATH", "")])
         full_env.update(env or {})
