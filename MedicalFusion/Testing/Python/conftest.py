@@ -101,8 +101,9 @@ SLOW_TESTS = {
     "test_output_dicom_alongside_store_and_mr_as_anatomical",
 }
 #: A test that uses one of these fixtures is slow too: tools/test_cohort.py's Dask cluster (a
-#: scheduler and two worker processes) and the cohorts run on it.
-SLOW_FIXTURES = {"cluster"}
+#: scheduler and two worker processes) and the cohorts run on it; the three real sts patients fused
+#: for the DICOM export tests (io/test_dicom_export.py: CLI, scene/test_scene_dicom_export.py: scene).
+SLOW_FIXTURES = {"cluster", "sts_fused", "fused_sts"}
 #: A test that starts a Python subprocess (each imports the package and torch: seconds) is slow too.
 SUBPROCESS_CALLS = ("run_cli(", "start_paused(", "subprocess.", "_python(", "cli_process.")
 
