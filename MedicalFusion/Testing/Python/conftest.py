@@ -118,28 +118,13 @@ def _starts_a_subprocess(item) -> bool:
     return any(call in source for call in SUBPROCESS_CALLS)
 
 
-#: Modules whose tests are handed out first, in this order (each module stays whole): the longest
-#: single tests (registrations of 8 M voxels, real pairs; metrics on real data; networks at two
-#: threads) are started early, so that neither worker ends on one of them while the other is idle.
-#: (pytest-xdist hands out the units with the most tests first, the real cases and the cohort; then
-#: the single tests in this order.)
-FIRST_MODULES = ("test_registration", "test_scene_registration", "test_slicer_module_registration",
-                 "test_metrics", "test_networks", "test_faults")
-
-
 def pytest_collection_modifyitems(config, items):
-    """``slow`` on the tests above; the modules of FIRST_MODULES first."""
+    """``slow`` on the tests above."""
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
         if (module in SLOW_MODULES or item.originalname in SLOW_TESTS or _starts_a_subprocess(item)
                 or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
-
-    def rank(item) -> int:
-        module = item.module.__name__ if item.module is not None else ""
-        return FIRST_MODULES.index(module) if module in FIRST_MODULES else len(FIRST_MODULES)
-
-    items[:] = sorted(items, key=rank)              # stable: each module's own order kept
 
 
 _REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
