@@ -151,6 +151,7 @@ def _serve(path: str):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)     # the socket's folder
             os._exit(0)
         if listener in ready:
             conn, _ = listener.accept()
