@@ -48,7 +48,7 @@ pacs-deps:
 		fi; \
 	fi
 
-## the inner loop: every test not marked slow (about a minute on 2 cores)
+## the inner loop: every test not marked slow (under a minute on 2 cores, docs/TESTING.md)
 test-fast: setup
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 

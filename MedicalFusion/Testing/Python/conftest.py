@@ -95,9 +95,17 @@ SLOW_TESTS = {
     "test_two_identical_mrdfn_runs_write_the_same_bytes",
     "test_trained_network_fuses_a_slice_to_the_same_bytes_alone_or_in_any_batch",
     "test_panel_first_display_lists_every_method_without_importing_torch",
+    # real sts studies pulled from Orthanc, fused and stored back (io/test_pacs.py)
+    "test_pull_fuse_store_lands_in_the_same_study",
+    "test_slicer_scene_round_trip_pull_fuse_export_store",
+    "test_output_dicom_alongside_store_and_mr_as_anatomical",
 }
+#: A test that uses one of these fixtures is slow too: tools/test_cohort.py's Dask cluster (a
+#: scheduler and two worker processes) and the cohorts run on it; the three real sts patients fused
+#: for the DICOM export tests (io/test_dicom_export.py: CLI, scene/test_scene_dicom_export.py: scene).
+SLOW_FIXTURES = {"cluster", "sts_fused", "fused_sts"}
 #: A test that starts a Python subprocess (each imports the package and torch: seconds) is slow too.
-SUBPROCESS_CALLS = ("run_cli(", "start_paused(", "subprocess.", "_python(")
+SUBPROCESS_CALLS = ("run_cli(", "start_paused(", "subprocess.", "_python(", "cli_process.")
 
 
 def _starts_a_subprocess(item) -> bool:
@@ -114,26 +122,34 @@ def pytest_collection_modifyitems(config, items):
     """``slow`` on the tests above."""
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
-        if module in SLOW_MODULES or item.originalname in SLOW_TESTS or _starts_a_subprocess(item):
+        if (module in SLOW_MODULES or item.originalname in SLOW_TESTS or _starts_a_subprocess(item)
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
 
 
 _REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
 
 
+#: Modules run whole in one worker: their module- or session-scoped fixtures are costly and would
+#: be made again in the other worker (test_cohort: a Dask cluster, an Orthanc and two cohort runs;
+#: test_pacs: an Orthanc holding the three sts patients, and an HTTPS one; the DICOM exports of the
+#: sts series; the Slicer sample's download).
+WHOLE_MODULES = {"test_cohort", "test_pacs", "test_dicom_export", "test_scene_dicom_export", "test_slicer_sample_data"}
+
+
 def xdist_scope(nodeid: str) -> str:
     """The unit of work pytest-xdist hands one worker whole: each real case (patient + anatomical:
     its prepared pair and fusions, test_real_cases' module cache, are made once), each Slicer-without-
-    torch subprocess (test_slicer_module: one a version), test_cohort (its cluster and cohorts are
-    made once); every other test alone."""
+    torch subprocess (test_slicer_module: one a version), the modules of WHOLE_MODULES (their
+    fixtures are made once); every other test alone."""
     path, _, rest = nodeid.partition("::")
     module = pathlib.PurePosixPath(path).stem
     if module == "test_real_cases":
         found = _REAL_CASE.search(rest)
         if found:
             return f"real-case-{found.group(1)}-{found.group(2) or 'CT'}"
-    if module == "test_cohort":        # one Dask cluster (and one Orthanc) for the module's tests
-        return "cohort"
+    if module in WHOLE_MODULES:
+        return module
     if module == "test_slicer_module" and "without_torch" in rest:
         return "without-torch-" + rest.partition("[")[2].rstrip("]")
     return nodeid

@@ -13,6 +13,9 @@ Real faults wherever possible: a full disk is RLIMIT_FSIZE in a subprocess (and 
 one can be mounted), signals are sent to a subprocess paused at a named point of the writing
 ($MEDICALFUSION_TEST_PAUSE_AT, see io/outputs.py), permission denied drops root's file capabilities
 (CAP_DAC_OVERRIDE/READ_SEARCH) in the subprocess when the suite runs as root (as CI does), FIFOs and devices are real ones.
+The subprocesses are children of a fork server that has imported the package once (cli_process.py:
+a real process each, without a fresh interpreter's 2 s of imports); the test of a Ctrl-C while the
+command starts runs a fresh interpreter.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import cli_process
 
 import numpy as np
 import pytest
@@ -95,26 +100,19 @@ def assert_one_line(rc, lines, *expected, status=2):
         assert text in lines[0], (text, lines[0])
 
 
-def run_cli(args, cwd, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
-    """The command in a subprocess (for RLIMIT, signals, another user, hangs)."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), str(REPO), full_env.get("PYTHONPATH", "")])
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "MedicalFusionLib.cli", *[str(a) for a in args]], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
+def run_cli(args, cwd, env=None, timeout=300, preexec_fn=None) -> subprocess.CompletedProcess:
+    """The command in a subprocess (for RLIMIT, signals, another user, hangs): a child of the fork
+    server (cli_process.py); ``preexec_fn``: a :class:`cli_process.Setup`."""
+    return cli_process.run(args, cwd, env=env, setup=[preexec_fn] if preexec_fn else [], timeout=timeout)
 
 
 def err_lines(proc) -> list:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-def limit_file_size(nbytes: int):
+def limit_file_size(nbytes: int) -> cli_process.Setup:
     """preexec_fn: the process may not write a file larger than ``nbytes`` (a full disk, per file)."""
-    def apply():
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-    return apply
+    return cli_process.Setup("fsize", nbytes)
 
 
 @contextlib.contextmanager
@@ -141,15 +139,9 @@ def open_tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _drop_file_capabilities() -> None:
-    """preexec_fn (Linux, root): drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
-    set, so the command (still uid 0, owner of the test files) is subject to file permissions."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):                       # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:   # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+#: preexec_fn (Linux, root): drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so
+#: the command (still uid 0, owner of the test files) is subject to file permissions.
+_drop_file_capabilities = cli_process.Setup("drop_file_capabilities")
 
 
 def unprivileged_kwargs(folder: pathlib.Path) -> dict:
@@ -172,21 +164,17 @@ def unprivileged_kwargs(folder: pathlib.Path) -> dict:
     return {"preexec_fn": _drop_file_capabilities}
 
 
-def _as_from_a_terminal() -> None:
-    """In the child: SIGINT at its default, as a command typed at a terminal has it. A background job
-    of a non-interactive shell (``make test &``) inherits SIGINT ignored, and the CLI keeps an
-    ignored SIGINT ignored (as nohup users expect), so Ctrl-C tests would see a finished run."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+#: In the child: SIGINT at its default, as a command typed at a terminal has it. A background job
+#: of a non-interactive shell (``make test &``) inherits SIGINT ignored, and the CLI keeps an
+#: ignored SIGINT ignored (as nohup users expect), so Ctrl-C tests would see a finished run.
+_as_from_a_terminal = cli_process.Setup("sigint_default")
 
 
-def start_paused(args, cwd: pathlib.Path, point: str, marker: pathlib.Path) -> subprocess.Popen:
-    """Start the command so that it pauses at ``point`` (io.outputs.pause_point); wait until it is there."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), str(REPO), env.get("PYTHONPATH", "")])
-    env.update({PAUSE_ENV: point, PAUSE_FILE_ENV: str(marker)})
-    proc = subprocess.Popen([sys.executable, "-m", "MedicalFusionLib.cli", *[str(a) for a in args]], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_as_from_a_terminal)
+def start_paused(args, cwd: pathlib.Path, point: str, marker: pathlib.Path, fresh: bool = False) -> cli_process.Process:
+    """Start the command so that it pauses at ``point`` (io.outputs.pause_point); wait until it is
+    there. A child of the fork server, or (``fresh``) a new interpreter."""
+    proc = cli_process.Process(args, cwd, env={PAUSE_ENV: point, PAUSE_FILE_ENV: str(marker)},
+                               setup=[_as_from_a_terminal], fresh=fresh)
     deadline = time.monotonic() + 300
     while not marker.exists():
         if proc.poll() is not None:
@@ -658,7 +646,8 @@ def test_B_ctrl_c_twice_while_writing_is_one_line_and_exit_130(pair, point):
 @posix_only
 def test_B_ctrl_c_while_the_command_starts_is_one_line(pair):
     tmp, a, f = pair
-    proc = start_paused(["fuse", "-a", a, "-f", f, "-o", tmp / "o.nrrd", "-q"], tmp, "start", tmp / "paused.pid")
+    proc = start_paused(["fuse", "-a", a, "-f", f, "-o", tmp / "o.nrrd", "-q"], tmp, "start", tmp / "paused.pid",
+                        fresh=True)    # a new interpreter: the start of the program itself
     proc.send_signal(signal.SIGINT)
     _stdout, stderr = proc.communicate(timeout=120)
     assert _no_traceback(stderr) == ["medicalfusion: interrupted; nothing was written"]
@@ -1033,12 +1022,9 @@ def test_D_no_progress_bar_fragment_before_the_error_line(pair):
     import pty
 
     tmp, a, f = pair
-    args = [sys.executable, "-m", "MedicalFusionLib.cli", "fuse", "-a", str(a), "-f", str(f), "-m", "lp",
-            "-o", str(tmp / "fused.nii"), "--metrics", str(tmp / "m.csv")]
-    env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
+    args = ["fuse", "-a", str(a), "-f", str(f), "-m", "lp", "-o", str(tmp / "fused.nii"), "--metrics", str(tmp / "m.csv")]
     master, slave = pty.openpty()
-    proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=slave,
-                            preexec_fn=limit_file_size(12_000))
+    proc = cli_process.Process(args, tmp, stdout=subprocess.PIPE, stderr=slave, setup=[limit_file_size(12_000)])
     os.close(slave)
     chunks = []
     while True:
@@ -1061,6 +1047,6 @@ def test_D_no_progress_bar_fragment_before_the_error_line(pair):
             rendered.append(screen.rstrip())
     assert proc.returncode == 2
     assert len(rendered) == 1 and rendered[0].startswith("medicalfusion: error: cannot write output"), rendered
-    piped = run_cli(args[3:], cwd=tmp, preexec_fn=limit_file_size(12_000))
+    piped = run_cli(args, cwd=tmp, preexec_fn=limit_file_size(12_000))
     assert_one_line(piped.returncode, err_lines(piped), "cannot write output")
     assert "\r" not in piped.stderr

@@ -182,8 +182,9 @@ def test_anatomy_rule_catches_a_fusion_that_shows_only_the_tracer(patient, anato
 # the same volumes in a Slicer scene
 
 
-@pytest.mark.parametrize("patient", PATIENTS)
-def test_scene_fuses_the_loaded_dicom_like_the_cli(patient):
+@pytest.mark.parametrize("patient, anatomical", PAIRS, ids=PAIR_IDS)
+def test_scene_fuses_the_loaded_dicom_like_the_cli(patient, anatomical):
+    """One pair a test (so each runs in its pair's worker, beside the pair's cached fusions)."""
     slicer = pytest.importorskip("slicer")
     from MedicalFusionLib import scene as sc
 
@@ -193,14 +194,13 @@ def test_scene_fuses_the_loaded_dicom_like_the_cli(patient):
     pet = sc.load_dicom_volume(s, STS / patient / "PET" / "dicom")
     assert sc.node_units(pet) == "SUVbw" and pet.GetVoxelValueUnits().GetCodeValue() == "{SUVbw}g/ml"
     assert pet.GetDisplayNode().GetColorNodeID() == colour.SLICER_COLOR_NODE_IDS["PET-Heat"]
-    for anatomical in ANATOMICALS:
-        node = sc.load_dicom_volume(s, STS / patient / anatomical / "dicom")
-        assert sc.node_units(node) == ("HU" if anatomical == "CT" else None)
-        before = slicer.util.arrayFromVolume(node).copy()
-        result = sc.fuse_nodes(s, node, pet, FusionOptions(method="lp", compute_metrics=False))
-        np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.volume_node), pair(patient, anatomical).fused("lp"))
-        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)          # input untouched
-        attr = result.volume_node.GetAttribute
-        assert attr("MedicalFusion.functional_units") == "SUVbw"
-        assert attr("MedicalFusion.anatomical_units") == ("HU" if anatomical == "CT" else "unknown")
-        assert attr("MedicalFusion.anatomical_window_source").startswith("as displayed")
+    node = sc.load_dicom_volume(s, STS / patient / anatomical / "dicom")
+    assert sc.node_units(node) == ("HU" if anatomical == "CT" else None)
+    before = slicer.util.arrayFromVolume(node).copy()
+    result = sc.fuse_nodes(s, node, pet, FusionOptions(method="lp", compute_metrics=False))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.volume_node), pair(patient, anatomical).fused("lp"))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)          # input untouched
+    attr = result.volume_node.GetAttribute
+    assert attr("MedicalFusion.functional_units") == "SUVbw"
+    assert attr("MedicalFusion.anatomical_units") == ("HU" if anatomical == "CT" else "unknown")
+    assert attr("MedicalFusion.anatomical_window_source").startswith("as displayed")

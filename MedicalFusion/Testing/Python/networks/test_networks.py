@@ -80,13 +80,17 @@ def test_trained_network_fuses_a_slice_to_the_same_bytes_alone_or_in_any_batch(n
     ok, reason = get_method(name).available()
     if not ok:
         pytest.skip(reason)
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
-    n = 2 if name == "dmfnet" else 5
-    a, b = rng.random((n, 91, 109), dtype=np.float32), rng.random((n, 91, 109), dtype=np.float32)
-    alone = np.stack([fuse_slices(a[i:i + 1], b[i:i + 1], name, batch_size=1)[0] for i in range(n)])
-    for batch_size in (2, n, None):        # None: sized from timing
-        assert fuse_slices(a, b, name, batch_size=batch_size).tobytes() == alone.tobytes(), batch_size
+    try:
+        rng = np.random.default_rng(0)
+        n = 2 if name == "dmfnet" else 5
+        a, b = rng.random((n, 91, 109), dtype=np.float32), rng.random((n, 91, 109), dtype=np.float32)
+        alone = np.stack([fuse_slices(a[i:i + 1], b[i:i + 1], name, batch_size=1)[0] for i in range(n)])
+        for batch_size in (2, n, None):        # None: sized from timing
+            assert fuse_slices(a, b, name, batch_size=batch_size).tobytes() == alone.tobytes(), batch_size
+    finally:
+        torch.set_num_threads(before)     # not left at 2 for the worker's next tests
 
 
 @pytest.mark.parametrize("name", list(NETS))
