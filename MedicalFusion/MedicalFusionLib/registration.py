@@ -110,6 +110,8 @@ class RegistrationSettings:
     finest_samples: int = 100_000        # the finest level, once settled: a short pass with more samples (0: none)
     refine_step: float = 0.25            # ... its first step (mm) ...
     refine_iterations: int = 50          # ... and its iterations at most
+    first_pass_voxels: int = 2_000_000   # the finest level's first pass (when a second follows): its anatomical
+                                         # grid subsampled to at most this many voxels (0: the whole grid)
     restarts: int = 2                    # perturbed starts run besides the main one, for the spread (0: none)
     restart_shift_mm: float = 10.0       # each perturbed start: shifted this far ...
     restart_turn_deg: float = 5.0        # ... and turned this much about the anatomical's centre
@@ -364,6 +366,16 @@ def _subsampled(image: sitk.Image, factors) -> sitk.Image:
     out.SetDirection(image.GetDirection())
     out.SetSpacing([s * f for s, f in zip(image.GetSpacing(), factors)])
     return out
+
+
+def _first_pass_grid(image: sitk.Image, max_voxels: int) -> sitk.Image:
+    """``image`` subsampled (:func:`_subsampled`, the same factor on every axis) to at most
+    ``max_voxels`` voxels (0: unchanged)."""
+    voxels = float(np.prod(image.GetSize()))
+    if max_voxels <= 0 or voxels <= max_voxels:
+        return image
+    k = int(np.ceil((voxels / max_voxels) ** (1.0 / 3.0)))
+    return _subsampled(image, (k, k, k))
 
 
 def _sampling_fraction(fixed: sitk.Image, samples: int, shrink: int = 1) -> float:
@@ -742,7 +754,11 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
                 tracker.new_run(refine, main=(i == 0), refine=True)
                 continue
             try:
-                current[i], stop, settled = _run_level(*images, current[i], stage, settings, tracker, budget,
+                # The finest level's first pass draws its 20,000 samples from a grid of at most
+                # ``first_pass_voxels`` (the same count of samples, a cheaper set-up: the metric
+                # visits every voxel of its grid to pick them); the second pass uses the whole grid.
+                first = (_first_pass_grid(images[0], settings.first_pass_voxels), images[1]) if refine else images
+                current[i], stop, settled = _run_level(*first, current[i], stage, settings, tracker, budget,
                                                     settings.samples, settings.learning_rate)
                 # The finest level, once it has settled (stopped before its budget), takes a short
                 # second pass with more samples from where it stopped: where the optimum lies then
