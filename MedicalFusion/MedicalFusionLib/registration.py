@@ -100,7 +100,7 @@ class RegistrationSettings:
     histogram_bins: int = 32
     samples: int = 20000                 # metric samples per level (a fraction of the level's voxels)
     iterations: int = 200                # at most, per level ...
-    coarsest_iterations: int = 400       # ... but the coarsest rigid level (it covers the whole misalignment)
+    coarsest_iterations: int = 250       # ... but the coarsest rigid level (it covers the whole misalignment)
     learning_rate: float = 2.0           # first step, in mm of the largest point shift
     min_step: float = 1e-3
     relaxation: float = 0.7              # step shrink when the gradient turns back
