@@ -321,13 +321,14 @@ def peer_register(tool: str, fixed_path: pathlib.Path, moving_path: pathlib.Path
 
 def load_cache(directory: str | None, case: str) -> dict:
     """Per-trial results of ``case`` kept by earlier runs (``--cache``): {"pair|tool|trial": trial dict},
-    from DIR/<case>.json and DIR/<case>.*.json."""
+    from DIR/<case>.json and DIR/<case>.*.json, oldest file first (a later run's trial replaces an
+    earlier one's: the file names carry process ids, whose order says nothing)."""
     import json  # noqa: PLC0415
 
     cache: dict = {}
     if directory and pathlib.Path(directory).is_dir():
-        for path in sorted(pathlib.Path(directory).glob(f"{case}.json")) + \
-                sorted(pathlib.Path(directory).glob(f"{case}.*.json")):
+        paths = list(pathlib.Path(directory).glob(f"{case}.json")) + list(pathlib.Path(directory).glob(f"{case}.*.json"))
+        for path in sorted(paths, key=lambda p: (p.stat().st_mtime, p.name)):
             cache.update(json.loads(path.read_text()))
     return cache
 
