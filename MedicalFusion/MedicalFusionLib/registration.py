@@ -496,7 +496,9 @@ def _budget(settings: RegistrationSettings, stage: str, level: int, restart: boo
     ``coarsest_iterations``: it covers the whole misalignment, and once the noise of the gradient's
     translation part has shrunk the step (regular-step gradient descent never grows it), rotations
     of several degrees are covered ~0.02 mm a step (the test head, 8 degrees off, used all 200 and
-    ended 4.0 mm off at its box's corners; 1.5 mm with 400). The finer levels start near the answer."""
+    ended 4.0 mm off at its box's corners; 1.5 mm with 400; it now stops by itself after 163). 250,
+    not 400: on a plateau (STS_001 MR -> CT) the main run wandered for 376-400 iterations, 2.7 s,
+    without an answer to find (docs/REGISTRATION.md, "Time"). The finer levels start near the answer."""
     budget = int(settings.coarsest_iterations) if stage == "rigid" and level == 0 else int(settings.iterations)
     return max(1, int(budget * settings.restart_budget)) if restart else budget
 
