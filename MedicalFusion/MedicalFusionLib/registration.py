@@ -100,7 +100,7 @@ class RegistrationSettings:
     histogram_bins: int = 32
     samples: int = 20000                 # metric samples per level (a fraction of the level's voxels)
     iterations: int = 200                # at most, per level ...
-    coarsest_iterations: int = 250       # ... but the coarsest rigid level (it covers the whole misalignment)
+    coarsest_iterations: int = 400       # ... but the coarsest rigid level (it covers the whole misalignment)
     learning_rate: float = 2.0           # first step, in mm of the largest point shift
     min_step: float = 1e-3
     relaxation: float = 0.7              # step shrink when the gradient turns back
@@ -496,9 +496,10 @@ def _budget(settings: RegistrationSettings, stage: str, level: int, restart: boo
     ``coarsest_iterations``: it covers the whole misalignment, and once the noise of the gradient's
     translation part has shrunk the step (regular-step gradient descent never grows it), rotations
     of several degrees are covered ~0.02 mm a step (the test head, 8 degrees off, used all 200 and
-    ended 4.0 mm off at its box's corners; 1.5 mm with 400; it now stops by itself after 163). 250,
-    not 400: on a plateau (STS_001 MR -> CT) the main run wandered for 376-400 iterations, 2.7 s,
-    without an answer to find (docs/REGISTRATION.md, "Time"). The finer levels start near the answer."""
+    ended 4.0 mm off at its box's corners; 1.5 mm with 400). 250 was tried (on a plateau, STS_001
+    MR -> CT, the main run wanders for 376-400 iterations): the panel's CT-through test head uses
+    all 400 and ended 3.3 mm off with 250; the restarts at 125 flagged STS_003 MR -> CT trial 0
+    (docs/REGISTRATION.md, "Time"). The finer levels start near the answer."""
     budget = int(settings.coarsest_iterations) if stage == "rigid" and level == 0 else int(settings.iterations)
     return max(1, int(budget * settings.restart_budget)) if restart else budget
 
