@@ -110,7 +110,7 @@ class RegistrationSettings:
     finest_samples: int = 100_000        # the finest level, once settled: a short pass with more samples (0: none)
     refine_step: float = 0.25            # ... its first step (mm) ...
     refine_iterations: int = 50          # ... and its iterations at most
-    first_pass_voxels: int = 2_000_000   # the finest level's first pass (when a second follows): its anatomical
+    first_pass_voxels: int = 0           # the finest level's first pass (when a second follows): its anatomical
                                          # grid subsampled to at most this many voxels (0: the whole grid)
     restarts: int = 2                    # perturbed starts run besides the main one, for the spread (0: none)
     restart_shift_mm: float = 10.0       # each perturbed start: shifted this far ...

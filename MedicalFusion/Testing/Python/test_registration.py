@@ -583,13 +583,14 @@ def test_benchmark_text_describes_the_method_as_built():
     the finest level, the first pass's grid, the coarsest level's budget and the restarts."""
     from bench_registration import method_text  # noqa: PLC0415
 
-    s = reg.RegistrationSettings()
+    s = reg.RegistrationSettings(first_pass_voxels=2_000_000)
     text = method_text(s)
     for words in (f"{s.samples} samples", f"{s.finest_samples} samples on the whole grid",
                   f"at most {s.first_pass_voxels} voxels", f"({s.coarsest_iterations} at the coarsest",
                   f"{s.restarts} restarts", "only when it has settled"):
         assert words in text, words
     assert "second" not in method_text(reg.RegistrationSettings(finest_samples=0))
+    assert "voxels" not in method_text(reg.RegistrationSettings(first_pass_voxels=0))
 
 
 def test_finest_first_pass_grid_is_every_kth_voxel_in_place():
