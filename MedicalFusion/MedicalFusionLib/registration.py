@@ -757,9 +757,9 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
                 tracker.new_run(refine, main=(i == 0), refine=True)
                 continue
             try:
-                # The finest level's first pass draws its 20,000 samples from a grid of at most
-                # ``first_pass_voxels`` (the same count of samples, a cheaper set-up: the metric
-                # visits every voxel of its grid to pick them); the second pass uses the whole grid.
+                # With ``first_pass_voxels`` set, the finest level's first pass draws its samples
+                # from a grid of at most that many voxels (the second pass uses the whole grid). Off
+                # by default: its gain was within the load's noise (docs/REGISTRATION.md, "Time").
                 first = (_first_pass_grid(images[0], settings.first_pass_voxels), images[1]) if refine else images
                 current[i], stop, settled = _run_level(*first, current[i], stage, settings, tracker, budget,
                                                     settings.samples, settings.learning_rate)
