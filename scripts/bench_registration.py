@@ -321,13 +321,14 @@ def peer_register(tool: str, fixed_path: pathlib.Path, moving_path: pathlib.Path
 
 def load_cache(directory: str | None, case: str) -> dict:
     """Per-trial results of ``case`` kept by earlier runs (``--cache``): {"pair|tool|trial": trial dict},
-    from DIR/<case>.json and DIR/<case>.*.json."""
+    from DIR/<case>.json and DIR/<case>.*.json, oldest file first (a later run's trial replaces an
+    earlier one's: the file names carry process ids, whose order says nothing)."""
     import json  # noqa: PLC0415
 
     cache: dict = {}
     if directory and pathlib.Path(directory).is_dir():
-        for path in sorted(pathlib.Path(directory).glob(f"{case}.json")) + \
-                sorted(pathlib.Path(directory).glob(f"{case}.*.json")):
+        paths = list(pathlib.Path(directory).glob(f"{case}.json")) + list(pathlib.Path(directory).glob(f"{case}.*.json"))
+        for path in sorted(paths, key=lambda p: (p.stat().st_mtime, p.name)):
             cache.update(json.loads(path.read_text()))
     return cache
 
@@ -559,6 +560,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def method_text(settings) -> str:
+    """The registration method as ``settings`` build it (MedicalFusionLib.registration._optimise), in words."""
+    s = settings
+    text = (f"Mattes mutual information, {s.histogram_bins} bins, shrink {list(s.shrink_factors)}, smoothing "
+            f"{list(s.smoothing_sigmas_mm)} mm, regular-step gradient descent (first step {s.learning_rate:g} mm); "
+            f"each level {s.samples} samples on a jittered regular grid and at most {s.iterations} iterations "
+            f"({s.coarsest_iterations} at the coarsest rigid level)")
+    if s.finest_samples > s.samples and s.refine_iterations > 0:
+        grid = (f" on a grid of at most {s.first_pass_voxels} voxels (every k-th voxel)" if s.first_pass_voxels > 0
+                else "")
+        text += (f"; the finest level in two passes: the first as above{grid}, then, only when it has settled "
+                 f"(stopped before its budget) and the restarts agree, a second from where it stopped with "
+                 f"{s.finest_samples} samples on the whole grid, first step {s.refine_step:g} mm, at most "
+                 f"{s.refine_iterations} iterations")
+    if s.restarts > 0:
+        text += (f"; {s.restarts} restarts from starts {s.restart_shift_mm:g} mm / {s.restart_turn_deg:g} degrees "
+                 f"off run the {s.restart_levels} coarsest levels with {s.restart_budget:g} times the main run's iterations, "
+                 "for the spread")
+    return text
+
+
 def markdown(rows, args, settings, machine: str) -> str:
     sets = "".join(f" --set {s}" for s in args.set)
     cmd = (f"python scripts/bench_registration.py --trials {args.trials} --kind {args.kind}{sets} "
@@ -569,10 +591,8 @@ def markdown(rows, args, settings, machine: str) -> str:
         "",
         f"Command: `{cmd}` (part of `make bench`). {machine}",
         "",
-        f"{args.kind.capitalize()} registration (`MedicalFusionLib.registration.register`, defaults: Mattes mutual "
-        f"information, {settings.histogram_bins} bins, shrink {list(settings.shrink_factors)}, smoothing "
-        f"{list(settings.smoothing_sigmas_mm)} mm, {settings.samples} samples a level, regular-step gradient descent, "
-        f"at most {settings.iterations} iterations a level) of each functional to its anatomical, after "
+        f"{args.kind.capitalize()} registration (`MedicalFusionLib.registration.register`, defaults: "
+        f"{method_text(settings)}) of each functional to its anatomical, after "
         f"{args.trials} known random rigid misalignments (rotations up to 10 degrees about each axis, translations "
         "up to 20 mm along each; numpy seeds 1000 and up). TRE: the distance between where the found and the true "
         "transform put each voxel of the region (sts: the tumour mask on the anatomical's grid; spm12: the brain, "

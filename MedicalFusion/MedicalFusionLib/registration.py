@@ -110,6 +110,8 @@ class RegistrationSettings:
     finest_samples: int = 100_000        # the finest level, once settled: a short pass with more samples (0: none)
     refine_step: float = 0.25            # ... its first step (mm) ...
     refine_iterations: int = 50          # ... and its iterations at most
+    first_pass_voxels: int = 0           # the finest level's first pass (when a second follows): its anatomical
+                                         # grid subsampled to at most this many voxels (0: the whole grid)
     restarts: int = 2                    # perturbed starts run besides the main one, for the spread (0: none)
     restart_shift_mm: float = 10.0       # each perturbed start: shifted this far ...
     restart_turn_deg: float = 5.0        # ... and turned this much about the anatomical's centre
@@ -366,6 +368,16 @@ def _subsampled(image: sitk.Image, factors) -> sitk.Image:
     return out
 
 
+def _first_pass_grid(image: sitk.Image, max_voxels: int) -> sitk.Image:
+    """``image`` subsampled (:func:`_subsampled`, the same factor on every axis) to at most
+    ``max_voxels`` voxels (0: unchanged)."""
+    voxels = float(np.prod(image.GetSize()))
+    if max_voxels <= 0 or voxels <= max_voxels:
+        return image
+    k = int(np.ceil((voxels / max_voxels) ** (1.0 / 3.0)))
+    return _subsampled(image, (k, k, k))
+
+
 def _sampling_fraction(fixed: sitk.Image, samples: int, shrink: int = 1) -> float:
     voxels = float(np.prod(fixed.GetSize())) / float(shrink) ** 3
     return float(min(1.0, max(samples / max(voxels, 1.0), 1e-4)))
@@ -484,7 +496,10 @@ def _budget(settings: RegistrationSettings, stage: str, level: int, restart: boo
     ``coarsest_iterations``: it covers the whole misalignment, and once the noise of the gradient's
     translation part has shrunk the step (regular-step gradient descent never grows it), rotations
     of several degrees are covered ~0.02 mm a step (the test head, 8 degrees off, used all 200 and
-    ended 4.0 mm off at its box's corners; 1.5 mm with 400). The finer levels start near the answer."""
+    ended 4.0 mm off at its box's corners; 1.5 mm with 400). 250 was tried (on a plateau, STS_001
+    MR -> CT, the main run wanders for 376-400 iterations): the panel's CT-through test head uses
+    all 400 and ended 3.3 mm off with 250; the restarts at 125 flagged STS_003 MR -> CT trial 0
+    (docs/REGISTRATION.md, "Time"). The finer levels start near the answer."""
     budget = int(settings.coarsest_iterations) if stage == "rigid" and level == 0 else int(settings.iterations)
     return max(1, int(budget * settings.restart_budget)) if restart else budget
 
@@ -742,7 +757,11 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
                 tracker.new_run(refine, main=(i == 0), refine=True)
                 continue
             try:
-                current[i], stop, settled = _run_level(*images, current[i], stage, settings, tracker, budget,
+                # With ``first_pass_voxels`` set, the finest level's first pass draws its samples
+                # from a grid of at most that many voxels (the second pass uses the whole grid). Off
+                # by default: its gain was within the load's noise (docs/REGISTRATION.md, "Time").
+                first = (_first_pass_grid(images[0], settings.first_pass_voxels), images[1]) if refine else images
+                current[i], stop, settled = _run_level(*first, current[i], stage, settings, tracker, budget,
                                                     settings.samples, settings.learning_rate)
                 # The finest level, once it has settled (stopped before its budget), takes a short
                 # second pass with more samples from where it stopped: where the optimum lies then

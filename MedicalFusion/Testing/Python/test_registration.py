@@ -561,6 +561,50 @@ def test_benchmark_cache_keeps_every_tools_trials(tmp_path, pair):
     assert [len(got["ours"]), len(got["elastix"])] == [1, 1]
 
 
+def test_benchmark_cache_takes_the_newest_file_of_a_tool(tmp_path):
+    """Two runs of ours left files in the cache: the later run's trials win, whatever the process ids
+    in the file names (the older file here has the larger id, as happened when ours was rerun)."""
+    import os  # noqa: PLC0415
+
+    from bench_registration import load_cache, save_cache  # noqa: PLC0415
+
+    trial = {"tre": 0.5, "sec": 1.0, "cpu": 1.0, "error": "", "warning": ""}
+    save_cache(str(tmp_path), "hybrid", "ours", {"x|ours|0": dict(trial, tre=2.0)})
+    old = tmp_path / f"hybrid.ours.{os.getpid()}.json"
+    old.rename(tmp_path / "hybrid.ours.99999999.json")
+    os.utime(tmp_path / "hybrid.ours.99999999.json", (1_000_000_000, 1_000_000_000))
+    save_cache(str(tmp_path), "hybrid", "ours", {"x|ours|0": dict(trial, tre=1.0)})
+    os.rename(tmp_path / f"hybrid.ours.{os.getpid()}.json", tmp_path / "hybrid.ours.1.json")
+    assert load_cache(str(tmp_path), "hybrid")["x|ours|0"]["tre"] == 1.0
+
+
+def test_benchmark_text_describes_the_method_as_built():
+    """The generated registration section names the settings the code runs with: both passes of
+    the finest level, the first pass's grid, the coarsest level's budget and the restarts."""
+    from bench_registration import method_text  # noqa: PLC0415
+
+    s = reg.RegistrationSettings(first_pass_voxels=2_000_000)
+    text = method_text(s)
+    for words in (f"{s.samples} samples", f"{s.finest_samples} samples on the whole grid",
+                  f"at most {s.first_pass_voxels} voxels", f"({s.coarsest_iterations} at the coarsest",
+                  f"{s.restarts} restarts", "only when it has settled"):
+        assert words in text, words
+    assert "second" not in method_text(reg.RegistrationSettings(finest_samples=0))
+    assert "voxels" not in method_text(reg.RegistrationSettings(first_pass_voxels=0))
+
+
+def test_finest_first_pass_grid_is_every_kth_voxel_in_place():
+    """The finest level's first pass samples a grid of at most ``first_pass_voxels``: every k-th
+    voxel (k the same on every axis), the kept voxels where they were; smaller grids unchanged."""
+    image = sitk.Image([132, 132, 132], sitk.sitkFloat32)         # 2.3 million voxels
+    image.SetOrigin((-10.0, 5.0, 3.0))
+    image.SetSpacing((0.9, 0.9, 2.0))
+    out = reg._first_pass_grid(image, 2_000_000)
+    assert out.GetSize() == (66, 66, 66) and out.GetSpacing() == (1.8, 1.8, 4.0)
+    assert out.GetOrigin() == image.GetOrigin() and out.GetDirection() == image.GetDirection()
+    assert reg._first_pass_grid(image, 3_000_000) is image and reg._first_pass_grid(image, 0) is image
+
+
 # ------------------------------------------------------------------------------------------------
 # transform files
 
