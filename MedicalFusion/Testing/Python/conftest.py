@@ -62,15 +62,27 @@ def small_pair(rng):
     return make_image(anat), make_image(pet.astype(np.float32))
 
 
+def _torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test on one torch thread, as the trainers do on the shared CPU; restore afterwards."""
-    import torch
+    yield from _torch_threads(1)
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+@pytest.fixture
+def two_torch_threads():
+    """Two torch threads (the pipeline's metrics then run on a pool of two workers); restored afterwards."""
+    yield from _torch_threads(2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -237,17 +237,6 @@ def test_progress_and_cancel_across_slabs(small_pair, monkeypatch):
         fuse_images(anat, pet, FusionOptions(method="lp", batch_size=1), progress=lambda d, t: None, cancel=cancel)
 
 
-@pytest.fixture
-def two_torch_threads():
-    """Two torch threads (the metrics then run on a pool of two workers); restored afterwards."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_torch_threads):
     """Issue 21: the colour metrics of a slab run on a metrics worker while this thread makes the
     slices' metrics; same values and same bytes whatever the timing and whatever the thread count."""
