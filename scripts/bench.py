@@ -108,7 +108,8 @@ def bench_case(case: str, method: str, data: str, threads: int | None = None) ->
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--output", default="docs/BENCHMARKS.md")
+    p.add_argument("--output", help="write the report section into this markdown file (make bench: "
+                   "docs/BENCHMARKS.md); without it, the figures are only printed")
     p.add_argument("--methods", nargs="*")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="auto")
@@ -147,8 +148,11 @@ def main() -> None:
                          f"{c['slices']} | {c['seconds_total']:.2f} | {c['seconds_engine']:.2f} | {c['extra_memory_mb']:.0f} |")
     lines += ["", "The Slicer scene round trip (node to node against the engine alone) is measured by "
               "`scripts/bench_scene.py`: see [BENCHMARKS_SCENE.md](BENCHMARKS_SCENE.md)."]
-    replace_section(args.output, "fusion", "\n".join(lines))
-    print(f"wrote {args.output}")
+    if args.output:
+        replace_section(args.output, "fusion", "\n".join(lines))
+        print(f"wrote {args.output}")
+    else:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -283,7 +283,8 @@ def report(rows: list[dict], command: str, threads: int, device: str, metric_set
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default="docs/BENCHMARKS.md")
+    p.add_argument("--output", help="write the report section into this markdown file (make bench: "
+                   "docs/BENCHMARKS.md); without it, the figures are only printed")
     p.add_argument("--methods", nargs="*", help="methods to run (default: every available method)")
     p.add_argument("--cases", nargs="*", help="cases to run (default: all): synthetic-256 STS_001-CT STS_001-MR "
                    "... spm12 mni-demo")
@@ -326,9 +327,10 @@ def main() -> None:
                           f"{_fmt(row['align'])}, fuse {_fmt(row['fuse'])}, metrics {_fmt(row['metrics'])}, write "
                           f"{_fmt(row['write'])})  {row['extra_mb']:.0f} MB; I/O floor {_fmt(floor)} s", flush=True)
     command = " ".join(["python scripts/bench_e2e.py"] + sys.argv[1:])
-    replace_section(args.output, args.section,
-                    report(rows, command, torch.get_num_threads(), args.device, args.metric_set))
-    print(f"wrote section '{args.section}' of {args.output}")
+    if args.output:
+        replace_section(args.output, args.section,
+                        report(rows, command, torch.get_num_threads(), args.device, args.metric_set))
+        print(f"wrote section '{args.section}' of {args.output}")
 
 
 if __name__ == "__main__":
