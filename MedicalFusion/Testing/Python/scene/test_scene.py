@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip(
-    "slicer", reason="slicer-core is not installed (pip install slicer-core): the MRML scene tests need real MRML nodes")
-vtk = pytest.importorskip("vtk", reason="vtk is not installed (it comes with slicer-core)")
+from slicer_core_required import slicer_and_vtk  # noqa: E402
+
+slicer, vtk = slicer_and_vtk()
 
 import SimpleITK as sitk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
-
-MODULE_DIR = Path(__file__).resolve().parents[3]
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
 
 from MedicalFusionLib import scene as fscene  # noqa: E402
 from MedicalFusionLib.errors import FusionCancelled, FusionError  # noqa: E402

@@ -8,19 +8,12 @@ shows only while the fused volume is in that view. Reruns and removals must not 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip(
-    "slicer", reason="slicer-core is not installed (pip install slicer-core): the MRML scene tests need real MRML nodes")
-vtk = pytest.importorskip("vtk", reason="vtk is not installed (it comes with slicer-core)")
+from slicer_core_required import slicer_and_vtk  # noqa: E402
 
-MODULE_DIR = Path(__file__).resolve().parents[3]
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
+slicer, vtk = slicer_and_vtk()
 
 from dicom_series import BQML_FIELDS, RADIOPHARMACEUTICAL, write_series  # noqa: E402
 from MedicalFusionLib import colour  # noqa: E402

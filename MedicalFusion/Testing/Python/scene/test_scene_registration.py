@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip(
-    "slicer", reason="slicer-core is not installed (pip install slicer-core): the MRML scene tests need real MRML nodes")
-vtk = pytest.importorskip("vtk", reason="vtk is not installed (it comes with slicer-core)")
+from slicer_core_required import slicer_and_vtk  # noqa: E402
+
+slicer, vtk = slicer_and_vtk()
 
 from MedicalFusionLib.scene import add_volume_from_image  # noqa: E402
 from test_registration import phantom, rigid  # noqa: E402
