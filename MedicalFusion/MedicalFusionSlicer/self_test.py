@@ -58,6 +58,11 @@ class MedicalFusionSelfTests:
     def _widget(self):
         return slicer.modules.medicalfusion.widgetRepresentation().self()
 
+    def _parentItem(self, node):
+        """The subject hierarchy item ``node`` sits under (its study, for a loaded pair)."""
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        return sh.GetItemParent(sh.GetItemByDataNode(node))
+
     def _phantom(self):
         from MedicalFusionLib.scene import add_phantom_pair  # noqa: PLC0415
 
@@ -100,10 +105,10 @@ class MedicalFusionSelfTests:
         anatomical, functional = self._loadSampleFromSampleData()
         self.assertTrue(anatomical.IsA("vtkMRMLScalarVolumeNode") and functional.IsA("vtkMRMLScalarVolumeNode"))
         self.assertEqual(functional.GetDisplayNode().GetColorNodeID(), colour.SLICER_COLOR_NODE_IDS["PET-Heat"])
+        study = self._parentItem(anatomical)
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        study = sh.GetItemParent(sh.GetItemByDataNode(anatomical))
         self.assertEqual(sh.GetItemLevel(study), "Study")
-        self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(functional)), study)
+        self.assertEqual(self._parentItem(functional), study)
         widget = self._widget()
         self.assertEqual((widget._parameterNode.anatomicalVolume, widget._parameterNode.functionalVolume),
                          (anatomical, functional))
@@ -122,8 +127,7 @@ class MedicalFusionSelfTests:
         fused = p.outputVolume or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLVectorVolumeNode")
         self.assertIsNotNone(fused, widget.ui.statusLabel.text)
         self.assertEqual(fused.GetAttribute("MedicalFusion.method"), "alpha")
-        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(fused)), sh.GetItemParent(sh.GetItemByDataNode(anatomical)))
+        self.assertEqual(self._parentItem(fused), self._parentItem(anatomical))
         if layoutManager is not None:
             self.assertEqual(layoutManager.layout, layoutBefore)
         self.assertTrue(widget.ui.fuseButton.enabled)
