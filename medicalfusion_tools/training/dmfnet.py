@@ -147,6 +147,45 @@ def _lr_at(base: float, frac: float) -> float:
 # --------------------------------------------------------------------------------------------------
 # Stage I
 # --------------------------------------------------------------------------------------------------
+def _run_stage(stage: int, state: dict, budget: float, lr0: float, opt, step, terms: tuple, report_every: int,
+               validate_every: int, validate, part: torch.nn.Module, save, log, max_steps: int | None) -> dict:
+    """The loop both stages share, until ``budget`` seconds of training (``state["elapsed"]``, which
+    a resumed run continues) or ``max_steps``: the learning rate on its schedule (:func:`_lr_at`),
+    ``step()`` (one batch; returns its loss ``terms``), a log line with the terms' means every
+    ``report_every`` steps and the held-out ``validate()`` every ``validate_every`` (``part`` back
+    in training mode after it), a checkpoint (``save()``) every CHECKPOINT_EVERY_S seconds and at
+    the end, with the final validation."""
+    t0, last_ckpt, run = time.time(), time.time(), []
+    start_elapsed = state["elapsed"]
+    while True:
+        state["elapsed"] = start_elapsed + (time.time() - t0)
+        if state["elapsed"] >= budget or (max_steps is not None and state["step"] >= max_steps):
+            break
+        for g_ in opt.param_groups:
+            g_["lr"] = _lr_at(lr0, state["elapsed"] / budget)
+        run.append(step())
+        state["step"] += 1
+        if state["step"] % report_every == 0:
+            means = np.mean(run, axis=0)
+            msg = {"stage": stage, "step": state["step"], "min": round(state["elapsed"] / 60, 2)}
+            msg.update({name: round(float(m), 5) for name, m in zip(terms, means)})
+            msg["lr"] = opt.param_groups[0]["lr"]
+            if state["step"] % validate_every == 0:
+                msg["val"] = validate()
+                part.train()
+            state["history"].append(msg)
+            log(json.dumps(msg))
+            run = []
+        if time.time() - last_ckpt > CHECKPOINT_EVERY_S:
+            save()
+            last_ckpt = time.time()
+    state["done"] = True
+    state["final_val"] = validate()
+    log(json.dumps({"stage": stage, "done": True, "steps": state["step"], "val": state["final_val"]}))
+    save()
+    return state
+
+
 def train_stage1(model: DMFNet, train_imgs: np.ndarray, val_imgs: np.ndarray, ckpt: pathlib.Path,
                  seconds: float, resume: bool, seed: int, device: torch.device, log=print,
                  crop: int = STAGE1_CROP, batch: int = STAGE1_BATCH, max_steps: int | None = None) -> dict:
@@ -170,18 +209,11 @@ def train_stage1(model: DMFNet, train_imgs: np.ndarray, val_imgs: np.ndarray, ck
     ab_all = model.alpha_bar.to(device)
     budget = state.get("budget", seconds)  # a resumed run keeps its first budget (and its LR schedule)
     state["budget"] = budget
-    t0, last_ckpt, run_loss = time.time(), time.time(), []
-    start_elapsed = state["elapsed"]
 
     def save():
         _save_ckpt(ckpt, {"unet": unet.state_dict(), "opt": opt.state_dict(), "state": state})
 
-    while True:
-        state["elapsed"] = start_elapsed + (time.time() - t0)
-        if state["elapsed"] >= budget or (max_steps is not None and state["step"] >= max_steps):
-            break
-        for g_ in opt.param_groups:
-            g_["lr"] = _lr_at(STAGE1_LR, state["elapsed"] / budget)
+    def step() -> list:
         x0 = torch.from_numpy(random_crops(train_imgs, batch, crop, rng)).to(device) * 2 - 1
         half = batch // 2
         t = torch.cat([torch.randint(1, T + 1, (half,), generator=gen),
@@ -194,25 +226,13 @@ def train_stage1(model: DMFNet, train_imgs: np.ndarray, val_imgs: np.ndarray, ck
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        state["step"] += 1
-        run_loss.append(loss.item())
-        if state["step"] % 100 == 0:
-            msg = {"stage": 1, "step": state["step"], "min": round(state["elapsed"] / 60, 2),
-                   "loss": round(float(np.mean(run_loss)), 5), "lr": opt.param_groups[0]["lr"]}
-            if state["step"] % 500 == 0:
-                msg["val"] = stage1_validation(model, val_imgs, device)
-                unet.train()
-            state["history"].append(msg)
-            log(json.dumps(msg))
-            run_loss = []
-        if time.time() - last_ckpt > CHECKPOINT_EVERY_S:
-            save()
-            last_ckpt = time.time()
-    state["done"] = True
-    state["final_val"] = stage1_validation(model, val_imgs, device)
-    log(json.dumps({"stage": 1, "done": True, "steps": state["step"], "val": state["final_val"]}))
-    save()
-    return state
+        return [loss.item()]
+
+    def validate():
+        return stage1_validation(model, val_imgs, device)
+
+    return _run_stage(1, state, budget, STAGE1_LR, opt, step, ("loss",), 100, 500, validate, unet, save, log,
+                      max_steps)
 
 
 @torch.no_grad()
@@ -267,18 +287,11 @@ def train_stage2(model: DMFNet, train_pairs: np.ndarray, val_pairs: np.ndarray, 
     budget = state.get("budget", seconds)
     state["budget"] = budget
     n_steps = len(model.steps)
-    t0, last_ckpt, run = time.time(), time.time(), []
-    start_elapsed = state["elapsed"]
 
     def save():
         _save_ckpt(ckpt, {"head": head.state_dict(), "opt": opt.state_dict(), "state": state})
 
-    while True:
-        state["elapsed"] = start_elapsed + (time.time() - t0)
-        if state["elapsed"] >= budget or (max_steps is not None and state["step"] >= max_steps):
-            break
-        for g_ in opt.param_groups:
-            g_["lr"] = _lr_at(STAGE2_LR, state["elapsed"] / budget)
+    def step() -> list:
         x = torch.from_numpy(random_crops(train_pairs, batch, crop, rng)).to(device)
         a, b = x[:, :1], x[:, 1:]
         noise = torch.randn(n_steps, 2, batch, 1, crop, crop, generator=gen).to(device)
@@ -287,27 +300,13 @@ def train_stage2(model: DMFNet, train_pairs: np.ndarray, val_pairs: np.ndarray, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        state["step"] += 1
-        run.append([loss.item(), terms["int"], terms["grad"], terms["ssim"]])
-        if state["step"] % 25 == 0:
-            m = np.mean(run, axis=0)
-            msg = {"stage": 2, "step": state["step"], "min": round(state["elapsed"] / 60, 2),
-                   "loss": round(float(m[0]), 5), "int": round(float(m[1]), 5), "grad": round(float(m[2]), 5),
-                   "ssim": round(float(m[3]), 5), "lr": opt.param_groups[0]["lr"]}
-            if state["step"] % 200 == 0:
-                msg["val"] = stage2_validation(model, val_pairs, device)
-                head.train()
-            state["history"].append(msg)
-            log(json.dumps(msg))
-            run = []
-        if time.time() - last_ckpt > CHECKPOINT_EVERY_S:
-            save()
-            last_ckpt = time.time()
-    state["done"] = True
-    state["final_val"] = stage2_validation(model, val_pairs, device)
-    log(json.dumps({"stage": 2, "done": True, "steps": state["step"], "val": state["final_val"]}))
-    save()
-    return state
+        return [loss.item(), terms["int"], terms["grad"], terms["ssim"]]
+
+    def validate():
+        return stage2_validation(model, val_pairs, device)
+
+    return _run_stage(2, state, budget, STAGE2_LR, opt, step, ("loss", "int", "grad", "ssim"), 25, 200, validate,
+                      head, save, log, max_steps)
 
 
 @torch.no_grad()
