@@ -147,6 +147,25 @@ def _lr_at(base: float, frac: float) -> float:
 # --------------------------------------------------------------------------------------------------
 # Stage I
 # --------------------------------------------------------------------------------------------------
+def _start_stage(name: str, ckpt: pathlib.Path, resume: bool, key: str, part: torch.nn.Module, opt,
+                 crop_seed: int, noise_seed: int, log):
+    """A stage's state and random streams (crops: numpy, noise: torch), fresh or, with ``resume`` and a
+    checkpoint, where it stopped: ``part`` (saved under ``key``) and ``opt`` reloaded and both streams
+    reseeded past the steps already made. Returns (state, rng, gen)."""
+    state = {"step": 0, "elapsed": 0.0, "done": False, "history": []}
+    rng = np.random.default_rng(crop_seed)
+    gen = torch.Generator().manual_seed(noise_seed)
+    prev = _load_ckpt(ckpt) if resume else None
+    if prev is not None:
+        part.load_state_dict(prev[key])
+        opt.load_state_dict(prev["opt"])
+        state = prev["state"]
+        rng = np.random.default_rng(crop_seed + state["step"])
+        gen.manual_seed(noise_seed + state["step"])
+        log(f"stage {name}: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    return state, rng, gen
+
+
 def _run_stage(stage: int, state: dict, budget: float, lr0: float, opt, step, terms: tuple, report_every: int,
                validate_every: int, validate, part: torch.nn.Module, save, log, max_steps: int | None) -> dict:
     """The loop both stages share, until ``budget`` seconds of training (``state["elapsed"]``, which
@@ -192,17 +211,7 @@ def train_stage1(model: DMFNet, train_imgs: np.ndarray, val_imgs: np.ndarray, ck
     """Diffusion training of ``model.unet`` on single images [N,1,H,W] in [0,1]; returns stats."""
     unet = model.unet.to(device).train()
     opt = torch.optim.Adam(unet.parameters(), lr=STAGE1_LR)
-    state = {"step": 0, "elapsed": 0.0, "done": False, "history": []}
-    rng = np.random.default_rng(seed + 1)
-    gen = torch.Generator().manual_seed(seed + 11)
-    prev = _load_ckpt(ckpt) if resume else None
-    if prev is not None:
-        unet.load_state_dict(prev["unet"])
-        opt.load_state_dict(prev["opt"])
-        state = prev["state"]
-        rng = np.random.default_rng(seed + 1 + state["step"])
-        gen.manual_seed(seed + 11 + state["step"])
-        log(f"stage I: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    state, rng, gen = _start_stage("I", ckpt, resume, "unet", unet, opt, seed + 1, seed + 11, log)
     if state["done"]:
         return state
     T = model.config["diffusion_steps"]
@@ -271,17 +280,7 @@ def train_stage2(model: DMFNet, train_pairs: np.ndarray, val_pairs: np.ndarray, 
     model.unet.eval().requires_grad_(False)
     head = model.head.train()
     opt = torch.optim.Adam(head.parameters(), lr=STAGE2_LR)
-    state = {"step": 0, "elapsed": 0.0, "done": False, "history": []}
-    rng = np.random.default_rng(seed + 2)
-    gen = torch.Generator().manual_seed(seed + 22)
-    prev = _load_ckpt(ckpt) if resume else None
-    if prev is not None:
-        head.load_state_dict(prev["head"])
-        opt.load_state_dict(prev["opt"])
-        state = prev["state"]
-        rng = np.random.default_rng(seed + 2 + state["step"])
-        gen.manual_seed(seed + 22 + state["step"])
-        log(f"stage II: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    state, rng, gen = _start_stage("II", ckpt, resume, "head", head, opt, seed + 2, seed + 22, log)
     if state["done"]:
         return state
     budget = state.get("budget", seconds)
