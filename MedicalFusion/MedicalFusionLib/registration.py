@@ -6,6 +6,8 @@ framework: a rigid (Euler, 6 parameters) or affine (12 parameters) transform, a 
 shrink/smooth pyramid, metric sampling with a fixed seed and the metric on one thread (the same
 inputs give the same result, bit for bit: :func:`itk_threads`), image gradients from the
 interpolator, regular-step gradient descent with parameter scales estimated from physical shifts.
+A CT in Hounsfield units is seen by the metric with its bone saturated (:func:`bone_saturated`), so
+that bone and metal do not take most of the histogram's bins from the soft tissues.
 
 The start is the placement the images already have (their scanner coordinates, or a transform the
 user gives) when the two overlap; otherwise the centres of intensity mass are matched
