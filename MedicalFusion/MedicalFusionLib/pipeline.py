@@ -34,7 +34,7 @@ import SimpleITK as sitk
 
 from . import colour
 from .align import SLAB_VOXELS, check_overlap, reference_slabs, resample_onto, sub_grid
-from .device import pick_device
+from .device import cpu_workers, pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
 from .errors import FusionCancelled, FusionError
 from .methods import get_method
@@ -520,7 +520,12 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
 
         colour_acc = ColourMetrics(shape, prepared.functional_table, prepared.with_bone, device)
     seconds = seconds_metrics = 0.0
-    with built_once():
+    with built_once(), cpu_workers(device) as pool, _Behind(metric_keys is not None and pool is not None) as behind:
+        # With a pool (the CPU, more than one torch thread), a slab's metrics run behind the run, on
+        # a worker of their own, while the next slabs are fused (see _Behind); the last slab's in
+        # this thread, with the pool.
+        if behind.on:
+            per = slab_slices(shape, axis, OVERLAP_STREAM_VOXELS)
         for start in range(0, n, per):
             stop = min(n, start + per)
             index = tuple(slice(start, stop) if k == axis else slice(None) for k in range(3))
@@ -532,7 +537,8 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
             t0 = time.perf_counter()
             engine_progress, engine_cancel = tracker.callbacks()
             fused_y = fuse_volume(slab.anatomical, slab.functional_ycc[..., 0], method, axis=axis, device=device,
-                                  batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel)
+                                  batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel,
+                                  pool=pool)
             tracker.stage("recombine", *stage["recombine"])
             rgb[index] = recombine(fused_y, slab.functional_ycc, method.chroma_scale, prepared.grayscale,
                                    lambda f: tracker.advance(f, 1.0), table=prepared.functional_table)
@@ -540,7 +546,13 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
             seconds += time.perf_counter() - t0
             if metric_keys is not None:
                 t1 = time.perf_counter()
-                _slab_metrics(tracker, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics, colour_acc)
+                if behind.on and stop < n:
+                    behind.submit(_slab_metrics_behind, slab, rgb[index], prepared.grayscale, axis, slice_metrics,
+                                  colour_acc, behind.cancelled)
+                else:
+                    behind.wait(tracker)
+                    _slab_metrics(tracker, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics,
+                                  colour_acc, pool)
                 seconds_metrics += time.perf_counter() - t1
             del slab
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
@@ -606,26 +618,90 @@ class _SliceMetrics:
             self.values[k].append(out[k])
 
 
+def _slab_metrics_behind(slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int, slice_metrics: _SliceMetrics,
+                         colour_acc, cancel: CancelFn) -> None:
+    """:func:`_slab_metrics` on a worker, while the run goes on: the same values (the same calls, one
+    torch thread), no progress (the run's thread reports), ``cancel()`` checked between batches."""
+    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, grayscale, None, slab.functional_gray8)
+    f8 = by_slabs(colour.gray8, rgb)
+    slice_metrics.add(a8, b8, f8, progress=None, cancel=cancel)
+    del a8, b8, f8
+    if colour_acc is not None:
+        def tick(_done, _total) -> None:
+            if cancel():
+                raise FusionCancelled("fusion cancelled")
+
+        colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=tick)
+
+
+class _Behind:
+    """Work that runs behind the run, in order, on one worker thread of its own (the metrics of the
+    slabs already fused, while the next are fused; :func:`_fuse_prepared`). ``on``: whether it is
+    used at all. The run's thread :meth:`submit` s jobs and :meth:`wait` s for them, reporting and
+    checking cancel meanwhile; an error in a job is raised there. On leaving (done, cancelled or
+    failed) the jobs not started are dropped and a running one is told to stop (:meth:`cancelled`);
+    after a job's error the next ones do nothing."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self._stop = threading.Event()
+        self._jobs: list = []
+        self._worker = None
+
+    def __enter__(self) -> _Behind:
+        if self.on:
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medicalfusion-cpu-behind")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._worker is not None:
+            self._stop.set()
+            for job in self._jobs:
+                job.cancel()
+            self._worker.shutdown(wait=True)
+
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def submit(self, fn, *args) -> None:
+        for job in self._jobs:
+            if job.done():
+                job.result()                 # an earlier job's error, here
+        self._jobs = [job for job in self._jobs if not job.done()]
+        self._jobs.append(self._worker.submit(self._run, fn, *args))
+
+    def _run(self, fn, *args) -> None:
+        if self._stop.is_set():              # an earlier job failed (its error reaches the run): skip
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._stop.set()
+            raise
+
+    def wait(self, tracker: Progress) -> None:
+        """Every job submitted has ended (reporting and checking cancel every 0.05 s meanwhile)."""
+        for job in self._jobs:
+            while not _finished(job, 0.05):
+                tracker.tick()
+            job.result()
+        self._jobs = []
+
+
 def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
-                  slice_metrics: _SliceMetrics, colour_acc) -> None:
+                  slice_metrics: _SliceMetrics, colour_acc, pool) -> None:
     """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``.
 
-    On a CPU with several torch threads, one :func:`~MedicalFusionLib.metrics.torch_engine.cpu_workers`
-    block holds the slab's metrics: the colour metrics start on one of its workers while this thread
-    makes the 8-bit images and hands the slices' metrics to the same workers (before, the colour
-    metrics ran alone after them, on one core of two). The values do not depend on the timing: the
-    colour accumulator takes the slabs one at a time, in order (this slab's colour metrics end before
-    the next slab's start), and every torch operation runs on one thread, as before. Progress and
-    cancel stay in this thread (the callbacks may drive a UI); a cancel stops the worker at its next
-    batch of voxels, and an error in it is raised here."""
-    from .metrics.torch_engine import cpu_workers  # noqa: PLC0415
-
-    with cpu_workers(slice_metrics.device) as pool:
-        _slab_metrics_in(tracker, stage, slab, rgb, grayscale, axis, slice_metrics, colour_acc, pool)
-
-
-def _slab_metrics_in(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
-                     slice_metrics: _SliceMetrics, colour_acc, pool) -> None:
+    On a CPU with several torch threads, ``pool`` is the run's
+    :func:`~MedicalFusionLib.device.cpu_workers` block: the colour metrics start on one of its
+    workers while this thread makes the 8-bit images and hands the slices' metrics to the same
+    workers (before, the colour metrics ran alone after them, on one core of two). The values do not
+    depend on the timing: the colour accumulator takes the slabs one at a time, in order (this
+    slab's colour metrics end before the next slab's start), and every torch operation runs on one
+    thread, as before. Progress and cancel stay in this thread (the callbacks may drive a UI); a
+    cancel stops the worker at its next batch of voxels, and an error in it is raised here."""
     stop = threading.Event()
 
     def colour_in_worker() -> None:
@@ -681,6 +757,9 @@ def _slice_metrics_of_slab(tracker: Progress, stage: dict, slab: Slab, rgb: np.n
 #: Voxels per streamed slab: :func:`fuse_images` makes the voxels of, fuses, recombines and measures
 #: one slab of whole slices at a time, so its working memory is bounded by the slab, not the volume.
 STREAM_VOXELS = 1 << 22
+#: Voxels per streamed slab when the metrics run behind the fusion (:class:`_Behind`): smaller slabs,
+#: so that the metrics of the last one, which nothing hides, are a small part of the run.
+OVERLAP_STREAM_VOXELS = 1 << 20
 #: Bytes of working memory per voxel of a streamed slab (normalised inputs, YCbCr, fused luma,
 #: recombination and metrics temporaries): about 75 measured (lp, quick metrics, 256x256x180: 585 MB
 #: beyond the inputs, docs/BENCHMARKS.md), with a margin.

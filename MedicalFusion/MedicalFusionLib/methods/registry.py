@@ -45,6 +45,8 @@ class FusionMethod:
         the functional's colour, 0.5 is Slicer's 50 % foreground blend over a grey background.
     bytes_per_pixel: working memory per slice pixel, used to size batches.
     available: ``available() -> (ok, reason)``; a method whose weights are missing says why.
+    parallel: its ``FuseFn`` may be called from several threads at once with the same result (the
+        networks: eval mode, no state); on the CPU the engine then runs its batches side by side.
     """
 
     name: str
@@ -55,6 +57,7 @@ class FusionMethod:
     chroma_scale: float = 1.0
     bytes_per_pixel: int = 256
     available: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""))
+    parallel: bool = False
 
 
 _REGISTRY: dict[str, FusionMethod] = {}

@@ -117,4 +117,4 @@ def register_network(name: str, factory: Callable[..., nn.Module], pad_multiple:
             model = prepare(model)
         return network_fuse_fn(model, device, multiple=pad_multiple)
 
-    return register(FusionMethod(name=name, build=build, bytes_per_pixel=bytes_per_pixel))
+    return register(FusionMethod(name=name, build=build, bytes_per_pixel=bytes_per_pixel, parallel=True))

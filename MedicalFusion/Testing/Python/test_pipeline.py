@@ -238,7 +238,8 @@ def test_progress_and_cancel_across_slabs(small_pair, monkeypatch):
 
 
 def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_torch_threads):
-    """Issue 21: the colour metrics of a slab run on a metrics worker while this thread makes the
+    """Issue 21: the metrics of the slabs already fused run behind the fusion of the next, on a
+    worker of their own, and the last slab's colour metrics on a worker while this thread makes its
     slices' metrics; same values and same bytes whatever the timing and whatever the thread count."""
     import threading
     import time
@@ -251,6 +252,7 @@ def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_t
     ct, pet, tr = _ct_and_tilted_pet()
     options = FusionOptions(method="lp", metric_set="all", anatomical_units="HU", device="cpu")
     monkeypatch.setattr(pipeline, "STREAM_VOXELS", 3 * 36 * 30)          # several slabs
+    monkeypatch.setattr(pipeline, "OVERLAP_STREAM_VOXELS", 3 * 36 * 30)
     base = fuse_images(ct, pet, options, transform=tr)
     assert {"FMI_pixel", "readback_err", "hue_err10_bone"} <= set(base.metrics)
     add, threads = ColourMetrics.add, []
@@ -262,7 +264,8 @@ def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_t
 
     monkeypatch.setattr(ColourMetrics, "add", slow_colour)
     late = fuse_images(ct, pet, options, transform=tr)
-    assert threads and all(name.startswith("medicalfusion-metrics") for name in threads)   # on a worker
+    assert threads and all(name.startswith("medicalfusion-cpu") for name in threads)   # on a worker
+    assert "behind" in threads[0] and "behind" not in threads[-1]    # the first slabs' behind the run
     monkeypatch.setattr(ColourMetrics, "add", add)
     measure = pipeline._SliceMetrics._measure
 
@@ -313,6 +316,43 @@ def test_an_error_or_a_cancel_in_the_colour_worker_ends_the_run(small_pair, monk
     with pytest.raises(FusionCancelled):
         fuse_images(anat, pet, FusionOptions(method="lp"), progress=lambda d, t: None,
                     cancel=lambda: started.is_set() and active_phase() == "colour")
-    assert stopped and stopped[0].startswith("medicalfusion-metrics")
-    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-metrics")]
+    assert stopped and stopped[0].startswith("medicalfusion-cpu")
+    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-cpu")]
+    monkeypatch.setattr(ColourMetrics, "add", add)
+
+
+def test_an_error_or_a_cancel_behind_the_run_ends_it(small_pair, monkeypatch, two_torch_threads):
+    """Issue 21: the metrics that run behind the fusion (the slabs before the last): their error is
+    the run's (one line), a cancel while they work stops them, and no worker is left running."""
+    import threading
+
+    from MedicalFusionLib import pipeline
+    from MedicalFusionLib.errors import FusionCancelled
+    from MedicalFusionLib.metrics.torch_engine import ColourMetrics
+
+    anat, pet = small_pair                                       # 8 slices of 40x48
+    monkeypatch.setattr(pipeline, "OVERLAP_STREAM_VOXELS", 2 * 40 * 48)   # 4 slabs: 3 measured behind
+    add, where = ColourMetrics.add, []
+
+    def broken_behind(self, *args, **kw):
+        where.append(threading.current_thread().name)
+        if "behind" in where[-1]:
+            raise FusionError("colour metrics need a colour table")
+        return add(self, *args, **kw)
+
+    monkeypatch.setattr(ColourMetrics, "add", broken_behind)
+    with pytest.raises(FusionError, match="^colour metrics need a colour table$"):
+        fuse_images(anat, pet, FusionOptions(method="lp"))
+    assert where == ["medicalfusion-cpu-behind_0"]
+    started = threading.Event()
+
+    def endless(self, fused, ycc, levels, bone, axis, tick=None):
+        started.set()
+        while True:                                              # stops only through its tick (the run's cancel)
+            tick(0, 1)
+
+    monkeypatch.setattr(ColourMetrics, "add", endless)
+    with pytest.raises(FusionCancelled):
+        fuse_images(anat, pet, FusionOptions(method="lp"), progress=lambda d, t: None, cancel=started.is_set)
+    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-cpu")]
     monkeypatch.setattr(ColourMetrics, "add", add)
