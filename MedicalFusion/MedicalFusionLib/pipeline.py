@@ -18,6 +18,15 @@ recombine and metrics (:func:`pipeline_phases`), which take turns slab by slab
 (:meth:`~MedicalFusionLib.progress.Progress.stage`). Every step inside a slab works on pieces of
 about :data:`SLAB_VOXELS` voxels and reports between them, so no stretch without a report is
 longer than one piece, one engine batch or one metrics chunk.
+
+Cores: on a CPU with more than one torch thread the run holds one
+:func:`~MedicalFusionLib.device.cpu_workers` block: every torch operation runs on one thread, a
+network's batches run side by side on the workers (:func:`~MedicalFusionLib.engine.fuse_slices`),
+the slabs are smaller (:data:`BEHIND_STREAM_VOXELS`), and each fused slab is recombined and
+measured on a worker of its own while the next slab is made and fused (:class:`_Behind`); the
+last slab is recombined and measured in this thread, its metrics with the workers. The result and the metrics are the same
+bytes whatever the thread count and the timing: slabs reach the metrics in order, every operation
+runs on one thread.
 """
 from __future__ import annotations
 
@@ -520,12 +529,12 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
 
         colour_acc = ColourMetrics(shape, prepared.functional_table, prepared.with_bone, device)
     seconds = seconds_metrics = 0.0
-    with built_once(), cpu_workers(device) as pool, _Behind(metric_keys is not None and pool is not None) as behind:
-        # With a pool (the CPU, more than one torch thread), a slab's metrics run behind the run, on
-        # a worker of their own, while the next slabs are fused (see _Behind); the last slab's in
-        # this thread, with the pool.
+    with built_once(), cpu_workers(device) as pool, _Behind(pool is not None) as behind:
+        # With a pool (the CPU, more than one torch thread), each slab but the last is recombined and
+        # measured behind the run, on a worker of their own, while the next is made and fused (see
+        # _Behind); the last slab in this thread, its metrics with the pool.
         if behind.on:
-            per = slab_slices(shape, axis, OVERLAP_STREAM_VOXELS)
+            per = slab_slices(shape, axis, BEHIND_STREAM_VOXELS)
         for start in range(0, n, per):
             stop = min(n, start + per)
             index = tuple(slice(start, stop) if k == axis else slice(None) for k in range(3))
@@ -539,6 +548,12 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
             fused_y = fuse_volume(slab.anatomical, slab.functional_ycc[..., 0], method, axis=axis, device=device,
                                   batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel,
                                   pool=pool)
+            if behind.on and stop < n:
+                behind.submit(_slab_behind, fused_y, slab, rgb, index, method.chroma_scale, prepared, axis,
+                              slice_metrics, colour_acc, behind.cancelled)
+                seconds += time.perf_counter() - t0
+                continue
+            behind.wait(tracker)
             tracker.stage("recombine", *stage["recombine"])
             rgb[index] = recombine(fused_y, slab.functional_ycc, method.chroma_scale, prepared.grayscale,
                                    lambda f: tracker.advance(f, 1.0), table=prepared.functional_table)
@@ -546,13 +561,8 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
             seconds += time.perf_counter() - t0
             if metric_keys is not None:
                 t1 = time.perf_counter()
-                if behind.on and stop < n:
-                    behind.submit(_slab_metrics_behind, slab, rgb[index], prepared.grayscale, axis, slice_metrics,
-                                  colour_acc, behind.cancelled)
-                else:
-                    behind.wait(tracker)
-                    _slab_metrics(tracker, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics,
-                                  colour_acc, pool)
+                _slab_metrics(tracker, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics,
+                              colour_acc, pool)
                 seconds_metrics += time.perf_counter() - t1
             del slab
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
@@ -618,12 +628,20 @@ class _SliceMetrics:
             self.values[k].append(out[k])
 
 
-def _slab_metrics_behind(slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int, slice_metrics: _SliceMetrics,
-                         colour_acc, cancel: CancelFn) -> None:
-    """:func:`_slab_metrics` on a worker, while the run goes on: the same values (the same calls, one
-    torch thread), no progress (the run's thread reports), ``cancel()`` checked between batches."""
-    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, grayscale, None, slab.functional_gray8)
-    f8 = by_slabs(colour.gray8, rgb)
+def _slab_behind(fused_y: np.ndarray, slab: Slab, rgb: np.ndarray, index: tuple, chroma_scale: float,
+                 prepared: Prepared, axis: int, slice_metrics: _SliceMetrics | None, colour_acc,
+                 cancel: CancelFn) -> None:
+    """A fused slab finished on a worker while the run goes on: recombined into ``rgb[index]`` and,
+    when ``slice_metrics`` is given, measured (:func:`_slab_metrics`' calls, one torch thread: the
+    same values); no progress (the run's thread reports), ``cancel()`` checked between batches."""
+    if cancel():
+        raise FusionCancelled("fusion cancelled")
+    rgb[index] = recombine(fused_y, slab.functional_ycc, chroma_scale, prepared.grayscale,
+                           table=prepared.functional_table)
+    if slice_metrics is None:
+        return
+    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, prepared.grayscale, None, slab.functional_gray8)
+    f8 = by_slabs(colour.gray8, rgb[index])
     slice_metrics.add(a8, b8, f8, progress=None, cancel=cancel)
     del a8, b8, f8
     if colour_acc is not None:
@@ -631,12 +649,12 @@ def _slab_metrics_behind(slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int
             if cancel():
                 raise FusionCancelled("fusion cancelled")
 
-        colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=tick)
+        colour_acc.add(rgb[index], slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=tick)
 
 
 class _Behind:
-    """Work that runs behind the run, in order, on one worker thread of its own (the metrics of the
-    slabs already fused, while the next are fused; :func:`_fuse_prepared`). ``on``: whether it is
+    """Work that runs behind the run, in order, on one worker thread of its own (the recombination
+    and metrics of the slabs already fused, while the next are made and fused; :func:`_fuse_prepared`). ``on``: whether it is
     used at all. The run's thread :meth:`submit` s jobs and :meth:`wait` s for them, reporting and
     checking cancel meanwhile; an error in a job is raised there. On leaving (done, cancelled or
     failed) the jobs not started are dropped and a running one is told to stop (:meth:`cancelled`);
@@ -757,9 +775,10 @@ def _slice_metrics_of_slab(tracker: Progress, stage: dict, slab: Slab, rgb: np.n
 #: Voxels per streamed slab: :func:`fuse_images` makes the voxels of, fuses, recombines and measures
 #: one slab of whole slices at a time, so its working memory is bounded by the slab, not the volume.
 STREAM_VOXELS = 1 << 22
-#: Voxels per streamed slab when the metrics run behind the fusion (:class:`_Behind`): smaller slabs,
-#: so that the metrics of the last one, which nothing hides, are a small part of the run.
-OVERLAP_STREAM_VOXELS = 1 << 20
+#: Voxels per streamed slab when slabs are finished behind the fusion (:class:`_Behind`): smaller
+#: slabs, so that the last one's recombination and metrics, which nothing hides, are a small part
+#: of the run.
+BEHIND_STREAM_VOXELS = 1 << 20
 #: Bytes of working memory per voxel of a streamed slab (normalised inputs, YCbCr, fused luma,
 #: recombination and metrics temporaries): about 75 measured (lp, quick metrics, 256x256x180: 585 MB
 #: beyond the inputs, docs/BENCHMARKS.md), with a margin.

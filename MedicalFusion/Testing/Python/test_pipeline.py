@@ -252,7 +252,7 @@ def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_t
     ct, pet, tr = _ct_and_tilted_pet()
     options = FusionOptions(method="lp", metric_set="all", anatomical_units="HU", device="cpu")
     monkeypatch.setattr(pipeline, "STREAM_VOXELS", 3 * 36 * 30)          # several slabs
-    monkeypatch.setattr(pipeline, "OVERLAP_STREAM_VOXELS", 3 * 36 * 30)
+    monkeypatch.setattr(pipeline, "BEHIND_STREAM_VOXELS", 3 * 36 * 30)
     base = fuse_images(ct, pet, options, transform=tr)
     assert {"FMI_pixel", "readback_err", "hue_err10_bone"} <= set(base.metrics)
     add, threads = ColourMetrics.add, []
@@ -331,7 +331,7 @@ def test_an_error_or_a_cancel_behind_the_run_ends_it(small_pair, monkeypatch, tw
     from MedicalFusionLib.metrics.torch_engine import ColourMetrics
 
     anat, pet = small_pair                                       # 8 slices of 40x48
-    monkeypatch.setattr(pipeline, "OVERLAP_STREAM_VOXELS", 2 * 40 * 48)   # 4 slabs: 3 measured behind
+    monkeypatch.setattr(pipeline, "BEHIND_STREAM_VOXELS", 2 * 40 * 48)   # 4 slabs: 3 measured behind
     add, where = ColourMetrics.add, []
 
     def broken_behind(self, *args, **kw):
@@ -356,3 +356,32 @@ def test_an_error_or_a_cancel_behind_the_run_ends_it(small_pair, monkeypatch, tw
         fuse_images(anat, pet, FusionOptions(method="lp"), progress=lambda d, t: None, cancel=started.is_set)
     assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-cpu")]
     monkeypatch.setattr(ColourMetrics, "add", add)
+
+
+@pytest.mark.parametrize("method", ["lp", "mrdfn"])
+def test_slabs_finished_behind_the_run_give_the_same_bytes(method, monkeypatch, two_torch_threads):
+    """Issue 21: with two torch threads, each slab but the last is recombined on a worker of its own
+    while the next is fused on the others; the RGB result is that of one thread, slab for slab."""
+    import threading
+
+    import torch
+
+    from MedicalFusionLib import pipeline
+
+    ct, pet, tr = _ct_and_tilted_pet()
+    options = FusionOptions(method=method, compute_metrics=False, anatomical_units="HU", device="cpu")
+    monkeypatch.setattr(pipeline, "BEHIND_STREAM_VOXELS", 3 * 36 * 30)   # 5 slabs of 3 slices (14 slices)
+    recombine, where = pipeline.recombine, []
+
+    def recording(*args, **kw):
+        where.append(threading.current_thread().name)
+        return recombine(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "recombine", recording)
+    two = fuse_images(ct, pet, options, transform=tr)
+    assert where == ["medicalfusion-cpu-behind_0"] * 4 + [threading.current_thread().name]
+    torch.set_num_threads(1)
+    where.clear()
+    one = fuse_images(ct, pet, options, transform=tr)
+    assert where == [threading.current_thread().name]             # one thread: one slab, as before
+    assert np.array_equal(one.rgb, two.rgb)
