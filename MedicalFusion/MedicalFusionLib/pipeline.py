@@ -22,9 +22,10 @@ longer than one piece, one engine batch or one metrics chunk.
 Cores: on a CPU with more than one torch thread the run holds one
 :func:`~MedicalFusionLib.device.cpu_workers` block: every torch operation runs on one thread, a
 network's batches run side by side on the workers (:func:`~MedicalFusionLib.engine.fuse_slices`),
-the slabs are smaller (:data:`BEHIND_STREAM_VOXELS`), and each fused slab is recombined and
-measured on a worker of its own while the next slab is made and fused (:class:`_Behind`); the
-last slab is recombined and measured in this thread, its metrics with the workers. The result and the metrics are the same
+the slabs are smaller (:data:`BEHIND_STREAM_VOXELS`), the next slab is made on a worker of its own
+while one is fused, and each fused slab is recombined and measured on another while the next is
+fused (:class:`_Behind`); the last slab is recombined and measured in this thread, its metrics with
+the workers. The result and the metrics are the same
 bytes whatever the thread count and the timing: slabs reach the metrics in order, every operation
 runs on one thread.
 """
@@ -34,6 +35,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
@@ -529,19 +531,27 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
 
         colour_acc = ColourMetrics(shape, prepared.functional_table, prepared.with_bone, device)
     seconds = seconds_metrics = 0.0
-    with built_once(), cpu_workers(device) as pool, _Behind(pool is not None) as behind:
-        # With a pool (the CPU, more than one torch thread), each slab but the last is recombined and
-        # measured behind the run, on a worker of their own, while the next is made and fused (see
-        # _Behind); the last slab in this thread, its metrics with the pool.
+    with built_once(), cpu_workers(device) as pool, _Behind(pool is not None) as behind, \
+            _Behind(pool is not None, "ahead") as ahead:
+        # With a pool (the CPU, more than one torch thread): the next slab is made ahead, on a worker
+        # of its own, while this one is fused; each slab but the last is recombined and measured
+        # behind the run, on another, while the next is fused (see _Behind); the last slab in this
+        # thread, its metrics with the pool.
         if behind.on:
             per = slab_slices(shape, axis, BEHIND_STREAM_VOXELS)
+        next_slab = None
         for start in range(0, n, per):
             stop = min(n, start + per)
             index = tuple(slice(start, stop) if k == axis else slice(None) for k in range(3))
             stage = windows(start, stop, n)
 
             tracker.stage("prepare", *stage["prepare"])
-            slab = prepared.slab(axis, start, stop, tick=lambda f: tracker.advance(f, 1.0))
+            if next_slab is None:
+                slab = prepared.slab(axis, start, stop, tick=lambda f: tracker.advance(f, 1.0))
+            else:
+                slab = ahead.result(next_slab, tracker)
+            if ahead.on and stop < n:
+                next_slab = ahead.submit(prepared.slab, axis, stop, min(n, stop + per))
             tracker.stage("fuse", *stage["fuse"])
             t0 = time.perf_counter()
             engine_progress, engine_cancel = tracker.callbacks()
@@ -660,8 +670,8 @@ class _Behind:
     failed) the jobs not started are dropped and a running one is told to stop (:meth:`cancelled`);
     after a job's error the next ones do nothing."""
 
-    def __init__(self, on: bool):
-        self.on = on
+    def __init__(self, on: bool, name: str = "behind"):
+        self.on, self.name = on, name
         self._stop = threading.Event()
         self._jobs: list = []
         self._worker = None
@@ -670,7 +680,7 @@ class _Behind:
         if self.on:
             from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medicalfusion-cpu-behind")
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"medicalfusion-cpu-{self.name}")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -683,18 +693,19 @@ class _Behind:
     def cancelled(self) -> bool:
         return self._stop.is_set()
 
-    def submit(self, fn, *args) -> None:
+    def submit(self, fn, *args) -> Future:
         for job in self._jobs:
             if job.done():
                 job.result()                 # an earlier job's error, here
         self._jobs = [job for job in self._jobs if not job.done()]
         self._jobs.append(self._worker.submit(self._run, fn, *args))
+        return self._jobs[-1]
 
-    def _run(self, fn, *args) -> None:
+    def _run(self, fn, *args):
         if self._stop.is_set():              # an earlier job failed (its error reaches the run): skip
-            return
+            return None
         try:
-            fn(*args)
+            return fn(*args)
         except BaseException:
             self._stop.set()
             raise
@@ -702,10 +713,15 @@ class _Behind:
     def wait(self, tracker: Progress) -> None:
         """Every job submitted has ended (reporting and checking cancel every 0.05 s meanwhile)."""
         for job in self._jobs:
-            while not _finished(job, 0.05):
-                tracker.tick()
-            job.result()
+            self.result(job, tracker)
         self._jobs = []
+
+    @staticmethod
+    def result(job: Future, tracker: Progress):
+        """``job``'s result (its error raised here), reporting and checking cancel every 0.05 s meanwhile."""
+        while not _finished(job, 0.05):
+            tracker.tick()
+        return job.result()
 
 
 def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,

@@ -360,8 +360,9 @@ def test_an_error_or_a_cancel_behind_the_run_ends_it(small_pair, monkeypatch, tw
 
 @pytest.mark.parametrize("method", ["lp", "mrdfn"])
 def test_slabs_finished_behind_the_run_give_the_same_bytes(method, monkeypatch, two_torch_threads):
-    """Issue 21: with two torch threads, each slab but the last is recombined on a worker of its own
-    while the next is fused on the others; the RGB result is that of one thread, slab for slab."""
+    """Issue 21: with two torch threads, each slab after the first is made ahead on a worker of its
+    own and each slab but the last is recombined on another, while the next is fused on the others;
+    the RGB result is that of one thread, slab for slab."""
     import threading
 
     import torch
@@ -378,8 +379,16 @@ def test_slabs_finished_behind_the_run_give_the_same_bytes(method, monkeypatch, 
         return recombine(*args, **kw)
 
     monkeypatch.setattr(pipeline, "recombine", recording)
+    slab, made = pipeline.Prepared.slab, []
+
+    def making(self, *args, **kw):
+        made.append(threading.current_thread().name)
+        return slab(self, *args, **kw)
+
+    monkeypatch.setattr(pipeline.Prepared, "slab", making)
     two = fuse_images(ct, pet, options, transform=tr)
     assert where == ["medicalfusion-cpu-behind_0"] * 4 + [threading.current_thread().name]
+    assert made == [threading.current_thread().name] + ["medicalfusion-cpu-ahead_0"] * 4
     torch.set_num_threads(1)
     where.clear()
     one = fuse_images(ct, pet, options, transform=tr)
