@@ -818,7 +818,8 @@ def memory_needed(size: tuple[int, ...], voxel_bytes: int = 1, functional_voxels
     writing at about 12 bytes a voxel beyond the inputs, with a whole-volume comparison since
     made slab by slab); before it, an automatic anatomical window (a mask and two copies of the foreground).
     Per functional voxel: its float32 copy for resampling. Plus one streamed slab's working memory
-    (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`) and :data:`FIXED_BYTES`.
+    (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`, or of three slabs of
+    :data:`BEHIND_STREAM_VOXELS` when that is more: with CPU workers) and :data:`FIXED_BYTES`.
     """
     options = options or FusionOptions()
     voxels = int(np.prod(size))
@@ -827,6 +828,9 @@ def memory_needed(size: tuple[int, ...], voxel_bytes: int = 1, functional_voxels
     shape = tuple(reversed(size)) if len(size) == 3 else (1,) + tuple(reversed(size))
     largest_slice = max(shape[1] * shape[2], shape[0] * shape[2], shape[0] * shape[1])
     slab_voxels = max(min(STREAM_VOXELS, voxels), largest_slice)
+    # with CPU workers three smaller slabs are alive at once: one made ahead, one fused, one finished behind
+    behind_slab = min(voxels, max(BEHIND_STREAM_VOXELS // largest_slice * largest_slice, largest_slice))
+    slab_voxels = max(slab_voxels, 3 * behind_slab)
     return FIXED_BYTES + max(window, after) + 4 * functional_voxels + SLAB_BYTES_PER_VOXEL * slab_voxels
 
 
