@@ -88,7 +88,9 @@ def register(method: FusionMethod) -> FusionMethod:
 
 
 def register_function(name: str, fn: FuseFn, **kw) -> FusionMethod:
-    """Register a stateless function (no weights): ``build`` just returns it."""
+    """Register a stateless function (no weights): ``build`` just returns it; being stateless, its
+    calls may run side by side (``parallel``, unless ``parallel=False`` is given)."""
+    kw.setdefault("parallel", True)
     return register(FusionMethod(name=name, build=lambda device: fn, **kw))
 
 
