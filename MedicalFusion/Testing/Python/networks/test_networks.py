@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from MedicalFusionLib.errors import FusionError
 from MedicalFusionLib.networks import weights
@@ -115,6 +116,116 @@ def test_cpu_channels_last_layout_matches_default_layout(name):
         torch.set_num_threads(before)
     assert out_fast.shape == out_default.shape == (2, 1, 48, 40)
     assert torch.allclose(out_fast, out_default, atol=1e-5)
+
+
+def _mrdfn_reference(model: MRDFN, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MRDFN's forward as first written (each dense layer concatenates the features so far): the
+    reference the module's inference path must reproduce bit for bit."""
+    def dense(block, x):
+        feats = [x]
+        for conv in block.convs:
+            feats.append(F.relu(conv(torch.cat(feats, dim=1))))
+        return x + block.local_fusion(torch.cat(feats, dim=1))
+
+    n = a.shape[0]
+    features = F.relu(torch.cat([conv(torch.cat([a, b])) for conv in model.extractor.branches], dim=1))
+    fa, fb = features.split(n, dim=0)
+    x0 = F.relu(model.merge(torch.cat([fa, fb], dim=1)))
+    x1 = dense(model.rdb_full, x0)
+    x2 = dense(model.rdb_half, F.avg_pool2d(x1, 2))
+    x2 = F.interpolate(x2, size=x1.shape[-2:], mode="bilinear", align_corners=False)
+    y = F.relu(model.recon1(x0 + model.global_fusion(torch.cat([x1, x2], dim=1))))
+    return model.recon2(torch.cat([y, a, b], dim=1))
+
+
+def _spread_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights of the scale trained ones reach (default init leaves most ReLUs of a deep stack dead)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return model.eval()
+
+
+# chunks of 1 and 2 slices of 256x256 (the engine's CPU chunks), odd sizes (the pooling's fallback),
+# tiny slices (torch's own convolution instead of oneDNN's), a batch of 5
+MRDFN_SHAPES = [(1, 256, 256), (2, 256, 256), (3, 37, 51), (2, 92, 110), (1, 6, 8), (5, 40, 52)]
+
+
+@pytest.mark.parametrize("settings", [{}, {"branch": 2, "width": 4, "growth": 6, "layers_full": 1, "layers_half": 4}])
+def test_mrdfn_inference_forward_matches_the_plain_forward_bit_for_bit(settings):
+    """Without autograd, MRDFN writes its dense features into buffers instead of concatenating them
+    (issue 21): the same bits as the concatenating forward, in inference_mode and no_grad, with the
+    buffers kept between calls of the same shape and reallocated for another."""
+    model = _spread_weights(MRDFN(**settings), seed=1)
+    g = torch.Generator().manual_seed(2)
+    for shape in MRDFN_SHAPES + MRDFN_SHAPES[:2]:          # back to a shape seen before: kept buffers
+        a, b = torch.rand((shape[0], 1) + shape[1:], generator=g), torch.rand((shape[0], 1) + shape[1:], generator=g)
+        with torch.inference_mode():
+            expected = _mrdfn_reference(model, a, b)
+            first, again = model(a, b), model(a, b)
+        with torch.no_grad():
+            plain_no_grad = model(a, b)
+        assert expected.abs().max() > 0.05, shape              # a live network, not a constant
+        for out in (first, again, plain_no_grad):
+            assert out.shape == expected.shape and torch.equal(out, expected), shape
+            assert out.numpy().tobytes() == expected.numpy().tobytes(), shape  # signed zeros too
+
+
+def test_mrdfn_inference_forward_runs_in_two_threads_at_once():
+    """The engine's two workers call one model at the same time: each thread has its own buffers."""
+    import threading
+
+    model = _spread_weights(MRDFN(), seed=3)
+    g = torch.Generator().manual_seed(4)
+    inputs = [(torch.rand(2, 1, 64, 64, generator=g), torch.rand(2, 1, 64, 64, generator=g)) for _ in range(2)]
+    with torch.inference_mode():
+        expected = [_mrdfn_reference(model, a, b) for a, b in inputs]
+    wrong = []
+
+    def work(i):
+        a, b = inputs[i]
+        with torch.inference_mode():
+            for _ in range(20):
+                if not torch.equal(model(a, b), expected[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_mrdfn_inference_forward_concatenates_only_the_two_sources(monkeypatch):
+    """The plain forward concatenated features seven times per call (the dense blocks' growing lists,
+    the extractor, the merges); inference writes them into buffers: one torch.cat (the sources)."""
+    model = MRDFN().eval()
+    calls = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: calls.append(1) or cat(*args, **kwargs))
+    with torch.inference_mode():
+        model(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
+    assert len(calls) == 1
+
+
+def test_trained_mrdfn_inference_matches_the_plain_forward_on_real_slices(shared_data):
+    """The shipped weights on aanlib PET-MRI test slices (256x256, chunks of 2 as the engine runs them)."""
+    from medicalfusion_tools.training.data import load_stack, read_split
+    from MedicalFusionLib.networks.inference import load_network
+
+    try:
+        model, _ = load_network("mrdfn", MRDFN)
+    except FusionError as exc:
+        pytest.skip(str(exc))
+    stack = torch.from_numpy(load_stack(read_split(shared_data / "aanlib", "test", pairs=("PET-MRI",))[:4]))
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(stack), 2):
+            a, b = stack[i:i + 2, :1], stack[i:i + 2, 1:]
+            expected = _mrdfn_reference(model, a, b)
+            assert torch.equal(model(a, b), expected), i
 
 
 def test_lywnet_bn_folding_is_exact():
