@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from .inference import register_network
 
 DEFAULT_SETTINGS = {"branch": 4, "width": 8, "growth": 8, "layers_full": 2, "layers_half": 3}
+# A dense block's layers run slice by slice (inference, CPU) from this many values per slice of the
+# block's input: 4x torch's threshold for handing one image to oneDNN (20480), a margin should it move.
+# 2 slices of 256x256, 1 thread: ~12 % less CPU time than one strided batched call per layer.
+SLICE_BY_SLICE_VALUES = 4 * 20480
 
 
 class MultiscaleExtractor(nn.Module):
@@ -70,11 +74,22 @@ class ResidualDenseBlock(nn.Module):
         """Inference: ``forward(x)`` where ``features`` ([N, width + layers * growth, H, W]) holds x in
         its first ``width`` channels. Each layer reads the channels filled so far (the concatenation
         ``forward`` builds, as a view) and its ReLU writes its own channels; the local fusion reads the
-        whole buffer. Same operations on the same values as ``forward``: the same bits."""
-        width = self.local_fusion.out_channels
+        whole buffer. Same operations on the same values as ``forward``: the same bits.
+
+        With several slices the channels filled so far are a strided view, which a convolution first
+        copies; one slice's are contiguous. On the CPU the layers therefore run slice by slice when a
+        slice is large enough that torch gives one slice to oneDNN as it gives it a batch (torch's own
+        convolution takes a single image under 20480 values), so that the bits stay the same."""
+        n, width = features.shape[0], self.local_fusion.out_channels
+        by_slice = n > 1 and features.device.type == "cpu" and width * features[0, 0].numel() >= SLICE_BY_SLICE_VALUES
         filled = width
         for conv in self.convs:
-            torch.clamp_min(conv(features[:, :filled]), 0, out=features[:, filled:filled + conv.out_channels])
+            grown = features[:, filled:filled + conv.out_channels]
+            if by_slice:
+                for i in range(n):
+                    torch.clamp_min(conv(features[i:i + 1, :filled]), 0, out=grown[i:i + 1])
+            else:
+                torch.clamp_min(conv(features[:, :filled]), 0, out=grown)
             filled += conv.out_channels
         return torch.add(features[:, :width], self.local_fusion(features), out=out)
 

@@ -147,16 +147,29 @@ def _spread_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-# chunks of 1 and 2 slices of 256x256 (the engine's CPU chunks), odd sizes (the pooling's fallback),
-# tiny slices (torch's own convolution instead of oneDNN's), a batch of 5
-MRDFN_SHAPES = [(1, 256, 256), (2, 256, 256), (3, 37, 51), (2, 92, 110), (1, 6, 8), (5, 40, 52)]
+# chunks of 1 and 2 slices of 256x256 (the engine's CPU chunks: dense layers slice by slice at both
+# resolutions), odd sizes (the pooling's fallback), slice by slice at full resolution only (120x100),
+# at neither (92x110), tiny slices (torch's own convolution instead of oneDNN's), a batch of 5
+MRDFN_SHAPES = [(1, 256, 256), (2, 256, 256), (3, 37, 51), (2, 120, 100), (2, 92, 110), (1, 6, 8), (5, 40, 52)]
 
 
-@pytest.mark.parametrize("settings", [{}, {"branch": 2, "width": 4, "growth": 6, "layers_full": 1, "layers_half": 4}])
-def test_mrdfn_inference_forward_matches_the_plain_forward_bit_for_bit(settings):
+@pytest.mark.parametrize("settings, threads", [({}, 1), ({}, 2),
+                                               ({"branch": 2, "width": 4, "growth": 6, "layers_full": 1,
+                                                 "layers_half": 4}, 1)])
+def test_mrdfn_inference_forward_matches_the_plain_forward_bit_for_bit(settings, threads):
     """Without autograd, MRDFN writes its dense features into buffers instead of concatenating them
     (issue 21): the same bits as the concatenating forward, in inference_mode and no_grad, with the
-    buffers kept between calls of the same shape and reallocated for another."""
+    buffers kept between calls of the same shape and reallocated for another; at 1 thread and at 2
+    (the default layout: the wrapper's channels-last model runs the plain forward)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_mrdfn_inference(settings)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_mrdfn_inference(settings):
     model = _spread_weights(MRDFN(**settings), seed=1)
     g = torch.Generator().manual_seed(2)
     for shape in MRDFN_SHAPES + MRDFN_SHAPES[:2]:          # back to a shape seen before: kept buffers
@@ -178,7 +191,7 @@ def test_mrdfn_inference_forward_runs_in_two_threads_at_once():
 
     model = _spread_weights(MRDFN(), seed=3)
     g = torch.Generator().manual_seed(4)
-    inputs = [(torch.rand(2, 1, 64, 64, generator=g), torch.rand(2, 1, 64, 64, generator=g)) for _ in range(2)]
+    inputs = [(torch.rand(2, 1, 128, 128, generator=g), torch.rand(2, 1, 128, 128, generator=g)) for _ in range(2)]
     with torch.inference_mode():
         expected = [_mrdfn_reference(model, a, b) for a, b in inputs]
     wrong = []
