@@ -185,6 +185,21 @@ def _check_mrdfn_inference(settings):
             assert out.numpy().tobytes() == expected.numpy().tobytes(), shape  # signed zeros too
 
 
+def test_mrdfn_channels_last_model_runs_the_plain_forward():
+    """The wrapper converts the model to channels-last with 2 threads: there the buffers would cost a
+    copy per layer, so that model keeps the plain forward (and its bits)."""
+    model = _spread_weights(MRDFN(), seed=5).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.rand(2, 1, 256, 256, generator=g), torch.rand(2, 1, 256, 256, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(model(a, b), _mrdfn_reference(model, a, b))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_mrdfn_inference_forward_runs_in_two_threads_at_once():
     """The engine's two workers call one model at the same time: each thread has its own buffers."""
     import threading
