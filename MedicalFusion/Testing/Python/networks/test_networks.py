@@ -238,22 +238,113 @@ def test_mrdfn_inference_forward_concatenates_only_the_two_sources(monkeypatch):
     assert len(calls) == 1
 
 
-def test_trained_mrdfn_inference_matches_the_plain_forward_on_real_slices(shared_data):
-    """The shipped weights on aanlib PET-MRI test slices (256x256, chunks of 2 as the engine runs them)."""
-    from medicalfusion_tools.training.data import load_stack, read_split
-    from MedicalFusionLib.networks.inference import load_network
+def test_lywnet_inference_forward_concatenates_only_the_sources(monkeypatch):
+    """The plain forward concatenated the preprocessor's three branches too; inference writes them
+    into one buffer: torch.cat for the two sources and the source skip only."""
+    model = LYWNet(source_skip=True).eval().fold_bn()
+    calls = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: calls.append(1) or cat(*args, **kwargs))
+    with torch.inference_mode():
+        model(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
+    assert len(calls) == 2
 
-    try:
-        model, _ = load_network("mrdfn", MRDFN)
-    except FusionError as exc:
-        pytest.skip(str(exc))
+
+@pytest.mark.parametrize("name", ["mrdfn", "lywnet"])
+def test_trained_network_inference_matches_the_plain_forward_on_real_slices(name, shared_data):
+    """The shipped weights (as the registry builds them: LYWNet's BatchNorms folded) on aanlib PET-MRI
+    test slices, 256x256, in chunks of 2 as the engine runs them on the CPU."""
+    from medicalfusion_tools.training.data import load_stack, read_split
+    from MedicalFusionLib.methods import get_method
+
+    ok, reason = get_method(name).available()
+    if not ok:
+        pytest.skip(reason)
+    model = get_method(name).build(torch.device("cpu")).model      # 1 thread: the default layout
+    reference = {"mrdfn": _mrdfn_reference, "lywnet": _lywnet_reference}[name]
     stack = torch.from_numpy(load_stack(read_split(shared_data / "aanlib", "test", pairs=("PET-MRI",))[:4]))
-    model.eval()
     with torch.inference_mode():
         for i in range(0, len(stack), 2):
             a, b = stack[i:i + 2, :1], stack[i:i + 2, 1:]
-            expected = _mrdfn_reference(model, a, b)
-            assert torch.equal(model(a, b), expected), i
+            assert torch.equal(model(a, b), reference(model, a, b)), i
+
+
+def _lywnet_reference(model: LYWNet, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LYWNet's forward as first written (out-of-place sums and ReLUs, F.avg_pool2d, the
+    preprocessor's concatenation): the reference its inference path must reproduce bit for bit."""
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def conv_bn(m, x):
+        y = m.bn(m.conv(x))
+        return F.relu(y) if m.relu else y
+
+    def block(m, x):
+        p2 = F.avg_pool2d(x, 2)
+        p4 = F.avg_pool2d(p2, 2)
+        levels = m.detail.levels
+        coarse = conv_bn(levels[1], p2) + up(conv_bn(levels[2], p4), p2.shape[-2:])
+        detail = F.relu(x + conv_bn(levels[0], x) + up(coarse, x.shape[-2:]))
+        y = F.relu(x + conv_bn(m.context.conv, x))
+        q4, q8 = F.avg_pool2d(y, 4), F.avg_pool2d(F.avg_pool2d(y, 4), 2)
+        ppm = m.context.ppm
+        q8 = ppm.fuse_pooled[1](conv_bn(ppm.reduce[1], q8))
+        q4 = ppm.fuse_pooled[0](conv_bn(ppm.reduce[0], q4)) + up(q8, q4.shape[-2:])
+        context = F.relu(ppm.bn(ppm.fuse_x(y) + up(q4, y.shape[-2:])))
+        bn = m.boundary
+        sigma = torch.sigmoid(x + conv_bn(bn.expand, conv_bn(bn.mid, conv_bn(bn.reduce, x))))
+        return conv_bn(m.out, sigma * detail + (1.0 - sigma) * context)
+
+    n = a.shape[0]
+    x = torch.cat([a, b], dim=0)
+    pre = model.pre
+    low = conv_bn(pre.fuse, torch.cat([conv_bn(pre.k3, x), conv_bn(pre.k5, x), conv_bn(pre.k7, x)], dim=1))
+    deep = conv_bn(model.down, low)
+    for m in model.blocks:
+        deep = block(m, deep)
+    fa, fb = (low + up(deep, low.shape[-2:])).split(n, dim=0)
+    gain = 1.0 if model.log_gain is None else model.log_gain.exp()
+    wa = torch.sigmoid(gain * (fa - fb) / model.temperature)
+    fused = fb + wa * (fa - fb)
+    for m in model.recon:
+        fused = conv_bn(m, fused) if isinstance(m, type(model.down)) else m(fused)
+    return model.out(torch.cat([fused, a, b], dim=1)) if model.source_skip else fused
+
+
+@pytest.mark.parametrize("settings, fold, threads", [
+    ({}, True, 1), ({"source_skip": True}, True, 1), ({"source_skip": True, "fds_gain": 3.0}, False, 1),
+    ({"source_skip": True}, True, 2)])
+def test_lywnet_inference_forward_matches_the_plain_forward_bit_for_bit(settings, fold, threads):
+    """Without autograd LYWNet sums and ReLUs in place, pools by strided sums and writes the
+    preprocessor's branches into one buffer (issue 21): the same bits as the plain forward, in
+    inference_mode and no_grad, BatchNorms folded or not, at 1 thread (default layout) and at 2 in
+    the channels-last layout the wrapper uses there."""
+    model = _spread_weights(LYWNet(**settings), seed=7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    if fold:
+        model.fold_bn()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if threads > 1:
+        model = model.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(8)
+    try:
+        for n, h, w in [(2, 256, 256), (3, 48, 80), (1, 16, 16), (2, 35, 50)]:
+            a, b = torch.rand(n, 1, h, w, generator=g), torch.rand(n, 1, h, w, generator=g)
+            with torch.inference_mode():
+                expected = _lywnet_reference(model, a, b)
+                first, again = model(a, b), model(a, b)
+            with torch.no_grad():
+                plain_no_grad = model(a, b)
+            assert expected.abs().max() > 0.05, (n, h, w)
+            for out in (first, again, plain_no_grad):
+                assert out.numpy().tobytes() == expected.numpy().tobytes(), (n, h, w)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_lywnet_bn_folding_is_exact():
