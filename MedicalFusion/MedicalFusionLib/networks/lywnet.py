@@ -93,8 +93,8 @@ def _avg_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     k x k window in the same order (row by row, as torch's CPU loop adds them), divided by k*k, as
     k*k - 1 strided vectorised additions instead of torch's per-pixel loop: the same bits."""
     h, w = x.shape[-2:]
-    if torch.is_grad_enabled() or h % k or w % k or x.device.type != "cpu":
-        return F.avg_pool2d(x, k)
+    if torch.is_grad_enabled() or h % k or w % k or x.device.type != "cpu" or not x.is_contiguous():
+        return F.avg_pool2d(x, k)       # (channels-last: torch's kernel, vectorised over channels there)
     window = x.unflatten(-2, (h // k, k)).unflatten(-1, (w // k, k))      # [..., H/k, k, W/k, k]
     out = window[..., 0, :, 0] + window[..., 0, :, 1]
     for i in range(k):
@@ -116,18 +116,14 @@ class Preprocessor(nn.Module):
         self.fuse = ConvBN(k3 + 2 * k57, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return self.fuse(torch.cat([self.k3(x), self.k5(x), self.k7(x)], dim=1))
+        if torch.is_grad_enabled() or not self.fuse.conv.weight.is_contiguous():   # (training; channels-last,
+            return self.fuse(torch.cat([self.k3(x), self.k5(x), self.k7(x)], dim=1))  # where cat is the fast way)
         # without autograd each branch's ReLU writes straight into its channels of the fusion's input
-        joined, start = None, 0
+        joined = x.new_empty((x.shape[0], self.fuse.conv.in_channels) + x.shape[2:])
+        start = 0
         for branch in (self.k3, self.k5, self.k7):
-            y = branch.bn(branch.conv(x))
-            if joined is None:      # in the convolutions' layout (channels-last with the wrapper's 2 threads)
-                layout = torch.contiguous_format if y.is_contiguous() else torch.channels_last
-                joined = torch.empty((x.shape[0], self.fuse.conv.in_channels) + x.shape[2:], dtype=y.dtype,
-                                     device=y.device, memory_format=layout)
             stop = start + branch.conv.out_channels
-            torch.clamp_min(y, 0, out=joined[:, start:stop])
+            torch.clamp_min(branch.bn(branch.conv(x)), 0, out=joined[:, start:stop])
             start = stop
         return self.fuse(joined)
 

@@ -240,7 +240,7 @@ def test_mrdfn_inference_forward_concatenates_only_the_two_sources(monkeypatch):
 
 def test_lywnet_inference_forward_concatenates_only_the_sources(monkeypatch):
     """The plain forward concatenated the preprocessor's three branches too; inference writes them
-    into one buffer: torch.cat for the two sources and the source skip only."""
+    into one buffer (default layout): torch.cat for the two sources and the source skip only."""
     model = LYWNet(source_skip=True).eval().fold_bn()
     calls = []
     cat = torch.cat
@@ -315,10 +315,10 @@ def _lywnet_reference(model: LYWNet, a: torch.Tensor, b: torch.Tensor) -> torch.
     ({}, True, 1), ({"source_skip": True}, True, 1), ({"source_skip": True, "fds_gain": 3.0}, False, 1),
     ({"source_skip": True}, True, 2)])
 def test_lywnet_inference_forward_matches_the_plain_forward_bit_for_bit(settings, fold, threads):
-    """Without autograd LYWNet sums and ReLUs in place, pools by strided sums and writes the
-    preprocessor's branches into one buffer (issue 21): the same bits as the plain forward, in
-    inference_mode and no_grad, BatchNorms folded or not, at 1 thread (default layout) and at 2 in
-    the channels-last layout the wrapper uses there."""
+    """Without autograd LYWNet sums and ReLUs in place, and in the default layout pools by strided
+    sums and writes the preprocessor's branches into one buffer (issue 21): the same bits as the
+    plain forward, in inference_mode and no_grad, BatchNorms folded or not, at 1 thread (default
+    layout) and at 2 in the channels-last layout the wrapper uses there."""
     model = _spread_weights(LYWNet(**settings), seed=7)
     with torch.no_grad():
         for m in model.modules():
