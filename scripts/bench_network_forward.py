@@ -6,7 +6,8 @@ Run (repository root): python scripts/bench_network_forward.py mrdfn [--old a857
 Both models get the shipped weights (checksummed; LYWNet's BatchNorms folded, as the registry builds
 it) and the same inputs, 2 random 256x256 slices a call (the engine's CPU chunk) unless --chunk says
 otherwise. Outputs are compared first (bit for bit, or the largest difference is printed); then 10
-warm-up rounds and --calls timed rounds, old and new alternating call by call, under
+warm-up rounds and --calls timed rounds, old and new alternating call by call (the order reversed
+every other round: the second call of a round ran systematically slower under load), under
 torch.inference_mode. Modes:
   1t      1 torch thread, default (NCHW) layout: wall and thread CPU time medians;
   2py     2 Python threads at 1 torch thread each on their own inputs (the engine's workers); both run
@@ -67,7 +68,8 @@ def serial(fns, args, calls, label):
     cpu = {k: [] for k in fns}
     with torch.inference_mode():
         for i in range(10 + calls):
-            for k, f in fns.items():
+            for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):     # ABBA: no variant always first
+                f = fns[k]
                 t, c = time.perf_counter(), time.thread_time()
                 f(*args)
                 if i >= 10:
@@ -90,7 +92,8 @@ def two_workers(fns, inputs, calls):
         a, b = inputs[i]
         with torch.inference_mode():
             for r in range(10 + calls):
-                for k, f in fns.items():
+                for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                    f = fns[k]
                     barrier.wait()
                     t = time.perf_counter()
                     f(a, b)

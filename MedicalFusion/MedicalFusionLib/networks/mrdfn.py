@@ -110,8 +110,11 @@ class MRDFN(nn.Module):
         self.recon2 = nn.Conv2d(width + 2, 1, 3, padding=1)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self.recon1.weight.is_contiguous():   # (a 3x3 weight: a 1x1
-            return self._infer(a, b)    # one is channels-last too) channels-last: the plain forward, faster there
+        # Without autograd: the buffered path (same bits, less cost). Not in the channels-last layout
+        # (the wrapper's, at 2 threads), where its channel views would cost a copy per layer; a 3x3
+        # weight tells the layout (a 1x1 one is channels-last and contiguous at once).
+        if not torch.is_grad_enabled() and self.recon1.weight.is_contiguous():
+            return self._infer(a, b)
         n = a.shape[0]
         fa, fb = self.extractor(torch.cat([a, b], dim=0)).split(n, dim=0)
         x0 = F.relu(self.merge(torch.cat([fa, fb], dim=1)))
