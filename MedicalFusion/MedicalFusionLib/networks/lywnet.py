@@ -55,7 +55,7 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(x))
-        return F.relu(y) if self.relu else y
+        return _relu(y) if self.relu else y
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -75,6 +75,34 @@ def _up(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+# Inference (no autograd) runs the same operations on the same values, with the sums and ReLUs done in
+# place on intermediates nothing else holds (one allocation and one pass fewer each; the same bits:
+# a float sum commutes exactly) and the average poolings as strided sums. Training records them
+# out of place, as autograd needs.
+def _plus(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``; into ``fresh`` (an intermediate no one else holds) when autograd is off."""
+    return fresh + other if torch.is_grad_enabled() else fresh.add_(other)
+
+
+def _relu(fresh: torch.Tensor) -> torch.Tensor:
+    return F.relu(fresh) if torch.is_grad_enabled() else fresh.relu_()
+
+
+def _avg_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.avg_pool2d(x, k)``. Without autograd and for sizes divisible by ``k``: the same sum of the
+    k x k window in the same order (row by row, as torch's CPU loop adds them), divided by k*k, as
+    k*k - 1 strided vectorised additions instead of torch's per-pixel loop: the same bits."""
+    h, w = x.shape[-2:]
+    if torch.is_grad_enabled() or h % k or w % k or x.device.type != "cpu" or not x.is_contiguous():
+        return F.avg_pool2d(x, k)       # (channels-last: torch's kernel, vectorised over channels there)
+    window = x.unflatten(-2, (h // k, k)).unflatten(-1, (w // k, k))      # [..., H/k, k, W/k, k]
+    out = window[..., 0, :, 0] + window[..., 0, :, 1]
+    for i in range(k):
+        for j in range(2 if i == 0 else 0, k):
+            out.add_(window[..., i, :, j])
+    return out.div_(k * k)
+
+
 class Preprocessor(nn.Module):
     """Convolutions of kernel 3, 5 and 7 on the input, concatenated, fused by a 3x3 convolution."""
 
@@ -88,7 +116,16 @@ class Preprocessor(nn.Module):
         self.fuse = ConvBN(k3 + 2 * k57, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([self.k3(x), self.k5(x), self.k7(x)], dim=1))
+        if torch.is_grad_enabled() or not self.fuse.conv.weight.is_contiguous():   # (training; channels-last,
+            return self.fuse(torch.cat([self.k3(x), self.k5(x), self.k7(x)], dim=1))  # where cat is the fast way)
+        # without autograd each branch's ReLU writes straight into its channels of the fusion's input
+        joined = x.new_empty((x.shape[0], self.fuse.conv.in_channels) + x.shape[2:])
+        start = 0
+        for branch in (self.k3, self.k5, self.k7):
+            stop = start + branch.conv.out_channels
+            torch.clamp_min(branch.bn(branch.conv(x)), 0, out=joined[:, start:stop])
+            start = stop
+        return self.fuse(joined)
 
 
 class PyramidResidual(nn.Module):
@@ -100,8 +137,8 @@ class PyramidResidual(nn.Module):
         self.levels = nn.ModuleList(ConvBN(c, c, 3, relu=False) for _ in range(3))
 
     def forward(self, x: torch.Tensor, p2: torch.Tensor, p4: torch.Tensor) -> torch.Tensor:
-        coarse = self.levels[1](p2) + _up(self.levels[2](p4), p2.shape[-2:])
-        return F.relu(x + self.levels[0](x) + _up(coarse, x.shape[-2:]))
+        coarse = _plus(self.levels[1](p2), _up(self.levels[2](p4), p2.shape[-2:]))
+        return _relu(_plus(_plus(self.levels[0](x), x), _up(coarse, x.shape[-2:])))   # x + level + coarse
 
 
 class MicroPPM(nn.Module):
@@ -120,8 +157,8 @@ class MicroPPM(nn.Module):
 
     def forward(self, x: torch.Tensor, p4: torch.Tensor, p8: torch.Tensor) -> torch.Tensor:
         q8 = self.fuse_pooled[1](self.reduce[1](p8))
-        q4 = self.fuse_pooled[0](self.reduce[0](p4)) + _up(q8, p4.shape[-2:])
-        return F.relu(self.bn(self.fuse_x(x) + _up(q4, x.shape[-2:])))
+        q4 = _plus(self.fuse_pooled[0](self.reduce[0](p4)), _up(q8, p4.shape[-2:]))
+        return _relu(self.bn(_plus(self.fuse_x(x), _up(q4, x.shape[-2:]))))
 
 
 class ResidualPPM(nn.Module):
@@ -133,9 +170,9 @@ class ResidualPPM(nn.Module):
         self.ppm = MicroPPM(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(x + self.conv(x))
-        p4 = F.avg_pool2d(y, 4)
-        return self.ppm(y, p4, F.avg_pool2d(p4, 2))
+        y = _relu(_plus(self.conv(x), x))
+        p4 = _avg_pool(y, 4)
+        return self.ppm(y, p4, _avg_pool(p4, 2))
 
 
 class Bottleneck(nn.Module):
@@ -147,7 +184,7 @@ class Bottleneck(nn.Module):
         self.expand = ConvBN(m, c, 1, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.expand(self.mid(self.reduce(x)))
+        return _plus(self.expand(self.mid(self.reduce(x))), x)
 
 
 class LYWBlock(nn.Module):
@@ -159,10 +196,13 @@ class LYWBlock(nn.Module):
         self.out = ConvBN(c, c, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p2 = F.avg_pool2d(x, 2)
-        detail = self.detail(x, p2, F.avg_pool2d(p2, 2))
+        p2 = _avg_pool(x, 2)
+        detail = self.detail(x, p2, _avg_pool(p2, 2))
         sigma = torch.sigmoid(self.boundary(x))
-        return self.out(sigma * detail + (1.0 - sigma) * self.context(x))
+        if torch.is_grad_enabled():
+            return self.out(sigma * detail + (1.0 - sigma) * self.context(x))
+        rest = (1.0 - sigma).mul_(self.context(x))
+        return self.out(sigma.mul_(detail).add_(rest))
 
 
 def feature_distillation(fa: torch.Tensor, fb: torch.Tensor, temperature: float, gain=1.0) -> torch.Tensor:
@@ -170,8 +210,13 @@ def feature_distillation(fa: torch.Tensor, fb: torch.Tensor, temperature: float,
 
     ``gain`` (1 in the paper) scales the features inside the softmax only: weights
     softmax(gain * phi_i / T), sum of weights * phi_i."""
-    wa = torch.sigmoid(gain * (fa - fb) / temperature)  # = softmax([fa, fb] * gain / T)[0]
-    return fb + wa * (fa - fb)
+    if torch.is_grad_enabled():
+        wa = torch.sigmoid(gain * (fa - fb) / temperature)  # = softmax([fa, fb] * gain / T)[0]
+        return fb + wa * (fa - fb)
+    # the same operations, the difference computed once and the rest in place (1.0 * d is d exactly)
+    d = fa - fb
+    wa = torch.sigmoid_(d / temperature if isinstance(gain, float) and gain == 1.0 else gain * d / temperature)
+    return wa.mul_(d).add_(fb)
 
 
 class LYWNet(nn.Module):
@@ -205,7 +250,7 @@ class LYWNet(nn.Module):
         half resolution, upsampled): the skip connection between low-level and deep features."""
         low = self.pre(x)
         deep = self.blocks(self.down(low))
-        return low + F.interpolate(deep, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return _plus(F.interpolate(deep, size=low.shape[-2:], mode="bilinear", align_corners=False), low)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from MedicalFusionLib.errors import FusionError
 from MedicalFusionLib.networks import weights
@@ -115,6 +116,235 @@ def test_cpu_channels_last_layout_matches_default_layout(name):
         torch.set_num_threads(before)
     assert out_fast.shape == out_default.shape == (2, 1, 48, 40)
     assert torch.allclose(out_fast, out_default, atol=1e-5)
+
+
+def _mrdfn_reference(model: MRDFN, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MRDFN's forward as first written (each dense layer concatenates the features so far): the
+    reference the module's inference path must reproduce bit for bit."""
+    def dense(block, x):
+        feats = [x]
+        for conv in block.convs:
+            feats.append(F.relu(conv(torch.cat(feats, dim=1))))
+        return x + block.local_fusion(torch.cat(feats, dim=1))
+
+    n = a.shape[0]
+    features = F.relu(torch.cat([conv(torch.cat([a, b])) for conv in model.extractor.branches], dim=1))
+    fa, fb = features.split(n, dim=0)
+    x0 = F.relu(model.merge(torch.cat([fa, fb], dim=1)))
+    x1 = dense(model.rdb_full, x0)
+    x2 = dense(model.rdb_half, F.avg_pool2d(x1, 2))
+    x2 = F.interpolate(x2, size=x1.shape[-2:], mode="bilinear", align_corners=False)
+    y = F.relu(model.recon1(x0 + model.global_fusion(torch.cat([x1, x2], dim=1))))
+    return model.recon2(torch.cat([y, a, b], dim=1))
+
+
+def _spread_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights of the scale trained ones reach (default init leaves most ReLUs of a deep stack dead)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return model.eval()
+
+
+# chunks of 1 and 2 slices of 256x256 (the engine's CPU chunks: dense layers slice by slice at both
+# resolutions), odd sizes (the pooling's fallback), slice by slice at full resolution only (120x100),
+# at neither (92x110), tiny slices (torch's own convolution instead of oneDNN's), a batch of 5
+MRDFN_SHAPES = [(1, 256, 256), (2, 256, 256), (3, 37, 51), (2, 120, 100), (2, 92, 110), (1, 6, 8), (5, 40, 52)]
+
+
+@pytest.mark.parametrize("settings, threads", [({}, 1), ({}, 2),
+                                               ({"branch": 2, "width": 4, "growth": 6, "layers_full": 1,
+                                                 "layers_half": 4}, 1)])
+def test_mrdfn_inference_forward_matches_the_plain_forward_bit_for_bit(settings, threads):
+    """Without autograd, MRDFN writes its dense features into buffers instead of concatenating them
+    (issue 21): the same bits as the concatenating forward, in inference_mode and no_grad, with the
+    buffers kept between calls of the same shape and reallocated for another; at 1 thread and at 2
+    (the default layout: the wrapper's channels-last model runs the plain forward)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_mrdfn_inference(settings)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_mrdfn_inference(settings):
+    model = _spread_weights(MRDFN(**settings), seed=1)
+    g = torch.Generator().manual_seed(2)
+    for shape in MRDFN_SHAPES + MRDFN_SHAPES[:2]:          # back to a shape seen before: kept buffers
+        a, b = torch.rand((shape[0], 1) + shape[1:], generator=g), torch.rand((shape[0], 1) + shape[1:], generator=g)
+        with torch.inference_mode():
+            expected = _mrdfn_reference(model, a, b)
+            first, again = model(a, b), model(a, b)
+        with torch.no_grad():
+            plain_no_grad = model(a, b)
+        assert expected.abs().max() > 0.05, shape              # a live network, not a constant
+        for out in (first, again, plain_no_grad):
+            assert out.shape == expected.shape and torch.equal(out, expected), shape
+            assert out.numpy().tobytes() == expected.numpy().tobytes(), shape  # signed zeros too
+
+
+def test_mrdfn_channels_last_model_runs_the_plain_forward():
+    """The wrapper converts the model to channels-last with 2 threads: there the buffers would cost a
+    copy per layer, so that model keeps the plain forward (and its bits)."""
+    model = _spread_weights(MRDFN(), seed=5).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.rand(2, 1, 256, 256, generator=g), torch.rand(2, 1, 256, 256, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(model(a, b), _mrdfn_reference(model, a, b))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_mrdfn_inference_forward_runs_in_two_threads_at_once():
+    """The engine's two workers call one model at the same time: each thread has its own buffers."""
+    import threading
+
+    model = _spread_weights(MRDFN(), seed=3)
+    g = torch.Generator().manual_seed(4)
+    inputs = [(torch.rand(2, 1, 128, 128, generator=g), torch.rand(2, 1, 128, 128, generator=g)) for _ in range(2)]
+    with torch.inference_mode():
+        expected = [_mrdfn_reference(model, a, b) for a, b in inputs]
+    wrong = []
+
+    def work(i):
+        a, b = inputs[i]
+        with torch.inference_mode():
+            for _ in range(20):
+                if not torch.equal(model(a, b), expected[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_mrdfn_inference_forward_concatenates_only_the_two_sources(monkeypatch):
+    """The plain forward concatenated features seven times per call (the dense blocks' growing lists,
+    the extractor, the merges); inference writes them into buffers: one torch.cat (the sources)."""
+    model = MRDFN().eval()
+    calls = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: calls.append(1) or cat(*args, **kwargs))
+    with torch.inference_mode():
+        model(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
+    assert len(calls) == 1
+
+
+def test_lywnet_inference_forward_concatenates_only_the_sources(monkeypatch):
+    """The plain forward concatenated the preprocessor's three branches too; inference writes them
+    into one buffer (default layout): torch.cat for the two sources and the source skip only."""
+    model = LYWNet(source_skip=True).eval().fold_bn()
+    calls = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: calls.append(1) or cat(*args, **kwargs))
+    with torch.inference_mode():
+        model(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["mrdfn", "lywnet"])
+def test_trained_network_inference_matches_the_plain_forward_on_real_slices(name, shared_data):
+    """The shipped weights (as the registry builds them: LYWNet's BatchNorms folded) on aanlib PET-MRI
+    test slices, 256x256, in chunks of 2 as the engine runs them on the CPU."""
+    from medicalfusion_tools.training.data import load_stack, read_split
+    from MedicalFusionLib.methods import get_method
+
+    ok, reason = get_method(name).available()
+    if not ok:
+        pytest.skip(reason)
+    model = get_method(name).build(torch.device("cpu")).model      # 1 thread: the default layout
+    reference = {"mrdfn": _mrdfn_reference, "lywnet": _lywnet_reference}[name]
+    stack = torch.from_numpy(load_stack(read_split(shared_data / "aanlib", "test", pairs=("PET-MRI",))[:4]))
+    with torch.inference_mode():
+        for i in range(0, len(stack), 2):
+            a, b = stack[i:i + 2, :1], stack[i:i + 2, 1:]
+            assert torch.equal(model(a, b), reference(model, a, b)), i
+
+
+def _lywnet_reference(model: LYWNet, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LYWNet's forward as first written (out-of-place sums and ReLUs, F.avg_pool2d, the
+    preprocessor's concatenation): the reference its inference path must reproduce bit for bit."""
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def conv_bn(m, x):
+        y = m.bn(m.conv(x))
+        return F.relu(y) if m.relu else y
+
+    def block(m, x):
+        p2 = F.avg_pool2d(x, 2)
+        p4 = F.avg_pool2d(p2, 2)
+        levels = m.detail.levels
+        coarse = conv_bn(levels[1], p2) + up(conv_bn(levels[2], p4), p2.shape[-2:])
+        detail = F.relu(x + conv_bn(levels[0], x) + up(coarse, x.shape[-2:]))
+        y = F.relu(x + conv_bn(m.context.conv, x))
+        q4, q8 = F.avg_pool2d(y, 4), F.avg_pool2d(F.avg_pool2d(y, 4), 2)
+        ppm = m.context.ppm
+        q8 = ppm.fuse_pooled[1](conv_bn(ppm.reduce[1], q8))
+        q4 = ppm.fuse_pooled[0](conv_bn(ppm.reduce[0], q4)) + up(q8, q4.shape[-2:])
+        context = F.relu(ppm.bn(ppm.fuse_x(y) + up(q4, y.shape[-2:])))
+        bn = m.boundary
+        sigma = torch.sigmoid(x + conv_bn(bn.expand, conv_bn(bn.mid, conv_bn(bn.reduce, x))))
+        return conv_bn(m.out, sigma * detail + (1.0 - sigma) * context)
+
+    n = a.shape[0]
+    x = torch.cat([a, b], dim=0)
+    pre = model.pre
+    low = conv_bn(pre.fuse, torch.cat([conv_bn(pre.k3, x), conv_bn(pre.k5, x), conv_bn(pre.k7, x)], dim=1))
+    deep = conv_bn(model.down, low)
+    for m in model.blocks:
+        deep = block(m, deep)
+    fa, fb = (low + up(deep, low.shape[-2:])).split(n, dim=0)
+    gain = 1.0 if model.log_gain is None else model.log_gain.exp()
+    wa = torch.sigmoid(gain * (fa - fb) / model.temperature)
+    fused = fb + wa * (fa - fb)
+    for m in model.recon:
+        fused = conv_bn(m, fused) if isinstance(m, type(model.down)) else m(fused)
+    return model.out(torch.cat([fused, a, b], dim=1)) if model.source_skip else fused
+
+
+@pytest.mark.parametrize("settings, fold, threads", [
+    ({}, True, 1), ({"source_skip": True}, True, 1), ({"source_skip": True, "fds_gain": 3.0}, False, 1),
+    ({"source_skip": True}, True, 2)])
+def test_lywnet_inference_forward_matches_the_plain_forward_bit_for_bit(settings, fold, threads):
+    """Without autograd LYWNet sums and ReLUs in place, and in the default layout pools by strided
+    sums and writes the preprocessor's branches into one buffer (issue 21): the same bits as the
+    plain forward, in inference_mode and no_grad, BatchNorms folded or not, at 1 thread (default
+    layout) and at 2 in the channels-last layout the wrapper uses there."""
+    model = _spread_weights(LYWNet(**settings), seed=7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    if fold:
+        model.fold_bn()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if threads > 1:
+        model = model.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(8)
+    try:
+        for n, h, w in [(2, 256, 256), (3, 48, 80), (1, 16, 16), (2, 35, 50)]:
+            a, b = torch.rand(n, 1, h, w, generator=g), torch.rand(n, 1, h, w, generator=g)
+            with torch.inference_mode():
+                expected = _lywnet_reference(model, a, b)
+                first, again = model(a, b), model(a, b)
+            with torch.no_grad():
+                plain_no_grad = model(a, b)
+            assert expected.abs().max() > 0.05, (n, h, w)
+            for out in (first, again, plain_no_grad):
+                assert out.numpy().tobytes() == expected.numpy().tobytes(), (n, h, w)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_lywnet_bn_folding_is_exact():
