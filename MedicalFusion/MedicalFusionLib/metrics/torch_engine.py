@@ -105,8 +105,12 @@ def _slice_sum(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(1, dtype=_acc_dtype(x.device)).cpu().double()
 
 
-def _int_sum(x: torch.Tensor) -> np.ndarray:
-    """Per-slice exact sum of an integer [S, ...] tensor, as int64 numpy."""
+def _int_sum(x: torch.Tensor, bound: int = 255 * 255) -> np.ndarray:
+    """Per-slice exact sum of an integer [S, ...] tensor whose values are at most ``bound`` in
+    magnitude, as int64 numpy: the rows of the last axis summed in int32 when they cannot overflow
+    it, then the row sums in int64 (summing the whole tensor in int64 first widens a copy of it)."""
+    if x.dim() > 2 and x.shape[-1] * bound < 2 ** 31:
+        x = x.sum(-1, dtype=torch.int32)
     return x.reshape(x.shape[0], -1).sum(1, dtype=torch.int64).cpu().numpy()
 
 
@@ -116,9 +120,16 @@ def _int_sum(x: torch.Tensor) -> np.ndarray:
 def _joint_histograms(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU int64)."""
     s = f.shape[0]
-    offset = (torch.arange(s, device=f.device, dtype=torch.int64) << 16).view(s, 1, 1)
-    idx = (f.to(torch.int64) << 8) | x.to(torch.int64) | offset
-    return torch.bincount(idx.view(-1), minlength=s << 16).view(s, 256, 256).cpu()
+    return torch.bincount(_joint_keys(f).add_(x).view(-1), minlength=s << 16).view(s, 256, 256).cpu()
+
+
+def _joint_keys(f: torch.Tensor) -> torch.Tensor:
+    """``slice << 16 | f << 8`` per pixel of a uint8 [S, H, W] tensor (int32 while it fits), to which
+    :func:`_joint_histograms` adds the other image's gray level: one joint-histogram bin per key."""
+    s = f.shape[0]
+    dtype = torch.int32 if s <= 1 << 14 else torch.int64
+    offset = (torch.arange(s, device=f.device, dtype=dtype) << 16).view(s, 1, 1)
+    return torch.mul(f.to(dtype), 256).add_(offset)
 
 
 class _NLogN:
@@ -167,11 +178,12 @@ def _hist_metrics(a, b, f) -> dict[str, np.ndarray]:
 # moments: SD, SF, AG, PSNR, CC, SCD
 
 def _doubled_gradient(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """2 x numpy.gradient(x, axis=dim) of an int32 [S, H, W] tensor (an integer: central differences
-    inside, one-sided differences, doubled, on the first and last row/column)."""
+    """2 x numpy.gradient(x, axis=dim) of an integer-valued [S, H, W] tensor (int16, int32, or
+    float32 holding small integers: exact in each; central differences inside, one-sided
+    differences, doubled, on the first and last row/column)."""
     g = torch.empty_like(x)
     n = x.shape[dim]
-    g.narrow(dim, 1, n - 2).copy_(x.narrow(dim, 2, n - 2) - x.narrow(dim, 0, n - 2))
+    torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=g.narrow(dim, 1, n - 2))
     g.narrow(dim, 0, 1).copy_(2 * (x.narrow(dim, 1, 1) - x.narrow(dim, 0, 1)))
     g.narrow(dim, n - 1, 1).copy_(2 * (x.narrow(dim, n - 1, 1) - x.narrow(dim, n - 2, 1)))
     return g
@@ -190,19 +202,35 @@ def _moment_metrics(a, b, f) -> dict[str, np.ndarray]:
     h, w = f.shape[1], f.shape[2]
     n = h * w
     fi, ai, bi = f.to(torch.int32), a.to(torch.int32), b.to(torch.int32)
+    prod = torch.empty_like(fi)
+
+    def sum_of_products(x, y) -> np.ndarray:
+        return _int_sum(torch.mul(x, y, out=prod))
+
     sf, sa, sb = _int_sum(fi), _int_sum(ai), _int_sum(bi)
-    sff, saa, sbb = _int_sum(fi * fi), _int_sum(ai * ai), _int_sum(bi * bi)
-    sfa, sfb, sab = _int_sum(fi * ai), _int_sum(fi * bi), _int_sum(ai * bi)
+    sff, saa, sbb = sum_of_products(fi, fi), sum_of_products(ai, ai), sum_of_products(bi, bi)
+    sfa, sfb, sab = sum_of_products(fi, ai), sum_of_products(fi, bi), sum_of_products(ai, bi)
+    del prod
     out: dict[str, np.ndarray] = {}
     out["SD"] = np.sqrt((n * sff - sf * sf).astype(np.float64)) / n
-    rf2 = _int_sum((fi[:, :, 1:] - fi[:, :, :-1]) ** 2) / (h * (w - 1)) if w > 1 else np.zeros(len(sf))
-    cf2 = _int_sum((fi[:, 1:] - fi[:, :-1]) ** 2) / ((h - 1) * w) if h > 1 else np.zeros(len(sf))
+
+    def squared_differences(dim: int) -> np.ndarray:
+        d = torch.sub(fi.narrow(dim, 1, fi.shape[dim] - 1), fi.narrow(dim, 0, fi.shape[dim] - 1))
+        return _int_sum(d.mul_(d))
+
+    rf2 = squared_differences(2) / (h * (w - 1)) if w > 1 else np.zeros(len(sf))
+    cf2 = squared_differences(1) / ((h - 1) * w) if h > 1 else np.zeros(len(sf))
     out["SF"] = np.sqrt(rf2 + cf2)
     if min(h, w) < 2:
         out["AG"] = np.zeros(len(sf))
     else:
-        gx, gy = _doubled_gradient(fi, 2), _doubled_gradient(fi, 1)
-        out["AG"] = (_slice_sum(torch.sqrt((gx * gx + gy * gy).to(torch.float32))) / math.sqrt(8.0) / n).numpy()
+        # float32 from the start: the doubled gradients and their squares' sums are integers below
+        # 2^24, exact, so sqrt sees the same numbers as from int32 (two int32 passes saved)
+        ff = f.to(torch.float32)
+        gx, gy = _doubled_gradient(ff, 2), _doubled_gradient(ff, 1)
+        del ff
+        g = gx.mul_(gx).addcmul_(gy, gy).sqrt_()
+        out["AG"] = (_slice_sum(g) / math.sqrt(8.0) / n).numpy()
     # PSNR: MSE = (sum (f-a)^2 + sum (f-b)^2) / (2n), peak max(F)
     mse = ((sff - 2 * sfa + saa) + (sff - 2 * sfb + sbb)).astype(np.float64) / (2.0 * n)
     peak = f.reshape(f.shape[0], -1).amax(1).cpu().numpy().astype(np.float64)
@@ -375,18 +403,15 @@ def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mid += p[..., 2:]                                                  # [1 2 1] along the rows
     sy = (mid[:, 2:] - mid[:, :-2]).to(torch.float32)
     del mid, p
-    g = torch.sqrt(torch.addcmul(sx * sx, sy, sy))
-    zero = sx == 0
-    alpha = torch.where(zero, math.pi / 2, torch.atan(sy.div_(sx)))  # sx = 0: pi / 2 (the division's inf/nan unused)
+    g = torch.mul(sx, sx).addcmul_(sy, sy).sqrt_()
+    alpha = torch.atan_(sy.div_(sx)).masked_fill_(sx == 0, math.pi / 2)   # sx = 0: pi / 2 (not the inf/nan)
     return g, alpha
 
 
 def _edge_preservation(g_x, a_x, g_f, a_f) -> torch.Tensor:
     tg, kg, dg = QABF_STRENGTH
     ta, ka, da = QABF_ORIENTATION
-    hi, lo = torch.maximum(g_x, g_f), torch.minimum(g_x, g_f)
-    none = (hi == 0).to(torch.float32)           # both 0: relative strength 1
-    rel_g = (lo + none).div_(hi.add_(none))
+    rel_g = torch.minimum(g_x, g_f).div_(torch.maximum(g_x, g_f)).nan_to_num_(nan=1.0)  # both 0 (0 / 0): 1
     # T / (1 + exp(k (x - D))) = T sigmoid(-k (x - D)), one pass each, in place
     q = torch.sigmoid_(rel_g.sub_(dg).mul_(-kg)).mul_(tg)
     rel_a = torch.sub(a_x, a_f).abs_().mul_(-1.0 / (math.pi / 2)).add_(1.0 - da).mul_(-ka)
@@ -748,22 +773,36 @@ HUE_ERROR_DEG = 10.0
 LOST_CHROMA = 0.5
 
 
+def _colour_keys(fused: torch.Tensor) -> torch.Tensor:
+    """One int32 key per uint8 RGB row of ``fused`` [n, 3], below 2^24, read back by :func:`_key_rgb`:
+    the three bytes and a zero byte viewed as one int32 (one copy, no arithmetic)."""
+    buf = torch.zeros(fused.shape[0], 4, dtype=torch.uint8, device=fused.device)
+    (buf[:, :3] if _LITTLE_ENDIAN else buf[:, 1:]).copy_(fused)
+    return buf.view(torch.int32).view(-1)
+
+
+def _key_rgb(keys: torch.Tensor) -> torch.Tensor:
+    """The uint8 RGB values [n, 3] (as int32) of keys made by :func:`_colour_keys`."""
+    shifts = (0, 8, 16) if _LITTLE_ENDIAN else (16, 8, 0)
+    return torch.stack([(keys >> k) & 255 for k in shifts], 1)
+
+
 class _FusedColours:
-    """CIELAB of the fused volume's uint8 RGB colours and, with a colour bar, the bar entry nearest to
-    each in the (a*, b*) plane (the first of equals), computed once per distinct colour and looked
-    up per voxel. A fused volume has far fewer colours than coloured voxels (a 256x256x180 phantom:
-    39 thousand colours for 6.5 million voxels, 310 thousand counted batch by batch), and the search
-    over the bar is the costly part. The look-up is a table of all 2^24 colours (64 MB of int32)."""
+    """CIELAB a*, b*, chroma C* of the fused volume's uint8 RGB colours and, with a colour bar, the
+    bar entry nearest to each in the (a*, b*) plane (the first of equals), computed once per
+    distinct colour; a call gives each voxel's slot in these tables, which the voxels then read. A
+    fused volume has far fewer colours than coloured voxels (a 256x256x180 phantom: 39 thousand
+    colours for 6.5 million voxels, 310 thousand counted batch by batch), and the search over the
+    bar is the costly part. The slots are a table over all 2^24 colours (64 MB of int32)."""
 
     def __init__(self, device: torch.device, bar_ab: torch.Tensor | None):
         self.slot = torch.full((1 << 24,), -1, dtype=torch.int32, device=device)
         self.bar_ab = bar_ab
-        self.lab = torch.empty(0, 3, device=device)
+        self.a = self.b = self.chroma = torch.empty(0, device=device)
         self.nearest = torch.empty(0, dtype=torch.int16, device=device)
 
     def _add(self, colours: torch.Tensor) -> None:
-        rgb = torch.stack([colours >> 16, (colours >> 8) & 255, colours & 255], 1)
-        lab = rgb_to_lab_torch(rgb.to(torch.float32) / 255.0)
+        lab = rgb_to_lab_torch(_key_rgb(colours).to(torch.float32) / 255.0)
         if self.bar_ab is not None:
             best = torch.empty(lab.shape[0], dtype=torch.int16, device=lab.device)
             bar_a, bar_b = self.bar_ab[:, 0], self.bar_ab[:, 1]
@@ -773,22 +812,21 @@ class _FusedColours:
                 db = part[:, 2:3] - bar_b
                 best[start:start + 4096] = (da * da + db * db).argmin(1).to(torch.int16)
             self.nearest = torch.cat([self.nearest, best])
-        self.slot[colours] = torch.arange(self.lab.shape[0], self.lab.shape[0] + colours.numel(),
+        self.slot[colours] = torch.arange(self.a.shape[0], self.a.shape[0] + colours.numel(),
                                           dtype=torch.int32, device=colours.device)
-        self.lab = torch.cat([self.lab, lab])
+        self.a = torch.cat([self.a, lab[:, 1]])
+        self.b = torch.cat([self.b, lab[:, 2]])
+        self.chroma = torch.cat([self.chroma, torch.hypot(lab[:, 1], lab[:, 2])])
 
-    def __call__(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(lab [n, 3], nearest bar entry [n] int16 or None) of uint8 RGB [n, 3]."""
-        f = fused.to(torch.int64)
-        keys = (f[:, 0] << 16) | (f[:, 1] << 8) | f[:, 2]
+    def __call__(self, fused: torch.Tensor) -> torch.Tensor:
+        """The slots (int32 [n]) of uint8 RGB [n, 3]: index :attr:`a`, :attr:`b`, :attr:`chroma`, :attr:`nearest`."""
+        keys = _colour_keys(fused)
         slots = self.slot.index_select(0, keys)
-        new = keys[slots < 0]
-        if new.numel():
-            self._add(torch.unique(new))
+        new = slots < 0
+        if bool(new.any()):
+            self._add(torch.unique(keys[new]))
             slots = self.slot.index_select(0, keys)
-        slots = slots.to(torch.int64)
-        return (self.lab.index_select(0, slots),
-                None if self.bar_ab is None else self.nearest.index_select(0, slots))
+        return slots
 
 
 def _median_of_counts(counts: np.ndarray) -> float:
@@ -800,19 +838,35 @@ def _median_of_counts(counts: np.ndarray) -> float:
     return (lo + hi) / 2.0
 
 
-def _colour_batch(fused: torch.Tensor, lab_s: torch.Tensor, levels: torch.Tensor | None,
-                  fused_colours: _FusedColours):
+def _colour_batch(a_s: torch.Tensor, b_s: torch.Tensor, c_s: torch.Tensor, levels: torch.Tensor | None,
+                  slots: torch.Tensor, fused_colours: _FusedColours):
     """Per coloured voxel of one batch: (hue error degrees, chroma ratio, read-back error in entries
-    or None). ``fused`` uint8 [n, 3]; ``lab_s`` the source's CIELAB [n, 3]; ``levels`` its bar entries."""
-    lab_f, nearest = fused_colours(fused)
-    c_s = torch.hypot(lab_s[:, 1], lab_s[:, 2])
-    c_f = torch.hypot(lab_f[:, 1], lab_f[:, 2])
-    cross = lab_s[:, 1] * lab_f[:, 2] - lab_s[:, 2] * lab_f[:, 1]
-    dot = lab_s[:, 1] * lab_f[:, 1] + lab_s[:, 2] * lab_f[:, 2]
+    or None). ``a_s``, ``b_s``, ``c_s``: the source's CIELAB a*, b* and C* [n]; ``levels`` its bar
+    entries; ``slots`` the fused colours' slots in ``fused_colours``."""
+    a_f, b_f = fused_colours.a.index_select(0, slots), fused_colours.b.index_select(0, slots)
+    c_f = fused_colours.chroma.index_select(0, slots)
+    cross = a_s * b_f - b_s * a_f
+    dot = a_s * a_f + b_s * b_f
     hue = torch.rad2deg(torch.atan2(cross.abs(), dot))
     hue = torch.where(c_f < LOST_CHROMA, torch.full_like(hue, 180.0), hue)
-    read = None if nearest is None or levels is None else (nearest.to(torch.int16) - levels.to(torch.int16)).abs()
+    read = None
+    if levels is not None and fused_colours.bar_ab is not None:
+        read = (fused_colours.nearest.index_select(0, slots) - levels.to(torch.int16)).abs()
     return hue, c_f / c_s, read
+
+
+def _mark_slices(hit: torch.Tensor, at: torch.Tensor, start: int, stride: int, n_axis: int, first_axis: bool) -> None:
+    """``hit[slice] = True`` for the slice of each flat voxel index ``start + at`` (``at`` ascending);
+    along the first axis by counting the indices between slice boundaries (no per-voxel division)."""
+    if at.numel() == 0:
+        return
+    if not first_axis:
+        hit[(((at + start) // stride) % n_axis).cpu()] = True
+        return
+    lo, hi = (int(at[0]) + start) // stride, (int(at[-1]) + start) // stride
+    bounds = torch.arange(lo, hi + 2, dtype=torch.int64, device=at.device) * stride - start
+    counts = torch.searchsorted(at, bounds).diff()
+    hit[lo:hi + 1] |= (counts > 0).cpu()
 
 
 def colour_metrics_torch(fused_rgb8: np.ndarray, functional_ycc: np.ndarray, levels: np.ndarray | None = None,
@@ -872,8 +926,10 @@ class ColourMetrics:
         with torch.inference_mode():
             # a scalar functional's source colours are its bar's entries: CIELAB and C* computed once
             self.bar_lab = None if bar is None else rgb_to_lab_torch(bar.to(dev))
-            self.bar_coloured = None if bar is None else \
-                torch.hypot(self.bar_lab[:, 1], self.bar_lab[:, 2]) > COLOURED_CHROMA
+            self.bar_chroma = None if bar is None else torch.hypot(self.bar_lab[:, 1], self.bar_lab[:, 2])
+            self.bar_coloured = None if bar is None else self.bar_chroma > COLOURED_CHROMA
+            self.bar_a = None if bar is None else self.bar_lab[:, 1].contiguous()
+            self.bar_b = None if bar is None else self.bar_lab[:, 2].contiguous()
         self.fused_colours = _FusedColours(dev, None if bar is None else self.bar_lab[:, 1:])
         capacity = int(np.prod(self.shape))
         self.ratio = np.empty(capacity, np.float32)
@@ -911,25 +967,26 @@ class ColourMetrics:
             for start in range(0, total, batch_pixels):
                 stop = min(total, start + batch_pixels)
                 if by_level:                  # coloured: the voxel's bar entry is
-                    lv = torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev).to(torch.int64)
+                    lv = torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev).to(torch.int32)
                     sel = torch.nonzero(self.bar_coloured.index_select(0, lv))[:, 0]
                     lv = lv.index_select(0, sel)
-                    lab_s = self.bar_lab.index_select(0, lv)
+                    a_s, b_s = self.bar_a.index_select(0, lv), self.bar_b.index_select(0, lv)
+                    c_s = self.bar_chroma.index_select(0, lv)
                 else:                         # coloured: the RGB of the functional's YCbCr has C* > 20
                     ycc = torch.from_numpy(np.ascontiguousarray(flat_s[start:stop])).to(dev)
                     cand = torch.nonzero((ycc[:, 1:] - 0.5).abs().amax(1) > 1.0 / 512)[:, 0]   # neutral: C* = 0
                     lab_s = rgb_to_lab_torch(_ycc_to_rgb_torch(ycc[cand]))
-                    keep = torch.nonzero(torch.hypot(lab_s[:, 1], lab_s[:, 2]) > COLOURED_CHROMA)[:, 0]
-                    sel, lab_s, lv = cand[keep], lab_s[keep], None
+                    c_s = torch.hypot(lab_s[:, 1], lab_s[:, 2])
+                    keep = torch.nonzero(c_s > COLOURED_CHROMA)[:, 0]
+                    sel, a_s, b_s, c_s, lv = cand[keep], lab_s[keep, 1], lab_s[keep, 2], c_s[keep], None
                 if sel.numel():
                     fused = torch.from_numpy(np.ascontiguousarray(flat_f[start:stop])).to(dev).index_select(0, sel)
-                    h, r, rb = _colour_batch(fused, lab_s, lv, self.fused_colours)
+                    h, r, rb = _colour_batch(a_s, b_s, c_s, lv, self.fused_colours(fused), self.fused_colours)
                     over = h > HUE_ERROR_DEG
                     k, n = self.count, int(sel.numel())
                     self.ratio[k:k + n] = r.cpu().numpy()
                     self.hue_over[""] += int(over.sum())
-                    rows = (((sel + start) // stride) % n_axis).cpu()
-                    hit[""][rows] = True
+                    _mark_slices(hit[""], sel, start, stride, n_axis, axis == 0)
                     if rb is not None:
                         self.read[""] += torch.bincount(rb.to(torch.int64).cpu(), minlength=len(self.read[""]))
                     if flat_b is not None:
@@ -939,7 +996,7 @@ class ColourMetrics:
                         if rb is not None:
                             self.read["_bone"] += torch.bincount(rb[b].to(torch.int64).cpu(),
                                                                  minlength=len(self.read["_bone"]))
-                        hit["_bone"][rows[b.cpu()]] = True
+                        _mark_slices(hit["_bone"], sel[b], start, stride, n_axis, axis == 0)
                     self.count += n
                 if tick is not None:
                     tick(stop, total)
