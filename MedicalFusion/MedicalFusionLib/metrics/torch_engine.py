@@ -117,19 +117,20 @@ def _int_sum(x: torch.Tensor, bound: int = 255 * 255) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # histograms: EN, MI, ARI
 
-def _joint_histograms(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU int64)."""
-    s = f.shape[0]
-    return torch.bincount(_joint_keys(f).add_(x).view(-1), minlength=s << 16).view(s, 256, 256).cpu()
-
-
 def _joint_keys(f: torch.Tensor) -> torch.Tensor:
-    """``slice << 16 | f << 8`` per pixel of a uint8 [S, H, W] tensor (int32 while it fits), to which
-    :func:`_joint_histograms` adds the other image's gray level: one joint-histogram bin per key."""
+    """``slice << 16 | f << 8`` per pixel of a uint8 [S, H, W] tensor (int32 while it fits): made once,
+    the key of a pixel's bin in each joint histogram with F once the other image's level is added."""
     s = f.shape[0]
     dtype = torch.int32 if s <= 1 << 14 else torch.int64
     offset = (torch.arange(s, device=f.device, dtype=dtype) << 16).view(s, 1, 1)
     return torch.mul(f.to(dtype), 256).add_(offset)
+
+
+def _joint_histograms(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU
+    int64); ``keys`` from :func:`_joint_keys` of F."""
+    s = keys.shape[0]
+    return torch.bincount(torch.add(keys, x).view(-1), minlength=s << 16).view(s, 256, 256).cpu()
 
 
 class _NLogN:
@@ -167,7 +168,9 @@ def _ari(joint: torch.Tensor, n: int) -> torch.Tensor:
 def _hist_metrics(a, b, f) -> dict[str, np.ndarray]:
     n = int(f.shape[1] * f.shape[2])
     nlogn = _NLogN(n)
-    ja, jb = _joint_histograms(a, f), _joint_histograms(b, f)
+    keys = _joint_keys(f)
+    ja, jb = _joint_histograms(a, keys), _joint_histograms(b, keys)
+    del keys
     en = (math.log(n) - nlogn(ja.sum(2)) / n) / math.log(2.0)    # -sum p log2 p, p = counts / n
     mi = _mi_nats(ja, n, nlogn) + _mi_nats(jb, n, nlogn)
     return {"EN": en.numpy(), "MI_nats": mi.numpy(), "MI_bits": (mi / math.log(2.0)).numpy(),
@@ -281,29 +284,34 @@ def _ssim_metrics(a, b, f) -> dict[str, np.ndarray]:
     if min(f.shape[1], f.shape[2]) < k:
         raise FusionError(f"SSIM needs slices of at least {k}x{k} pixels, got {tuple(f.shape[1:])}")
     npix = k * k
-    x = torch.stack([f, a, b], 1).to(torch.int32)
-    maps = x.new_empty((x.shape[0], 8) + x.shape[2:])                # F A B, F2 A2 B2, AF BF (int32)
-    maps[:, :3] = x
-    torch.mul(x, x, out=maps[:, 3:6])
-    torch.mul(x[:, 1:], x[:, :1], out=maps[:, 6:8])
-    del x
+    maps = torch.empty((f.shape[0], 8) + f.shape[1:], dtype=torch.int32, device=f.device)  # F A B, F2 A2 B2, AF BF
+    for c, x in enumerate((f, a, b)):
+        maps[:, c].copy_(x)
+    torch.mul(maps[:, :3], maps[:, :3], out=maps[:, 3:6])
+    torch.mul(maps[:, 1:3], maps[:, :1], out=maps[:, 6:8])
     # 7x7 window sums over the valid region, exact in int32 (at most 49 x 255^2)
-    sums = _box7(_box7(maps, 2), 3)
+    sums = _box7(_box7(maps, 3), 2)      # rows first: 6x faster than columns first (same integers)
     del maps
     s_f, s_ff = sums[:, 0], sums[:, 3]
-    u_f = s_f.to(torch.float32) / npix
+    u_f = s_f.to(torch.float32).div_(npix)
     norm = 1.0 / (npix * (npix - 1))        # cov_norm NP/(NP-1) over NP^2
-    v_f = (npix * s_ff - s_f * s_f).to(torch.float32) * norm
+
+    def variance(s_xy, s_x, s_y) -> torch.Tensor:    # from exact integer numerators
+        return (npix * s_xy).sub_(s_x * s_y).to(torch.float32).mul_(norm)
+
+    v_f = variance(s_ff, s_f, s_f)
+    # the terms of F, used for both sources: 2 u_f and u_f^2 (the same roundings as in the formula)
+    u_f2, u_ff = u_f * 2.0, u_f * u_f
     count = float(s_f.shape[1] * s_f.shape[2])
     total = torch.zeros(f.shape[0], dtype=torch.float64)
     for c in (1, 2):
         s_x, s_xx, s_fx = sums[:, c], sums[:, 3 + c], sums[:, 5 + c]
-        u_x = s_x.to(torch.float32) / npix
-        v_x = (npix * s_xx - s_x * s_x).to(torch.float32) * norm      # exact integer numerators
-        v_fx = (npix * s_fx - s_f * s_x).to(torch.float32) * norm
-        num = (2.0 * u_f * u_x + SSIM_C1) * (2.0 * v_fx + SSIM_C2)
-        den = (u_f * u_f + u_x * u_x + SSIM_C1) * (v_f + v_x + SSIM_C2)
-        total += _slice_sum(num / den) / count
+        u_x = s_x.to(torch.float32).div_(npix)
+        v_x, v_fx = variance(s_xx, s_x, s_x), variance(s_fx, s_f, s_x)
+        # (2 u_f u_x + C1)(2 v_fx + C2) / ((u_f^2 + u_x^2 + C1)(v_f + v_x + C2)), in place
+        num = torch.mul(u_f2, u_x).add_(SSIM_C1).mul_(v_fx.mul_(2.0).add_(SSIM_C2))
+        den = u_x.mul_(u_x).add_(u_ff).add_(SSIM_C1).mul_(v_x.add_(v_f).add_(SSIM_C2))
+        total += _slice_sum(num.div_(den)) / count
     return {"SSIM_sum": total.numpy(), "SSIM_avg": (total / 2.0).numpy()}
 
 
@@ -329,16 +337,14 @@ def _vif_scale(images: torch.Tensor, g: torch.Tensor, sums: torch.Tensor) -> Non
     mu = _separable(maps, g)
     del maps
     # in place: channels 3..5 become the variances of D, A, B, channels 6..7 the covariances AD, BD
-    mu[:, 3:6] -= mu[:, :3] * mu[:, :3]
-    mu[:, 3:6].clamp_min_(0.0)
+    mu[:, 3:6] -= mu[:, :3] * mu[:, :3]         # rounded product, then the difference (not a fused
+    mu[:, 3:6].clamp_min_(0.0)                  # multiply-add: the variances' cancellation shows it)
     mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
     var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
-    ok_r = var_r >= VIF_EPS
     gain = torch.add(var_r, VIF_EPS)
-    torch.div(cov, gain, out=gain)
+    torch.div(cov, gain, out=gain).clamp_min_(0.0)          # a negative gain is not valid: 0
     valid = var_d >= VIF_EPS
-    valid = valid & ok_r
-    valid &= gain >= 0
+    valid = valid & (var_r >= VIF_EPS)
     gain.mul_(valid)                                         # 0 where not valid (var_r + eps > 0: finite)
     terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
     var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
@@ -346,8 +352,9 @@ def _vif_scale(images: torch.Tensor, g: torch.Tensor, sums: torch.Tensor) -> Non
     torch.mul(gain, gain, out=terms[:, 0])
     terms[:, 0] *= var_r
     terms[:, 0] /= var_n
-    torch.mul(var_r, ok_r, out=terms[:, 1])
-    terms[:, 1] /= VIF_NOISE_VAR
+    # den: var_r / sigma_n^2 where var_r >= eps; below it var_r / 2 < 5e-11 and 1 + that is 1 in
+    # float32 (its log 0), as the mask gives: no mask needed
+    torch.div(var_r, VIF_NOISE_VAR, out=terms[:, 1])
     terms += 1.0
     terms.log10_()
     sums += terms.sum((3, 4), dtype=_acc_dtype(images.device)).cpu().double()
@@ -365,14 +372,12 @@ def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
     if min(f.shape[1], f.shape[2]) < g1.numel():            # smaller than the first window: no scale
         return {"VIF": np.full(s, 2.0)}
     step = max(1, CACHE_PIXELS // max(1, f.shape[1] * f.shape[2]))
-    small = []
+    images = torch.empty((s, 3) + f.shape[1:], dtype=torch.float32, device=f.device)   # D, A, B
+    for c, x in enumerate((f, a, b)):
+        images[:, c].copy_(x)
     for i in range(0, s, step):
-        images = torch.stack([f[i:i + step], a[i:i + step], b[i:i + step]], 1).to(torch.float32)  # D, A, B
-        _vif_scale(images, g1, sums[i:i + step])
-        small.append(_separable(images, g2, 2))             # scale 2's images
-        del images
-    images = small[0] if len(small) == 1 else torch.cat(small)
-    del small
+        _vif_scale(images[i:i + step], g1, sums[i:i + step])
+    images = _separable(images, g2, 2)                      # scale 2's images, the whole batch at once
     for scale in range(2, 5):
         g = g2 if scale == 2 else torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
         if scale > 2:
@@ -404,7 +409,9 @@ def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sy = (mid[:, 2:] - mid[:, :-2]).to(torch.float32)
     del mid, p
     g = torch.mul(sx, sx).addcmul_(sy, sy).sqrt_()
-    alpha = torch.atan_(sy.div_(sx)).masked_fill_(sx == 0, math.pi / 2)   # sx = 0: pi / 2 (not the inf/nan)
+    # sx = 0: pi / 2, as atan(+inf): sy / 0 is +-inf or nan (sx != 0: |sy / sx| <= 1020, finite),
+    # all made +inf (a pass; a mask of sx == 0 and a masked fill cost several)
+    alpha = torch.atan_(sy.div_(sx).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf))
     return g, alpha
 
 
