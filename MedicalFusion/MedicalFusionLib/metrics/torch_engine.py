@@ -800,10 +800,13 @@ class _FusedColours:
     distinct colour; a call gives each voxel's slot in these tables, which the voxels then read. A
     fused volume has far fewer colours than coloured voxels (a 256x256x180 phantom: 39 thousand
     colours for 6.5 million voxels, 310 thousand counted batch by batch), and the search over the
-    bar is the costly part. The slots are a table over all 2^24 colours (64 MB of int32)."""
+    bar is the costly part. The slots are a table over all 2^24 colours (64 MB of int32), holding
+    slot + 1 (0: not seen yet); on the CPU it starts as numpy's zeros, whose pages the operating
+    system supplies zeroed on first use: only the pages of colours that occur are ever touched."""
 
     def __init__(self, device: torch.device, bar_ab: torch.Tensor | None):
-        self.slot = torch.full((1 << 24,), -1, dtype=torch.int32, device=device)
+        self.slot = (torch.from_numpy(np.zeros(1 << 24, np.int32)) if device.type == "cpu"
+                     else torch.zeros(1 << 24, dtype=torch.int32, device=device))
         self.bar_ab = bar_ab
         self.a = self.b = self.chroma = torch.empty(0, device=device)
         self.nearest = torch.empty(0, dtype=torch.int16, device=device)
@@ -819,7 +822,7 @@ class _FusedColours:
                 db = part[:, 2:3] - bar_b
                 best[start:start + 4096] = (da * da + db * db).argmin(1).to(torch.int16)
             self.nearest = torch.cat([self.nearest, best])
-        self.slot[colours] = torch.arange(self.a.shape[0], self.a.shape[0] + colours.numel(),
+        self.slot[colours] = torch.arange(self.a.shape[0] + 1, self.a.shape[0] + 1 + colours.numel(),
                                           dtype=torch.int32, device=colours.device)
         self.a = torch.cat([self.a, lab[:, 1]])
         self.b = torch.cat([self.b, lab[:, 2]])
@@ -829,11 +832,11 @@ class _FusedColours:
         """The slots (int32 [n]) of uint8 RGB [n, 3]: index :attr:`a`, :attr:`b`, :attr:`chroma`, :attr:`nearest`."""
         keys = _colour_keys(fused)
         slots = self.slot.index_select(0, keys)
-        new = slots < 0
+        new = slots == 0
         if bool(new.any()):
             self._add(torch.unique(keys[new]))
             slots = self.slot.index_select(0, keys)
-        return slots
+        return slots.sub_(1)
 
 
 def _median_of_counts(counts: np.ndarray) -> float:
