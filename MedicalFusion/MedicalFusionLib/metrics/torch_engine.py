@@ -22,7 +22,9 @@ Where the time goes and how it is saved:
   joint gray levels, each slice offset by 65536), SD, SF, PSNR, CC and SCD (per-slice integer sums
   of f, a, b, f^2, a^2, b^2, fa, fb, ab and of the squared first differences) and SSIM's 7x7 window
   sums (int32 additions, 2 + 2 -> 4, 4 + 2 -> 6, 6 + 1 -> 7 along each axis: no rounding at all)
-  are exact; only the final formula is floating point (float64 on the CPU and CUDA).
+  are exact; only the final formula is floating point (float64 on the CPU and CUDA). Per-slice sums
+  add each row in int32 (no overflow possible for 8-bit squares on rows under 33026 pixels) and
+  then the rows in int64, rather than widening every product to int64 first.
 - **VIF** filters all of a scale's eight maps (F, A, B, F^2, A^2, B^2, AF, BF) as channels of one
   depthwise separable convolution in float32 (float64 convolution is several times slower on the
   CPU); the clamps of the formula are masks, not branches, and it runs in place.
@@ -34,10 +36,15 @@ Where the time goes and how it is saved:
 - **Both cores, no intra-op threads.** On a CPU with several torch threads the groups of metrics
   run on a pool of one-thread workers (:func:`cpu_workers`); the pipeline also gives that pool a
   slab's colour metrics, which then run beside the slices' metrics.
-- **Colour fidelity** is computed once per distinct colour, not per voxel: the source's CIELAB from
-  the colour bar's entries, the fused colours' CIELAB and nearest bar entry from a table of the
-  2^24 RGB colours filled as colours appear (a fused volume has tens of thousands of colours for
-  millions of coloured voxels); the read-back medians come from counts of the errors.
+- **Colour fidelity** is computed once per distinct colour, not per voxel: the source's a*, b* and
+  C* from the colour bar's entries, the fused colours' a*, b*, C* and nearest bar entry from a
+  table of the 2^24 RGB colours filled as colours appear (a fused volume has tens of thousands of
+  colours for millions of coloured voxels); per voxel only look-ups, the hue angle and the ratio
+  remain; the read-back medians come from counts of the errors.
+- **Fewer passes, same arithmetic.** In-place operations and results written into preallocated
+  maps; where the values depend on float32 rounding (VIF's variances: a fused multiply-add there
+  moves VIF by 5e-4) every rounding step is kept as it was, so the values are those of the
+  straightforward formulas to the bit.
 - **FMI** (fast-FMI with 3x3 windows, the heaviest metric by far) never builds the 9x9 joint
   distribution of a window pair. The Frechet bound's cells are nonzero only on a monotone
   "staircase" of at most 17 cells (the merge of the two 9-step cdfs), so the joint entropy is the
@@ -822,7 +829,7 @@ class _FusedColours:
                 db = part[:, 2:3] - bar_b
                 best[start:start + 4096] = (da * da + db * db).argmin(1).to(torch.int16)
             self.nearest = torch.cat([self.nearest, best])
-        self.slot[colours] = torch.arange(self.a.shape[0] + 1, self.a.shape[0] + 1 + colours.numel(),
+        self.slot[colours.long()] = torch.arange(self.a.shape[0] + 1, self.a.shape[0] + 1 + colours.numel(),
                                           dtype=torch.int32, device=colours.device)
         self.a = torch.cat([self.a, lab[:, 1]])
         self.b = torch.cat([self.b, lab[:, 2]])
@@ -948,7 +955,7 @@ class ColourMetrics:
 
     def reset(self) -> None:
         """Start again on another volume of the same shape (the counts cleared; the fused colours'
-        look-up, 64 MB to set up, kept: ``evaluate`` scores pair after pair with one accumulator)."""
+        look-up kept: ``evaluate`` scores pair after pair with one accumulator)."""
         self.count = 0
         self.hue_over = {"": 0, "_bone": 0}          # coloured voxels whose hue error is > HUE_ERROR_DEG
         self.slices = {"": 0, "_bone": 0}            # slices with coloured voxels
