@@ -10,7 +10,8 @@ Each (case, method) runs in a fresh child process that calls the command line it
 follow whatever the pipeline and metrics on the branch do. Phases are timed by wrapping, in the
 child only, the functions the command calls: ``io.read.read_source`` (read), ``pipeline.prepare``
 (align: checks, resampling onto the anatomical grid, windows, colour; with ``Prepared.slab``, the
-voxels of each streamed slab made inside the run) and ``pipeline._fuse_prepared`` (fuse = the engine and
+voxels of each streamed slab made inside the run by its own thread: slabs made ahead on a CPU
+worker while another is fused are not counted) and ``pipeline._fuse_prepared`` (fuse = the engine and
 recombination, ``FusionResult.seconds``; metrics = the rest of that call but the slabs' voxels);
 write = what the command does after that (fused volume, metadata, metrics CSV). Process start and
 imports are not counted; loading a network's weights is (in fuse).
@@ -29,6 +30,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -132,7 +134,8 @@ def child(anatomical: str, functional: str, method: str, device: str, out_dir: s
     def timed_slab(*a, **k):          # the voxels of a slab (resampling, windows, colour): align too
         t = time.perf_counter()
         out = make_slab(*a, **k)
-        state["slabs"] += time.perf_counter() - t
+        if threading.current_thread() is threading.main_thread():   # not a slab made ahead on a worker
+            state["slabs"] += time.perf_counter() - t
         return out
 
     def timed_fuse(*a, **k):

@@ -563,7 +563,10 @@ def main(argv=None) -> int:
 def method_text(settings) -> str:
     """The registration method as ``settings`` build it (MedicalFusionLib.registration._optimise), in words."""
     s = settings
-    text = (f"Mattes mutual information, {s.histogram_bins} bins, shrink {list(s.shrink_factors)}, smoothing "
+    text = (f"Mattes mutual information, {s.histogram_bins} bins"
+            + (f" (a CT, recognised by air at its 1st percentile, saturated above {s.ct_bone_hu:g} HU)"
+               if np.isfinite(s.ct_bone_hu) else "")
+            + f", shrink {list(s.shrink_factors)}, smoothing "
             f"{list(s.smoothing_sigmas_mm)} mm, regular-step gradient descent (first step {s.learning_rate:g} mm); "
             f"each level {s.samples} samples on a jittered regular grid and at most {s.iterations} iterations "
             f"({s.coarsest_iterations} at the coarsest rigid level)")
@@ -578,6 +581,9 @@ def method_text(settings) -> str:
         text += (f"; {s.restarts} restarts from starts {s.restart_shift_mm:g} mm / {s.restart_turn_deg:g} degrees "
                  f"off run the {s.restart_levels} coarsest levels with {s.restart_budget:g} times the main run's iterations, "
                  "for the spread")
+        if s.uncertain_budget < 1.0:
+            text += (f"; an answer they flag (spread over a voxel) gets {s.uncertain_budget:g} times the finest level's "
+                     "iterations in its first pass")
     return text
 
 

@@ -571,8 +571,8 @@ def cmd_demo(args) -> int:
 
 
 def _add_threads(p) -> None:
-    p.add_argument("--threads", type=thread_count, help="CPU threads for torch, 1 to this machine's CPU count "
-                   "(default: torch's choice; 1 is often faster on a machine busy with other work)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads, 1 to this machine's CPU count (default: torch's "
+                   "choice); a fusion runs as many workers of one torch thread each, with the same result whatever the number")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,16 @@ recombine and metrics (:func:`pipeline_phases`), which take turns slab by slab
 (:meth:`~MedicalFusionLib.progress.Progress.stage`). Every step inside a slab works on pieces of
 about :data:`SLAB_VOXELS` voxels and reports between them, so no stretch without a report is
 longer than one piece, one engine batch or one metrics chunk.
+
+Cores: on a CPU with more than one torch thread the run holds one
+:func:`~MedicalFusionLib.device.cpu_workers` block: every torch operation runs on one thread, a
+network's batches run side by side on the workers (:func:`~MedicalFusionLib.engine.fuse_slices`),
+the slabs are smaller (:data:`BEHIND_STREAM_VOXELS`), the next slab is made on a worker of its own
+while one is fused, and each fused slab is recombined and measured on another while the next is
+fused (:class:`_Behind`); the last slab is recombined and measured in this thread, its metrics with
+the workers. The result and the metrics are the same
+bytes whatever the thread count and the timing: slabs reach the metrics in order, every operation
+runs on one thread.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,7 +45,7 @@ import SimpleITK as sitk
 
 from . import colour
 from .align import SLAB_VOXELS, check_overlap, reference_slabs, resample_onto, sub_grid
-from .device import pick_device
+from .device import cpu_workers, pick_device
 from .engine import CancelFn, ProgressFn, fuse_volume
 from .errors import FusionCancelled, FusionError
 from .methods import get_method
@@ -520,19 +531,39 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
 
         colour_acc = ColourMetrics(shape, prepared.functional_table, prepared.with_bone, device)
     seconds = seconds_metrics = 0.0
-    with built_once():
+    with built_once(), cpu_workers(device) as pool, _Behind(pool is not None) as behind, \
+            _Behind(pool is not None, "ahead") as ahead:
+        # With a pool (the CPU, more than one torch thread): the next slab is made ahead, on a worker
+        # of its own, while this one is fused; each slab but the last is recombined and measured
+        # behind the run, on another, while the next is fused (see _Behind); the last slab in this
+        # thread, its metrics with the pool.
+        if behind.on:
+            per = slab_slices(shape, axis, BEHIND_STREAM_VOXELS)
+        next_slab = None
         for start in range(0, n, per):
             stop = min(n, start + per)
             index = tuple(slice(start, stop) if k == axis else slice(None) for k in range(3))
             stage = windows(start, stop, n)
 
             tracker.stage("prepare", *stage["prepare"])
-            slab = prepared.slab(axis, start, stop, tick=lambda f: tracker.advance(f, 1.0))
+            if next_slab is None:
+                slab = prepared.slab(axis, start, stop, tick=lambda f: tracker.advance(f, 1.0))
+            else:
+                slab = ahead.result(next_slab, tracker)
+            if ahead.on and stop < n:
+                next_slab = ahead.submit(prepared.slab, axis, stop, min(n, stop + per))
             tracker.stage("fuse", *stage["fuse"])
             t0 = time.perf_counter()
             engine_progress, engine_cancel = tracker.callbacks()
             fused_y = fuse_volume(slab.anatomical, slab.functional_ycc[..., 0], method, axis=axis, device=device,
-                                  batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel)
+                                  batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel,
+                                  pool=pool)
+            if behind.on and stop < n:
+                behind.submit(_slab_behind, fused_y, slab, rgb, index, method.chroma_scale, prepared, axis,
+                              slice_metrics, colour_acc, behind.cancelled)
+                seconds += time.perf_counter() - t0
+                continue
+            behind.wait(tracker)
             tracker.stage("recombine", *stage["recombine"])
             rgb[index] = recombine(fused_y, slab.functional_ycc, method.chroma_scale, prepared.grayscale,
                                    lambda f: tracker.advance(f, 1.0), table=prepared.functional_table)
@@ -540,7 +571,8 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
             seconds += time.perf_counter() - t0
             if metric_keys is not None:
                 t1 = time.perf_counter()
-                _slab_metrics(tracker, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics, colour_acc)
+                _slab_metrics(tracker, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics,
+                              colour_acc, pool)
                 seconds_metrics += time.perf_counter() - t1
             del slab
     result = FusionResult(rgb=rgb, reference=prepared.reference, method=method.name, device=str(device),
@@ -606,26 +638,104 @@ class _SliceMetrics:
             self.values[k].append(out[k])
 
 
+def _slab_behind(fused_y: np.ndarray, slab: Slab, rgb: np.ndarray, index: tuple, chroma_scale: float,
+                 prepared: Prepared, axis: int, slice_metrics: _SliceMetrics | None, colour_acc,
+                 cancel: CancelFn) -> None:
+    """A fused slab finished on a worker while the run goes on: recombined into ``rgb[index]`` and,
+    when ``slice_metrics`` is given, measured (:func:`_slab_metrics`' calls, one torch thread: the
+    same values); no progress (the run's thread reports), ``cancel()`` checked between batches."""
+    if cancel():
+        raise FusionCancelled("fusion cancelled")
+    rgb[index] = recombine(fused_y, slab.functional_ycc, chroma_scale, prepared.grayscale,
+                           table=prepared.functional_table)
+    if slice_metrics is None:
+        return
+    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, prepared.grayscale, None, slab.functional_gray8)
+    f8 = by_slabs(colour.gray8, rgb[index])
+    slice_metrics.add(a8, b8, f8, progress=None, cancel=cancel)
+    del a8, b8, f8
+    if colour_acc is not None:
+        def tick(_done, _total) -> None:
+            if cancel():
+                raise FusionCancelled("fusion cancelled")
+
+        colour_acc.add(rgb[index], slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=tick)
+
+
+class _Behind:
+    """Work that runs behind the run, in order, on one worker thread of its own (the recombination
+    and metrics of the slabs already fused, while the next are made and fused; :func:`_fuse_prepared`). ``on``: whether it is
+    used at all. The run's thread :meth:`submit` s jobs and :meth:`wait` s for them, reporting and
+    checking cancel meanwhile; an error in a job is raised there. On leaving (done, cancelled or
+    failed) the jobs not started are dropped and a running one is told to stop (:meth:`cancelled`);
+    after a job's error the next ones do nothing."""
+
+    def __init__(self, on: bool, name: str = "behind"):
+        self.on, self.name = on, name
+        self._stop = threading.Event()
+        self._jobs: list = []
+        self._worker = None
+
+    def __enter__(self) -> _Behind:
+        if self.on:
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"medicalfusion-cpu-{self.name}")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._worker is not None:
+            self._stop.set()
+            for job in self._jobs:
+                job.cancel()
+            self._worker.shutdown(wait=True)
+
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def submit(self, fn, *args) -> Future:
+        for job in self._jobs:
+            if job.done():
+                job.result()                 # an earlier job's error, here
+        self._jobs = [job for job in self._jobs if not job.done()]
+        self._jobs.append(self._worker.submit(self._run, fn, *args))
+        return self._jobs[-1]
+
+    def _run(self, fn, *args):
+        if self._stop.is_set():              # an earlier job failed (its error reaches the run): skip
+            return None
+        try:
+            return fn(*args)
+        except BaseException:
+            self._stop.set()
+            raise
+
+    def wait(self, tracker: Progress) -> None:
+        """Every job submitted has ended (reporting and checking cancel every 0.05 s meanwhile)."""
+        for job in self._jobs:
+            self.result(job, tracker)
+        self._jobs = []
+
+    @staticmethod
+    def result(job: Future, tracker: Progress):
+        """``job``'s result (its error raised here), reporting and checking cancel every 0.05 s meanwhile."""
+        while not _finished(job, 0.05):
+            tracker.tick()
+        return job.result()
+
+
 def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
-                  slice_metrics: _SliceMetrics, colour_acc) -> None:
+                  slice_metrics: _SliceMetrics, colour_acc, pool) -> None:
     """The metrics of one slab: its non-empty slices to ``slice_metrics``, its coloured voxels to ``colour_acc``.
 
-    On a CPU with several torch threads, one :func:`~MedicalFusionLib.metrics.torch_engine.cpu_workers`
-    block holds the slab's metrics: the colour metrics start on one of its workers while this thread
-    makes the 8-bit images and hands the slices' metrics to the same workers (before, the colour
-    metrics ran alone after them, on one core of two). The values do not depend on the timing: the
-    colour accumulator takes the slabs one at a time, in order (this slab's colour metrics end before
-    the next slab's start), and every torch operation runs on one thread, as before. Progress and
-    cancel stay in this thread (the callbacks may drive a UI); a cancel stops the worker at its next
-    batch of voxels, and an error in it is raised here."""
-    from .metrics.torch_engine import cpu_workers  # noqa: PLC0415
-
-    with cpu_workers(slice_metrics.device) as pool:
-        _slab_metrics_in(tracker, stage, slab, rgb, grayscale, axis, slice_metrics, colour_acc, pool)
-
-
-def _slab_metrics_in(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
-                     slice_metrics: _SliceMetrics, colour_acc, pool) -> None:
+    On a CPU with several torch threads, ``pool`` is the run's
+    :func:`~MedicalFusionLib.device.cpu_workers` block: the colour metrics start on one of its
+    workers while this thread makes the 8-bit images and hands the slices' metrics to the same
+    workers (before, the colour metrics ran alone after them, on one core of two). The values do not
+    depend on the timing: the colour accumulator takes the slabs one at a time, in order (this
+    slab's colour metrics end before the next slab's start), and every torch operation runs on one
+    thread, as before. Progress and cancel stay in this thread (the callbacks may drive a UI); a
+    cancel stops the worker at its next batch of voxels, and an error in it is raised here."""
     stop = threading.Event()
 
     def colour_in_worker() -> None:
@@ -681,6 +791,10 @@ def _slice_metrics_of_slab(tracker: Progress, stage: dict, slab: Slab, rgb: np.n
 #: Voxels per streamed slab: :func:`fuse_images` makes the voxels of, fuses, recombines and measures
 #: one slab of whole slices at a time, so its working memory is bounded by the slab, not the volume.
 STREAM_VOXELS = 1 << 22
+#: Voxels per streamed slab when slabs are finished behind the fusion (:class:`_Behind`): smaller
+#: slabs, so that the last one's recombination and metrics, which nothing hides, are a small part
+#: of the run.
+BEHIND_STREAM_VOXELS = 1 << 20
 #: Bytes of working memory per voxel of a streamed slab (normalised inputs, YCbCr, fused luma,
 #: recombination and metrics temporaries): about 75 measured (lp, quick metrics, 256x256x180: 585 MB
 #: beyond the inputs, docs/BENCHMARKS.md), with a margin.
@@ -704,7 +818,8 @@ def memory_needed(size: tuple[int, ...], voxel_bytes: int = 1, functional_voxels
     writing at about 12 bytes a voxel beyond the inputs, with a whole-volume comparison since
     made slab by slab); before it, an automatic anatomical window (a mask and two copies of the foreground).
     Per functional voxel: its float32 copy for resampling. Plus one streamed slab's working memory
-    (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`) and :data:`FIXED_BYTES`.
+    (:data:`SLAB_BYTES_PER_VOXEL` per voxel of a slab of :func:`slab_slices`, or of three slabs of
+    :data:`BEHIND_STREAM_VOXELS` when that is more: with CPU workers) and :data:`FIXED_BYTES`.
     """
     options = options or FusionOptions()
     voxels = int(np.prod(size))
@@ -713,6 +828,9 @@ def memory_needed(size: tuple[int, ...], voxel_bytes: int = 1, functional_voxels
     shape = tuple(reversed(size)) if len(size) == 3 else (1,) + tuple(reversed(size))
     largest_slice = max(shape[1] * shape[2], shape[0] * shape[2], shape[0] * shape[1])
     slab_voxels = max(min(STREAM_VOXELS, voxels), largest_slice)
+    # with CPU workers three smaller slabs are alive at once: one made ahead, one fused, one finished behind
+    behind_slab = min(voxels, max(BEHIND_STREAM_VOXELS // largest_slice * largest_slice, largest_slice))
+    slab_voxels = max(slab_voxels, 3 * behind_slab)
     return FIXED_BYTES + max(window, after) + 4 * functional_voxels + SLAB_BYTES_PER_VOXEL * slab_voxels
 
 

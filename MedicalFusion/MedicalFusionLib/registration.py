@@ -6,6 +6,8 @@ framework: a rigid (Euler, 6 parameters) or affine (12 parameters) transform, a 
 shrink/smooth pyramid, metric sampling with a fixed seed and the metric on one thread (the same
 inputs give the same result, bit for bit: :func:`itk_threads`), image gradients from the
 interpolator, regular-step gradient descent with parameter scales estimated from physical shifts.
+A CT in Hounsfield units is seen by the metric with its bone saturated (:func:`bone_saturated`), so
+that bone and metal do not take most of the histogram's bins from the soft tissues.
 
 The start is the placement the images already have (their scanner coordinates, or a transform the
 user gives) when the two overlap; otherwise the centres of intensity mass are matched
@@ -117,8 +119,11 @@ class RegistrationSettings:
     restart_turn_deg: float = 5.0        # ... and turned this much about the anatomical's centre
     restart_levels: int = 2              # the restarts run the first this many (coarsest) levels ...
     restart_budget: float = 0.5          # ... with this fraction of the main run's iterations at each
+    uncertain_budget: float = 0.5        # the finest level of an answer the restarts already flag: this fraction
+                                         # of its iterations (1: all; docs/REGISTRATION.md, "Time")
     level_voxels: int = 3_000_000        # a level's anatomical grid is subsampled to at most this many voxels
     gradient_filter: bool = False        # rigid: ITK's smoothed gradient images (True) or the interpolator's gradients
+    ct_bone_hu: float = 300.0            # a CT (in HU) is saturated above this for the metric (bone one class; inf: off)
     threads: int = 1                     # ITK threads while registering (1: the same answer bit for bit; 0: ITK's default)
 
 
@@ -137,6 +142,7 @@ class Registration:
     still_improving: float               # relative metric gain over the last iterations of the finest level
     seconds: float
     level_iterations: list = field(default_factory=list)
+    level_budgets: list = field(default_factory=list)    # the main run's iterations allowed at each level
     refine_iterations: int = 0           # the finest level's last pass with more samples (0: not run)
     moved_mm: float = 0.0                # how far the result is from the start at the anatomical's centre
     restarts: int = 0                    # perturbed starts run besides the main one
@@ -333,6 +339,29 @@ def normalized_mutual_information(fixed: sitk.Image, moving: sitk.Image, transfo
     return [_nmi(a, _levels(m[inside], reference, bins), bins) for m in moved]
 
 
+#: A CT in Hounsfield units is recognised by its lowest percentile: air, in this range (HU).
+CT_AIR_HU = (-1100.0, -900.0)
+
+
+def bone_saturated(image: sitk.Image, bone_hu: float, tracker: "_Tracker | None" = None) -> sitk.Image:
+    """The image the metric sees: a CT in Hounsfield units (its 1st percentile, on a sub-grid, is
+    air: :data:`CT_AIR_HU`) saturated above ``bone_hu``; any other image (MR, PET, SPECT, a CT
+    padded far below air) as it is. Mattes mutual information spreads its bins over each image's
+    whole range (ITK: minimum to maximum), so on a CT with cortical bone or metal (up to +1400 to
+    +3000 HU) a bin is 75-125 HU wide and fat, water, muscle and tumour (-100 to +60 HU) share two
+    or three of 32 bins; saturated at +300 HU, bone and metal stay one bright class and the soft
+    tissues get 2-3 times finer bins (docs/REGISTRATION.md, "Issue #20, last round")."""
+    if not np.isfinite(bone_hu):
+        return image
+    values = sitk.GetArrayViewFromImage(score_grid(image, 20_000))
+    if not CT_AIR_HU[0] <= float(np.percentile(values, 1)) <= CT_AIR_HU[1]:
+        return image
+    clamp = sitk.ClampImageFilter()
+    clamp.SetLowerBound(float(np.finfo(np.float32).min))
+    clamp.SetUpperBound(float(bone_hu))
+    return _observed(clamp, image, tracker) if tracker is not None else clamp.Execute(image)
+
+
 def _levels(values: np.ndarray, reference: np.ndarray, bins: int) -> np.ndarray:
     lo, hi = np.percentile(reference, [0.5, 99.5])
     return np.clip(((values - lo) / max(hi - lo, 1e-12) * bins).astype(np.int64), 0, bins - 1)
@@ -457,8 +486,9 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
 
         def sure(answers: list, failed: list) -> bool:     # the restarts agree within a voxel (or none ran)
             return not _spread(fixed_grid, moving_grid, answers, failed)[1] > limit
-        answers, failed, stop_condition = _optimise(fixed, moving, starts, plan, restart_levels, settings, tracker,
-                                                    sure)
+        answers, failed, stop_condition = _optimise(bone_saturated(fixed, settings.ct_bone_hu, tracker),
+                                                    bone_saturated(moving, settings.ct_bone_hu, tracker),
+                                                    starts, plan, restart_levels, settings, tracker, sure)
         final = affine_transform(answers[0])
         tracker.beat()
         metric_before, metric_after = normalized_mutual_information(fixed, moving, [affine_transform(matrix), final],
@@ -482,7 +512,8 @@ def register(anatomical: sitk.Image, functional: sitk.Image, kind: str = "rigid"
         transform=final, kind=kind, start=start, metric_before=metric_before, metric_after=metric_after,
         overlap=mutual_overlap(fixed_grid, moving_grid, final), iterations=tracker.iterations,
         stop_condition=stop_condition, still_improving=float(still_improving), seconds=time.perf_counter() - t0,
-        level_iterations=list(tracker.level_iterations), refine_iterations=tracker.refine_iterations,
+        level_iterations=list(tracker.level_iterations), level_budgets=list(tracker.level_budgets),
+        refine_iterations=tracker.refine_iterations,
         moved_mm=_moved(fixed, matrix, answers[0]),
         restarts=runs - 1, restarts_failed=sum(f is not None for f in failed[1:]),
         spread_centre_mm=spread_centre, spread_overlap_mm=spread_overlap,
@@ -595,6 +626,7 @@ class _Tracker:
         self.iterations, self.cancelled, self.main, self.refining, self.refine_iterations = 0, False, True, False, 0
         self.values: list[float] = []
         self.level_iterations: list[int] = []
+        self.level_budgets: list[int] = []
         self.last = self.clock()
 
     def _report(self) -> bool:
@@ -636,6 +668,12 @@ class _Tracker:
         if main and not refine:
             self.level_iterations.append(0)
             self.values = []
+
+    def level_budget(self, iterations: int) -> None:
+        """The iterations the optimizer is given for the run just begun (:meth:`new_run`; at most
+        its ``per_level``: the bar jumps ahead when it stops earlier), kept for the main run."""
+        if self.main and not self.refining:
+            self.level_budgets.append(int(iterations))
 
     def iteration(self, value: float) -> bool:
         """Record one iteration; True when the user asked to cancel."""
@@ -753,6 +791,14 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, starts: list, plan: list, r
                 break
             budget, refine = _budget(settings, stage, level, restart=i > 0), _refine_budget(settings, level)
             tracker.new_run(budget, main=(i == 0))
+            if refine and not precise:
+                # An answer the restarts already say is uncertain by more than a voxel gets no
+                # second pass, and a shorter first pass: sub-voxel precision is no use to it, and
+                # on a plateau (a crop that never settles) the finest level is the costliest part
+                # of the run (docs/REGISTRATION.md, "Time"). Convergence is judged against the
+                # budget it had (check_converged).
+                budget = max(1, int(round(budget * settings.uncertain_budget)))
+            tracker.level_budget(budget)
             if failed[i] is not None:
                 tracker.new_run(refine, main=(i == 0), refine=True)
                 continue
@@ -873,8 +919,9 @@ def check_converged(outcome: Registration, settings: RegistrationSettings) -> No
                           "afterwards: place the volumes roughly first or check the inputs")
     last = outcome.level_iterations[-1] if outcome.level_iterations else 0
     finest = len(settings.shrink_factors) - 1
-    if last >= _budget(settings, "affine" if outcome.kind == "affine" else "rigid", finest) \
-            and outcome.still_improving > MAX_FINAL_GAIN:
+    budget = outcome.level_budgets[-1] if outcome.level_budgets else \
+        _budget(settings, "affine" if outcome.kind == "affine" else "rigid", finest)
+    if last >= budget and outcome.still_improving > MAX_FINAL_GAIN:
         raise FusionError(f"{what} did not converge: after {last} iterations at full resolution the mutual information "
                           f"still improved by {100 * outcome.still_improving:.2f}% over the last {MOTION_WINDOW}: "
                           "place the volumes roughly first or check the inputs")

@@ -45,6 +45,8 @@ class FusionMethod:
         the functional's colour, 0.5 is Slicer's 50 % foreground blend over a grey background.
     bytes_per_pixel: working memory per slice pixel, used to size batches.
     available: ``available() -> (ok, reason)``; a method whose weights are missing says why.
+    parallel: its ``FuseFn`` may be called from several threads at once with the same result (the
+        networks: eval mode, no state); on the CPU the engine then runs its batches side by side.
     """
 
     name: str
@@ -55,6 +57,7 @@ class FusionMethod:
     chroma_scale: float = 1.0
     bytes_per_pixel: int = 256
     available: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""))
+    parallel: bool = False
 
 
 _REGISTRY: dict[str, FusionMethod] = {}
@@ -85,7 +88,9 @@ def register(method: FusionMethod) -> FusionMethod:
 
 
 def register_function(name: str, fn: FuseFn, **kw) -> FusionMethod:
-    """Register a stateless function (no weights): ``build`` just returns it."""
+    """Register a stateless function (no weights): ``build`` just returns it; being stateless, its
+    calls may run side by side (``parallel``, unless ``parallel=False`` is given)."""
+    kw.setdefault("parallel", True)
     return register(FusionMethod(name=name, build=lambda device: fn, **kw))
 
 

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from .. import colour as _colour
 
-from ..device import pick_device
+from ..device import cpu_workers, pick_device  # noqa: F401  (cpu_workers: callers import it from here too)
 from ..errors import FusionError
 from . import (
     PSNR_CAP, QABF_ORIENTATION, QABF_STRENGTH, VIF_EPS, VIF_NOISE_VAR, check_keys, summarise, vif_window,
@@ -754,32 +754,6 @@ def _volume_values(a8, b8, f8, nonempty, groups, dev, tracker: Progress, batch_p
 
             parts.append(_batch_metrics(a, b, f, groups, tick, pool))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-@contextlib.contextmanager
-def cpu_workers(dev: torch.device):
-    """On the CPU: torch ops on one thread each, and a pool of as many worker threads as torch had.
-
-    The metrics are many small tensor operations; torch's own intra-op threads synchronise at
-    every one of them, which on a CPU shared with other work costs several times the work itself
-    (measured: FMI 10x slower with 2 intra-op threads than with 1 on a busy 2-core machine). Worker
-    threads that each take whole FMI chunks do not wait for each other. The thread count is
-    restored afterwards. On a GPU: no pool, nothing changed. The pipeline holds one block over a
-    slab's metrics and gives its pool both the slices' metrics and the colour metrics.
-    """
-    if dev.type != "cpu":
-        yield None
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if threads > 1:
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medicalfusion-metrics") as pool:
-                yield pool
-        else:
-            yield None
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------

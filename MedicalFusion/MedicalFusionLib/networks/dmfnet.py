@@ -361,4 +361,5 @@ register(FusionMethod(   # family, description, paper and availability (weights)
     name=NAME,
     build=_build,
     bytes_per_pixel=4096,  # measured peak ~2.3 kB/pixel for one 256x256 slice on CPU; slices run one at a time
+    parallel=True,         # eval mode, the noise from a generator of its own per call: calls may run side by side
 ))

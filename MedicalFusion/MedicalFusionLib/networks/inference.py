@@ -19,7 +19,10 @@ GPU_CHUNK_PIXELS = 16 * 256 * 256
 # On a CPU with more than one torch thread the convolutions run in the channels-last layout
 # (oneDNN's native one): faster with 2 threads on the idle 2-core machine, slower with one (MRDFN
 # 22 -> 25 ms); outputs differ by rounding only (< 1e-6). The A/B figures are in
-# docs/evaluation/networks.md ("Inference speed").
+# docs/evaluation/networks.md ("Inference speed"). The engine no longer meets this case on the CPU:
+# with more than one torch thread it runs a network's batches on one-thread workers
+# (engine.fuse_slices), where the model is built in the default layout; it remains for a function
+# built and called directly with more threads (scripts/bench.py's bare network).
 CPU_CHANNELS_LAST = True
 
 
@@ -117,4 +120,4 @@ def register_network(name: str, factory: Callable[..., nn.Module], pad_multiple:
             model = prepare(model)
         return network_fuse_fn(model, device, multiple=pad_multiple)
 
-    return register(FusionMethod(name=name, build=build, bytes_per_pixel=bytes_per_pixel))
+    return register(FusionMethod(name=name, build=build, bytes_per_pixel=bytes_per_pixel, parallel=True))

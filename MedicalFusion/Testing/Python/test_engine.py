@@ -154,3 +154,68 @@ def test_slow_methods_beat_inside_a_slice(name, rng):
     with beating(lambda: beats.append(1), every=0.0):
         fn(a, b)
     assert len(beats) >= 8
+
+
+def _recording_method(names: list, done: list, beats: int = 0, fail_at: int | None = None):
+    """A method whose calls may run side by side (``parallel``): the maximum of its inputs, the
+    threads that ran it in ``names``, ``beats`` heartbeats a call (each a slice of work in ``done``)."""
+    import threading
+    import time
+
+    from MedicalFusionLib.methods.registry import FusionMethod
+    from MedicalFusionLib.progress import heartbeat
+
+    def build(_device):
+        def fuse(a, b):
+            names.append(threading.current_thread().name)
+            if fail_at is not None and len(names) >= fail_at:
+                raise FusionError("the method failed on this batch")
+            for _ in range(beats):
+                time.sleep(0.01)
+                done.append(1)
+                heartbeat()
+            return torch.maximum(a, b)
+        return fuse
+
+    return FusionMethod(name="recording", description="", reference="", family="basic", build=build, parallel=True)
+
+
+def test_a_parallel_method_runs_its_batches_on_the_workers_with_the_same_result(rng, two_torch_threads):
+    """Issue 21: on the CPU with two torch threads the engine runs a network's batches on two
+    worker threads of one torch thread each; the bytes are those of one thread, whatever the batches."""
+    a, b = _stack(rng, n=12, h=32, w=30)
+    names: list = []
+    calls = []
+    out = fuse_slices(a, b, _recording_method(names, []), device="cpu", batch_size=2,
+                      progress=lambda d, t: calls.append(d))
+    assert np.array_equal(out, np.maximum(a, b))
+    assert names and all(n.startswith("medicalfusion-cpu") for n in names)
+    assert calls == sorted(calls) and calls[-1] == 12          # progress in order, in this thread
+    assert torch.get_num_threads() == 2                        # restored after the run
+    y2 = fuse_slices(a, b, "mrdfn", device="cpu")
+    y2b = fuse_slices(a, b, "mrdfn", device="cpu", batch_size=5)
+    torch.set_num_threads(1)                                   # no workers: everything in this thread
+    y1 = fuse_slices(a, b, "mrdfn", device="cpu")
+    assert np.array_equal(y1, y2) and np.array_equal(y1, y2b)
+
+
+def test_a_cancel_or_an_error_stops_the_workers(rng, two_torch_threads):
+    import threading
+
+    a, b = _stack(rng, n=8, h=16, w=16)
+    names: list = []
+    done: list = []
+    asked = []
+
+    def cancel():
+        asked.append(1)
+        return len(done) >= 3                                  # inside the first batches
+
+    with pytest.raises(FusionCancelled):
+        fuse_slices(a, b, _recording_method(names, done, beats=20), device="cpu", batch_size=1, cancel=cancel)
+    assert len(done) < 2 * 20                                  # the running batches stopped inside, at a beat
+    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-cpu")]
+    names.clear()
+    with pytest.raises(FusionError, match="^the method failed on this batch$"):
+        fuse_slices(a, b, _recording_method(names, [], fail_at=3), device="cpu", batch_size=1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-cpu")]

@@ -238,7 +238,8 @@ def test_progress_and_cancel_across_slabs(small_pair, monkeypatch):
 
 
 def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_torch_threads):
-    """Issue 21: the colour metrics of a slab run on a metrics worker while this thread makes the
+    """Issue 21: the metrics of the slabs already fused run behind the fusion of the next, on a
+    worker of their own, and the last slab's colour metrics on a worker while this thread makes its
     slices' metrics; same values and same bytes whatever the timing and whatever the thread count."""
     import threading
     import time
@@ -251,6 +252,7 @@ def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_t
     ct, pet, tr = _ct_and_tilted_pet()
     options = FusionOptions(method="lp", metric_set="all", anatomical_units="HU", device="cpu")
     monkeypatch.setattr(pipeline, "STREAM_VOXELS", 3 * 36 * 30)          # several slabs
+    monkeypatch.setattr(pipeline, "BEHIND_STREAM_VOXELS", 3 * 36 * 30)
     base = fuse_images(ct, pet, options, transform=tr)
     assert {"FMI_pixel", "readback_err", "hue_err10_bone"} <= set(base.metrics)
     add, threads = ColourMetrics.add, []
@@ -262,7 +264,8 @@ def test_metrics_on_the_workers_do_not_depend_on_their_timing(monkeypatch, two_t
 
     monkeypatch.setattr(ColourMetrics, "add", slow_colour)
     late = fuse_images(ct, pet, options, transform=tr)
-    assert threads and all(name.startswith("medicalfusion-metrics") for name in threads)   # on a worker
+    assert threads and all(name.startswith("medicalfusion-cpu") for name in threads)   # on a worker
+    assert "behind" in threads[0] and "behind" not in threads[-1]    # the first slabs' behind the run
     monkeypatch.setattr(ColourMetrics, "add", add)
     measure = pipeline._SliceMetrics._measure
 
@@ -313,6 +316,81 @@ def test_an_error_or_a_cancel_in_the_colour_worker_ends_the_run(small_pair, monk
     with pytest.raises(FusionCancelled):
         fuse_images(anat, pet, FusionOptions(method="lp"), progress=lambda d, t: None,
                     cancel=lambda: started.is_set() and active_phase() == "colour")
-    assert stopped and stopped[0].startswith("medicalfusion-metrics")
-    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-metrics")]
+    assert stopped and stopped[0].startswith("medicalfusion-cpu")
+    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-cpu")]
     monkeypatch.setattr(ColourMetrics, "add", add)
+
+
+def test_an_error_or_a_cancel_behind_the_run_ends_it(small_pair, monkeypatch, two_torch_threads):
+    """Issue 21: the metrics that run behind the fusion (the slabs before the last): their error is
+    the run's (one line), a cancel while they work stops them, and no worker is left running."""
+    import threading
+
+    from MedicalFusionLib import pipeline
+    from MedicalFusionLib.errors import FusionCancelled
+    from MedicalFusionLib.metrics.torch_engine import ColourMetrics
+
+    anat, pet = small_pair                                       # 8 slices of 40x48
+    monkeypatch.setattr(pipeline, "BEHIND_STREAM_VOXELS", 2 * 40 * 48)   # 4 slabs: 3 measured behind
+    add, where = ColourMetrics.add, []
+
+    def broken_behind(self, *args, **kw):
+        where.append(threading.current_thread().name)
+        if "behind" in where[-1]:
+            raise FusionError("colour metrics need a colour table")
+        return add(self, *args, **kw)
+
+    monkeypatch.setattr(ColourMetrics, "add", broken_behind)
+    with pytest.raises(FusionError, match="^colour metrics need a colour table$"):
+        fuse_images(anat, pet, FusionOptions(method="lp"))
+    assert where == ["medicalfusion-cpu-behind_0"]
+    started = threading.Event()
+
+    def endless(self, fused, ycc, levels, bone, axis, tick=None):
+        started.set()
+        while True:                                              # stops only through its tick (the run's cancel)
+            tick(0, 1)
+
+    monkeypatch.setattr(ColourMetrics, "add", endless)
+    with pytest.raises(FusionCancelled):
+        fuse_images(anat, pet, FusionOptions(method="lp"), progress=lambda d, t: None, cancel=started.is_set)
+    assert not [t for t in threading.enumerate() if t.name.startswith("medicalfusion-cpu")]
+    monkeypatch.setattr(ColourMetrics, "add", add)
+
+
+@pytest.mark.parametrize("method", ["lp", "mrdfn"])
+def test_slabs_finished_behind_the_run_give_the_same_bytes(method, monkeypatch, two_torch_threads):
+    """Issue 21: with two torch threads, each slab after the first is made ahead on a worker of its
+    own and each slab but the last is recombined on another, while the next is fused on the others;
+    the RGB result is that of one thread, slab for slab."""
+    import threading
+
+    import torch
+
+    from MedicalFusionLib import pipeline
+
+    ct, pet, tr = _ct_and_tilted_pet()
+    options = FusionOptions(method=method, compute_metrics=False, anatomical_units="HU", device="cpu")
+    monkeypatch.setattr(pipeline, "BEHIND_STREAM_VOXELS", 3 * 36 * 30)   # 5 slabs of 3 slices (14 slices)
+    recombine, where = pipeline.recombine, []
+
+    def recording(*args, **kw):
+        where.append(threading.current_thread().name)
+        return recombine(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "recombine", recording)
+    slab, made = pipeline.Prepared.slab, []
+
+    def making(self, *args, **kw):
+        made.append(threading.current_thread().name)
+        return slab(self, *args, **kw)
+
+    monkeypatch.setattr(pipeline.Prepared, "slab", making)
+    two = fuse_images(ct, pet, options, transform=tr)
+    assert where == ["medicalfusion-cpu-behind_0"] * 4 + [threading.current_thread().name]
+    assert made == [threading.current_thread().name] + ["medicalfusion-cpu-ahead_0"] * 4
+    torch.set_num_threads(1)
+    where.clear()
+    one = fuse_images(ct, pet, options, transform=tr)
+    assert where == [threading.current_thread().name]             # one thread: one slab, as before
+    assert np.array_equal(one.rgb, two.rgb)

@@ -390,7 +390,8 @@ def test_every_registration_says_how_sure_it_is(pair, tube_pair):
     assert head.spread_centre_mm < 0.5 and head.spread_overlap_mm < head.spread_limit_mm
     assert head.warning is None and "spread" in head.summary()
     assert head.metadata()["registration_uncertain"] is False
-    assert head.refine_iterations > 0                # sure: the finest level's second pass ran
+    assert head.refine_iterations > 0                # sure: the finest level's second pass ran ...
+    assert head.level_budgets == [FAST.coarsest_iterations, FAST.iterations, FAST.iterations]   # ... after a full first
 
     limb = reg.register(*tube_pair, "rigid", settings=FAST)
     assert limb.spread_centre_mm > limb.spread_limit_mm
@@ -398,12 +399,20 @@ def test_every_registration_says_how_sure_it_is(pair, tube_pair):
     assert limb.metadata()["registration_uncertain"] is True
     assert limb.metadata()["registration_spread_centre_mm"] == round(limb.spread_centre_mm, 3)
 
-    assert limb.refine_iterations == 0       # uncertain: no second pass at the finest level (no use to it)
+    assert limb.refine_iterations == 0       # uncertain: no second pass at the finest level (no use to it) ...
+    finest = int(round(FAST.iterations * FAST.uncertain_budget))
+    assert finest < FAST.iterations and limb.level_budgets[-1] == finest       # ... and a shorter first pass
+    assert limb.level_iterations[-1] <= finest
 
-    # without restarts: no verdict, and the same answer (the second pass off, as the uncertain one had none)
+    # without restarts: no verdict, and the same answer as with them (the finest level as the uncertain one had it)
     alone = reg.register(*tube_pair, "rigid", settings=reg.RegistrationSettings(restarts=0, finest_samples=0))
     assert alone.warning is None and alone.restarts == 0 and alone.refine_iterations == 0
-    assert np.allclose(reg.affine_matrix(alone.transform), reg.affine_matrix(limb.transform))
+    assert alone.level_budgets[-1] == FAST.iterations                       # never flagged: the full budget
+    full = reg.register(*tube_pair, "rigid", settings=reg.RegistrationSettings(uncertain_budget=1.0))
+    assert full.warning is not None and full.level_budgets[-1] == FAST.iterations
+    assert np.allclose(reg.affine_matrix(alone.transform), reg.affine_matrix(full.transform))
+    if limb.level_iterations[-1] < finest:   # it stopped by itself within the shorter budget: the same path
+        assert np.allclose(reg.affine_matrix(limb.transform), reg.affine_matrix(full.transform))
 
 
 def test_a_failed_restart_is_a_warning():
@@ -449,6 +458,10 @@ def test_convergence_criteria_on_outcomes():
     with pytest.raises(FusionError, match="still improved"):
         reg.check_converged(outcome(still_improving=0.01), s)
     reg.check_converged(outcome(still_improving=0.01, level_iterations=[10, 10, 4]), s)   # stopped by itself
+    # judged against the budget the finest level had (shorter for an answer already flagged uncertain)
+    with pytest.raises(FusionError, match="after 4 iterations"):
+        reg.check_converged(outcome(still_improving=0.01, level_iterations=[10, 10, 4], level_budgets=[10, 10, 4]), s)
+    reg.check_converged(outcome(still_improving=0.01, level_iterations=[10, 10, 4], level_budgets=[10, 10, 5]), s)
     squash = np.diag([4.0, 1.0, 1.0, 1.0])
     with pytest.raises(FusionError, match="scaled"):
         reg.check_converged(outcome(transform=reg.affine_transform(squash)), s)
@@ -490,6 +503,38 @@ def test_bad_inputs_are_refused(pair):
         reg.register(anat[:, :, 10], pet[:, :, 10])
     with pytest.raises(FusionError, match="not linear"):
         reg.register(anat, pet, initial=sitk.DisplacementFieldTransform(3))
+
+
+def test_a_ct_is_seen_with_bone_saturated_and_nothing_else_is(pair, monkeypatch):
+    """The metric sees a CT in HU (air at its 1st percentile) saturated at ``ct_bone_hu``, so that
+    bone and metal do not take most of Mattes MI's bins from the soft tissues; MR, PET and the
+    inputs are untouched, and the match score is taken on the images as they are."""
+    anat, pet = pair
+    ct = sitk.Cast(anat, sitk.sitkFloat32) * 10.0 - 1000.0          # air -1000 HU, "skull" +2000 HU
+    assert np.percentile(sitk.GetArrayViewFromImage(ct), 1) == pytest.approx(-1000.0, abs=30.0)
+    before = sitk.GetArrayFromImage(ct)
+    seen = reg.bone_saturated(ct, 300.0)
+    assert sitk.GetArrayViewFromImage(seen).max() == 300.0
+    kept = sitk.GetArrayViewFromImage(ct) < 300.0
+    assert np.array_equal(sitk.GetArrayViewFromImage(seen)[kept], before[kept])
+    assert np.array_equal(sitk.GetArrayViewFromImage(ct), before)                 # the input untouched
+    assert reg.bone_saturated(anat, 300.0) is anat and reg.bone_saturated(pet, 300.0) is pet   # not a CT
+    assert reg.bone_saturated(ct, float("inf")) is ct                              # off
+    padded = sitk.Cast(anat, sitk.sitkFloat32) * 10.0 - 3024.0      # padded far below air: not recognised
+    assert reg.bone_saturated(padded, 300.0) is padded
+
+    optimised = []
+    real = reg._optimise
+    monkeypatch.setattr(reg, "_optimise", lambda f, m, *a, **k: (optimised.append((f, m)), real(f, m, *a, **k))[1])
+    scored = []
+    real_score = reg.normalized_mutual_information
+    monkeypatch.setattr(reg, "normalized_mutual_information",
+                        lambda f, m, *a, **k: (scored.append((f, m)), real_score(f, m, *a, **k))[1])
+    reg.register(ct, pet, "rigid", settings=reg.RegistrationSettings(restarts=0))
+    (f, m), = optimised
+    assert sitk.GetArrayViewFromImage(f).max() == 300.0 and m is not None
+    assert np.array_equal(sitk.GetArrayViewFromImage(m), sitk.GetArrayViewFromImage(pet))
+    assert sitk.GetArrayViewFromImage(scored[0][0]).max() == before.max()        # the score: as it is
 
 
 def test_rgb_functional_registers_on_its_luma(pair):
@@ -587,8 +632,11 @@ def test_benchmark_text_describes_the_method_as_built():
     text = method_text(s)
     for words in (f"{s.samples} samples", f"{s.finest_samples} samples on the whole grid",
                   f"at most {s.first_pass_voxels} voxels", f"({s.coarsest_iterations} at the coarsest",
-                  f"{s.restarts} restarts", "only when it has settled"):
+                  f"{s.restarts} restarts", "only when it has settled",
+                  f"{s.uncertain_budget:g} times the finest level's iterations", f"saturated above {s.ct_bone_hu:g} HU"):
         assert words in text, words
+    assert "flag" not in method_text(reg.RegistrationSettings(uncertain_budget=1.0))
+    assert "saturated" not in method_text(reg.RegistrationSettings(ct_bone_hu=float("inf")))
     assert "second" not in method_text(reg.RegistrationSettings(finest_samples=0))
     assert "voxels" not in method_text(reg.RegistrationSettings(first_pass_voxels=0))
 
