@@ -243,7 +243,6 @@ def _moment_metrics(a, b, f) -> dict[str, np.ndarray]:
     sf, sa, sb = _int_sum(fi), _int_sum(ai), _int_sum(bi)
     sff, saa, sbb = sum_of_products(fi, fi), sum_of_products(ai, ai), sum_of_products(bi, bi)
     sfa, sfb, sab = sum_of_products(fi, ai), sum_of_products(fi, bi), sum_of_products(ai, bi)
-    del prod
     out: dict[str, np.ndarray] = {}
     out["SD"] = np.sqrt((n * sff - sf * sf).astype(np.float64)) / n
 
