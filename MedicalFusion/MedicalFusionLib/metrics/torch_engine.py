@@ -22,7 +22,9 @@ Where the time goes and how it is saved:
   joint gray levels, each slice offset by 65536), SD, SF, PSNR, CC and SCD (per-slice integer sums
   of f, a, b, f^2, a^2, b^2, fa, fb, ab and of the squared first differences) and SSIM's 7x7 window
   sums (int32 additions, 2 + 2 -> 4, 4 + 2 -> 6, 6 + 1 -> 7 along each axis: no rounding at all)
-  are exact; only the final formula is floating point (float64 on the CPU and CUDA).
+  are exact; only the final formula is floating point (float64 on the CPU and CUDA). Per-slice sums
+  add each row in int32 (no overflow possible for 8-bit squares on rows under 33026 pixels) and
+  then the rows in int64, rather than widening every product to int64 first.
 - **VIF** filters all of a scale's eight maps (F, A, B, F^2, A^2, B^2, AF, BF) as channels of one
   depthwise separable convolution in float32 (float64 convolution is several times slower on the
   CPU); the clamps of the formula are masks, not branches, and it runs in place.
@@ -34,10 +36,15 @@ Where the time goes and how it is saved:
 - **Both cores, no intra-op threads.** On a CPU with several torch threads the groups of metrics
   run on a pool of one-thread workers (:func:`cpu_workers`); the pipeline also gives that pool a
   slab's colour metrics, which then run beside the slices' metrics.
-- **Colour fidelity** is computed once per distinct colour, not per voxel: the source's CIELAB from
-  the colour bar's entries, the fused colours' CIELAB and nearest bar entry from a table of the
-  2^24 RGB colours filled as colours appear (a fused volume has tens of thousands of colours for
-  millions of coloured voxels); the read-back medians come from counts of the errors.
+- **Colour fidelity** is computed once per distinct colour, not per voxel: the source's a*, b* and
+  C* from the colour bar's entries, the fused colours' a*, b*, C* and nearest bar entry from a
+  table of the 2^24 RGB colours filled as colours appear (a fused volume has tens of thousands of
+  colours for millions of coloured voxels); per voxel only look-ups, the hue angle and the ratio
+  remain; the read-back medians come from counts of the errors.
+- **Fewer passes, same arithmetic.** In-place operations and results written into preallocated
+  maps; where the values depend on float32 rounding (VIF's variances: a fused multiply-add there
+  moves VIF by 5e-4) every rounding step is kept as it was, so the values are those of the
+  straightforward formulas to the bit.
 - **FMI** (fast-FMI with 3x3 windows, the heaviest metric by far) never builds the 9x9 joint
   distribution of a window pair. The Frechet bound's cells are nonzero only on a monotone
   "staircase" of at most 17 cells (the merge of the two 9-step cdfs), so the joint entropy is the
@@ -56,6 +63,7 @@ import contextlib
 import logging
 import math
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -100,25 +108,59 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of ``shape`` for the per-pixel maps of one computation (``name``), kept per thread
+    and reused from call to call (its contents are whatever the last call left). The metrics'
+    large temporaries are a few MB each; memory freshly obtained for each, which the allocator
+    returns to the operating system in between, costs a page fault per 4 kB on every call
+    (measured: SSIM's window sums 2.5x slower into new memory than into reused). A thread keeps
+    the largest map of each name (SSIM's five: about 10 MB for 256x256 slices, 40 MB for 512x512);
+    the pool's worker threads drop theirs when they end."""
+    cache = getattr(_SCRATCH, "tensors", None)
+    if cache is None:
+        cache = _SCRATCH.tensors = {}
+    numel = math.prod(shape)
+    key = (name, dtype, device, torch.is_inference_mode_enabled())
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
 def _slice_sum(x: torch.Tensor) -> torch.Tensor:
     """Per-slice sum of a [S, ...] tensor, in float64 where the device has it, on the CPU."""
     return x.reshape(x.shape[0], -1).sum(1, dtype=_acc_dtype(x.device)).cpu().double()
 
 
-def _int_sum(x: torch.Tensor) -> np.ndarray:
-    """Per-slice exact sum of an integer [S, ...] tensor, as int64 numpy."""
+def _int_sum(x: torch.Tensor, bound: int = 255 * 255) -> np.ndarray:
+    """Per-slice exact sum of an integer [S, ...] tensor whose values are at most ``bound`` in
+    magnitude, as int64 numpy: the rows of the last axis summed in int32 when they cannot overflow
+    it, then the row sums in int64 (summing the whole tensor in int64 first widens a copy of it)."""
+    if x.dim() > 2 and x.shape[-1] * bound < 2 ** 31:
+        x = x.sum(-1, dtype=torch.int32)
     return x.reshape(x.shape[0], -1).sum(1, dtype=torch.int64).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------
 # histograms: EN, MI, ARI
 
-def _joint_histograms(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU int64)."""
+def _joint_keys(f: torch.Tensor) -> torch.Tensor:
+    """``slice << 16 | f << 8`` per pixel of a uint8 [S, H, W] tensor (int32 while it fits): made once,
+    the key of a pixel's bin in each joint histogram with F once the other image's level is added."""
     s = f.shape[0]
-    offset = (torch.arange(s, device=f.device, dtype=torch.int64) << 16).view(s, 1, 1)
-    idx = (f.to(torch.int64) << 8) | x.to(torch.int64) | offset
-    return torch.bincount(idx.view(-1), minlength=s << 16).view(s, 256, 256).cpu()
+    dtype = torch.int32 if s <= 1 << 14 else torch.int64
+    offset = (torch.arange(s, device=f.device, dtype=dtype) << 16).view(s, 1, 1)
+    return torch.mul(f.to(dtype), 256).add_(offset)
+
+
+def _joint_histograms(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[S, 256 (f), 256 (x)] joint gray-level counts of each slice, one bincount for all slices (CPU
+    int64); ``keys`` from :func:`_joint_keys` of F."""
+    s = keys.shape[0]
+    return torch.bincount(torch.add(keys, x).view(-1), minlength=s << 16).view(s, 256, 256).cpu()
 
 
 class _NLogN:
@@ -156,7 +198,9 @@ def _ari(joint: torch.Tensor, n: int) -> torch.Tensor:
 def _hist_metrics(a, b, f) -> dict[str, np.ndarray]:
     n = int(f.shape[1] * f.shape[2])
     nlogn = _NLogN(n)
-    ja, jb = _joint_histograms(a, f), _joint_histograms(b, f)
+    keys = _joint_keys(f)
+    ja, jb = _joint_histograms(a, keys), _joint_histograms(b, keys)
+    del keys
     en = (math.log(n) - nlogn(ja.sum(2)) / n) / math.log(2.0)    # -sum p log2 p, p = counts / n
     mi = _mi_nats(ja, n, nlogn) + _mi_nats(jb, n, nlogn)
     return {"EN": en.numpy(), "MI_nats": mi.numpy(), "MI_bits": (mi / math.log(2.0)).numpy(),
@@ -167,11 +211,12 @@ def _hist_metrics(a, b, f) -> dict[str, np.ndarray]:
 # moments: SD, SF, AG, PSNR, CC, SCD
 
 def _doubled_gradient(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """2 x numpy.gradient(x, axis=dim) of an int32 [S, H, W] tensor (an integer: central differences
-    inside, one-sided differences, doubled, on the first and last row/column)."""
+    """2 x numpy.gradient(x, axis=dim) of an integer-valued [S, H, W] tensor (int16, int32, or
+    float32 holding small integers: exact in each; central differences inside, one-sided
+    differences, doubled, on the first and last row/column)."""
     g = torch.empty_like(x)
     n = x.shape[dim]
-    g.narrow(dim, 1, n - 2).copy_(x.narrow(dim, 2, n - 2) - x.narrow(dim, 0, n - 2))
+    torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=g.narrow(dim, 1, n - 2))
     g.narrow(dim, 0, 1).copy_(2 * (x.narrow(dim, 1, 1) - x.narrow(dim, 0, 1)))
     g.narrow(dim, n - 1, 1).copy_(2 * (x.narrow(dim, n - 1, 1) - x.narrow(dim, n - 2, 1)))
     return g
@@ -190,19 +235,34 @@ def _moment_metrics(a, b, f) -> dict[str, np.ndarray]:
     h, w = f.shape[1], f.shape[2]
     n = h * w
     fi, ai, bi = f.to(torch.int32), a.to(torch.int32), b.to(torch.int32)
+    prod = torch.empty_like(fi)
+
+    def sum_of_products(x, y) -> np.ndarray:
+        return _int_sum(torch.mul(x, y, out=prod))
+
     sf, sa, sb = _int_sum(fi), _int_sum(ai), _int_sum(bi)
-    sff, saa, sbb = _int_sum(fi * fi), _int_sum(ai * ai), _int_sum(bi * bi)
-    sfa, sfb, sab = _int_sum(fi * ai), _int_sum(fi * bi), _int_sum(ai * bi)
+    sff, saa, sbb = sum_of_products(fi, fi), sum_of_products(ai, ai), sum_of_products(bi, bi)
+    sfa, sfb, sab = sum_of_products(fi, ai), sum_of_products(fi, bi), sum_of_products(ai, bi)
     out: dict[str, np.ndarray] = {}
     out["SD"] = np.sqrt((n * sff - sf * sf).astype(np.float64)) / n
-    rf2 = _int_sum((fi[:, :, 1:] - fi[:, :, :-1]) ** 2) / (h * (w - 1)) if w > 1 else np.zeros(len(sf))
-    cf2 = _int_sum((fi[:, 1:] - fi[:, :-1]) ** 2) / ((h - 1) * w) if h > 1 else np.zeros(len(sf))
+
+    def squared_differences(dim: int) -> np.ndarray:
+        d = torch.sub(fi.narrow(dim, 1, fi.shape[dim] - 1), fi.narrow(dim, 0, fi.shape[dim] - 1))
+        return _int_sum(d.mul_(d))
+
+    rf2 = squared_differences(2) / (h * (w - 1)) if w > 1 else np.zeros(len(sf))
+    cf2 = squared_differences(1) / ((h - 1) * w) if h > 1 else np.zeros(len(sf))
     out["SF"] = np.sqrt(rf2 + cf2)
     if min(h, w) < 2:
         out["AG"] = np.zeros(len(sf))
     else:
-        gx, gy = _doubled_gradient(fi, 2), _doubled_gradient(fi, 1)
-        out["AG"] = (_slice_sum(torch.sqrt((gx * gx + gy * gy).to(torch.float32))) / math.sqrt(8.0) / n).numpy()
+        # float32 from the start: the doubled gradients and their squares' sums are integers below
+        # 2^24, exact, so sqrt sees the same numbers as from int32 (two int32 passes saved)
+        ff = f.to(torch.float32)
+        gx, gy = _doubled_gradient(ff, 2), _doubled_gradient(ff, 1)
+        del ff
+        g = gx.mul_(gx).addcmul_(gy, gy).sqrt_()
+        out["AG"] = (_slice_sum(g) / math.sqrt(8.0) / n).numpy()
     # PSNR: MSE = (sum (f-a)^2 + sum (f-b)^2) / (2n), peak max(F)
     mse = ((sff - 2 * sfa + saa) + (sff - 2 * sfb + sbb)).astype(np.float64) / (2.0 * n)
     peak = f.reshape(f.shape[0], -1).amax(1).cpu().numpy().astype(np.float64)
@@ -220,12 +280,18 @@ def _moment_metrics(a, b, f) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 # SSIM (scikit-image's structural_similarity, data_range 255, 7x7 uniform window, sample covariance)
 
-def _box7(x: torch.Tensor, dim: int) -> torch.Tensor:
+def _box7(x: torch.Tensor, dim: int, name: str = "box") -> torch.Tensor:
     """'valid' sums of 7 consecutive entries along ``dim`` (exact for integers): 4 additions, 2 + 2 -> 4,
-    4 + 2 -> 6, 6 + 1 -> 7, instead of a 7-tap convolution."""
+    4 + 2 -> 6, 6 + 1 -> 7, instead of a 7-tap convolution; into scratch maps ``name`` (:func:`_scratch`)."""
     n = x.shape[dim]
-    s2 = x.narrow(dim, 0, n - 1) + x.narrow(dim, 1, n - 1)
-    s4 = s2.narrow(dim, 0, n - 3) + s2.narrow(dim, 2, n - 3)
+
+    def shape(m: int) -> tuple[int, ...]:
+        return x.shape[:dim] + (m,) + x.shape[dim + 1:]
+
+    s2 = torch.add(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1),
+                   out=_scratch(name + "2", shape(n - 1), x.dtype, x.device))
+    s4 = torch.add(s2.narrow(dim, 0, n - 3), s2.narrow(dim, 2, n - 3),
+                   out=_scratch(name + "4", shape(n - 3), x.dtype, x.device))
     s4 = s4.narrow(dim, 0, n - 5).add_(s2.narrow(dim, 4, n - 5))
     return s4.narrow(dim, 0, n - 6).add_(x.narrow(dim, 6, n - 6))
 
@@ -253,29 +319,34 @@ def _ssim_metrics(a, b, f) -> dict[str, np.ndarray]:
     if min(f.shape[1], f.shape[2]) < k:
         raise FusionError(f"SSIM needs slices of at least {k}x{k} pixels, got {tuple(f.shape[1:])}")
     npix = k * k
-    x = torch.stack([f, a, b], 1).to(torch.int32)
-    maps = x.new_empty((x.shape[0], 8) + x.shape[2:])                # F A B, F2 A2 B2, AF BF (int32)
-    maps[:, :3] = x
-    torch.mul(x, x, out=maps[:, 3:6])
-    torch.mul(x[:, 1:], x[:, :1], out=maps[:, 6:8])
-    del x
+    maps = _scratch("ssim", (f.shape[0], 8) + f.shape[1:], torch.int32, f.device)     # F A B, F2 A2 B2, AF BF
+    for c, x in enumerate((f, a, b)):
+        maps[:, c].copy_(x)
+    torch.mul(maps[:, :3], maps[:, :3], out=maps[:, 3:6])
+    torch.mul(maps[:, 1:3], maps[:, :1], out=maps[:, 6:8])
     # 7x7 window sums over the valid region, exact in int32 (at most 49 x 255^2)
-    sums = _box7(_box7(maps, 2), 3)
+    sums = _box7(_box7(maps, 3, "ssim-rows"), 2, "ssim-columns")   # rows first: faster (same integers)
     del maps
     s_f, s_ff = sums[:, 0], sums[:, 3]
-    u_f = s_f.to(torch.float32) / npix
+    u_f = s_f.to(torch.float32).div_(npix)
     norm = 1.0 / (npix * (npix - 1))        # cov_norm NP/(NP-1) over NP^2
-    v_f = (npix * s_ff - s_f * s_f).to(torch.float32) * norm
+
+    def variance(s_xy, s_x, s_y) -> torch.Tensor:    # from exact integer numerators
+        return (npix * s_xy).sub_(s_x * s_y).to(torch.float32).mul_(norm)
+
+    v_f = variance(s_ff, s_f, s_f)
+    # the terms of F, used for both sources: 2 u_f and u_f^2 (the same roundings as in the formula)
+    u_f2, u_ff = u_f * 2.0, u_f * u_f
     count = float(s_f.shape[1] * s_f.shape[2])
     total = torch.zeros(f.shape[0], dtype=torch.float64)
     for c in (1, 2):
         s_x, s_xx, s_fx = sums[:, c], sums[:, 3 + c], sums[:, 5 + c]
-        u_x = s_x.to(torch.float32) / npix
-        v_x = (npix * s_xx - s_x * s_x).to(torch.float32) * norm      # exact integer numerators
-        v_fx = (npix * s_fx - s_f * s_x).to(torch.float32) * norm
-        num = (2.0 * u_f * u_x + SSIM_C1) * (2.0 * v_fx + SSIM_C2)
-        den = (u_f * u_f + u_x * u_x + SSIM_C1) * (v_f + v_x + SSIM_C2)
-        total += _slice_sum(num / den) / count
+        u_x = s_x.to(torch.float32).div_(npix)
+        v_x, v_fx = variance(s_xx, s_x, s_x), variance(s_fx, s_f, s_x)
+        # (2 u_f u_x + C1)(2 v_fx + C2) / ((u_f^2 + u_x^2 + C1)(v_f + v_x + C2)), in place
+        num = torch.mul(u_f2, u_x).add_(SSIM_C1).mul_(v_fx.mul_(2.0).add_(SSIM_C2))
+        den = u_x.mul_(u_x).add_(u_ff).add_(SSIM_C1).mul_(v_x.add_(v_f).add_(SSIM_C2))
+        total += _slice_sum(num.div_(den)) / count
     return {"SSIM_sum": total.numpy(), "SSIM_avg": (total / 2.0).numpy()}
 
 
@@ -301,16 +372,14 @@ def _vif_scale(images: torch.Tensor, g: torch.Tensor, sums: torch.Tensor) -> Non
     mu = _separable(maps, g)
     del maps
     # in place: channels 3..5 become the variances of D, A, B, channels 6..7 the covariances AD, BD
-    mu[:, 3:6] -= mu[:, :3] * mu[:, :3]
-    mu[:, 3:6].clamp_min_(0.0)
+    mu[:, 3:6] -= mu[:, :3] * mu[:, :3]         # rounded product, then the difference (not a fused
+    mu[:, 3:6].clamp_min_(0.0)                  # multiply-add: the variances' cancellation shows it)
     mu[:, 6:8] -= mu[:, 1:3] * mu[:, :1]
     var_d, var_r, cov = mu[:, 3:4], mu[:, 4:6], mu[:, 6:8]
-    ok_r = var_r >= VIF_EPS
     gain = torch.add(var_r, VIF_EPS)
-    torch.div(cov, gain, out=gain)
+    torch.div(cov, gain, out=gain).clamp_min_(0.0)          # a negative gain is not valid: 0
     valid = var_d >= VIF_EPS
-    valid = valid & ok_r
-    valid &= gain >= 0
+    valid = valid & (var_r >= VIF_EPS)
     gain.mul_(valid)                                         # 0 where not valid (var_r + eps > 0: finite)
     terms = mu.new_empty((s, 2, 2) + mu.shape[2:])          # num, den per source; log10(1 + x) of each
     var_n = torch.addcmul(var_d, gain, cov, value=-1.0).clamp_min_(VIF_EPS)
@@ -318,8 +387,9 @@ def _vif_scale(images: torch.Tensor, g: torch.Tensor, sums: torch.Tensor) -> Non
     torch.mul(gain, gain, out=terms[:, 0])
     terms[:, 0] *= var_r
     terms[:, 0] /= var_n
-    torch.mul(var_r, ok_r, out=terms[:, 1])
-    terms[:, 1] /= VIF_NOISE_VAR
+    # den: var_r / sigma_n^2 where var_r >= eps; below it var_r / 2 < 5e-11 and 1 + that is 1 in
+    # float32 (its log 0), as the mask gives: no mask needed
+    torch.div(var_r, VIF_NOISE_VAR, out=terms[:, 1])
     terms += 1.0
     terms.log10_()
     sums += terms.sum((3, 4), dtype=_acc_dtype(images.device)).cpu().double()
@@ -337,14 +407,12 @@ def _vif_metrics(a, b, f) -> dict[str, np.ndarray]:
     if min(f.shape[1], f.shape[2]) < g1.numel():            # smaller than the first window: no scale
         return {"VIF": np.full(s, 2.0)}
     step = max(1, CACHE_PIXELS // max(1, f.shape[1] * f.shape[2]))
-    small = []
+    images = torch.empty((s, 3) + f.shape[1:], dtype=torch.float32, device=f.device)   # D, A, B
+    for c, x in enumerate((f, a, b)):
+        images[:, c].copy_(x)
     for i in range(0, s, step):
-        images = torch.stack([f[i:i + step], a[i:i + step], b[i:i + step]], 1).to(torch.float32)  # D, A, B
-        _vif_scale(images, g1, sums[i:i + step])
-        small.append(_separable(images, g2, 2))             # scale 2's images
-        del images
-    images = small[0] if len(small) == 1 else torch.cat(small)
-    del small
+        _vif_scale(images[i:i + step], g1, sums[i:i + step])
+    images = _separable(images, g2, 2)                      # scale 2's images, the whole batch at once
     for scale in range(2, 5):
         g = g2 if scale == 2 else torch.from_numpy(vif_window(scale)).to(device=f.device, dtype=torch.float32)
         if scale > 2:
@@ -375,18 +443,17 @@ def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mid += p[..., 2:]                                                  # [1 2 1] along the rows
     sy = (mid[:, 2:] - mid[:, :-2]).to(torch.float32)
     del mid, p
-    g = torch.sqrt(torch.addcmul(sx * sx, sy, sy))
-    zero = sx == 0
-    alpha = torch.where(zero, math.pi / 2, torch.atan(sy.div_(sx)))  # sx = 0: pi / 2 (the division's inf/nan unused)
+    g = torch.mul(sx, sx).addcmul_(sy, sy).sqrt_()
+    # sx = 0: pi / 2, as atan(+inf): sy / 0 is +-inf or nan (sx != 0: |sy / sx| <= 1020, finite),
+    # all made +inf (a pass; a mask of sx == 0 and a masked fill cost several)
+    alpha = torch.atan_(sy.div_(sx).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf))
     return g, alpha
 
 
 def _edge_preservation(g_x, a_x, g_f, a_f) -> torch.Tensor:
     tg, kg, dg = QABF_STRENGTH
     ta, ka, da = QABF_ORIENTATION
-    hi, lo = torch.maximum(g_x, g_f), torch.minimum(g_x, g_f)
-    none = (hi == 0).to(torch.float32)           # both 0: relative strength 1
-    rel_g = (lo + none).div_(hi.add_(none))
+    rel_g = torch.minimum(g_x, g_f).div_(torch.maximum(g_x, g_f)).nan_to_num_(nan=1.0)  # both 0 (0 / 0): 1
     # T / (1 + exp(k (x - D))) = T sigmoid(-k (x - D)), one pass each, in place
     q = torch.sigmoid_(rel_g.sub_(dg).mul_(-kg)).mul_(tg)
     rel_a = torch.sub(a_x, a_f).abs_().mul_(-1.0 / (math.pi / 2)).add_(1.0 - da).mul_(-ka)
@@ -722,22 +789,39 @@ HUE_ERROR_DEG = 10.0
 LOST_CHROMA = 0.5
 
 
+def _colour_keys(fused: torch.Tensor) -> torch.Tensor:
+    """One int32 key per uint8 RGB row of ``fused`` [n, 3], below 2^24, read back by :func:`_key_rgb`:
+    the three bytes and a zero byte viewed as one int32 (one copy, no arithmetic)."""
+    buf = torch.zeros(fused.shape[0], 4, dtype=torch.uint8, device=fused.device)
+    (buf[:, :3] if _LITTLE_ENDIAN else buf[:, 1:]).copy_(fused)
+    return buf.view(torch.int32).view(-1)
+
+
+def _key_rgb(keys: torch.Tensor) -> torch.Tensor:
+    """The uint8 RGB values [n, 3] (as int32) of keys made by :func:`_colour_keys`."""
+    shifts = (0, 8, 16) if _LITTLE_ENDIAN else (16, 8, 0)
+    return torch.stack([(keys >> k) & 255 for k in shifts], 1)
+
+
 class _FusedColours:
-    """CIELAB of the fused volume's uint8 RGB colours and, with a colour bar, the bar entry nearest to
-    each in the (a*, b*) plane (the first of equals), computed once per distinct colour and looked
-    up per voxel. A fused volume has far fewer colours than coloured voxels (a 256x256x180 phantom:
-    39 thousand colours for 6.5 million voxels, 310 thousand counted batch by batch), and the search
-    over the bar is the costly part. The look-up is a table of all 2^24 colours (64 MB of int32)."""
+    """CIELAB a*, b*, chroma C* of the fused volume's uint8 RGB colours and, with a colour bar, the
+    bar entry nearest to each in the (a*, b*) plane (the first of equals), computed once per
+    distinct colour; a call gives each voxel's slot in these tables, which the voxels then read. A
+    fused volume has far fewer colours than coloured voxels (a 256x256x180 phantom: 39 thousand
+    colours for 6.5 million voxels, 310 thousand counted batch by batch), and the search over the
+    bar is the costly part. The slots are a table over all 2^24 colours (64 MB of int32), holding
+    slot + 1 (0: not seen yet); on the CPU it starts as numpy's zeros, whose pages the operating
+    system supplies zeroed on first use: only the pages of colours that occur are ever touched."""
 
     def __init__(self, device: torch.device, bar_ab: torch.Tensor | None):
-        self.slot = torch.full((1 << 24,), -1, dtype=torch.int32, device=device)
+        self.slot = (torch.from_numpy(np.zeros(1 << 24, np.int32)) if device.type == "cpu"
+                     else torch.zeros(1 << 24, dtype=torch.int32, device=device))
         self.bar_ab = bar_ab
-        self.lab = torch.empty(0, 3, device=device)
+        self.a = self.b = self.chroma = torch.empty(0, device=device)
         self.nearest = torch.empty(0, dtype=torch.int16, device=device)
 
     def _add(self, colours: torch.Tensor) -> None:
-        rgb = torch.stack([colours >> 16, (colours >> 8) & 255, colours & 255], 1)
-        lab = rgb_to_lab_torch(rgb.to(torch.float32) / 255.0)
+        lab = rgb_to_lab_torch(_key_rgb(colours).to(torch.float32) / 255.0)
         if self.bar_ab is not None:
             best = torch.empty(lab.shape[0], dtype=torch.int16, device=lab.device)
             bar_a, bar_b = self.bar_ab[:, 0], self.bar_ab[:, 1]
@@ -747,22 +831,21 @@ class _FusedColours:
                 db = part[:, 2:3] - bar_b
                 best[start:start + 4096] = (da * da + db * db).argmin(1).to(torch.int16)
             self.nearest = torch.cat([self.nearest, best])
-        self.slot[colours] = torch.arange(self.lab.shape[0], self.lab.shape[0] + colours.numel(),
+        self.slot[colours.long()] = torch.arange(self.a.shape[0] + 1, self.a.shape[0] + 1 + colours.numel(),
                                           dtype=torch.int32, device=colours.device)
-        self.lab = torch.cat([self.lab, lab])
+        self.a = torch.cat([self.a, lab[:, 1]])
+        self.b = torch.cat([self.b, lab[:, 2]])
+        self.chroma = torch.cat([self.chroma, torch.hypot(lab[:, 1], lab[:, 2])])
 
-    def __call__(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(lab [n, 3], nearest bar entry [n] int16 or None) of uint8 RGB [n, 3]."""
-        f = fused.to(torch.int64)
-        keys = (f[:, 0] << 16) | (f[:, 1] << 8) | f[:, 2]
+    def __call__(self, fused: torch.Tensor) -> torch.Tensor:
+        """The slots (int32 [n]) of uint8 RGB [n, 3]: index :attr:`a`, :attr:`b`, :attr:`chroma`, :attr:`nearest`."""
+        keys = _colour_keys(fused)
         slots = self.slot.index_select(0, keys)
-        new = keys[slots < 0]
-        if new.numel():
-            self._add(torch.unique(new))
+        new = slots == 0
+        if bool(new.any()):
+            self._add(torch.unique(keys[new]))
             slots = self.slot.index_select(0, keys)
-        slots = slots.to(torch.int64)
-        return (self.lab.index_select(0, slots),
-                None if self.bar_ab is None else self.nearest.index_select(0, slots))
+        return slots.sub_(1)
 
 
 def _median_of_counts(counts: np.ndarray) -> float:
@@ -774,19 +857,35 @@ def _median_of_counts(counts: np.ndarray) -> float:
     return (lo + hi) / 2.0
 
 
-def _colour_batch(fused: torch.Tensor, lab_s: torch.Tensor, levels: torch.Tensor | None,
-                  fused_colours: _FusedColours):
+def _colour_batch(a_s: torch.Tensor, b_s: torch.Tensor, c_s: torch.Tensor, levels: torch.Tensor | None,
+                  slots: torch.Tensor, fused_colours: _FusedColours):
     """Per coloured voxel of one batch: (hue error degrees, chroma ratio, read-back error in entries
-    or None). ``fused`` uint8 [n, 3]; ``lab_s`` the source's CIELAB [n, 3]; ``levels`` its bar entries."""
-    lab_f, nearest = fused_colours(fused)
-    c_s = torch.hypot(lab_s[:, 1], lab_s[:, 2])
-    c_f = torch.hypot(lab_f[:, 1], lab_f[:, 2])
-    cross = lab_s[:, 1] * lab_f[:, 2] - lab_s[:, 2] * lab_f[:, 1]
-    dot = lab_s[:, 1] * lab_f[:, 1] + lab_s[:, 2] * lab_f[:, 2]
+    or None). ``a_s``, ``b_s``, ``c_s``: the source's CIELAB a*, b* and C* [n]; ``levels`` its bar
+    entries; ``slots`` the fused colours' slots in ``fused_colours``."""
+    a_f, b_f = fused_colours.a.index_select(0, slots), fused_colours.b.index_select(0, slots)
+    c_f = fused_colours.chroma.index_select(0, slots)
+    cross = a_s * b_f - b_s * a_f
+    dot = a_s * a_f + b_s * b_f
     hue = torch.rad2deg(torch.atan2(cross.abs(), dot))
     hue = torch.where(c_f < LOST_CHROMA, torch.full_like(hue, 180.0), hue)
-    read = None if nearest is None or levels is None else (nearest.to(torch.int16) - levels.to(torch.int16)).abs()
+    read = None
+    if levels is not None and fused_colours.bar_ab is not None:
+        read = (fused_colours.nearest.index_select(0, slots) - levels.to(torch.int16)).abs()
     return hue, c_f / c_s, read
+
+
+def _mark_slices(hit: torch.Tensor, at: torch.Tensor, start: int, stride: int, n_axis: int, first_axis: bool) -> None:
+    """``hit[slice] = True`` for the slice of each flat voxel index ``start + at`` (``at`` ascending);
+    along the first axis by counting the indices between slice boundaries (no per-voxel division)."""
+    if at.numel() == 0:
+        return
+    if not first_axis:
+        hit[(((at + start) // stride) % n_axis).cpu()] = True
+        return
+    lo, hi = (int(at[0]) + start) // stride, (int(at[-1]) + start) // stride
+    bounds = torch.arange(lo, hi + 2, dtype=torch.int64, device=at.device) * stride - start
+    counts = torch.searchsorted(at, bounds).diff()
+    hit[lo:hi + 1] |= (counts > 0).cpu()
 
 
 def colour_metrics_torch(fused_rgb8: np.ndarray, functional_ycc: np.ndarray, levels: np.ndarray | None = None,
@@ -846,8 +945,10 @@ class ColourMetrics:
         with torch.inference_mode():
             # a scalar functional's source colours are its bar's entries: CIELAB and C* computed once
             self.bar_lab = None if bar is None else rgb_to_lab_torch(bar.to(dev))
-            self.bar_coloured = None if bar is None else \
-                torch.hypot(self.bar_lab[:, 1], self.bar_lab[:, 2]) > COLOURED_CHROMA
+            self.bar_chroma = None if bar is None else torch.hypot(self.bar_lab[:, 1], self.bar_lab[:, 2])
+            self.bar_coloured = None if bar is None else self.bar_chroma > COLOURED_CHROMA
+            self.bar_a = None if bar is None else self.bar_lab[:, 1].contiguous()
+            self.bar_b = None if bar is None else self.bar_lab[:, 2].contiguous()
         self.fused_colours = _FusedColours(dev, None if bar is None else self.bar_lab[:, 1:])
         capacity = int(np.prod(self.shape))
         self.ratio = np.empty(capacity, np.float32)
@@ -856,7 +957,7 @@ class ColourMetrics:
 
     def reset(self) -> None:
         """Start again on another volume of the same shape (the counts cleared; the fused colours'
-        look-up, 64 MB to set up, kept: ``evaluate`` scores pair after pair with one accumulator)."""
+        look-up kept: ``evaluate`` scores pair after pair with one accumulator)."""
         self.count = 0
         self.hue_over = {"": 0, "_bone": 0}          # coloured voxels whose hue error is > HUE_ERROR_DEG
         self.slices = {"": 0, "_bone": 0}            # slices with coloured voxels
@@ -885,25 +986,26 @@ class ColourMetrics:
             for start in range(0, total, batch_pixels):
                 stop = min(total, start + batch_pixels)
                 if by_level:                  # coloured: the voxel's bar entry is
-                    lv = torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev).to(torch.int64)
+                    lv = torch.from_numpy(np.ascontiguousarray(flat_l[start:stop])).to(dev).to(torch.int32)
                     sel = torch.nonzero(self.bar_coloured.index_select(0, lv))[:, 0]
                     lv = lv.index_select(0, sel)
-                    lab_s = self.bar_lab.index_select(0, lv)
+                    a_s, b_s = self.bar_a.index_select(0, lv), self.bar_b.index_select(0, lv)
+                    c_s = self.bar_chroma.index_select(0, lv)
                 else:                         # coloured: the RGB of the functional's YCbCr has C* > 20
                     ycc = torch.from_numpy(np.ascontiguousarray(flat_s[start:stop])).to(dev)
                     cand = torch.nonzero((ycc[:, 1:] - 0.5).abs().amax(1) > 1.0 / 512)[:, 0]   # neutral: C* = 0
                     lab_s = rgb_to_lab_torch(_ycc_to_rgb_torch(ycc[cand]))
-                    keep = torch.nonzero(torch.hypot(lab_s[:, 1], lab_s[:, 2]) > COLOURED_CHROMA)[:, 0]
-                    sel, lab_s, lv = cand[keep], lab_s[keep], None
+                    c_s = torch.hypot(lab_s[:, 1], lab_s[:, 2])
+                    keep = torch.nonzero(c_s > COLOURED_CHROMA)[:, 0]
+                    sel, a_s, b_s, c_s, lv = cand[keep], lab_s[keep, 1], lab_s[keep, 2], c_s[keep], None
                 if sel.numel():
                     fused = torch.from_numpy(np.ascontiguousarray(flat_f[start:stop])).to(dev).index_select(0, sel)
-                    h, r, rb = _colour_batch(fused, lab_s, lv, self.fused_colours)
+                    h, r, rb = _colour_batch(a_s, b_s, c_s, lv, self.fused_colours(fused), self.fused_colours)
                     over = h > HUE_ERROR_DEG
                     k, n = self.count, int(sel.numel())
                     self.ratio[k:k + n] = r.cpu().numpy()
                     self.hue_over[""] += int(over.sum())
-                    rows = (((sel + start) // stride) % n_axis).cpu()
-                    hit[""][rows] = True
+                    _mark_slices(hit[""], sel, start, stride, n_axis, axis == 0)
                     if rb is not None:
                         self.read[""] += torch.bincount(rb.to(torch.int64).cpu(), minlength=len(self.read[""]))
                     if flat_b is not None:
@@ -913,7 +1015,7 @@ class ColourMetrics:
                         if rb is not None:
                             self.read["_bone"] += torch.bincount(rb[b].to(torch.int64).cpu(),
                                                                  minlength=len(self.read["_bone"]))
-                        hit["_bone"][rows[b.cpu()]] = True
+                        _mark_slices(hit["_bone"], sel[b], start, stride, n_axis, axis == 0)
                     self.count += n
                 if tick is not None:
                     tick(stop, total)

@@ -96,6 +96,35 @@ def test_colour_metrics_rgb_functional_and_identity():
     assert same["hue_err10"][0] == 0.0 and abs(same["chroma_kept"][0] - 1.0) < 0.01 and same["readback_err"][0] == 0.0
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_colour_metrics_count_the_slices_with_coloured_voxels_along_any_axis(axis):
+    """The slices counted (the third value) are those with a coloured voxel (and with one over bone),
+    along the first axis (counted between slice boundaries) as along the others (per voxel), with
+    batches that end inside slices."""
+    rng = np.random.default_rng(7)
+    shape = (6, 9, 11)
+    table = colour.colormap_table("PET-Heat")          # entry 0 is black: not coloured
+    levels = rng.integers(100, 256, shape).astype(np.uint8)
+    levels[1], levels[:, 4], levels[..., 7:] = 0, 0, 0   # uncoloured slices along each axis
+    bone = rng.random(shape) < 0.5
+    bone[3], bone[:, 2], bone[..., 5] = False, False, False
+    fused = colour.to_uint8(table[levels])
+    functional_rgb = table[levels]
+    lab = rgb2lab(functional_rgb.astype(np.float64))
+    coloured = np.hypot(lab[..., 1], lab[..., 2]) > 20.0
+    other = tuple(k for k in range(3) if k != axis)
+    expected = {"": int(coloured.any(axis=other).sum()), "_bone": int((coloured & bone).any(axis=other).sum())}
+    assert 0 < expected["_bone"] < expected[""] < shape[axis]
+    ours = colour_metrics_torch(fused, colour.rgb_to_ycbcr(functional_rgb), levels, table, bone, axis=axis,
+                                device="cpu", batch_pixels=37)
+    for key, value in ours.items():
+        assert value[2] == expected["_bone" if key.endswith("_bone") else ""], key
+    # the same without a colour bar (an RGB functional): coloured voxels found from its colour
+    rgb = colour_metrics_torch(fused, colour.rgb_to_ycbcr(fused.astype(np.float32) / 255.0), bone=bone, axis=axis,
+                               device="cpu", batch_pixels=37)
+    assert rgb["hue_err10"][2] == expected[""] and rgb["hue_err10_bone"][2] == expected["_bone"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the recombination itself
 

@@ -585,6 +585,28 @@ def test_torch_volume_metrics_refuse_what_the_reference_refuses():
     _assert_torch_matches_numpy(a8, b8, f8, keys=["EN", "MI_bits", "FMI_pixel", "FMI_gradient", "VIF", "Qabf", "CC"])
 
 
+def test_torch_integer_sums_stay_exact_on_rows_too_long_for_int32():
+    """The moments' per-slice sums add each row in int32 first unless a row of squares could pass
+    2^31 (33026 pixels of 255^2): rows of 50000 bright pixels take the int64 path and still match."""
+    rng = np.random.default_rng(11)
+    shape = (2, 2, 50000)
+    a8 = rng.integers(220, 256, shape).astype(np.uint8)
+    b8 = rng.integers(0, 256, shape).astype(np.uint8)
+    f8 = np.maximum(a8, b8)
+    assert int((f8[0, 0].astype(np.int64) ** 2).sum()) > 2 ** 31      # a row's sum of F^2 overflows int32
+    _assert_torch_matches_numpy(a8, b8, f8, keys=["SD", "SF", "AG", "PSNR", "CC", "SCD"])
+
+
+def test_torch_qabf_orientation_where_the_horizontal_sobel_is_zero():
+    """sx = 0 with sy > 0, sy < 0 and sy = 0 (flat, vertical ramps both ways): orientation pi / 2
+    in each case, as the reference (the division by zero's +-inf and nan are not used)."""
+    ramp = np.tile(np.arange(0, 240, 12, dtype=np.uint8)[:, None], (1, 20))      # sx = 0, sy > 0 inside
+    a8 = np.stack([ramp, ramp[::-1].copy(), np.full_like(ramp, 90)])
+    b8 = np.stack([ramp.T.copy(), ramp, ramp[::-1].copy()])
+    f8 = np.stack([ramp[::-1].copy(), (ramp // 2 + 60).astype(np.uint8), ramp])
+    _assert_torch_matches_numpy(a8, b8, f8, keys=["Qabf"])
+
+
 def test_torch_volume_metrics_in_small_batches_and_chunks_give_the_same_values(monkeypatch):
     from MedicalFusionLib.metrics import torch_engine as MT
 
