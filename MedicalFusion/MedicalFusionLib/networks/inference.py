@@ -12,8 +12,11 @@ from ..progress import heartbeat
 from . import weights as _weights
 
 # On the CPU, small chunks keep each layer's activations in cache: measured on the 2-core machine,
-# a batch of eight 256x256 slices in one call cost ~3x more per slice than chunks of one or two.
-CPU_CHUNK_PIXELS = 2 * 256 * 256
+# a batch of eight 256x256 slices in one call cost ~3x more per slice than chunks of one or two, and
+# since MRDFN's and LYWNet's inference forwards write into kept buffers one 256x256 slice a call
+# costs 0.85-0.87x a slice of a chunk of two (docs/evaluation/networks.md, "Inference speed"; the
+# same bytes for MRDFN on 256x256 slices, its dense layers running slice by slice either way).
+CPU_CHUNK_PIXELS = 256 * 256
 # On a GPU, chunks of this many pixels (16 slices of 256x256) keep the device busy.
 GPU_CHUNK_PIXELS = 16 * 256 * 256
 # On a CPU with more than one torch thread the convolutions run in the channels-last layout
@@ -49,7 +52,7 @@ def network_fuse_fn(model: nn.Module, device: torch.device, multiple: int = 1
     """Wrap ``model(a, b)`` as ``fn(anat, func_y) -> fused`` (eval, no grad, pad/crop, clamp).
 
     Same slice, same bytes, whatever the batch: the model always runs on chunks of exactly
-    :func:`chunk_slices` slices (about two 256x256 slices on the CPU, sixteen on a GPU; a number that
+    :func:`chunk_slices` slices (about one 256x256 slice on the CPU, sixteen on a GPU; a number that
     depends only on the slice size and the device type), the last chunk of a batch filled up with
     empty slices. A convolution library may pick another algorithm for another batch size (oneDNN
     did: MRDFN on 91x109 slices differed by 4e-7 between a batch of 5 and slices alone, one 8-bit
