@@ -131,12 +131,17 @@ def _starts_a_subprocess(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``slow`` on the tests above."""
+    """``slow`` on the tests above; every user of a fixture of SHARED_RESULT_UNITS is listed there."""
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
         if (module in SLOW_MODULES or item.originalname in SLOW_TESTS or _starts_a_subprocess(item)
                 or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
+        for unit, (unit_module, fixture, tests) in SHARED_RESULT_UNITS.items():
+            if (module == unit_module and fixture in getattr(item, "fixturenames", ())
+                    and item.originalname not in tests):
+                raise pytest.UsageError(f"{item.nodeid} uses the shared fixture {fixture}: add it to "
+                                        f"conftest.SHARED_RESULT_UNITS['{unit}'] (so it runs in that fixture's worker)")
 
 
 _REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
@@ -148,12 +153,28 @@ _REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
 #: sts series; the Slicer sample's download).
 WHOLE_MODULES = {"test_cohort", "test_pacs", "test_dicom_export", "test_scene_dicom_export", "test_slicer_sample_data"}
 
+#: Tests of a module that share one costly module-scoped result run in one worker, so that it is made
+#: once: unit -> (module, fixture, the tests that use it). A test that uses the fixture and is not
+#: listed stops the collection (pytest_collection_modifyitems), so the list cannot fall behind.
+SHARED_RESULT_UNITS = {
+    # the head phantom's rigid registration (test_registration.py: head_run)
+    "registration-head-run": ("test_registration", "head_run", (
+        "test_rigid_recovers_a_known_misalignment_and_maps_anatomical_to_functional_points",
+        "test_the_same_inputs_give_the_same_answer_bit_for_bit",
+        "test_inputs_are_not_modified",
+        "test_volumes_far_from_the_world_origin_converge_as_near_it",
+        "test_progress_every_iteration_of_every_start",
+        "test_cancel_at_any_point_stops_at_once_and_leaves_nothing",
+        "test_every_registration_says_how_sure_it_is",
+    )),
+}
+
 
 def xdist_scope(nodeid: str) -> str:
     """The unit of work pytest-xdist hands one worker whole: each real case (patient + anatomical:
     its prepared pair and fusions, test_real_cases' module cache, are made once), each Slicer-without-
     torch subprocess (test_slicer_module: one a version), the modules of WHOLE_MODULES (their
-    fixtures are made once); every other test alone."""
+    fixtures are made once), the tests of each SHARED_RESULT_UNITS entry; every other test alone."""
     path, _, rest = nodeid.partition("::")
     module = pathlib.PurePosixPath(path).stem
     if module == "test_real_cases":
@@ -162,6 +183,10 @@ def xdist_scope(nodeid: str) -> str:
             return f"real-case-{found.group(1)}-{found.group(2) or 'CT'}"
     if module in WHOLE_MODULES:
         return module
+    name = rest.partition("[")[0]
+    for unit, (unit_module, _, tests) in SHARED_RESULT_UNITS.items():
+        if module == unit_module and name in tests:
+            return unit
     if module == "test_slicer_module" and "without_torch" in rest:
         return "without-torch-" + rest.partition("[")[2].rstrip("]")
     return nodeid
