@@ -137,9 +137,8 @@ def pytest_collection_modifyitems(config, items):
         if (module in SLOW_MODULES or item.originalname in SLOW_TESTS or _starts_a_subprocess(item)
                 or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
-        for unit, (unit_module, fixture, tests) in SHARED_RESULT_UNITS.items():
-            if (module == unit_module and fixture in getattr(item, "fixturenames", ())
-                    and item.originalname not in tests):
+        for unit, (fixture, modules) in SHARED_RESULT_UNITS.items():
+            if fixture in getattr(item, "fixturenames", ()) and item.originalname not in modules.get(module, ()):
                 raise pytest.UsageError(f"{item.nodeid} uses the shared fixture {fixture}: add it to "
                                         f"conftest.SHARED_RESULT_UNITS['{unit}'] (so it runs in that fixture's worker)")
 
@@ -153,12 +152,13 @@ _REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
 #: sts series; the Slicer sample's download).
 WHOLE_MODULES = {"test_cohort", "test_pacs", "test_dicom_export", "test_scene_dicom_export", "test_slicer_sample_data"}
 
-#: Tests of a module that share one costly module-scoped result run in one worker, so that it is made
-#: once: unit -> (module, fixture, the tests that use it). A test that uses the fixture and is not
-#: listed stops the collection (pytest_collection_modifyitems), so the list cannot fall behind.
+#: Tests that share one costly result (a module-scoped fixture, or a cache a fixture installs) run in
+#: one worker, so that it is made once: unit -> (fixture, {module: the tests that use it}). A test of
+#: those modules that uses the fixture and is not listed stops the collection
+#: (pytest_collection_modifyitems), so the lists cannot fall behind.
 SHARED_RESULT_UNITS = {
     # the head phantom's rigid registration (test_registration.py: head_run)
-    "registration-head-run": ("test_registration", "head_run", (
+    "registration-head-run": ("head_run", {"test_registration": (
         "test_rigid_recovers_a_known_misalignment_and_maps_anatomical_to_functional_points",
         "test_the_same_inputs_give_the_same_answer_bit_for_bit",
         "test_inputs_are_not_modified",
@@ -166,8 +166,34 @@ SHARED_RESULT_UNITS = {
         "test_progress_every_iteration_of_every_start",
         "test_cancel_at_any_point_stops_at_once_and_leaves_nothing",
         "test_every_registration_says_how_sure_it_is",
-    )),
+    )}),
+    # the registrations the scene's and the panel's tests repeat (registration_memo.py)
+    "registration-front-doors": ("shared_registrations", {
+        "test_scene_registration": (
+            "test_fuse_with_registration_sets_a_transform_node_as_the_functional_parent",
+            "test_the_transform_node_follows_the_anatomical_parent",
+            "test_errors_leave_the_scene_as_it_was",
+            "test_register_nodes_changes_nothing_and_place_registration_applies_it",
+            "test_a_tfm_saved_by_the_command_line_aligns_the_pair_when_slicer_loads_it",
+            "test_register_with_the_functionals_ct_places_both",
+        ),
+        "test_slicer_module_registration": (
+            "test_fuse_with_register_first_sets_an_aligning_parent_transform",
+            "test_an_uncertain_registration_is_shown_as_a_warning",
+            "test_register_using_the_functionals_ct_places_both",
+        ),
+    }),
 }
+
+
+@pytest.fixture
+def shared_registrations(monkeypatch):
+    """Registrations answered from a cache when this process registered the same inputs before
+    (registration_memo.py): for the tests of what a front door does with a registration's answer."""
+    import registration_memo  # noqa: PLC0415
+
+    registration_memo.install(monkeypatch)
+    return registration_memo
 
 
 def xdist_scope(nodeid: str) -> str:
@@ -184,8 +210,8 @@ def xdist_scope(nodeid: str) -> str:
     if module in WHOLE_MODULES:
         return module
     name = rest.partition("[")[0]
-    for unit, (unit_module, _, tests) in SHARED_RESULT_UNITS.items():
-        if module == unit_module and name in tests:
+    for unit, (_, modules) in SHARED_RESULT_UNITS.items():
+        if name in modules.get(module, ()):
             return unit
     if module == "test_slicer_module" and "without_torch" in rest:
         return "without-torch-" + rest.partition("[")[2].rstrip("]")
