@@ -177,6 +177,11 @@ SHARED_RESULT_UNITS = {
             "test_a_tfm_saved_by_the_command_line_aligns_the_pair_when_slicer_loads_it",
             "test_register_with_the_functionals_ct_places_both",
         ),
+        "test_registration": (
+            "test_cli_register_saves_a_transform_and_reuses_it",
+            "test_cli_uncertain_registration_warns_even_quiet_and_strict_refuses",
+            "test_cli_register_with_the_functionals_ct",
+        ),
         "test_slicer_module_registration": (
             "test_fuse_with_register_first_sets_an_aligning_parent_transform",
             "test_an_uncertain_registration_is_shown_as_a_warning",
