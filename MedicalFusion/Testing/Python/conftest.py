@@ -223,17 +223,43 @@ def xdist_scope(nodeid: str) -> str:
     return nodeid
 
 
+def _is_heavy(nodeid: str) -> bool:
+    """A test of SLOW_MODULES or SLOW_TESTS (seconds each, most of them), from its node id alone."""
+    path, _, rest = nodeid.partition("::")
+    return pathlib.PurePosixPath(path).stem in SLOW_MODULES or rest.partition("[")[0] in SLOW_TESTS
+
+
+def handout_order(units: dict) -> list:
+    """The order the units are handed to the workers: the units of several tests first, most tests
+    first (as pytest-xdist's --loadscope-reorder does), then the single heavy tests, then the other
+    single tests, each in collection order; so the run does not end with one worker on a heavy test
+    and the other idle (longest first)."""
+    def key(item):
+        scope, nodeids = item
+        return -len(nodeids), 0 if any(_is_heavy(n) for n in nodeids) else 1
+    return [scope for scope, _ in sorted(units.items(), key=key)]
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadgroup`` with the units of :func:`xdist_scope`. (pytest-xdist's own xdist_group
-    marks do nothing under pytest 9, whose node ids can no longer be renamed; the units are found
-    from the node ids instead.)"""
+    """``--dist loadgroup`` with the units of :func:`xdist_scope`, handed out in :func:`handout_order`.
+    (pytest-xdist's own xdist_group marks do nothing under pytest 9, whose node ids can no longer be
+    renamed; the units are found from the node ids instead.)"""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling  # noqa: PLC0415
 
     class CaseScheduling(LoadGroupScheduling):
+        _ordered = False
+
         def _split_scope(self, nodeid: str) -> str:
             return xdist_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self._ordered:          # the queue is complete when the first unit is handed out
+                self._ordered = True
+                for scope in handout_order(self.workqueue):
+                    self.workqueue.move_to_end(scope)
+            super()._assign_work_unit(node)
 
     return CaseScheduling(config, log)
 
