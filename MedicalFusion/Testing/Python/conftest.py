@@ -138,7 +138,8 @@ def pytest_collection_modifyitems(config, items):
                 or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
         for unit, (fixture, modules) in SHARED_RESULT_UNITS.items():
-            if fixture in getattr(item, "fixturenames", ()) and item.originalname not in modules.get(module, ()):
+            if (fixture is not None and fixture in getattr(item, "fixturenames", ())
+                    and item.originalname not in modules.get(module, ())):
                 raise pytest.UsageError(f"{item.nodeid} uses the shared fixture {fixture}: add it to "
                                         f"conftest.SHARED_RESULT_UNITS['{unit}'] (so it runs in that fixture's worker)")
 
@@ -153,10 +154,20 @@ _REAL_CASE = re.compile(r"\[(STS_\d+)(?:-PET-([^-\]]+))?")
 WHOLE_MODULES = {"test_cohort", "test_pacs", "test_dicom_export", "test_scene_dicom_export", "test_slicer_sample_data"}
 
 #: Tests that share one costly result (a module-scoped fixture, or a cache a fixture installs) run in
-#: one worker, so that it is made once: unit -> (fixture, {module: the tests that use it}). A test of
-#: those modules that uses the fixture and is not listed stops the collection
-#: (pytest_collection_modifyitems), so the lists cannot fall behind.
+#: one worker, so that it is made once: unit -> (fixture, {module: the tests that use it}). A test
+#: that uses the fixture and is not listed stops the collection (pytest_collection_modifyitems), so
+#: the lists cannot fall behind (fixture None: no such check).
 SHARED_RESULT_UNITS = {
+    # the sample pair generated from the MNI template (~4 s) into the session's Slicer cache folder
+    # (sample_cache), once a process: the Slicer tests that load it, with test_slicer_sample_data
+    "test_slicer_sample_data": (None, {
+        "test_slicer_module": (
+            "test_sample_is_registered_with_sample_data_and_loads_in_one_click",
+            "test_self_test_reload_and_test_passes",
+            "test_self_test_loaded_test_by_test_as_ctest_does",
+        ),
+        "test_slicer_glue": ("test_load_sample_from_the_python_console_selects_the_pair",),
+    }),
     # the head phantom's rigid registration (test_registration.py: head_run)
     "registration-head-run": ("head_run", {"test_registration": (
         "test_rigid_recovers_a_known_misalignment_and_maps_anatomical_to_functional_points",
@@ -266,7 +277,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope="session")
 def sample_cache(tmp_path_factory) -> pathlib.Path:
-    """One Slicer cache folder per test process: the module's generated sample is made once."""
+    """One Slicer cache folder per test process: the module's generated sample is made once (the
+    tests that load it run in one worker: SHARED_RESULT_UNITS['test_slicer_sample_data'])."""
     return tmp_path_factory.mktemp("slicer-cache")
 
 
