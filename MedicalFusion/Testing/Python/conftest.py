@@ -293,3 +293,40 @@ def harness(request, sample_cache):
 
     with sh.opened(request.param, sample_cache) as h:
         yield h
+
+
+# --------------------------------------------------------------------------------------------------
+# per-test CPU time (docs/TESTING.md): MEDICALFUSION_TEST_CPU_TIMES=PREFIX writes PREFIX.<worker>.tsv,
+# one line a test: CPU seconds (this process and the children it reaped: the fork server's, the
+# command's, Dask's), wall seconds (setup + call + teardown), node id; a last line for the whole
+# process. On a loaded machine the CPU seconds move much less than the wall seconds --durations gives.
+
+_CPU_TIMES: dict = {}
+
+
+def _cpu_seconds() -> float:
+    import resource  # noqa: PLC0415
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("MEDICALFUSION_TEST_CPU_TIMES"):
+        yield
+        return
+    import time  # noqa: PLC0415
+
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    _CPU_TIMES[item.nodeid] = (_cpu_seconds() - cpu, time.perf_counter() - wall)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    prefix = os.environ.get("MEDICALFUSION_TEST_CPU_TIMES")
+    if prefix and _CPU_TIMES:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(f"{prefix}.{worker}.tsv", "w", encoding="utf-8") as fh:
+            fh.writelines(f"{cpu:.2f}\t{wall:.2f}\t{nodeid}\n" for nodeid, (cpu, wall) in _CPU_TIMES.items())
+            fh.write(f"{_cpu_seconds():.2f}\t-\t(the whole process: imports, collection and every test)\n")
