@@ -53,7 +53,7 @@ def install(monkeypatch) -> None:
 
     def register(anatomical, functional, kind="rigid", initial=None, progress=None, cancel=None, settings=None):
         key = (_image_key(anatomical), _image_key(functional), kind, _transform_key(initial),
-               dataclasses.astuple(settings or reg.RegistrationSettings()))
+               repr(settings or reg.RegistrationSettings()))        # every field, whatever its type
         if key not in _ANSWERS:
             stats["ran"] += 1
             _ANSWERS[key] = _copy(real(anatomical, functional, kind, initial=initial, progress=progress,
