@@ -76,7 +76,8 @@ def without_transform(fp: dict) -> dict:
     return {k: v for k, v in fp.items() if k != "transform"}
 
 
-def test_fuse_with_registration_sets_a_transform_node_as_the_functional_parent(scene, pair, truth):
+def test_fuse_with_registration_sets_a_transform_node_as_the_functional_parent(scene, pair, truth,
+                                                                               shared_registrations):
     mr, pet = pair
     before = {n.GetID(): fingerprint(n) for n in (mr, pet)}
     assert world_error(mr, pet, truth) > 15.0
@@ -124,7 +125,7 @@ def test_an_earlier_parent_is_the_start_and_is_kept(scene, pair, truth):
     assert world_error(mr, pet, truth) < 2.0
 
 
-def test_the_transform_node_follows_the_anatomical_parent(scene, pair, truth):
+def test_the_transform_node_follows_the_anatomical_parent(scene, pair, truth, shared_registrations):
     mr, pet = pair
     shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MR placement")
     m = vtk.vtkMatrix4x4()
@@ -165,7 +166,7 @@ def test_cancel_leaves_the_scene_as_it_was(scene, pair, phase):
     assert {n.GetID(): fingerprint(n) for n in (mr, pet)} == inputs
 
 
-def test_errors_leave_the_scene_as_it_was(scene, pair, monkeypatch):
+def test_errors_leave_the_scene_as_it_was(scene, pair, monkeypatch, shared_registrations):
     mr, pet = pair
     state = scene_state(scene)
     with pytest.raises(FusionError, match="did not converge"):
@@ -200,7 +201,7 @@ def test_non_linear_parent_is_refused(scene, pair):
     assert scene_state(scene) == state and pet.GetTransformNodeID() == grid.GetID()
 
 
-def test_register_nodes_changes_nothing_and_place_registration_applies_it(scene, pair, truth):
+def test_register_nodes_changes_nothing_and_place_registration_applies_it(scene, pair, truth, shared_registrations):
     mr, pet = pair
     state = scene_state(scene)
     inputs = {n.GetID(): fingerprint(n) for n in (mr, pet)}
@@ -211,7 +212,8 @@ def test_register_nodes_changes_nothing_and_place_registration_applies_it(scene,
     assert world_error(mr, pet, truth) < 2.0
 
 
-def test_a_tfm_saved_by_the_command_line_aligns_the_pair_when_slicer_loads_it(scene, pair, truth, tmp_path):
+def test_a_tfm_saved_by_the_command_line_aligns_the_pair_when_slicer_loads_it(scene, pair, truth, tmp_path,
+                                                                              shared_registrations):
     """What a Slicer user does with --save-transform: load the .tfm (Slicer's own reader) and set it
     as the PET's parent. ITK files hold the resampling (fixed -> moving, LPS) transform; Slicer
     reads it as the transform from parent in RAS, which places the PET onto the MR."""
@@ -263,7 +265,7 @@ def test_shared_frame_of_reference_from_the_dicom_database(scene, pair):
     assert fscene.shared_frame_of_reference(mr, pet, db) is None
 
 
-def test_register_with_the_functionals_ct_places_both(scene, pair, truth):
+def test_register_with_the_functionals_ct_places_both(scene, pair, truth, shared_registrations):
     """'Register using' another volume of the functional's study (the PET's own CT): that volume is
     registered, and one transform node becomes the parent of both; refused with one line (scene
     unchanged) when it is not in the functional's frame."""

@@ -65,7 +65,7 @@ def test_register_option_is_bound_and_saved_with_the_scene(harness, tmp_path):
 
 
 @parametrize_versions
-def test_fuse_with_register_first_sets_an_aligning_parent_transform(harness):
+def test_fuse_with_register_first_sets_an_aligning_parent_transform(harness, shared_registrations):
     h = harness
     widget = h.widget()
     anatomical, functional, truth = misplaced_pair(h)
@@ -129,7 +129,7 @@ def test_cancel_during_the_registration_leaves_the_scene_as_it_was(harness):
 
 
 @parametrize_versions
-def test_an_uncertain_registration_is_shown_as_a_warning(harness):
+def test_an_uncertain_registration_is_shown_as_a_warning(harness, shared_registrations):
     """A limb-like tube: nothing fixes the shift along its axis, the restarts end apart; the
     fusion is still made (and placed), but the status and a message say so."""
     import logging  # noqa: PLC0415
@@ -160,7 +160,7 @@ def test_an_uncertain_registration_is_shown_as_a_warning(harness):
 
 
 @parametrize_versions
-def test_register_using_the_functionals_ct_places_both(harness):
+def test_register_using_the_functionals_ct_places_both(harness, shared_registrations):
     """A PET/CT + MR study: 'Register using' the CT; one click, one transform, the PET and its CT
     both placed (the CT is what was registered)."""
     from MedicalFusionLib.registration import moved_geometry  # noqa: PLC0415

@@ -30,13 +30,9 @@ from MedicalFusionLib.sample import SAMPLE_FILE_TYPE, SAMPLE_NAME, SAMPLE_NODE_N
 VERSIONS = sh.version_params()
 
 
-@pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory) -> Path:
-    """One Slicer cache folder: the generated pair is made once (it lands in <cache>/MedicalFusion)."""
-    return tmp_path_factory.mktemp("slicer-cache")
-
-
 def _harness(version, cache, sample_data=None):
+    """``cache``: conftest's session Slicer cache folder, where the generated pair lands once
+    (<cache>/MedicalFusion), shared with the other Slicer tests that load the sample."""
     reason = sh.missing_reason(version)
     if reason:
         pytest.skip(reason)
