@@ -136,7 +136,7 @@ def _fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, m: FusionMeth
                         in_flight.append((idx, pool.submit(run_in_worker, idx)))
                         submitted += len(idx)
                     idx, job = in_flight[0]
-                    while not _finished(job, HEARTBEAT_SECONDS):
+                    while not finished(job, HEARTBEAT_SECONDS):
                         beat()
                     f, per_slice = job.result()
                     in_flight.popleft()
@@ -155,7 +155,7 @@ def _fuse_slices(anatomical: np.ndarray, functional_y: np.ndarray, m: FusionMeth
     return out
 
 
-def _finished(job: Future, seconds: float) -> bool:
+def finished(job: Future, seconds: float) -> bool:
     """Whether ``job`` is done, waiting up to ``seconds`` for it."""
     try:
         job.exception(timeout=seconds)

@@ -36,7 +36,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,7 +45,7 @@ import SimpleITK as sitk
 from . import colour
 from .align import SLAB_VOXELS, check_overlap, reference_slabs, resample_onto, sub_grid
 from .device import cpu_workers, pick_device
-from .engine import CancelFn, ProgressFn, fuse_volume
+from .engine import CancelFn, ProgressFn, finished, fuse_volume
 from .errors import FusionCancelled, FusionError
 from .methods import get_method
 from .methods.registry import built_once
@@ -719,7 +718,7 @@ class _Behind:
     @staticmethod
     def result(job: Future, tracker: Progress):
         """``job``'s result (its error raised here), reporting and checking cancel every 0.05 s meanwhile."""
-        while not _finished(job, 0.05):
+        while not finished(job, 0.05):
             tracker.tick()
         return job.result()
 
@@ -757,21 +756,12 @@ def _slab_metrics(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, g
                     colour_acc.add(rgb, slab.functional_ycc, slab.functional_level, slab.bone, axis,
                                    tick=inner.advance)
                 else:
-                    while not _finished(colour_job, 0.05):
+                    while not finished(colour_job, 0.05):
                         inner.tick()                         # progress and cancel, every 0.05 s at most
                     colour_job.result()                      # the worker's error, if any, here
                     inner.advance(1, 1)
     finally:
         stop.set()                                           # on an error or a cancel: the worker stops
-
-
-def _finished(job, seconds: float) -> bool:
-    """Whether ``job`` (a Future) is done, waiting up to ``seconds`` for it."""
-    try:
-        job.exception(timeout=seconds)
-    except FutureTimeout:
-        return False
-    return True
 
 
 def _slice_metrics_of_slab(tracker: Progress, stage: dict, slab: Slab, rgb: np.ndarray, grayscale: bool, axis: int,
