@@ -558,7 +558,7 @@ def _fuse_prepared(prepared: Prepared, options: FusionOptions, tracker: Progress
                                   batch_size=options.batch_size, progress=engine_progress, cancel=engine_cancel,
                                   pool=pool)
             if behind.on and stop < n:
-                behind.submit(_slab_behind, fused_y, slab, rgb, index, method.chroma_scale, prepared, axis,
+                behind.submit(_slab_behind, fused_y, slab, rgb, index, method.chroma_scale, prepared, axis, stage,
                               slice_metrics, colour_acc, behind.cancelled)
                 seconds += time.perf_counter() - t0
                 continue
@@ -638,27 +638,19 @@ class _SliceMetrics:
 
 
 def _slab_behind(fused_y: np.ndarray, slab: Slab, rgb: np.ndarray, index: tuple, chroma_scale: float,
-                 prepared: Prepared, axis: int, slice_metrics: _SliceMetrics | None, colour_acc,
+                 prepared: Prepared, axis: int, stage: dict, slice_metrics: _SliceMetrics | None, colour_acc,
                  cancel: CancelFn) -> None:
     """A fused slab finished on a worker while the run goes on: recombined into ``rgb[index]`` and,
-    when ``slice_metrics`` is given, measured (:func:`_slab_metrics`' calls, one torch thread: the
-    same values); no progress (the run's thread reports), ``cancel()`` checked between batches."""
+    when ``slice_metrics`` is given, measured by :func:`_slab_metrics` (one torch thread: the same
+    values) under a tracker of this worker's that reports nothing (the run's thread reports) and
+    checks ``cancel()``."""
     if cancel():
         raise FusionCancelled("fusion cancelled")
     rgb[index] = recombine(fused_y, slab.functional_ycc, chroma_scale, prepared.grayscale,
                            table=prepared.functional_table)
-    if slice_metrics is None:
-        return
-    a8, b8 = _gray8_sources(slab.anatomical, slab.functional_ycc, prepared.grayscale, None, slab.functional_gray8)
-    f8 = by_slabs(colour.gray8, rgb[index])
-    slice_metrics.add(a8, b8, f8, progress=None, cancel=cancel)
-    del a8, b8, f8
-    if colour_acc is not None:
-        def tick(_done, _total) -> None:
-            if cancel():
-                raise FusionCancelled("fusion cancelled")
-
-        colour_acc.add(rgb[index], slab.functional_ycc, slab.functional_level, slab.bone, axis, tick=tick)
+    if slice_metrics is not None:
+        with Progress(None, cancel, pipeline_phases(True)) as quiet:
+            _slab_metrics(quiet, stage, slab, rgb[index], prepared.grayscale, axis, slice_metrics, colour_acc, None)
 
 
 class _Behind:

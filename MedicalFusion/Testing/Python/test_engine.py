@@ -85,24 +85,36 @@ def test_unknown_method_is_a_user_error():
         get_method("nope")
 
 
-def _slow_single_slice_method(steps: int, done: list):
-    """A method whose one slice takes ``steps`` x 20 ms and calls heartbeat() between its steps
-    (as a network's layers and NSST-PAPCNN's maps do)."""
+def _recording_method(names: list, done: list, beats: int = 0, fail_at: int | None = None, step: float = 0.01,
+                      parallel: bool = True):
+    """A method whose calls may run side by side (``parallel``): the maximum of its inputs, the
+    threads that ran it in ``names``, ``beats`` heartbeats a call after ``step`` s of work each
+    (each in ``done``), an error from call ``fail_at`` on."""
+    import threading
     import time
 
     from MedicalFusionLib.methods.registry import FusionMethod
     from MedicalFusionLib.progress import heartbeat
 
-    def build(device):
+    def build(_device):
         def fuse(a, b):
-            for _ in range(steps):
-                time.sleep(0.02)
+            names.append(threading.current_thread().name)
+            if fail_at is not None and len(names) >= fail_at:
+                raise FusionError("the method failed on this batch")
+            for _ in range(beats):
+                time.sleep(step)
                 done.append(1)
                 heartbeat()
             return torch.maximum(a, b)
         return fuse
 
-    return FusionMethod(name="slow", description="", reference="", family="basic", build=build)
+    return FusionMethod(name="recording", description="", reference="", family="basic", build=build, parallel=parallel)
+
+
+def _slow_single_slice_method(steps: int, done: list):
+    """A method whose one slice takes ``steps`` x 20 ms and calls heartbeat() between its steps
+    (as a network's layers and NSST-PAPCNN's maps do), in the engine's thread."""
+    return _recording_method([], done, beats=steps, step=0.02, parallel=False)
 
 
 def test_inside_one_slice_the_engine_still_reports_and_can_be_cancelled(rng):
@@ -154,30 +166,6 @@ def test_slow_methods_beat_inside_a_slice(name, rng):
     with beating(lambda: beats.append(1), every=0.0):
         fn(a, b)
     assert len(beats) >= 8
-
-
-def _recording_method(names: list, done: list, beats: int = 0, fail_at: int | None = None):
-    """A method whose calls may run side by side (``parallel``): the maximum of its inputs, the
-    threads that ran it in ``names``, ``beats`` heartbeats a call (each a slice of work in ``done``)."""
-    import threading
-    import time
-
-    from MedicalFusionLib.methods.registry import FusionMethod
-    from MedicalFusionLib.progress import heartbeat
-
-    def build(_device):
-        def fuse(a, b):
-            names.append(threading.current_thread().name)
-            if fail_at is not None and len(names) >= fail_at:
-                raise FusionError("the method failed on this batch")
-            for _ in range(beats):
-                time.sleep(0.01)
-                done.append(1)
-                heartbeat()
-            return torch.maximum(a, b)
-        return fuse
-
-    return FusionMethod(name="recording", description="", reference="", family="basic", build=build, parallel=True)
 
 
 def test_a_parallel_method_runs_its_batches_on_the_workers_with_the_same_result(rng, two_torch_threads):
