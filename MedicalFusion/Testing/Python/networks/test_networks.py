@@ -226,28 +226,26 @@ def test_mrdfn_inference_forward_runs_in_two_threads_at_once():
     assert wrong == []
 
 
-def test_mrdfn_inference_forward_concatenates_only_the_two_sources(monkeypatch):
-    """The plain forward concatenated features seven times per call (the dense blocks' growing lists,
-    the extractor, the merges); inference writes them into buffers: one torch.cat (the sources)."""
-    model = MRDFN().eval()
+def _cat_calls(model, monkeypatch) -> int:
+    """torch.cat calls of one inference call of ``model`` on a pair of 2 x 32 x 32 slices."""
     calls = []
     cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: calls.append(1) or cat(*args, **kwargs))
     with torch.inference_mode():
         model(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
-    assert len(calls) == 1
+    return len(calls)
+
+
+def test_mrdfn_inference_forward_concatenates_only_the_two_sources(monkeypatch):
+    """The plain forward concatenated features seven times per call (the dense blocks' growing lists,
+    the extractor, the merges); inference writes them into buffers: one torch.cat (the sources)."""
+    assert _cat_calls(MRDFN().eval(), monkeypatch) == 1
 
 
 def test_lywnet_inference_forward_concatenates_only_the_sources(monkeypatch):
     """The plain forward concatenated the preprocessor's three branches too; inference writes them
     into one buffer (default layout): torch.cat for the two sources and the source skip only."""
-    model = LYWNet(source_skip=True).eval().fold_bn()
-    calls = []
-    cat = torch.cat
-    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: calls.append(1) or cat(*args, **kwargs))
-    with torch.inference_mode():
-        model(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
-    assert len(calls) == 2
+    assert _cat_calls(LYWNet(source_skip=True).eval().fold_bn(), monkeypatch) == 2
 
 
 @pytest.mark.parametrize("name", ["mrdfn", "lywnet"])
